@@ -1,0 +1,204 @@
+//! Command-line parsing and the commands.
+
+mod demo;
+mod hold;
+mod output;
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use numapin::numa::Topology;
+use numapin::{Pinner, RegionSpec, Result};
+
+use output::{PinReport, RegionReport};
+
+/// Node-local memory pinned long-term through Linux VFIO, with fixed IOVAs
+/// and physical addresses.
+#[derive(Debug, Parser)]
+#[command(name = "numapin", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Online NUMA nodes: CPUs, memory, hugepage pools.
+    Topology {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind a PCI device to vfio-pci (driver_override), remembering its driver.
+    Bind {
+        /// PCI address, e.g. 0000:00:03.0.
+        device: String,
+    },
+    /// Give a PCI device back to the driver it had before `numapin bind`.
+    Unbind {
+        /// PCI address, e.g. 0000:00:03.0.
+        device: String,
+    },
+    /// The device's IOMMU group, container kind, IOVA ranges, page sizes and
+    /// DMA mappings available.
+    Info {
+        /// PCI address, mdev UUID, or sysfs path.
+        #[arg(long, short)]
+        device: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allocate node-local memory, pin it through the device's container,
+    /// print where it is, and hold the pins until a signal or timeout.
+    Pin(PinArgs),
+    /// Side by side: an unpinned region and a pinned one through a
+    /// migration storm, with a device DMA check (needs QEMU's edu device).
+    Demo {
+        /// The edu device (default: the first 1234:11e8 device).
+        #[arg(long, short)]
+        device: Option<String>,
+        /// Size of each region.
+        #[arg(long, default_value = "8M", value_parser = parse_size_arg)]
+        size: u64,
+        /// Rounds of the migration storm.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PinArgs {
+    /// PCI address, mdev UUID, or sysfs path of a device bound to vfio-pci.
+    #[arg(long, short)]
+    device: String,
+    /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
+    /// Repeat for several regions.
+    #[arg(long = "region", short, required = true)]
+    regions: Vec<RegionSpec>,
+    /// Also print each region's physical extents (needs CAP_SYS_ADMIN).
+    #[arg(long)]
+    phys: bool,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Hold the pins this many seconds (or until SIGINT/SIGTERM), then release.
+    #[arg(long, value_name = "SECS", conflicts_with = "hold_forever")]
+    hold: Option<u64>,
+    /// Hold the pins until SIGINT/SIGTERM (the default).
+    #[arg(long)]
+    hold_forever: bool,
+    /// Prefault threads per region (default: one per CPU of the node).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
+    numapin::addr::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Topology { json } => {
+            let t = Topology::read()?;
+            if json {
+                output::print_json(&t)
+            } else {
+                output::print_topology(&t);
+                Ok(())
+            }
+        }
+        Command::Bind { device } => {
+            let o = numapin::bind::bind(&device)?;
+            println!(
+                "{}: {} -> {}",
+                o.device,
+                o.previous.as_deref().unwrap_or("no driver"),
+                o.current.as_deref().unwrap_or("no driver")
+            );
+            Ok(())
+        }
+        Command::Unbind { device } => {
+            let o = numapin::bind::unbind(&device)?;
+            println!(
+                "{}: {} -> {}",
+                o.device,
+                o.previous.as_deref().unwrap_or("no driver"),
+                o.current.as_deref().unwrap_or("no driver")
+            );
+            Ok(())
+        }
+        Command::Info { device, json } => info(&device, json),
+        Command::Pin(args) => pin(args),
+        Command::Demo {
+            device,
+            size,
+            rounds,
+        } => demo::run(device.as_deref(), size, rounds),
+    }
+}
+
+fn info(device: &str, json: bool) -> Result<()> {
+    let desc = numapin::vfio::describe(device)?;
+    // Opening needs the device on vfio-pci; report sysfs facts either way.
+    let opened = desc.check_openable().and_then(|()| Pinner::open(device));
+    let report = output::InfoReport::new(&desc, opened.as_ref().ok().map(|p| p.iommu_info()));
+    if json {
+        output::print_json(&report)?;
+    } else {
+        output::print_info(&report);
+    }
+    match opened {
+        Ok(_) => Ok(()),
+        // A no-IOMMU device has no type1 container to open: the sysfs facts are the answer.
+        Err(numapin::Error::NoIommuDomain { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn pin(args: PinArgs) -> Result<()> {
+    // Block SIGINT/SIGTERM before any thread starts so that they are
+    // delivered to sigtimedwait, and a signal during pinning still releases.
+    let signals = hold::SignalSet::block_termination()?;
+    let pinner = Pinner::open(&args.device)?;
+    let mut regions = Vec::with_capacity(args.regions.len());
+    for spec in &args.regions {
+        let req = spec.0;
+        let bar = output::prefault_progress(req.size);
+        let progress = |done: u64| {
+            if let Some(b) = &bar {
+                b.set_position(done);
+            }
+        };
+        let region = pinner.pin_with(&req, args.threads, Some(&progress))?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        regions.push(region);
+    }
+    let mut report = PinReport::new(&pinner);
+    for r in &regions {
+        report
+            .regions
+            .push(RegionReport::new(r, if args.phys { Some(r.phys_extents()?) } else { None }));
+    }
+    if args.json {
+        output::print_json(&report)?;
+    } else {
+        output::print_pin(&report);
+    }
+    std::io::stdout().flush().ok();
+    let timeout = match (args.hold, args.hold_forever) {
+        (Some(secs), _) => Some(Duration::from_secs(secs)),
+        _ => None,
+    };
+    if timeout != Some(Duration::ZERO) {
+        signals.wait(timeout)?;
+    }
+    for r in regions {
+        r.release()?;
+    }
+    Ok(())
+}

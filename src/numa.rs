@@ -1,0 +1,526 @@
+//! NUMA topology (sysfs), node-bound allocation, prefault, and placement
+//! checks.
+//!
+//! The order matters and is the whole point of [`NodeMemory::allocate`]: the
+//! range is bound to the node with `mbind(MPOL_BIND)` *before* any page is
+//! touched, then faulted in with `MADV_POPULATE_WRITE` (by threads on the
+//! node's CPUs for large ranges). A long-term pin taken later may still move a
+//! page out of ZONE_MOVABLE/CMA to another node, so placement is checked again
+//! after pinning ([`nodes_of`]).
+
+use std::io;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use serde::Serialize;
+
+use crate::addr::{NodeId, PageSize};
+use crate::error::{Error, Result};
+use crate::sys;
+
+const NODE_ROOT: &str = "/sys/devices/system/node";
+
+/// One hugetlb pool of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HugePool {
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Pages in the pool (`nr_hugepages`).
+    pub total: u64,
+    /// Pages free (`free_hugepages`).
+    pub free: u64,
+}
+
+/// One online NUMA node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    /// Node id.
+    pub id: u32,
+    /// CPUs of the node.
+    pub cpus: Vec<u32>,
+    /// `MemTotal` in bytes.
+    pub mem_total: u64,
+    /// `MemFree` in bytes.
+    pub mem_free: u64,
+    /// Hugetlb pools (2 MiB, 1 GiB where the kernel has them).
+    pub hugepages: Vec<HugePool>,
+}
+
+impl Node {
+    /// The pool of `page_size`, if the kernel has one.
+    pub fn pool(&self, page_size: PageSize) -> Option<&HugePool> {
+        self.hugepages
+            .iter()
+            .find(|p| p.page_size == page_size.bytes())
+    }
+}
+
+/// The machine's online NUMA nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Topology {
+    /// Online nodes, by id.
+    pub nodes: Vec<Node>,
+}
+
+impl Topology {
+    /// Reads `/sys/devices/system/node`.
+    ///
+    /// A kernel without `CONFIG_NUMA` has no such directory; it is reported
+    /// as one node 0 holding every CPU and all memory.
+    pub fn read() -> Result<Topology> {
+        Self::read_from(Path::new(NODE_ROOT))
+    }
+
+    fn read_from(root: &Path) -> Result<Topology> {
+        let online = match std::fs::read_to_string(root.join("online")) {
+            Ok(s) => parse_cpulist(&s).map_err(Error::Invalid)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => vec![0],
+            Err(e) => return Err(Error::sys(format!("read {}/online", root.display()), "", e)),
+        };
+        let mut nodes = Vec::new();
+        for id in online {
+            let dir = root.join(format!("node{id}"));
+            let cpus = std::fs::read_to_string(dir.join("cpulist"))
+                .ok()
+                .map(|s| parse_cpulist(&s).map_err(Error::Invalid))
+                .transpose()?
+                .unwrap_or_default();
+            let meminfo = std::fs::read_to_string(dir.join("meminfo")).unwrap_or_default();
+            let mut hugepages = Vec::new();
+            if let Ok(rd) = std::fs::read_dir(dir.join("hugepages")) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let Some(kb) = name
+                        .strip_prefix("hugepages-")
+                        .and_then(|s| s.strip_suffix("kB"))
+                        .and_then(|s| s.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
+                    let read = |f: &str| {
+                        std::fs::read_to_string(e.path().join(f))
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    hugepages.push(HugePool {
+                        page_size: kb * 1024,
+                        total: read("nr_hugepages"),
+                        free: read("free_hugepages"),
+                    });
+                }
+            }
+            hugepages.sort_by_key(|p| p.page_size);
+            nodes.push(Node {
+                id,
+                cpus,
+                mem_total: parse_node_meminfo(&meminfo, "MemTotal").unwrap_or(0),
+                mem_free: parse_node_meminfo(&meminfo, "MemFree").unwrap_or(0),
+                hugepages,
+            });
+        }
+        Ok(Topology { nodes })
+    }
+
+    /// The node with `id`, if online.
+    pub fn node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.id == id.0)
+    }
+
+    /// Ids of the online nodes.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| NodeId(n.id)).collect()
+    }
+
+    /// The node with `id`, or [`Error::NodeNotOnline`].
+    pub fn require(&self, id: NodeId) -> Result<&Node> {
+        self.node(id).ok_or_else(|| Error::NodeNotOnline {
+            node: id,
+            online: self.ids(),
+        })
+    }
+
+    /// Checks that `node` can back `len` bytes of `page_size` pages: the node
+    /// is online and, for hugetlb, its pool has enough free pages.
+    pub fn check_capacity(&self, node: NodeId, len: u64, page_size: PageSize) -> Result<()> {
+        let n = self.require(node)?;
+        if page_size.is_huge() {
+            let needed = len / page_size.bytes();
+            let (free, total) = n.pool(page_size).map_or((0, 0), |p| (p.free, p.total));
+            if free < needed {
+                return Err(Error::NotEnoughHugepages {
+                    node,
+                    page_size,
+                    needed,
+                    free,
+                    total,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a kernel cpulist / nodelist such as `0-3,8,10-11`.
+pub fn parse_cpulist(s: &str) -> std::result::Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("`{}` is not a kernel CPU/node list (e.g. 0-3,8)", s.trim());
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: u32 = a.trim().parse().map_err(|_| bad())?;
+                let b: u32 = b.trim().parse().map_err(|_| bad())?;
+                if b < a {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.trim().parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `Node N FIELD:  X kB` from a node's `meminfo`, in bytes.
+pub fn parse_node_meminfo(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == "Node").then_some(())?;
+        it.next()?;
+        (it.next()?.strip_suffix(':')? == field).then_some(())?;
+        let v: u64 = it.next()?.parse().ok()?;
+        Some(if it.next() == Some("kB") { v * 1024 } else { v })
+    })
+}
+
+/// Progress callback: called with the number of bytes faulted in so far.
+pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// Anonymous (or hugetlb) memory numapin mapped, bound to one node and faulted
+/// in. Unmapped on drop.
+#[derive(Debug)]
+pub struct NodeMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    node: NodeId,
+    page_size: PageSize,
+}
+
+// SAFETY: NodeMemory owns a private mapping; the raw pointer is not aliased by
+// any Rust reference and the mapping may be used and unmapped from any thread.
+unsafe impl Send for NodeMemory {}
+// SAFETY: shared access only exposes the address, never a reference to the bytes.
+unsafe impl Sync for NodeMemory {}
+
+/// Ranges at least this large are prefaulted by several threads.
+pub const PARALLEL_PREFAULT_MIN: u64 = 64 << 20;
+const PREFAULT_CHUNK: usize = 16 << 20;
+
+impl NodeMemory {
+    /// Maps `len` bytes of `page_size` pages, binds them to `node` with
+    /// `mbind(MPOL_BIND)` and faults every page in, on that node.
+    ///
+    /// `len` must be a non-zero multiple of `page_size`; capacity (node online,
+    /// hugepages free) should be checked by the caller with
+    /// [`Topology::check_capacity`]. `threads` caps the prefault threads
+    /// (0 = one per CPU of the node); they run on the node's CPUs.
+    pub fn allocate(
+        topo: &Topology,
+        node: NodeId,
+        len: u64,
+        page_size: PageSize,
+        threads: usize,
+        progress: Option<Progress<'_>>,
+    ) -> Result<NodeMemory> {
+        let n = topo.require(node)?;
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if len % page_size.bytes() != 0 {
+            return Err(Error::UnalignedSize {
+                size: len,
+                page_size,
+            });
+        }
+        let ulen = usize::try_from(len).map_err(|_| Error::Invalid("size too large".into()))?;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if page_size.is_huge() {
+            flags |= libc::MAP_HUGETLB
+                | ((page_size.bytes().trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
+            flags &= !libc::MAP_NORESERVE;
+        }
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ulen,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return Err(Error::sys(
+                format!("mmap of {len:#x} bytes with {page_size} pages"),
+                if page_size.is_huge() {
+                    "reserve hugepages (see `numapin topology`) or use 4K pages"
+                } else {
+                    "free memory or lower the size"
+                },
+                e,
+            ));
+        }
+        let mem = NodeMemory {
+            ptr: NonNull::new(p.cast()).expect("mmap returned null"),
+            len: ulen,
+            node,
+            page_size,
+        };
+        // A pinned page must stay with this process on fork(); don't copy it to children.
+        // SAFETY: the range is our own fresh mapping.
+        unsafe { libc::madvise(p, ulen, libc::MADV_DONTFORK) };
+        if !page_size.is_huge() {
+            // SAFETY: as above. THP is fine for pinning; this only hints.
+            unsafe { libc::madvise(p, ulen, libc::MADV_HUGEPAGE) };
+        }
+        sys::mbind(mem.addr(), ulen, node, sys::MPOL_MF_STRICT)
+            .map_err(|e| Error::sys(format!("mbind(MPOL_BIND, node {node})"), "", e))?;
+        mem.populate(&n.cpus, threads, progress)?;
+        Ok(mem)
+    }
+
+    fn populate(&self, cpus: &[u32], threads: usize, progress: Option<Progress<'_>>) -> Result<()> {
+        let want = if threads == 0 { cpus.len().max(1) } else { threads };
+        let chunks = self.len.div_ceil(PREFAULT_CHUNK);
+        let nthreads = if (self.len as u64) < PARALLEL_PREFAULT_MIN {
+            1
+        } else {
+            want.min(chunks).max(1)
+        };
+        let next = AtomicUsize::new(0);
+        let done = AtomicU64::new(0);
+        let base = self.addr();
+        let len = self.len;
+        let work = |pin_cpus: bool| -> io::Result<()> {
+            if pin_cpus && !cpus.is_empty() {
+                // Best effort: a cpuset may forbid the node's CPUs; pages still follow mbind.
+                let _ = sys::set_thread_affinity(cpus);
+            }
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let off = i * PREFAULT_CHUNK;
+                if off >= len {
+                    return Ok(());
+                }
+                let n = PREFAULT_CHUNK.min(len - off);
+                populate_write(base + off, n)?;
+                let d = done.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                if let Some(p) = progress {
+                    p(d);
+                }
+            }
+        };
+        let result: io::Result<()> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..nthreads).map(|_| s.spawn(|| work(true))).collect();
+            let mut r = work(nthreads > 1);
+            for h in handles {
+                let hr = h.join().unwrap_or_else(|_| Err(io::Error::other("prefault thread panicked")));
+                r = r.and(hr);
+            }
+            r
+        });
+        result.map_err(|source| Error::Populate {
+            node: self.node,
+            len: self.len as u64,
+            source,
+        })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
+    /// Start pointer. Never turn it into a reference while a device can DMA to it.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a `NodeMemory` is never empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The node the memory was bound to.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The page size backing it.
+    pub fn page_size(&self) -> PageSize {
+        self.page_size
+    }
+
+    /// Gives up ownership without unmapping (used when the memory may still be
+    /// reachable by a device: leaking is safer than reuse).
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for NodeMemory {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; no reference into it outlives self.
+        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert_eq!(r, 0, "munmap of owned NodeMemory failed");
+    }
+}
+
+/// Faults `[addr, addr+len)` in for writing with `MADV_POPULATE_WRITE`
+/// (5.14+), falling back to touching one byte per page on older kernels.
+fn populate_write(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: populating an owned range has no effect on Rust-visible memory.
+    let r = unsafe { libc::madvise(addr as *mut _, len, sys::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    let page = crate::addr::base_page_size() as usize;
+    for off in (0..len).step_by(page) {
+        // SAFETY: the page is inside a mapping this process owns and that no
+        // Rust reference covers; a volatile write of zero keeps its contents
+        // (fresh anonymous memory is zero).
+        unsafe { std::ptr::write_volatile((addr + off) as *mut u8, 0) };
+    }
+    Ok(())
+}
+
+/// One entry per page from `move_pages(…, NULL, status)`: the node the page is
+/// on, or the negative errno the kernel reported.
+pub fn nodes_of(addr: usize, len: usize, page_size: u64) -> io::Result<Vec<i32>> {
+    let pages: Vec<usize> = (0..len).step_by(page_size as usize).map(|o| addr + o).collect();
+    let mut status = vec![0i32; pages.len()];
+    for (p, s) in pages.chunks(16384).zip(status.chunks_mut(16384)) {
+        sys::move_pages(0, p, None, s)?;
+    }
+    Ok(status)
+}
+
+/// The outcome of asking the kernel to move pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MoveOutcome {
+    /// Pages asked to move (pages already on the target are not asked).
+    pub asked: u64,
+    /// Pages that changed node to the target.
+    pub moved: u64,
+}
+
+/// Asks `move_pages(2)` to move every page of the range that is not on `to`
+/// yet, and counts the pages whose node really changed to `to`. Pinned pages
+/// stay where they are.
+pub fn move_range(addr: usize, len: usize, page_size: u64, to: NodeId) -> io::Result<MoveOutcome> {
+    let target = to.0 as i32;
+    let before = nodes_of(addr, len, page_size)?;
+    let pages: Vec<usize> = (0..len)
+        .step_by(page_size as usize)
+        .zip(&before)
+        .filter(|&(_, &n)| n != target)
+        .map(|(o, _)| addr + o)
+        .collect();
+    let nodes = vec![target; pages.len()];
+    let mut status = vec![0i32; pages.len()];
+    for ((p, n), s) in pages.chunks(16384).zip(nodes.chunks(16384)).zip(status.chunks_mut(16384)) {
+        sys::move_pages(0, p, Some(n), s)?;
+    }
+    let after = nodes_of(addr, len, page_size)?;
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|&(&b, &a)| b != target && a == target)
+        .count() as u64;
+    Ok(MoveOutcome {
+        asked: pages.len() as u64,
+        moved,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpulists() {
+        assert_eq!(parse_cpulist("0-3,8,10-11\n"), Ok(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(parse_cpulist("0"), Ok(vec![0]));
+        assert_eq!(parse_cpulist("\n"), Ok(vec![]));
+        assert!(parse_cpulist("3-1").is_err());
+        assert!(parse_cpulist("a-b").is_err());
+    }
+
+    #[test]
+    fn node_meminfo() {
+        let t = "Node 1 MemTotal:        2097152 kB\nNode 1 MemFree:          1000 kB\nNode 1 HugePages_Total:    64\n";
+        assert_eq!(parse_node_meminfo(t, "MemTotal"), Some(2097152 * 1024));
+        assert_eq!(parse_node_meminfo(t, "MemFree"), Some(1000 * 1024));
+        assert_eq!(parse_node_meminfo(t, "HugePages_Total"), Some(64));
+        assert_eq!(parse_node_meminfo(t, "Active"), None);
+    }
+
+    #[test]
+    fn topology_from_fixture() {
+        let dir = std::env::temp_dir().join(format!("numapin-topo-{}", std::process::id()));
+        let n1 = dir.join("node1");
+        std::fs::create_dir_all(n1.join("hugepages/hugepages-2048kB")).unwrap();
+        std::fs::create_dir_all(dir.join("node0")).unwrap();
+        std::fs::write(dir.join("online"), "0-1\n").unwrap();
+        std::fs::write(dir.join("node0/cpulist"), "0\n").unwrap();
+        std::fs::write(n1.join("cpulist"), "1\n").unwrap();
+        std::fs::write(n1.join("meminfo"), "Node 1 MemTotal: 4 kB\nNode 1 MemFree: 2 kB\n").unwrap();
+        std::fs::write(n1.join("hugepages/hugepages-2048kB/nr_hugepages"), "64\n").unwrap();
+        std::fs::write(n1.join("hugepages/hugepages-2048kB/free_hugepages"), "60\n").unwrap();
+        let t = Topology::read_from(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(t.ids(), vec![NodeId(0), NodeId(1)]);
+        let n = t.node(NodeId(1)).unwrap();
+        assert_eq!(n.cpus, vec![1]);
+        assert_eq!(n.mem_total, 4096);
+        assert_eq!(n.pool(PageSize::Huge2M).unwrap().free, 60);
+        assert!(t.check_capacity(NodeId(1), 60 << 21, PageSize::Huge2M).is_ok());
+        let e = t.check_capacity(NodeId(1), 61 << 21, PageSize::Huge2M).unwrap_err();
+        assert!(e.to_string().contains("node1/hugepages/hugepages-2048kB/nr_hugepages"), "{e}");
+        assert!(e.to_string().contains("echo 65"), "{e}");
+        let e = t.check_capacity(NodeId(0), 1 << 30, PageSize::Huge1G).unwrap_err();
+        assert!(matches!(e, Error::NotEnoughHugepages { free: 0, .. }));
+        let e = t.check_capacity(NodeId(7), 4096, PageSize::Base).unwrap_err();
+        assert_eq!(e.to_string(), "NUMA node 7 is not online; online nodes: 0, 1 (see `numapin topology`)");
+    }
+
+    #[test]
+    fn allocate_on_host_node() {
+        let topo = Topology::read().unwrap();
+        let node = topo.ids()[0];
+        let m = NodeMemory::allocate(&topo, node, 1 << 20, PageSize::Base, 0, None).unwrap();
+        let nodes = nodes_of(m.addr(), m.len(), 4096).unwrap();
+        assert_eq!(nodes.len(), 256);
+        assert!(nodes.iter().all(|&n| n == node.0 as i32), "{nodes:?}");
+        assert!(matches!(
+            NodeMemory::allocate(&topo, node, 0, PageSize::Base, 0, None),
+            Err(Error::ZeroSize)
+        ));
+        assert!(matches!(
+            NodeMemory::allocate(&topo, node, 4097, PageSize::Base, 0, None),
+            Err(Error::UnalignedSize { .. })
+        ));
+    }
+}

@@ -1,0 +1,683 @@
+//! The VFIO side: finding a device and its IOMMU group, opening them in a
+//! type1v2 container (through `vfio-ioctls`), reading
+//! `VFIO_IOMMU_GET_INFO`, and the one `VFIO_IOMMU_MAP_DMA` per region that
+//! takes the long-term pin.
+//!
+//! [`Pinner`] is the service handle: one device, its group, its container,
+//! and an IOVA allocator over the container's usable ranges. Regions it pins
+//! ([`crate::region::PinnedRegion`]) keep it alive.
+
+pub mod info;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE, vfio_iommu_type1_info};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError};
+use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
+use vmm_sys_util::ioctl_io_nr;
+
+use crate::addr::{Iova, NodeId, PageSize};
+use crate::error::{Error, Result};
+use crate::iova::{IovaAllocator, IovaRange};
+use crate::numa::{NodeMemory, Progress, Topology};
+use crate::region::PinnedRegion;
+use crate::sys;
+use info::IommuInfo;
+
+mod ioctls {
+    #![allow(missing_docs)]
+    use super::*;
+    ioctl_io_nr!(VFIO_IOMMU_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 12);
+}
+use ioctls::VFIO_IOMMU_GET_INFO;
+
+/// What kind of IOMMU context a VFIO container gives its devices, which
+/// decides whether `VFIO_IOMMU_MAP_DMA` pins anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainerKind {
+    /// type1 with an IOMMU-backed domain: MAP_DMA pins with FOLL_LONGTERM.
+    Type1Iommu,
+    /// type1 holding only mdev (emulated IOMMU) groups: MAP_DMA records the
+    /// IOVA but pins nothing.
+    MdevOnly,
+    /// `VFIO_NOIOMMU_IOMMU`: no MAP_DMA at all; the device DMAs to physical
+    /// addresses.
+    NoIommu,
+}
+
+impl ContainerKind {
+    /// Short name used in JSON and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            ContainerKind::Type1Iommu => "type1-iommu",
+            ContainerKind::MdevOnly => "mdev-only",
+            ContainerKind::NoIommu => "no-iommu",
+        }
+    }
+}
+
+impl fmt::Display for ContainerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContainerKind::Type1Iommu => "behind an IOMMU (type1)",
+            ContainerKind::MdevOnly => "an mdev device (emulated IOMMU, mdev-only container)",
+            ContainerKind::NoIommu => "in VFIO no-IOMMU mode",
+        })
+    }
+}
+
+/// A device of an IOMMU group and the driver it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupMember {
+    /// Device name (PCI address or mdev UUID).
+    pub device: String,
+    /// Bound driver, if any.
+    pub driver: Option<String>,
+}
+
+/// What sysfs says about a device, before anything is opened.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    /// The device's name (PCI address, or mdev UUID).
+    pub name: String,
+    /// Its sysfs directory.
+    pub sysfs: PathBuf,
+    /// Its driver.
+    pub driver: Option<String>,
+    /// IOMMU group number.
+    pub group: u32,
+    /// The group's device node.
+    pub group_node: PathBuf,
+    /// Every device in the group (the device itself included).
+    pub members: Vec<GroupMember>,
+    /// The kind of container the device goes into.
+    pub kind: ContainerKind,
+}
+
+fn driver_of(sysfs: &Path) -> Option<String> {
+    std::fs::read_link(sysfs.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Whether VFIO accepts a group member bound to `driver` (vfio drivers,
+/// pci-stub, bridges' pcieport, or no driver at all).
+fn driver_allows_vfio(driver: Option<&str>) -> bool {
+    match driver {
+        None => true,
+        Some(d) => d.contains("vfio") || d == "pci-stub" || d == "pcieport",
+    }
+}
+
+/// Resolves what a user typed (`0000:00:03.0`, `00:03.0`, an mdev UUID, or a
+/// sysfs path) to the device's sysfs directory.
+pub fn resolve_device(spec: &str) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = if spec.starts_with('/') {
+        vec![PathBuf::from(spec)]
+    } else if spec.len() == 36 && spec.chars().filter(|&c| c == '-').count() == 4 {
+        vec![Path::new("/sys/bus/mdev/devices").join(spec)]
+    } else if spec.matches(':').count() == 1 {
+        vec![Path::new("/sys/bus/pci/devices").join(format!("0000:{spec}"))]
+    } else {
+        vec![Path::new("/sys/bus/pci/devices").join(spec)]
+    };
+    let path = &candidates[0];
+    if !path.exists() {
+        return Err(Error::DeviceNotFound {
+            spec: spec.to_string(),
+            path: path.clone(),
+        });
+    }
+    Ok(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()))
+}
+
+/// Describes a device from sysfs without opening anything: its group, the
+/// group's members and drivers, and which container kind it would get.
+pub fn describe(spec: &str) -> Result<DeviceInfo> {
+    let sysfs = resolve_device(spec)?;
+    let name = sysfs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| spec.to_string());
+    let driver = driver_of(&sysfs);
+    let group_link = std::fs::read_link(sysfs.join("iommu_group")).map_err(|_| Error::NoIommuGroup {
+        device: name.clone(),
+    })?;
+    let group: u32 = group_link
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::NoIommuGroup {
+            device: name.clone(),
+        })?;
+    let mut members = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/sys/kernel/iommu_groups/{group}/devices")) {
+        for e in rd.flatten() {
+            members.push(GroupMember {
+                device: e.file_name().to_string_lossy().into_owned(),
+                driver: driver_of(&e.path()),
+            });
+        }
+    }
+    members.sort_by(|a, b| a.device.cmp(&b.device));
+    let noiommu = Path::new(&format!("/dev/vfio/noiommu-{group}")).exists();
+    let kind = if noiommu {
+        ContainerKind::NoIommu
+    } else if sysfs.join("mdev_type").exists() {
+        ContainerKind::MdevOnly
+    } else {
+        ContainerKind::Type1Iommu
+    };
+    let group_node = if noiommu {
+        PathBuf::from(format!("/dev/vfio/noiommu-{group}"))
+    } else {
+        PathBuf::from(format!("/dev/vfio/{group}"))
+    };
+    Ok(DeviceInfo {
+        name,
+        sysfs,
+        driver,
+        group,
+        group_node,
+        members,
+        kind,
+    })
+}
+
+impl DeviceInfo {
+    /// Checks what would make opening fail, with an error that says what to do:
+    /// the device's own driver, and the other members' drivers.
+    pub fn check_openable(&self) -> Result<()> {
+        if self.kind == ContainerKind::Type1Iommu
+            && !self.driver.as_deref().is_some_and(|d| d.contains("vfio"))
+        {
+            return Err(Error::NotBoundToVfio {
+                device: self.name.clone(),
+                driver: self.driver.clone(),
+            });
+        }
+        let others: Vec<(String, String)> = self
+            .members
+            .iter()
+            .filter(|m| m.device != self.name && !driver_allows_vfio(m.driver.as_deref()))
+            .map(|m| (m.device.clone(), m.driver.clone().unwrap_or_default()))
+            .collect();
+        if !others.is_empty() {
+            return Err(Error::GroupNotViable {
+                group: self.group,
+                others,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Turns a vfio-ioctls error from opening into numapin's error with a remedy.
+fn open_error(dev: &DeviceInfo, e: VfioError) -> Error {
+    let io_kind = |err: &io::Error, path: PathBuf| match err.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => Some(Error::PermissionDenied { path }),
+        Some(libc::EBUSY) => Some(Error::GroupBusy { path }),
+        Some(libc::ENOENT) => Some(Error::NotBoundToVfio {
+            device: dev.name.clone(),
+            driver: dev.driver.clone(),
+        }),
+        _ => None,
+    };
+    let mapped = match &e {
+        VfioError::OpenContainer(err) => io_kind(err, PathBuf::from("/dev/vfio/vfio")),
+        VfioError::OpenGroup(err, _) => io_kind(err, dev.group_node.clone()),
+        VfioError::GroupViable => Some(Error::GroupNotViable {
+            group: dev.group,
+            others: dev
+                .members
+                .iter()
+                .filter(|m| m.device != dev.name)
+                .map(|m| (m.device.clone(), m.driver.clone().unwrap_or_else(|| "no driver".into())))
+                .collect(),
+        }),
+        VfioError::GroupSetContainer => Some(Error::GroupBusy {
+            path: dev.group_node.clone(),
+        }),
+        VfioError::GroupGetDeviceFD(err) if err.errno() == libc::EBUSY => Some(Error::GroupBusy {
+            path: dev.group_node.clone(),
+        }),
+        _ => None,
+    };
+    mapped.unwrap_or(Error::Vfio {
+        op: format!("open {} (group {})", dev.name, dev.group),
+        source: e,
+    })
+}
+
+/// Serialises MAP_DMA + the `VmLck` check so that concurrent pins in one
+/// process do not blur each other's accounting.
+static PIN_LOCK: Mutex<()> = Mutex::new(());
+
+pub(crate) struct Inner {
+    // Field order is drop order: the device (and with it the group) goes
+    // before the container.
+    device: VfioDevice,
+    container: Arc<VfioContainer>,
+    dev: DeviceInfo,
+    info: IommuInfo,
+    iova: Mutex<IovaAllocator>,
+    topology: Topology,
+}
+
+/// The service handle: a VFIO device, its group in a type1v2 container, the
+/// container's IOMMU info, and an IOVA allocator over its usable ranges.
+///
+/// Cloning is cheap and shares the container.
+#[derive(Clone)]
+pub struct Pinner {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Pinner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pinner")
+            .field("device", &self.inner.dev.name)
+            .field("group", &self.inner.dev.group)
+            .field("kind", &self.inner.dev.kind)
+            .finish()
+    }
+}
+
+/// What to pin: `size` bytes of `page_size` pages on `node`, at `iova` or at
+/// an IOVA numapin picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinRequest {
+    /// Node the memory must live on.
+    pub node: NodeId,
+    /// Size in bytes; a non-zero multiple of the page size.
+    pub size: u64,
+    /// Backing page size.
+    pub page_size: PageSize,
+    /// A fixed IOVA, or `None` to allocate one.
+    pub iova: Option<Iova>,
+}
+
+impl Pinner {
+    /// Opens `spec` (a PCI address such as `0000:00:03.0`, an mdev UUID, or a
+    /// sysfs path) in a new type1v2 container and reads the container's
+    /// `VFIO_IOMMU_GET_INFO`.
+    ///
+    /// # Errors
+    /// [`Error::DeviceNotFound`], [`Error::NotBoundToVfio`],
+    /// [`Error::NoIommuGroup`], [`Error::GroupNotViable`],
+    /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and
+    /// [`Error::NoIommuDomain`] for a no-IOMMU group (there is no type1
+    /// container to open).
+    pub fn open(spec: &str) -> Result<Pinner> {
+        let dev = describe(spec)?;
+        dev.check_openable()?;
+        if dev.kind == ContainerKind::NoIommu {
+            return Err(Error::NoIommuDomain {
+                device: dev.name.clone(),
+                kind: dev.kind,
+            });
+        }
+        let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&dev, e))?);
+        let device = VfioDevice::new(&dev.sysfs, container.clone(), false).map_err(|e| open_error(&dev, e))?;
+        let info = get_info(&container)?;
+        let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
+        let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
+        let topology = Topology::read()?;
+        Ok(Pinner {
+            inner: Arc::new(Inner {
+                device,
+                container,
+                dev,
+                info,
+                iova: Mutex::new(alloc),
+                topology,
+            }),
+        })
+    }
+
+    /// The device as sysfs described it when it was opened.
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.inner.dev
+    }
+
+    /// The container kind.
+    pub fn kind(&self) -> ContainerKind {
+        self.inner.dev.kind
+    }
+
+    /// The container's `VFIO_IOMMU_GET_INFO` as read at open time.
+    pub fn iommu_info(&self) -> &IommuInfo {
+        &self.inner.info
+    }
+
+    /// Reads `VFIO_IOMMU_GET_INFO` again (e.g. for a current DMA_AVAIL).
+    pub fn refresh_info(&self) -> Result<IommuInfo> {
+        get_info(&self.inner.container)
+    }
+
+    /// The NUMA topology read at open time.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// The opened VFIO device, for register and config-space access.
+    pub fn device(&self) -> &VfioDevice {
+        &self.inner.device
+    }
+
+    /// Allocates `req.size` bytes on `req.node`, faults them in there, pins
+    /// them with one `VFIO_IOMMU_MAP_DMA`, and checks that every page is on
+    /// the node and that `VmLck` grew by the size.
+    ///
+    /// On error nothing is left behind: no mapping, no locked memory, no
+    /// allocation, no IOVA reservation.
+    pub fn pin(&self, req: &PinRequest) -> Result<PinnedRegion> {
+        self.pin_with(req, 0, None)
+    }
+
+    /// [`Pinner::pin`] with control over prefault threads (0 = one per CPU of
+    /// the node) and a progress callback (bytes faulted so far).
+    pub fn pin_with(
+        &self,
+        req: &PinRequest,
+        threads: usize,
+        progress: Option<Progress<'_>>,
+    ) -> Result<PinnedRegion> {
+        self.require_pinning_kind()?;
+        let PinRequest {
+            node,
+            size,
+            page_size,
+            iova,
+        } = *req;
+        if size == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if size % page_size.bytes() != 0 {
+            return Err(Error::UnalignedSize { size, page_size });
+        }
+        if let Some(iova) = iova {
+            if !iova.is_aligned(page_size.bytes()) {
+                return Err(Error::UnalignedIova { iova, page_size });
+            }
+        }
+        self.check_iommu_alignment(size)?;
+        self.inner.topology.require(node)?;
+        // Hugepage counts change at run time: read them now, not at open.
+        Topology::read()?.check_capacity(node, size, page_size)?;
+        check_memlock(size)?;
+        let reservation = self.reserve_iova(iova, size, page_size.bytes())?;
+        let mem = NodeMemory::allocate(&self.inner.topology, node, size, page_size, threads, progress)?;
+        let vaddr = mem.addr();
+        let pins = self.map_checked(vaddr, size, reservation.iova, Some(node), page_size)?;
+        let iova = reservation.keep();
+        Ok(PinnedRegion::new(self.inner.clone(), iova, size, vaddr, Some(node), page_size, Some(mem), pins))
+    }
+
+    /// Pins caller-owned memory `[vaddr, vaddr+len)` at `iova` (or at an IOVA
+    /// numapin picks): the VMM case, guest RAM pinned at IOVA = guest-physical
+    /// address. If `node` is given, every page must be on it after pinning.
+    /// `page_size` says what backs the memory (it sets the placement-check
+    /// stride). The region does not own the memory and never unmaps it.
+    ///
+    /// # Safety
+    /// The memory must stay mapped (not `munmap`ed or replaced) until the
+    /// returned region is dropped or released: the device keeps DMA access to
+    /// the pinned pages until then. While pinned, a device may read and write
+    /// it at any time, so the caller must not hold Rust references to it —
+    /// only raw pointers with volatile or atomic access, or system calls.
+    pub unsafe fn pin_user(
+        &self,
+        vaddr: *mut u8,
+        len: u64,
+        iova: Option<Iova>,
+        node: Option<NodeId>,
+        page_size: PageSize,
+    ) -> Result<PinnedRegion> {
+        self.require_pinning_kind()?;
+        let addr = vaddr as u64;
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        let page = page_size.bytes().max(crate::addr::base_page_size());
+        if addr % page != 0 || len % page != 0 {
+            return Err(Error::UnalignedUserMemory {
+                vaddr: addr,
+                len,
+                page,
+            });
+        }
+        self.check_iommu_alignment(len)?;
+        if let Some(n) = node {
+            self.inner.topology.require(n)?;
+        }
+        check_memlock(len)?;
+        let reservation = self.reserve_iova(iova, len, page)?;
+        let pins = self.map_checked(vaddr as usize, len, reservation.iova, node, page_size)?;
+        let iova = reservation.keep();
+        Ok(PinnedRegion::new(self.inner.clone(), iova, len, vaddr as usize, node, page_size, None, pins))
+    }
+
+    fn require_pinning_kind(&self) -> Result<()> {
+        match self.kind() {
+            ContainerKind::Type1Iommu => Ok(()),
+            kind => Err(Error::NoIommuDomain {
+                device: self.inner.dev.name.clone(),
+                kind,
+            }),
+        }
+    }
+
+    fn check_iommu_alignment(&self, size: u64) -> Result<()> {
+        let min_page = self.inner.info.min_page_size();
+        if size % min_page != 0 {
+            return Err(Error::UnalignedForIommu { size, min_page });
+        }
+        Ok(())
+    }
+
+    fn reserve_iova(&self, iova: Option<Iova>, len: u64, align: u64) -> Result<IovaReservation<'_>> {
+        let mut alloc = self.inner.iova.lock().unwrap_or_else(|p| p.into_inner());
+        let iova = match iova {
+            Some(i) => {
+                alloc.reserve(i, len)?;
+                i
+            }
+            None => alloc.allocate(len, align)?,
+        };
+        Ok(IovaReservation {
+            inner: &self.inner,
+            iova,
+            armed: true,
+        })
+    }
+
+    /// MAP_DMA, then prove the pin: `VmLck` grew by `len` and every page is
+    /// on `node`. Undoes the mapping on any failure. Returns the PFN snapshot
+    /// (None when pagemap hides PFNs).
+    fn map_checked(
+        &self,
+        vaddr: usize,
+        len: u64,
+        iova: Iova,
+        node: Option<NodeId>,
+        page_size: PageSize,
+    ) -> Result<Option<Vec<u64>>> {
+        let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let before = sys::locked_bytes().map_err(|e| Error::sys("read VmLck from /proc/self/status", "", e))?;
+        self.inner.map_dma(vaddr, len, iova)?;
+        let unmap_on_err = |err: Error| {
+            if let Err(e) = self.inner.unmap_dma(iova, len) {
+                // The pages stay pinned; the caller's memory must not be freed.
+                eprintln!("numapin: could not undo mapping at {iova} after error: {e}");
+            }
+            err
+        };
+        let after = sys::locked_bytes().map_err(|e| unmap_on_err(Error::sys("read VmLck", "", e)))?;
+        let grew = after.saturating_sub(before);
+        if grew < len {
+            return Err(unmap_on_err(Error::NotAccounted { grew, len }));
+        }
+        if let Some(node) = node {
+            check_placement(vaddr, len, node, page_size).map_err(unmap_on_err)?;
+        }
+        Ok(crate::region::read_pfns(vaddr as u64, len).ok())
+    }
+}
+
+/// An IOVA reservation that is returned to the allocator unless kept.
+struct IovaReservation<'a> {
+    inner: &'a Arc<Inner>,
+    iova: Iova,
+    armed: bool,
+}
+
+impl IovaReservation<'_> {
+    fn keep(mut self) -> Iova {
+        self.armed = false;
+        self.iova
+    }
+}
+
+impl Drop for IovaReservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.free_iova(self.iova);
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn map_dma(&self, vaddr: usize, len: u64, iova: Iova) -> Result<()> {
+        let size = usize::try_from(len).map_err(|_| Error::Invalid("size too large".into()))?;
+        // SAFETY: callers pass memory that stays mapped until the matching
+        // unmap_dma (NodeMemory owned by the region, or caller memory under
+        // pin_user's contract), and numapin never creates references to it.
+        let r = unsafe { self.container.vfio_dma_map(iova.raw(), size, vaddr as *mut u8) };
+        r.map_err(|e| self.map_error(e, iova, len))
+    }
+
+    pub(crate) fn unmap_dma(&self, iova: Iova, len: u64) -> Result<()> {
+        self.container
+            .vfio_dma_unmap(iova.raw(), len as usize)
+            .map_err(|source| Error::Vfio {
+                op: format!("VFIO_IOMMU_UNMAP_DMA {iova}+{len:#x}"),
+                source,
+            })
+    }
+
+    pub(crate) fn free_iova(&self, iova: Iova) {
+        let mut a = self.iova.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = a.free(iova);
+    }
+
+    pub(crate) fn device_name(&self) -> &str {
+        &self.dev.name
+    }
+
+    fn map_error(&self, e: VfioError, iova: Iova, len: u64) -> Error {
+        let errno = match &e {
+            VfioError::IommuDmaMap(se) => se.errno(),
+            _ => 0,
+        };
+        match errno {
+            libc::ENOMEM => match memlock_error(len) {
+                Some(err) => err,
+                None => Error::PinNoMemory { iova, len },
+            },
+            libc::ENOSPC => Error::DmaEntriesExhausted {
+                avail: get_info(&self.container).ok().and_then(|i| i.dma_avail).unwrap_or(0),
+            },
+            libc::EEXIST => Error::IovaOverlap { iova, len },
+            _ => Error::Vfio {
+                op: format!("VFIO_IOMMU_MAP_DMA {iova}+{len:#x} for {}", self.dev.name),
+                source: e,
+            },
+        }
+    }
+}
+
+/// The memlock error for pinning `len` more bytes, if the limit forbids it.
+fn memlock_error(len: u64) -> Option<Error> {
+    if sys::has_cap(sys::Cap::IpcLock) {
+        return None;
+    }
+    let limit = sys::memlock_limit().ok()?;
+    let locked = sys::locked_bytes().ok()?;
+    (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
+}
+
+fn check_memlock(len: u64) -> Result<()> {
+    memlock_error(len).map_or(Ok(()), Err)
+}
+
+/// Checks that every page of the range is on `node`.
+pub(crate) fn check_placement(vaddr: usize, len: u64, node: NodeId, page_size: PageSize) -> Result<()> {
+    let status = crate::numa::nodes_of(vaddr, len as usize, page_size.bytes())
+        .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
+    let off: Vec<(usize, i32)> = status
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, s)| s != node.0 as i32)
+        .collect();
+    if let Some(&(i, s)) = off.first() {
+        return Err(Error::Misplaced {
+            node,
+            pages: status.len() as u64,
+            off_node: off.len() as u64,
+            first_offset: i as u64 * page_size.bytes(),
+            first_node: if s >= 0 {
+                format!("node {s}")
+            } else {
+                io::Error::from_raw_os_error(-s).to_string()
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Usable IOVA ranges when the kernel predates the IOVA-range capability
+/// (before 5.4): a 48-bit space without the x86 MSI window.
+fn default_iova_ranges() -> Vec<IovaRange> {
+    [(0, 0xfedf_ffff), (0xfef0_0000, (1 << 48) - 1)]
+        .into_iter()
+        .filter_map(|(s, e)| IovaRange::new(Iova(s), Iova(e)))
+        .collect()
+}
+
+/// `VFIO_IOMMU_GET_INFO` on a container, with the capability chain: called
+/// once for the size, then with a buffer that large.
+pub fn get_info(container: &VfioContainer) -> Result<IommuInfo> {
+    let hdr = std::mem::size_of::<vfio_iommu_type1_info>();
+    let mut argsz = hdr as u32;
+    for _ in 0..2 {
+        // u64 storage keeps the struct 8-byte aligned.
+        let mut buf = vec![0u64; (argsz as usize).div_ceil(8)];
+        let bytes = buf.len() * 8;
+        buf[0] = u64::from(argsz);
+        // SAFETY: the buffer is `bytes >= argsz` long and 8-byte aligned; the
+        // kernel writes at most argsz bytes into it.
+        let ret = unsafe { ioctl_with_mut_ptr(container, VFIO_IOMMU_GET_INFO(), buf.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(Error::sys(
+                "VFIO_IOMMU_GET_INFO",
+                "the container has no IOMMU set; was a group attached?",
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: reinterpreting initialised u64s as bytes.
+        let raw = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), bytes) };
+        let wanted = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
+        if wanted as usize <= bytes {
+            return Ok(IommuInfo::parse(&raw[..wanted.max(hdr as u32) as usize])?);
+        }
+        argsz = wanted;
+    }
+    Err(Error::Invalid("VFIO_IOMMU_GET_INFO kept growing its argsz".into()))
+}
