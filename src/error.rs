@@ -230,15 +230,14 @@ pub enum Error {
     },
 
     /// Prefaulting (populating) the region failed.
-    #[error("could not fault in {} on node {node}: {source}; free memory on that node or pick another node", hs(len))]
+    #[error("could not fault in {} on node {node}: {cause}; free memory on that node or pick another node", hs(len))]
     Populate {
         /// Node.
         node: NodeId,
         /// Region size.
         len: u64,
-        /// The kernel's error.
-        #[source]
-        source: io::Error,
+        /// The kernel's error (part of the message).
+        cause: io::Error,
     },
 
     /// Caller memory given to `pin_user` is invalid.
@@ -261,25 +260,23 @@ pub enum Error {
     Info(#[from] crate::vfio::info::InfoError),
 
     /// A system call failed; `op` names it and `hint` says what to do.
-    #[error("{op} failed: {source}{}", if hint.is_empty() { String::new() } else { format!("; {hint}") })]
+    #[error("{op} failed: {cause}{}", if hint.is_empty() { String::new() } else { format!("; {hint}") })]
     Sys {
         /// The call and its arguments.
         op: String,
         /// What to do about it.
         hint: &'static str,
-        /// The OS error.
-        #[source]
-        source: io::Error,
+        /// The OS error (part of the message).
+        cause: io::Error,
     },
 
     /// vfio-ioctls reported an error we do not map to a specific cause.
-    #[error("VFIO: {op}: {source}")]
+    #[error("VFIO: {op}: {cause}")]
     Vfio {
         /// What was being done.
         op: String,
-        /// The vfio-ioctls error.
-        #[source]
-        source: vfio_ioctls::VfioError,
+        /// The vfio-ioctls error (part of the message).
+        cause: vfio_ioctls::VfioError,
     },
 
     /// Bad value parsed from text.
@@ -297,7 +294,7 @@ impl Error {
         Error::Sys {
             op: op.into(),
             hint,
-            source,
+            cause: source,
         }
     }
 }

@@ -332,10 +332,10 @@ impl NodeMemory {
             }
             r
         });
-        result.map_err(|source| Error::Populate {
+        result.map_err(|cause| Error::Populate {
             node: self.node,
             len: self.len as u64,
-            source,
+            cause,
         })
     }
 

@@ -250,7 +250,7 @@ fn open_error(dev: &DeviceInfo, e: VfioError) -> Error {
     };
     mapped.unwrap_or(Error::Vfio {
         op: format!("open {} (group {})", dev.name, dev.group),
-        source: e,
+        cause: e,
     })
 }
 
@@ -565,9 +565,9 @@ impl Inner {
     pub(crate) fn unmap_dma(&self, iova: Iova, len: u64) -> Result<()> {
         self.container
             .vfio_dma_unmap(iova.raw(), len as usize)
-            .map_err(|source| Error::Vfio {
+            .map_err(|cause| Error::Vfio {
                 op: format!("VFIO_IOMMU_UNMAP_DMA {iova}+{len:#x}"),
-                source,
+                cause,
             })
     }
 
@@ -596,7 +596,7 @@ impl Inner {
             libc::EEXIST => Error::IovaOverlap { iova, len },
             _ => Error::Vfio {
                 op: format!("VFIO_IOMMU_MAP_DMA {iova}+{len:#x} for {}", self.dev.name),
-                source: e,
+                cause: e,
             },
         }
     }
