@@ -1,19 +1,382 @@
 //! Host tests of the `numapin` command line: argument handling and error
-//! reporting that need no IOMMU.
+//! reporting that need no IOMMU, no VFIO device and no privileges.
+//!
+//! The contract checked here: a malformed command line exits 2 (clap's usage
+//! error) and names the accepted form; a command that parses but cannot run
+//! exits 1 with exactly one line on stderr, `numapin: error: …`, that says
+//! what to do, and prints nothing on stdout (so `--json` consumers never see
+//! half a document).
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-fn numapin(args: &[&str]) -> std::process::Output {
+/// A PCI address no machine has: the last function of the last device on the
+/// last bus of domain 0.
+const MISSING: &str = "0000:ff:1f.7";
+
+/// The accepted region form, as every region parse error states it.
+const REGION_FORM: &str = "expected NODE:SIZE[:PAGESIZE][@IOVA]";
+
+fn numapin(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_numapin"))
         .args(args)
+        .env("LC_ALL", "C")
         .output()
         .expect("run numapin")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts a clap usage error (exit 2) whose message contains every needle.
+fn assert_usage_error(args: &[&str], needles: &[&str]) {
+    let out = numapin(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(
+        stdout(&out).is_empty(),
+        "{args:?} printed on stdout: {}",
+        stdout(&out)
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`:\n{err}");
+    }
+}
+
+/// Asserts a runtime failure: exit 1, nothing on stdout, exactly one stderr
+/// line that starts with `numapin: error: ` and contains every needle.
+fn assert_one_line_error(args: &[&str], needles: &[&str]) -> String {
+    let out = numapin(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(
+        stdout(&out).is_empty(),
+        "{args:?} printed on stdout: {}",
+        stdout(&out)
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: want one stderr line, got:\n{err}"
+    );
+    assert!(lines[0].starts_with("numapin: error: "), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks `{n}`:\n{err}");
+    }
+    err
+}
+
+/// `pin --device MISSING --region=SPEC`; the `=` form lets a spec that starts
+/// with `-` reach the region parser instead of clap's flag matching.
+fn pin_region_args(spec: &str) -> Vec<String> {
+    vec![
+        "pin".into(),
+        "--device".into(),
+        MISSING.into(),
+        format!("--region={spec}"),
+    ]
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 #[test]
 fn bad_region_spec_is_a_usage_error() {
     let out = numapin(&["pin", "--device", "0000:00:03.0", "--region", "0:12Q"]);
     assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("expected NODE:SIZE[:PAGESIZE][@IOVA]"), "{err}");
+    let err = stderr(&out);
+    assert!(err.contains(REGION_FORM), "{err}");
+}
+
+#[test]
+fn every_malformed_region_form_names_the_form_and_the_fault() {
+    // (spec, what the message must say is wrong with it)
+    let cases = [
+        ("", "wrong number of `:` fields"),
+        ("0", "wrong number of `:` fields"),
+        ("0:1M:2M:4K", "wrong number of `:` fields"),
+        (":1M", "is not a node number"),
+        ("x:1M", "`x` is not a node number"),
+        ("-1:4K", "`-1` is not a node number"),
+        ("0:", "empty value"),
+        ("0:12Q", "`12Q` is not a size"),
+        ("0:M", "`M` is not a size"),
+        ("0:99999999999T", "too large for a 64-bit size"),
+        (
+            "0:1M@4096",
+            "`4096` is not an address; write addresses as 0x-prefixed hex",
+        ),
+        ("0:1M@0x", "`0x` is not an address"),
+        ("0:1M@0xfeeg0000", "`0xfeeg0000` is not an address"),
+        (
+            "0:1M@0x1ffffffffffffffff",
+            "too large for a 64-bit size or address",
+        ),
+        ("1:1G:2M@", "empty value"),
+    ];
+    for (spec, why) in cases {
+        let args = pin_region_args(spec);
+        assert_usage_error(
+            &as_strs(&args),
+            &[
+                &format!("bad region `{spec}`"),
+                why,
+                REGION_FORM,
+                "e.g. 0:512M",
+            ],
+        );
+    }
+}
+
+#[test]
+fn bad_page_size_lists_the_supported_ones() {
+    for ps in ["3M", "8K", "huge", "4M", "2G"] {
+        let spec = format!("0:1G:{ps}");
+        let args = pin_region_args(&spec);
+        assert_usage_error(
+            &as_strs(&args),
+            &[
+                &format!("`{ps}` is not a page size numapin supports"),
+                "use 4K, 2M or 1G",
+                REGION_FORM,
+            ],
+        );
+    }
+}
+
+#[test]
+fn good_region_specs_pass_parsing_and_fail_only_on_the_device() {
+    // These parse, so the failure must come from the missing device (exit 1),
+    // never from argument handling (exit 2). Size 0 parses too: the pinner,
+    // not the parser, rejects it.
+    for spec in [
+        "0:512M",
+        "1:1G:2M",
+        "0:64M:4K@0x100000000",
+        "0:4096",
+        "0:0x200000:2M",
+        "0:1GiB:1G",
+        "0:0",
+    ] {
+        let args = pin_region_args(spec);
+        assert_one_line_error(&as_strs(&args), &["no device `0000:ff:1f.7`", "lspci -D"]);
+    }
+}
+
+#[test]
+fn pin_needs_a_device_and_a_region() {
+    assert_usage_error(&["pin", "--device", MISSING], &["required", "--region"]);
+    assert_usage_error(&["pin", "--region", "0:1M"], &["required", "--device"]);
+}
+
+#[test]
+fn hold_and_hold_forever_conflict() {
+    assert_usage_error(
+        &[
+            "pin",
+            "--device",
+            MISSING,
+            "--region",
+            "0:1M",
+            "--hold",
+            "5",
+            "--hold-forever",
+        ],
+        &["'--hold <SECS>' cannot be used with '--hold-forever'"],
+    );
+    assert_usage_error(
+        &[
+            "pin",
+            "--device",
+            MISSING,
+            "--region",
+            "0:1M",
+            "--hold-forever",
+            "--hold",
+            "5",
+        ],
+        &["cannot be used with", "--hold"],
+    );
+}
+
+#[test]
+fn hold_and_threads_take_whole_numbers() {
+    for bad in ["abc", "-1", "1.5", "10s"] {
+        let arg = format!("--hold={bad}");
+        assert_usage_error(
+            &["pin", "--device", MISSING, "--region", "0:1M", &arg],
+            &[&format!("invalid value '{bad}' for '--hold <SECS>'")],
+        );
+    }
+    assert_usage_error(
+        &[
+            "pin",
+            "--device",
+            MISSING,
+            "--region",
+            "0:1M",
+            "--threads",
+            "many",
+        ],
+        &["invalid value 'many' for '--threads"],
+    );
+}
+
+#[test]
+fn info_of_a_missing_device_is_one_line_naming_lspci() {
+    for extra in [&[][..], &["--json"][..]] {
+        let mut args = vec!["info", "--device", MISSING];
+        args.extend_from_slice(extra);
+        assert_one_line_error(
+            &args,
+            &[
+                "no device `0000:ff:1f.7` (/sys/bus/pci/devices/0000:ff:1f.7)",
+                "list PCI devices with `lspci -D`",
+            ],
+        );
+    }
+    // The short form of a PCI address is looked up in domain 0000.
+    assert_one_line_error(
+        &["info", "-d", "ff:1f.7"],
+        &[
+            "no device `ff:1f.7` (/sys/bus/pci/devices/0000:ff:1f.7)",
+            "lspci -D",
+        ],
+    );
+}
+
+#[test]
+fn pin_of_a_missing_device_is_one_line_naming_lspci() {
+    for extra in [&[][..], &["--json", "--phys"][..], &["--hold", "0"][..]] {
+        let mut args = vec!["pin", "--device", MISSING, "--region", "0:4M"];
+        args.extend_from_slice(extra);
+        assert_one_line_error(&args, &["no device `0000:ff:1f.7`", "lspci -D"]);
+    }
+}
+
+#[test]
+fn bind_and_unbind_of_a_missing_device_change_nothing_and_say_why() {
+    for cmd in ["bind", "unbind"] {
+        assert_one_line_error(
+            &[cmd, MISSING],
+            &[
+                "no device `0000:ff:1f.7` (/sys/bus/pci/devices/0000:ff:1f.7)",
+                "lspci -D",
+            ],
+        );
+    }
+    assert_usage_error(&["bind"], &["required", "<DEVICE>"]);
+}
+
+#[test]
+fn topology_json_has_the_nodes_the_library_sees() {
+    let out = numapin(&["topology", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("topology --json is one JSON document");
+    let nodes = doc["nodes"].as_array().expect("a `nodes` array");
+    assert!(!nodes.is_empty(), "no nodes: {doc}");
+    let ids: Vec<u64> = nodes
+        .iter()
+        .map(|n| n["id"].as_u64().expect("numeric node id"))
+        .collect();
+    let want: Vec<u64> = numapin::numa::Topology::read()
+        .expect("read topology")
+        .ids()
+        .iter()
+        .map(|n| u64::from(n.0))
+        .collect();
+    assert_eq!(ids, want);
+    for n in nodes {
+        assert!(n["cpus"].is_array(), "{n}");
+        assert!(n["mem_total"].is_u64() && n["mem_free"].is_u64(), "{n}");
+        for pool in n["hugepages"].as_array().expect("hugepages array") {
+            let size = pool["page_size"].as_u64().expect("page_size in bytes");
+            assert!(
+                size == 2 << 20 || size == 1 << 30 || size.is_power_of_two(),
+                "{pool}"
+            );
+            assert!(pool["free"].as_u64() <= pool["total"].as_u64(), "{pool}");
+        }
+    }
+}
+
+#[test]
+fn topology_table_has_a_header_and_a_row_per_node() {
+    let out = numapin(&["topology"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .expect("a header line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["node", "cpus", "total", "free", "hugepages"]);
+    let rows: Vec<&str> = lines.collect();
+    let ids = numapin::numa::Topology::read()
+        .expect("read topology")
+        .ids();
+    assert_eq!(rows.len(), ids.len(), "{text}");
+    for (row, id) in rows.iter().zip(&ids) {
+        assert_eq!(
+            row.split_whitespace().next(),
+            Some(id.to_string().as_str()),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn demo_without_the_edu_device_points_at_the_vm() {
+    assert!(
+        numapin::edu::find().is_none(),
+        "this host has a QEMU edu device; the test expects a host without one"
+    );
+    assert_one_line_error(
+        &["demo"],
+        &["no QEMU edu device (1234:11e8) found", "`cargo xtask demo`"],
+    );
+    // With a device named, the demo first wants two nodes, then the device.
+    let nodes = numapin::numa::Topology::read()
+        .expect("read topology")
+        .nodes
+        .len();
+    let want: &[&str] = if nodes < 2 {
+        &["the demo needs two online NUMA nodes", "`cargo xtask demo`"]
+    } else {
+        &["no device `0000:ff:1f.7`", "lspci -D"]
+    };
+    assert_one_line_error(&["demo", "--device", MISSING], want);
+    assert_usage_error(
+        &["demo", "--size", "12Q"],
+        &[
+            "invalid value '12Q' for '--size <SIZE>'",
+            "`12Q` is not a size",
+        ],
+    );
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = numapin(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    for cmd in ["topology", "bind", "unbind", "info", "pin", "demo"] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{cmd} "))),
+            "--help lacks `{cmd}`:\n{text}"
+        );
+    }
+    // No subcommand is a usage error, not a silent success.
+    let out = numapin(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_usage_error(&["frobnicate"], &["unrecognized subcommand 'frobnicate'"]);
 }
