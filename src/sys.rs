@@ -77,6 +77,25 @@ pub fn mbind(addr: usize, len: usize, node: NodeId, flags: u32) -> io::Result<()
     last_err(ret, ())
 }
 
+/// `mbind(addr, len, MPOL_DEFAULT, NULL, 0, 0)`: drops a range's policy so it
+/// follows the process default again (first touch, NUMA balancing).
+pub fn mbind_default(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: a null mask with maxnode 0 is what MPOL_DEFAULT takes; a policy
+    // change does not affect memory safety.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr,
+            len,
+            0,
+            std::ptr::null::<libc::c_ulong>(),
+            0 as libc::c_ulong,
+            0u32,
+        )
+    };
+    last_err(ret, ())
+}
+
 /// `move_pages(pid, n, pages, nodes, status, 0)`.
 ///
 /// With `nodes == None` nothing moves and `status` receives, per page, the

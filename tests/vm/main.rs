@@ -1,16 +1,96 @@
-//! Guest-side test runner (placeholder until the scenarios land).
-//! Protocol: JSON lines on the results path: plan, one result per scenario, done.
+//! numapin's guest-side test runner: `cargo xtask test` boots a VM and runs
+//! this binary as `numapin-vmtest --suite SUITE --results /dev/ttyS1`.
+//!
+//! Every scenario checks numapin against the real kernel it runs on:
+//! placement via `move_pages`, pins via migration attempts against an
+//! unpinned control that must move, accounting via `VmLck`, DMA via QEMU's
+//! edu device. Results go to the host as JSON lines: a `plan` naming every
+//! scenario, one `result` each, then `done`.
+
+mod bad_input;
+mod type1;
+mod util;
+
 use std::io::Write;
+use std::time::Instant;
+
+use serde_json::json;
+
+/// A scenario: returns a one-line detail on success, the reason on failure.
+pub type Scenario = fn(&util::Ctx) -> Result<String, String>;
+
+fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
+    match name {
+        "type1" => {
+            let mut v = type1::scenarios();
+            v.extend(bad_input::scenarios());
+            Some(v)
+        }
+        _ => None,
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
-    let suite = arg("--suite").unwrap_or_else(|| "type1".into());
+    let suite_name = arg("--suite").unwrap_or_else(|| "type1".into());
     let results = arg("--results").unwrap_or_else(|| "/dev/ttyS1".into());
-    let mut out = std::fs::OpenOptions::new().write(true).open(&results).expect("open results");
+    let only = arg("--only");
+    let mut out: Box<dyn Write> = match std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&results) {
+        Ok(f) => Box::new(f),
+        Err(e) => {
+            eprintln!("numapin-vmtest: cannot open results {results}: {e}");
+            std::process::exit(2);
+        }
+    };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    writeln!(out, "{{\"type\":\"plan\",\"suite\":\"{suite}\",\"kernel\":\"{}\",\"scenarios\":[\"boot\"]}}", kernel.trim()).unwrap();
-    let ok = std::path::Path::new("/dev/vfio/vfio").exists();
-    writeln!(out, "{{\"type\":\"result\",\"name\":\"boot\",\"status\":\"{}\",\"secs\":0.0,\"detail\":\"/dev/vfio/vfio exists: {ok}\"}}", if ok {"pass"} else {"fail"}).unwrap();
-    writeln!(out, "{{\"type\":\"done\"}}").unwrap();
+    let Some(mut scenarios) = suite(&suite_name) else {
+        let _ = writeln!(out, "{}", json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": ["suite-exists"]}));
+        let _ = writeln!(out, "{}", json!({"type": "result", "name": "suite-exists", "status": "fail", "secs": 0.0, "detail": format!("unknown suite {suite_name}")}));
+        let _ = writeln!(out, "{}", json!({"type": "done"}));
+        std::process::exit(1);
+    };
+    if let Some(o) = &only {
+        scenarios.retain(|(n, _)| n.contains(o.as_str()));
+    }
+    let names: Vec<&str> = scenarios.iter().map(|(n, _)| *n).collect();
+    let _ = writeln!(out, "{}", json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": names}));
+    let _ = out.flush();
+    let ctx = match util::Ctx::new() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("numapin-vmtest: setup failed: {e}");
+            for n in &names {
+                let _ = writeln!(out, "{}", json!({"type": "result", "name": n, "status": "fail", "secs": 0.0, "detail": format!("setup failed: {e}")}));
+            }
+            None
+        }
+    };
+    let mut failed = 0;
+    if let Some(ctx) = ctx {
+        for (name, f) in scenarios {
+            eprintln!("numapin-vmtest: --- {name}");
+            let t = Instant::now();
+            let r = std::panic::catch_unwind(|| f(&ctx)).unwrap_or_else(|p| {
+                Err(format!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                ))
+            });
+            let secs = t.elapsed().as_secs_f64();
+            let (status, detail) = match r {
+                Ok(d) => ("pass", d),
+                Err(d) => {
+                    failed += 1;
+                    ("fail", d)
+                }
+            };
+            eprintln!("numapin-vmtest: {name}: {status} ({secs:.1}s) {detail}");
+            let _ = writeln!(out, "{}", json!({"type": "result", "name": name, "status": status, "secs": (secs * 100.0).round() / 100.0, "detail": detail}));
+            let _ = out.flush();
+        }
+    }
+    let _ = writeln!(out, "{}", json!({"type": "done"}));
+    let _ = out.flush();
+    std::process::exit(if failed == 0 { 0 } else { 1 });
 }

@@ -1,0 +1,251 @@
+//! Helpers the scenarios share: the context (device, nodes), out-of-band
+//! reads of another process's accounting, nodes and PFNs, control regions,
+//! and running the CLI.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use numapin::numa::{self, NodeMemory, Topology};
+use numapin::{NodeId, PageSize, sys};
+use serde_json::Value;
+
+/// Fails the scenario with a formatted reason unless `cond` holds.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+/// What every scenario needs.
+pub struct Ctx {
+    /// The edu device's PCI address (bound to vfio-pci by /init).
+    pub bdf: String,
+    /// Its IOMMU group number.
+    pub group: u32,
+    /// Node 0 and node 1.
+    pub home: NodeId,
+    pub away: NodeId,
+    /// CPUs of each node.
+    pub home_cpus: Vec<u32>,
+    pub away_cpus: Vec<u32>,
+}
+
+impl Ctx {
+    pub fn new() -> Result<Ctx, String> {
+        let bdf = numapin::edu::find().ok_or("no edu device (1234:11e8) in the guest")?;
+        let info = numapin::vfio::describe(&bdf).map_err(|e| e.to_string())?;
+        let topo = Topology::read().map_err(|e| e.to_string())?;
+        if topo.nodes.len() < 2 {
+            return Err(format!("the VM must have two NUMA nodes, it has {}", topo.nodes.len()));
+        }
+        Ok(Ctx {
+            bdf,
+            group: info.group,
+            home: NodeId(topo.nodes[0].id),
+            away: NodeId(topo.nodes[1].id),
+            home_cpus: topo.nodes[0].cpus.clone(),
+            away_cpus: topo.nodes[1].cpus.clone(),
+        })
+    }
+}
+
+/// Turns any displayable error into the scenario's failure text.
+pub fn e<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String> {
+    r.map_err(|err| format!("{what}: {err}"))
+}
+
+/// This process's `VmLck`.
+pub fn vmlck() -> u64 {
+    sys::locked_bytes().expect("VmLck")
+}
+
+/// `VmLck` of another process.
+pub fn vmlck_of(pid: u32) -> Result<u64, String> {
+    let s = e(std::fs::read_to_string(format!("/proc/{pid}/status")), "read status")?;
+    sys::parse_status_kb(&s, "VmLck").ok_or_else(|| "no VmLck".to_string())
+}
+
+/// A field of /proc/meminfo in bytes (kB fields) or as a count.
+pub fn meminfo(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(field)?.strip_prefix(':')?.trim();
+            let mut it = rest.split_whitespace();
+            let v: u64 = it.next()?.parse().ok()?;
+            Some(if it.next() == Some("kB") { v * 1024 } else { v })
+        })
+        .unwrap_or(0)
+}
+
+/// A counter from /proc/vmstat (0 when absent).
+pub fn vmstat(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == field).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
+/// Base-page PFNs of `[addr, addr+len)` in process `pid`, from its pagemap.
+pub fn pfns_of(pid: u32, addr: u64, len: u64) -> Result<Vec<u64>, String> {
+    let f = e(std::fs::File::open(format!("/proc/{pid}/pagemap")), "open pagemap")?;
+    let entries = e(numapin::phys::read_pagemap_from(&f, addr, (len / 4096) as usize), "read pagemap")?;
+    e(numapin::phys::decode_pfns(addr, &entries, 4096), "decode pagemap")
+}
+
+/// Own PFNs.
+pub fn pfns(addr: usize, len: u64) -> Result<Vec<u64>, String> {
+    pfns_of(std::process::id(), addr as u64, len)
+}
+
+/// How many entries differ.
+pub fn changed(a: &[u64], b: &[u64]) -> usize {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+}
+
+/// Per-page node of `[addr, len)` in process `pid` (negative: errno).
+pub fn nodes_of_pid(pid: u32, addr: u64, len: u64, page: u64) -> Result<Vec<i32>, String> {
+    let pages: Vec<usize> = (0..len).step_by(page as usize).map(|o| (addr + o) as usize).collect();
+    let mut status = vec![0i32; pages.len()];
+    e(sys::move_pages(pid as i32, &pages, None, &mut status), "move_pages query")?;
+    Ok(status)
+}
+
+/// Asks the kernel to move every page of `pid`'s range to `to`; returns
+/// how many pages ended on `to`.
+pub fn move_pid_range(pid: u32, addr: u64, len: u64, to: NodeId) -> Result<usize, String> {
+    let pages: Vec<usize> = (0..len).step_by(4096).map(|o| (addr + o) as usize).collect();
+    let nodes = vec![to.0 as i32; pages.len()];
+    let mut status = vec![0i32; pages.len()];
+    e(sys::move_pages(pid as i32, &pages, Some(&nodes), &mut status), "move_pages")?;
+    Ok(status.iter().filter(|&&s| s == to.0 as i32).count())
+}
+
+/// Counts entries equal to `node`.
+pub fn on_node(status: &[i32], node: NodeId) -> usize {
+    status.iter().filter(|&&s| s == node.0 as i32).count()
+}
+
+/// An unpinned region on `node` with the default memory policy afterwards,
+/// so migrations and NUMA balancing are free to move it: the control.
+pub fn control_region(node: NodeId, len: u64) -> Result<NodeMemory, String> {
+    let topo = e(Topology::read(), "topology")?;
+    let m = e(NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None), "allocate control")?;
+    // No THP: the control should move page by page, like the pinned side is checked.
+    // SAFETY: advice on memory this test owns.
+    unsafe { libc::madvise(m.as_ptr().cast(), m.len(), libc::MADV_NOHUGEPAGE) };
+    e(sys::mbind_default(m.addr(), m.len()), "mbind MPOL_DEFAULT")?;
+    let nodes = e(numa::nodes_of(m.addr(), m.len(), 4096), "query control")?;
+    ensure!(on_node(&nodes, node) == nodes.len(), "control not on node {node}: {} of {}", on_node(&nodes, node), nodes.len());
+    Ok(m)
+}
+
+/// Path of a binary installed next to this runner.
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe().expect("current_exe").with_file_name(name)
+}
+
+/// A `numapin` command.
+pub fn numapin() -> Command {
+    Command::new(sibling("numapin"))
+}
+
+/// Runs the CLI to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> Result<(i32, String, String), String> {
+    let out = e(numapin().args(args).output(), "run numapin")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A `numapin pin --json --hold-forever` child and the document it printed.
+pub struct PinChild {
+    pub child: Child,
+    pub doc: Value,
+}
+
+impl PinChild {
+    /// Starts `numapin pin` with `args` (plus --json --hold-forever) and
+    /// waits for its JSON document.
+    pub fn spawn(ctx: &Ctx, args: &[&str]) -> Result<PinChild, String> {
+        let mut child = e(
+            numapin()
+                .args(["pin", "--device", &ctx.bdf, "--json", "--hold-forever"])
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn(),
+            "spawn numapin pin",
+        )?;
+        let stdout = child.stdout.take().expect("stdout");
+        let mut text = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = e(line, "read numapin output")?;
+            text.push_str(&line);
+            text.push('\n');
+            if line == "}" {
+                break;
+            }
+        }
+        match serde_json::from_str::<Value>(&text) {
+            Ok(doc) => Ok(PinChild { child, doc }),
+            Err(err) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().ok();
+                let stderr = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+                Err(format!("numapin pin printed no JSON ({err}): stdout {text:?} stderr {stderr:?}"))
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (vaddr, iova, len, page_size, node) of region `i`.
+    pub fn region(&self, i: usize) -> Result<(u64, u64, u64, u64, u32), String> {
+        let r = &self.doc["regions"][i];
+        let hex = |k: &str| {
+            r[k].as_str()
+                .and_then(|s| s.strip_prefix("0x"))
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or_else(|| format!("region {i}: `{k}` is not a 0x hex string: {}", r[k]))
+        };
+        let num = |k: &str| r[k].as_u64().ok_or_else(|| format!("region {i}: `{k}` is not a number: {}", r[k]));
+        Ok((hex("vaddr")?, hex("iova")?, num("len")?, num("page_size")?, num("node")? as u32))
+    }
+
+    /// Sends `sig` and waits (bounded) for the exit status.
+    pub fn stop(mut self, sig: i32) -> Result<std::process::ExitStatus, String> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = e(self.child.try_wait(), "wait numapin")? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return Err("numapin did not exit within 60 s of the signal".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for PinChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
