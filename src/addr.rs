@@ -112,9 +112,12 @@ impl fmt::Display for NodeId {
 impl FromStr for NodeId {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
-        s.trim().parse::<u32>().map(NodeId).map_err(|_| ParseError::BadSize {
-            text: s.to_string(),
-        })
+        s.trim()
+            .parse::<u32>()
+            .map(NodeId)
+            .map_err(|_| ParseError::BadSize {
+                text: s.to_string(),
+            })
     }
 }
 
@@ -225,7 +228,9 @@ pub fn parse_size(s: &str) -> Result<u64, ParseError> {
     let bad = || ParseError::BadSize {
         text: s.to_string(),
     };
-    let digits_end = t.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(t.len());
+    let digits_end = t
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     let num: String = num.chars().filter(|&c| c != '_').collect();
     if num.is_empty() {
@@ -274,7 +279,12 @@ pub fn parse_addr(s: &str) -> Result<u64, ParseError> {
 
 /// Formats a byte count the way people read it: `4 KiB`, `1.5 GiB`.
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (unit, scale) in UNITS {
         if bytes >= scale {
             return if bytes % scale == 0 {
@@ -305,7 +315,10 @@ mod tests {
         assert!(matches!(parse_size("12Q"), Err(ParseError::BadSize { .. })));
         assert!(matches!(parse_size("K"), Err(ParseError::BadSize { .. })));
         assert!(matches!(parse_size("-1"), Err(ParseError::BadSize { .. })));
-        assert!(matches!(parse_size("99999999999T"), Err(ParseError::Overflow { .. })));
+        assert!(matches!(
+            parse_size("99999999999T"),
+            Err(ParseError::Overflow { .. })
+        ));
         assert!(matches!(
             parse_size("99999999999999999999999"),
             Err(ParseError::Overflow { .. })
@@ -318,10 +331,22 @@ mod tests {
         assert_eq!(parse_addr("0X1_0000_0000"), Ok(0x1_0000_0000));
         assert_eq!(parse_addr("0xffffffffffffffff"), Ok(u64::MAX));
         assert_eq!(parse_addr("0x00000000000000000001"), Ok(1));
-        assert!(matches!(parse_addr("4096"), Err(ParseError::BadAddress { .. })));
-        assert!(matches!(parse_addr("0x"), Err(ParseError::BadAddress { .. })));
-        assert!(matches!(parse_addr("0xfeeg"), Err(ParseError::BadAddress { .. })));
-        assert!(matches!(parse_addr("0x1ffffffffffffffff"), Err(ParseError::Overflow { .. })));
+        assert!(matches!(
+            parse_addr("4096"),
+            Err(ParseError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            parse_addr("0x"),
+            Err(ParseError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            parse_addr("0xfeeg"),
+            Err(ParseError::BadAddress { .. })
+        ));
+        assert!(matches!(
+            parse_addr("0x1ffffffffffffffff"),
+            Err(ParseError::Overflow { .. })
+        ));
         assert_eq!("0x10".parse::<Iova>(), Ok(Iova(0x10)));
         assert_eq!(Iova(0xfee00000).to_string(), "0xfee00000");
         assert_eq!(PhysAddr(0).to_string(), "0x0");
@@ -333,8 +358,14 @@ mod tests {
         assert_eq!("2m".parse::<PageSize>(), Ok(PageSize::Huge2M));
         assert_eq!("1G".parse::<PageSize>(), Ok(PageSize::Huge1G));
         assert_eq!("2097152".parse::<PageSize>(), Ok(PageSize::Huge2M));
-        assert!(matches!("8K".parse::<PageSize>(), Err(ParseError::BadPageSize { .. })));
-        assert!(matches!("huge".parse::<PageSize>(), Err(ParseError::BadPageSize { .. })));
+        assert!(matches!(
+            "8K".parse::<PageSize>(),
+            Err(ParseError::BadPageSize { .. })
+        ));
+        assert!(matches!(
+            "huge".parse::<PageSize>(),
+            Err(ParseError::BadPageSize { .. })
+        ));
         for p in PageSize::ALL {
             assert_eq!(p.name().parse::<PageSize>(), Ok(p));
         }

@@ -110,7 +110,9 @@ pub fn unbind(spec: &str) -> Result<BindOutcome> {
     let state = Path::new(STATE_DIR).join(&name);
     match std::fs::read_to_string(&state) {
         Ok(prev) if !prev.trim().is_empty() => {
-            let bind = Path::new("/sys/bus/pci/drivers").join(prev.trim()).join("bind");
+            let bind = Path::new("/sys/bus/pci/drivers")
+                .join(prev.trim())
+                .join("bind");
             write_sysfs(&bind, &name)?;
             let _ = std::fs::remove_file(&state);
         }

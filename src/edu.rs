@@ -90,7 +90,9 @@ impl<'a> Edu<'a> {
         use std::os::fd::AsRawFd;
         let idx = VFIO_PCI_BAR0_REGION_INDEX;
         if dev.get_region_flags(idx) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(Error::Invalid("edu BAR0 cannot be mmapped through VFIO".into()));
+            return Err(Error::Invalid(
+                "edu BAR0 cannot be mmapped through VFIO".into(),
+            ));
         }
         let bar_len = dev.get_region_size(idx) as usize;
         let off = dev.get_region_offset(idx);
@@ -107,7 +109,11 @@ impl<'a> Edu<'a> {
             )
         };
         if bar == libc::MAP_FAILED {
-            return Err(Error::sys("mmap edu BAR0", "", std::io::Error::last_os_error()));
+            return Err(Error::sys(
+                "mmap edu BAR0",
+                "",
+                std::io::Error::last_os_error(),
+            ));
         }
         let edu = Edu {
             _dev: dev,
@@ -147,7 +153,9 @@ impl<'a> Edu<'a> {
 
     fn transfer(&self, src: u64, dst: u64, count: u64, to_ram: bool) -> Result<()> {
         if count == 0 || count > MAX_TRANSFER {
-            return Err(Error::Invalid(format!("edu transfer of {count} bytes: use 1..={MAX_TRANSFER}")));
+            return Err(Error::Invalid(format!(
+                "edu transfer of {count} bytes: use 1..={MAX_TRANSFER}"
+            )));
         }
         let iova = if to_ram { dst } else { src };
         if iova.saturating_add(count) > DMA_LIMIT {
@@ -162,7 +170,9 @@ impl<'a> Edu<'a> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.read64(REG_CMD) & CMD_START != 0 {
             if Instant::now() > deadline {
-                return Err(Error::Invalid("edu DMA did not complete within 30 s".into()));
+                return Err(Error::Invalid(
+                    "edu DMA did not complete within 30 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -12,7 +12,11 @@ fn list_nodes(nodes: &[NodeId]) -> String {
     if nodes.is_empty() {
         return "none".into();
     }
-    nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+    nodes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn hs(b: &u64) -> String {
@@ -65,7 +69,10 @@ pub enum Error {
     Iova(#[from] crate::iova::IovaError),
 
     /// A NUMA node that is not online.
-    #[error("NUMA node {node} is not online; online nodes: {} (see `numapin topology`)", list_nodes(online))]
+    #[error(
+        "NUMA node {node} is not online; online nodes: {} (see `numapin topology`)",
+        list_nodes(online)
+    )]
     NodeNotOnline {
         /// Node asked for.
         node: NodeId,
@@ -118,7 +125,9 @@ pub enum Error {
     },
 
     /// The kernel said the IOVA range overlaps an existing mapping.
-    #[error("IOVA range {iova}+{len:#x} overlaps an existing DMA mapping in this container; pick another IOVA or omit it")]
+    #[error(
+        "IOVA range {iova}+{len:#x} overlaps an existing DMA mapping in this container; pick another IOVA or omit it"
+    )]
     IovaOverlap {
         /// Start of the rejected range.
         iova: Iova,
@@ -145,7 +154,9 @@ pub enum Error {
     },
 
     /// The device has no IOMMU group.
-    #[error("device {device} has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on (or amd_iommu=on) and check `dmesg | grep -i iommu`")]
+    #[error(
+        "device {device} has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on (or amd_iommu=on) and check `dmesg | grep -i iommu`"
+    )]
     NoIommuGroup {
         /// Device name.
         device: String,
@@ -211,7 +222,8 @@ pub enum Error {
     #[error(
         "VmLck grew by {} instead of {} after VFIO_IOMMU_MAP_DMA: the kernel did not pin the region; \
          the container may not be IOMMU-backed",
-        hs(grew), hs(len)
+        hs(grew),
+        hs(len)
     )]
     NotAccounted {
         /// Growth observed.
@@ -221,7 +233,10 @@ pub enum Error {
     },
 
     /// MAP_DMA failed with ENOMEM although the memlock limit was not hit.
-    #[error("VFIO_IOMMU_MAP_DMA of {} at {iova} failed: out of memory, or a page in ZONE_MOVABLE/CMA could not be migrated for the long-term pin; free memory on the node and retry", hs(len))]
+    #[error(
+        "VFIO_IOMMU_MAP_DMA of {} at {iova} failed: out of memory, or a page in ZONE_MOVABLE/CMA could not be migrated for the long-term pin; free memory on the node and retry",
+        hs(len)
+    )]
     PinNoMemory {
         /// IOVA.
         iova: Iova,
@@ -230,7 +245,10 @@ pub enum Error {
     },
 
     /// Prefaulting (populating) the region failed.
-    #[error("could not fault in {} on node {node}: {cause}; free memory on that node or pick another node", hs(len))]
+    #[error(
+        "could not fault in {} on node {node}: {cause}; free memory on that node or pick another node",
+        hs(len)
+    )]
     Populate {
         /// Node.
         node: NodeId,
@@ -241,7 +259,9 @@ pub enum Error {
     },
 
     /// Caller memory given to `pin_user` is invalid.
-    #[error("caller memory at {vaddr:#x}+{len:#x} is not page-aligned; align address and length to {page:#x}")]
+    #[error(
+        "caller memory at {vaddr:#x}+{len:#x} is not page-aligned; align address and length to {page:#x}"
+    )]
     UnalignedUserMemory {
         /// Address.
         vaddr: u64,

@@ -293,7 +293,11 @@ impl NodeMemory {
     }
 
     fn populate(&self, cpus: &[u32], threads: usize, progress: Option<Progress<'_>>) -> Result<()> {
-        let want = if threads == 0 { cpus.len().max(1) } else { threads };
+        let want = if threads == 0 {
+            cpus.len().max(1)
+        } else {
+            threads
+        };
         let chunks = self.len.div_ceil(PREFAULT_CHUNK);
         let nthreads = if (self.len as u64) < PARALLEL_PREFAULT_MIN {
             1
@@ -327,7 +331,9 @@ impl NodeMemory {
             let handles: Vec<_> = (1..nthreads).map(|_| s.spawn(|| work(true))).collect();
             let mut r = work(nthreads > 1);
             for h in handles {
-                let hr = h.join().unwrap_or_else(|_| Err(io::Error::other("prefault thread panicked")));
+                let hr = h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("prefault thread panicked")));
                 r = r.and(hr);
             }
             r
@@ -409,7 +415,10 @@ fn populate_write(addr: usize, len: usize) -> io::Result<()> {
 /// One entry per page from `move_pages(…, NULL, status)`: the node the page is
 /// on, or the negative errno the kernel reported.
 pub fn nodes_of(addr: usize, len: usize, page_size: u64) -> io::Result<Vec<i32>> {
-    let pages: Vec<usize> = (0..len).step_by(page_size as usize).map(|o| addr + o).collect();
+    let pages: Vec<usize> = (0..len)
+        .step_by(page_size as usize)
+        .map(|o| addr + o)
+        .collect();
     let mut status = vec![0i32; pages.len()];
     for (p, s) in pages.chunks(16384).zip(status.chunks_mut(16384)) {
         sys::move_pages(0, p, None, s)?;
@@ -440,7 +449,11 @@ pub fn move_range(addr: usize, len: usize, page_size: u64, to: NodeId) -> io::Re
         .collect();
     let nodes = vec![target; pages.len()];
     let mut status = vec![0i32; pages.len()];
-    for ((p, n), s) in pages.chunks(16384).zip(nodes.chunks(16384)).zip(status.chunks_mut(16384)) {
+    for ((p, n), s) in pages
+        .chunks(16384)
+        .zip(nodes.chunks(16384))
+        .zip(status.chunks_mut(16384))
+    {
         sys::move_pages(0, p, Some(n), s)?;
     }
     let after = nodes_of(addr, len, page_size)?;
@@ -461,7 +474,10 @@ mod tests {
 
     #[test]
     fn cpulists() {
-        assert_eq!(parse_cpulist("0-3,8,10-11\n"), Ok(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpulist("0-3,8,10-11\n"),
+            Ok(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpulist("0"), Ok(vec![0]));
         assert_eq!(parse_cpulist("\n"), Ok(vec![]));
         assert!(parse_cpulist("3-1").is_err());
@@ -486,7 +502,11 @@ mod tests {
         std::fs::write(dir.join("online"), "0-1\n").unwrap();
         std::fs::write(dir.join("node0/cpulist"), "0\n").unwrap();
         std::fs::write(n1.join("cpulist"), "1\n").unwrap();
-        std::fs::write(n1.join("meminfo"), "Node 1 MemTotal: 4 kB\nNode 1 MemFree: 2 kB\n").unwrap();
+        std::fs::write(
+            n1.join("meminfo"),
+            "Node 1 MemTotal: 4 kB\nNode 1 MemFree: 2 kB\n",
+        )
+        .unwrap();
         std::fs::write(n1.join("hugepages/hugepages-2048kB/nr_hugepages"), "64\n").unwrap();
         std::fs::write(n1.join("hugepages/hugepages-2048kB/free_hugepages"), "60\n").unwrap();
         let t = Topology::read_from(&dir).unwrap();
@@ -496,14 +516,30 @@ mod tests {
         assert_eq!(n.cpus, vec![1]);
         assert_eq!(n.mem_total, 4096);
         assert_eq!(n.pool(PageSize::Huge2M).unwrap().free, 60);
-        assert!(t.check_capacity(NodeId(1), 60 << 21, PageSize::Huge2M).is_ok());
-        let e = t.check_capacity(NodeId(1), 61 << 21, PageSize::Huge2M).unwrap_err();
-        assert!(e.to_string().contains("node1/hugepages/hugepages-2048kB/nr_hugepages"), "{e}");
+        assert!(
+            t.check_capacity(NodeId(1), 60 << 21, PageSize::Huge2M)
+                .is_ok()
+        );
+        let e = t
+            .check_capacity(NodeId(1), 61 << 21, PageSize::Huge2M)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("node1/hugepages/hugepages-2048kB/nr_hugepages"),
+            "{e}"
+        );
         assert!(e.to_string().contains("echo 65"), "{e}");
-        let e = t.check_capacity(NodeId(0), 1 << 30, PageSize::Huge1G).unwrap_err();
+        let e = t
+            .check_capacity(NodeId(0), 1 << 30, PageSize::Huge1G)
+            .unwrap_err();
         assert!(matches!(e, Error::NotEnoughHugepages { free: 0, .. }));
-        let e = t.check_capacity(NodeId(7), 4096, PageSize::Base).unwrap_err();
-        assert_eq!(e.to_string(), "NUMA node 7 is not online; online nodes: 0, 1 (see `numapin topology`)");
+        let e = t
+            .check_capacity(NodeId(7), 4096, PageSize::Base)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "NUMA node 7 is not online; online nodes: 0, 1 (see `numapin topology`)"
+        );
     }
 
     #[test]

@@ -237,7 +237,10 @@ impl FromStr for RegionSpec {
             ))
         };
         let (body, iova) = match s.split_once('@') {
-            Some((b, i)) => (b, Some(i.parse::<Iova>().map_err(|e| usage(e.to_string()))?)),
+            Some((b, i)) => (
+                b,
+                Some(i.parse::<Iova>().map_err(|e| usage(e.to_string()))?),
+            ),
             None => (s, None),
         };
         let parts: Vec<&str> = body.split(':').collect();
@@ -294,11 +297,33 @@ mod tests {
         assert_eq!(spec("0:4096:4K").unwrap().page_size, PageSize::Base);
         // Size 0 parses; the pinner rejects it with its own error.
         assert_eq!(spec("0:0").unwrap().size, 0);
-        for bad in ["", "0", "x:1M", "0:1M:3M", "0:1Q", "0:1M@4096", "0:1M:2M:x", "-1:4K"] {
+        for bad in [
+            "",
+            "0",
+            "x:1M",
+            "0:1M:3M",
+            "0:1Q",
+            "0:1M@4096",
+            "0:1M:2M:x",
+            "-1:4K",
+        ] {
             let e = spec(bad).unwrap_err().to_string();
-            assert!(e.contains("expected NODE:SIZE[:PAGESIZE][@IOVA]"), "{bad}: {e}");
+            assert!(
+                e.contains("expected NODE:SIZE[:PAGESIZE][@IOVA]"),
+                "{bad}: {e}"
+            );
         }
-        assert!(spec("0:1M:3M").unwrap_err().to_string().contains("use 4K, 2M or 1G"));
-        assert!(spec("0:1M@4096").unwrap_err().to_string().contains("0x-prefixed hex"));
+        assert!(
+            spec("0:1M:3M")
+                .unwrap_err()
+                .to_string()
+                .contains("use 4K, 2M or 1G")
+        );
+        assert!(
+            spec("0:1M@4096")
+                .unwrap_err()
+                .to_string()
+                .contains("0x-prefixed hex")
+        );
     }
 }

@@ -52,7 +52,11 @@ impl NodeMask {
 }
 
 fn last_err<T>(ret: libc::c_long, v: T) -> io::Result<T> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(v) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
 }
 
 /// `mbind(addr, len, MPOL_BIND, {node}, flags)`: binds a range to one node.
@@ -246,7 +250,8 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    const STATUS: &str = "Name:\tx\nVmLck:\t     256 kB\nVmPin:\t       0 kB\nCapEff:\t000001ffffffffff\n";
+    const STATUS: &str =
+        "Name:\tx\nVmLck:\t     256 kB\nVmPin:\t       0 kB\nCapEff:\t000001ffffffffff\n";
 
     #[test]
     fn status_fields() {

@@ -58,7 +58,10 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     let device = match device {
         Some(d) => d.to_string(),
         None => numapin::edu::find().ok_or_else(|| {
-            Error::Invalid("no QEMU edu device (1234:11e8) found; run the demo in the VM: `cargo xtask demo`".into())
+            Error::Invalid(
+                "no QEMU edu device (1234:11e8) found; run the demo in the VM: `cargo xtask demo`"
+                    .into(),
+            )
         })?,
     };
     let topo = Topology::read()?;
@@ -71,7 +74,10 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     let pinner = Pinner::open(&device)?;
     let edu = Edu::open(pinner.device())?;
 
-    println!("numapin demo: two {} regions on node {home}, device {device}", human_size(size));
+    println!(
+        "numapin demo: two {} regions on node {home}, device {device}",
+        human_size(size)
+    );
     println!("  plain:   mbind + faulted in (what mlock-era drivers relied on)");
     println!("  numapin: the same, plus one VFIO_IOMMU_MAP_DMA (long-term pin)");
     println!(
@@ -134,16 +140,30 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
             dma: format!("{} / {}", dma(&dma_before), dma(&dma_after)),
         },
     ];
-    println!("{:<8} {:>6} {:>7} {:>8} {:<10} {}", "region", "pages", "moves", "PFNs", "node:pages", "DMA (before / after)");
-    println!("{:<8} {:>6} {:>7} {:>8} {:<10}", "", "", "", "changed", "now");
+    println!(
+        "{:<8} {:>6} {:>7} {:>8} {:<10} DMA (before / after)",
+        "region", "pages", "moves", "PFNs", "node:pages"
+    );
+    println!(
+        "{:<8} {:>6} {:>7} {:>8} {:<10}",
+        "", "", "", "changed", "now"
+    );
     for r in &rows {
         println!(
             "{:<8} {:>6} {:>7} {:>8} {:<10} {}",
             r.name, r.pages, r.moved, r.pfn_changed, r.node_now, r.dma
         );
     }
-    println!("\nnumapin region: IOVA {} -> node {home}, {}", pinned.iova(), human_size(size));
-    let ok = plain_changed > 0 && pinned_changed == 0 && pinned_moved == 0 && dma_before.ok() && dma_after.ok();
+    println!(
+        "\nnumapin region: IOVA {} -> node {home}, {}",
+        pinned.iova(),
+        human_size(size)
+    );
+    let ok = plain_changed > 0
+        && pinned_changed == 0
+        && pinned_moved == 0
+        && dma_before.ok()
+        && dma_after.ok();
     pinned.release()?;
     drop(plain);
     if !ok {

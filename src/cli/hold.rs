@@ -23,7 +23,11 @@ impl SignalSet {
                 && libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) == 0
         };
         if !ok {
-            return Err(Error::sys("pthread_sigmask", "", io::Error::last_os_error()));
+            return Err(Error::sys(
+                "pthread_sigmask",
+                "",
+                io::Error::last_os_error(),
+            ));
         }
         Ok(SignalSet(set))
     }

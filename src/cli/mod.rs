@@ -180,9 +180,14 @@ fn pin(args: PinArgs) -> Result<()> {
     }
     let mut report = PinReport::new(&pinner);
     for r in &regions {
-        report
-            .regions
-            .push(RegionReport::new(r, if args.phys { Some(r.phys_extents()?) } else { None }));
+        report.regions.push(RegionReport::new(
+            r,
+            if args.phys {
+                Some(r.phys_extents()?)
+            } else {
+                None
+            },
+        ));
     }
     if args.json {
         output::print_json(&report)?;

@@ -15,7 +15,8 @@ use serde::Serialize;
 /// Prints `v` as one pretty JSON document on stdout.
 pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v).map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
+    serde_json::to_writer_pretty(&mut out, v)
+        .map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
     writeln!(out).ok();
     out.flush().ok();
     Ok(())
@@ -33,7 +34,11 @@ fn pools(n: &numapin::numa::Node) -> String {
         .filter(|p| p.total > 0)
         .map(|p| format!("{}x{} ({} free)", p.total, short(p.page_size), p.free))
         .collect();
-    if v.is_empty() { "-".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn short(bytes: u64) -> String {
@@ -46,9 +51,17 @@ fn short(bytes: u64) -> String {
 
 /// The `topology` table.
 pub fn print_topology(t: &Topology) {
-    println!("{:<5} {:<10} {:>10} {:>10}  hugepages", "node", "cpus", "total", "free");
+    println!(
+        "{:<5} {:<10} {:>10} {:>10}  hugepages",
+        "node", "cpus", "total", "free"
+    );
     for n in &t.nodes {
-        let cpus = n.cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+        let cpus = n
+            .cpus
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
             "{:<5} {:<10} {:>10} {:>10}  {}",
             n.id,
@@ -116,16 +129,28 @@ impl InfoReport {
 
 /// The `info` text.
 pub fn print_info(r: &InfoReport) {
-    println!("device      {} ({})", r.device, r.driver.as_deref().unwrap_or("no driver"));
+    println!(
+        "device      {} ({})",
+        r.device,
+        r.driver.as_deref().unwrap_or("no driver")
+    );
     println!("sysfs       {}", r.sysfs);
     println!("group       {} ({})", r.group, r.group_node);
     for m in &r.members {
-        println!("  member    {} ({})", m.device, m.driver.as_deref().unwrap_or("no driver"));
+        println!(
+            "  member    {} ({})",
+            m.device,
+            m.driver.as_deref().unwrap_or("no driver")
+        );
     }
     println!(
         "backend     {}{}",
         r.backend,
-        if r.pins_memory { "" } else { " (MAP_DMA does not pin here)" }
+        if r.pins_memory {
+            ""
+        } else {
+            " (MAP_DMA does not pin here)"
+        }
     );
     match &r.iommu {
         None => println!("iommu       not opened"),
@@ -135,7 +160,12 @@ pub fn print_info(r: &InfoReport) {
             match &i.iova_ranges {
                 Some(rs) => {
                     for (k, rr) in rs.iter().enumerate() {
-                        println!("{} {}-{}", if k == 0 { "iova ranges" } else { "           " }, rr.start, rr.end);
+                        println!(
+                            "{} {}-{}",
+                            if k == 0 { "iova ranges" } else { "           " },
+                            rr.start,
+                            rr.end
+                        );
                     }
                 }
                 None => println!("iova ranges not reported (kernel before 5.4)"),
@@ -210,8 +240,14 @@ impl RegionReport {
 
 /// The `pin` table.
 pub fn print_pin(r: &PinReport) {
-    println!("pid {}  device {}  group {}  backend {}", r.pid, r.device, r.group, r.backend);
-    println!("{:<4} {:<18} {:<18} {:>10} {:>5}", "node", "vaddr", "iova", "size", "page");
+    println!(
+        "pid {}  device {}  group {}  backend {}",
+        r.pid, r.device, r.group, r.backend
+    );
+    println!(
+        "{:<4} {:<18} {:<18} {:>10} {:>5}",
+        "node", "vaddr", "iova", "size", "page"
+    );
     for g in &r.regions {
         println!(
             "{:<4} {:<18} {:<18} {:>10} {:>5}",

@@ -145,9 +145,10 @@ pub fn describe(spec: &str) -> Result<DeviceInfo> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| spec.to_string());
     let driver = driver_of(&sysfs);
-    let group_link = std::fs::read_link(sysfs.join("iommu_group")).map_err(|_| Error::NoIommuGroup {
-        device: name.clone(),
-    })?;
+    let group_link =
+        std::fs::read_link(sysfs.join("iommu_group")).map_err(|_| Error::NoIommuGroup {
+            device: name.clone(),
+        })?;
     let group: u32 = group_link
         .file_name()
         .and_then(|n| n.to_str())
@@ -237,7 +238,12 @@ fn open_error(dev: &DeviceInfo, e: VfioError) -> Error {
                 .members
                 .iter()
                 .filter(|m| m.device != dev.name)
-                .map(|m| (m.device.clone(), m.driver.clone().unwrap_or_else(|| "no driver".into())))
+                .map(|m| {
+                    (
+                        m.device.clone(),
+                        m.driver.clone().unwrap_or_else(|| "no driver".into()),
+                    )
+                })
                 .collect(),
         }),
         VfioError::GroupSetContainer => Some(Error::GroupBusy {
@@ -323,7 +329,8 @@ impl Pinner {
             });
         }
         let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&dev, e))?);
-        let device = VfioDevice::new(&dev.sysfs, container.clone(), false).map_err(|e| open_error(&dev, e))?;
+        let device = VfioDevice::new(&dev.sysfs, container.clone(), false)
+            .map_err(|e| open_error(&dev, e))?;
         let info = get_info(&container)?;
         let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
         let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
@@ -412,11 +419,27 @@ impl Pinner {
         Topology::read()?.check_capacity(node, size, page_size)?;
         check_memlock(size)?;
         let reservation = self.reserve_iova(iova, size, page_size.bytes())?;
-        let mem = NodeMemory::allocate(&self.inner.topology, node, size, page_size, threads, progress)?;
+        let mem = NodeMemory::allocate(
+            &self.inner.topology,
+            node,
+            size,
+            page_size,
+            threads,
+            progress,
+        )?;
         let vaddr = mem.addr();
         let pins = self.map_checked(vaddr, size, reservation.iova, Some(node), page_size)?;
         let iova = reservation.keep();
-        Ok(PinnedRegion::new(self.inner.clone(), iova, size, vaddr, Some(node), page_size, Some(mem), pins))
+        Ok(PinnedRegion::new(
+            self.inner.clone(),
+            iova,
+            size,
+            vaddr,
+            Some(node),
+            page_size,
+            Some(mem),
+            pins,
+        ))
     }
 
     /// Pins caller-owned memory `[vaddr, vaddr+len)` at `iova` (or at an IOVA
@@ -460,7 +483,16 @@ impl Pinner {
         let reservation = self.reserve_iova(iova, len, page)?;
         let pins = self.map_checked(vaddr as usize, len, reservation.iova, node, page_size)?;
         let iova = reservation.keep();
-        Ok(PinnedRegion::new(self.inner.clone(), iova, len, vaddr as usize, node, page_size, None, pins))
+        Ok(PinnedRegion::new(
+            self.inner.clone(),
+            iova,
+            len,
+            vaddr as usize,
+            node,
+            page_size,
+            None,
+            pins,
+        ))
     }
 
     fn require_pinning_kind(&self) -> Result<()> {
@@ -481,7 +513,12 @@ impl Pinner {
         Ok(())
     }
 
-    fn reserve_iova(&self, iova: Option<Iova>, len: u64, align: u64) -> Result<IovaReservation<'_>> {
+    fn reserve_iova(
+        &self,
+        iova: Option<Iova>,
+        len: u64,
+        align: u64,
+    ) -> Result<IovaReservation<'_>> {
         let mut alloc = self.inner.iova.lock().unwrap_or_else(|p| p.into_inner());
         let iova = match iova {
             Some(i) => {
@@ -509,7 +546,8 @@ impl Pinner {
         page_size: PageSize,
     ) -> Result<Option<Vec<u64>>> {
         let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let before = sys::locked_bytes().map_err(|e| Error::sys("read VmLck from /proc/self/status", "", e))?;
+        let before = sys::locked_bytes()
+            .map_err(|e| Error::sys("read VmLck from /proc/self/status", "", e))?;
         self.inner.map_dma(vaddr, len, iova)?;
         let unmap_on_err = |err: Error| {
             if let Err(e) = self.inner.unmap_dma(iova, len) {
@@ -518,7 +556,8 @@ impl Pinner {
             }
             err
         };
-        let after = sys::locked_bytes().map_err(|e| unmap_on_err(Error::sys("read VmLck", "", e)))?;
+        let after =
+            sys::locked_bytes().map_err(|e| unmap_on_err(Error::sys("read VmLck", "", e)))?;
         let grew = after.saturating_sub(before);
         if grew < len {
             return Err(unmap_on_err(Error::NotAccounted { grew, len }));
@@ -558,7 +597,10 @@ impl Inner {
         // SAFETY: callers pass memory that stays mapped until the matching
         // unmap_dma (NodeMemory owned by the region, or caller memory under
         // pin_user's contract), and numapin never creates references to it.
-        let r = unsafe { self.container.vfio_dma_map(iova.raw(), size, vaddr as *mut u8) };
+        let r = unsafe {
+            self.container
+                .vfio_dma_map(iova.raw(), size, vaddr as *mut u8)
+        };
         r.map_err(|e| self.map_error(e, iova, len))
     }
 
@@ -591,7 +633,10 @@ impl Inner {
                 None => Error::PinNoMemory { iova, len },
             },
             libc::ENOSPC => Error::DmaEntriesExhausted {
-                avail: get_info(&self.container).ok().and_then(|i| i.dma_avail).unwrap_or(0),
+                avail: get_info(&self.container)
+                    .ok()
+                    .and_then(|i| i.dma_avail)
+                    .unwrap_or(0),
             },
             libc::EEXIST => Error::IovaOverlap { iova, len },
             _ => Error::Vfio {
@@ -617,7 +662,12 @@ fn check_memlock(len: u64) -> Result<()> {
 }
 
 /// Checks that every page of the range is on `node`.
-pub(crate) fn check_placement(vaddr: usize, len: u64, node: NodeId, page_size: PageSize) -> Result<()> {
+pub(crate) fn check_placement(
+    vaddr: usize,
+    len: u64,
+    node: NodeId,
+    page_size: PageSize,
+) -> Result<()> {
     let status = crate::numa::nodes_of(vaddr, len as usize, page_size.bytes())
         .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
     let off: Vec<(usize, i32)> = status
@@ -679,5 +729,7 @@ pub fn get_info(container: &VfioContainer) -> Result<IommuInfo> {
         }
         argsz = wanted;
     }
-    Err(Error::Invalid("VFIO_IOMMU_GET_INFO kept growing its argsz".into()))
+    Err(Error::Invalid(
+        "VFIO_IOMMU_GET_INFO kept growing its argsz".into(),
+    ))
 }

@@ -11,13 +11,43 @@ use crate::util::*;
 
 pub fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
-        ("g.cli.size-zero", |c| cli_err(c, &["--region", "0:0"], "region size is 0")),
-        ("g.cli.unaligned-size", |c| cli_err(c, &["--region", "0:3M:2M"], "is not a multiple of the 2M page size")),
-        ("g.cli.unaligned-size-4K", |c| cli_err(c, &["--region", "0:4097"], "is not a multiple of the 4K page size")),
-        ("g.cli.offline-node", |c| cli_err(c, &["--region", "7:4M"], "NUMA node 7 is not online; online nodes: 0, 1")),
-        ("g.cli.msi-window", |c| cli_err(c, &["--region", "0:1M@0xfee00000"], "is not inside the usable IOVA ranges")),
+        ("g.cli.size-zero", |c| {
+            cli_err(c, &["--region", "0:0"], "region size is 0")
+        }),
+        ("g.cli.unaligned-size", |c| {
+            cli_err(
+                c,
+                &["--region", "0:3M:2M"],
+                "is not a multiple of the 2M page size",
+            )
+        }),
+        ("g.cli.unaligned-size-4K", |c| {
+            cli_err(
+                c,
+                &["--region", "0:4097"],
+                "is not a multiple of the 4K page size",
+            )
+        }),
+        ("g.cli.offline-node", |c| {
+            cli_err(
+                c,
+                &["--region", "7:4M"],
+                "NUMA node 7 is not online; online nodes: 0, 1",
+            )
+        }),
+        ("g.cli.msi-window", |c| {
+            cli_err(
+                c,
+                &["--region", "0:1M@0xfee00000"],
+                "is not inside the usable IOVA ranges",
+            )
+        }),
         ("g.cli.overlap", |c| {
-            cli_err(c, &["--region", "0:4M@0x1000000", "--region", "1:4M@0x1200000"], "overlaps the existing mapping [0x1000000, 0x1400000)")
+            cli_err(
+                c,
+                &["--region", "0:4M@0x1000000", "--region", "1:4M@0x1200000"],
+                "overlaps the existing mapping [0x1000000, 0x1400000)",
+            )
         }),
         ("g.cli.memlock", g_memlock),
         ("g.cli.not-bound", g_not_bound),
@@ -43,7 +73,11 @@ fn check_err(code: i32, out: &str, err: &str, want: &str) -> Result<(), String> 
     ensure!(code == 1, "exit code {code}, expected 1; stderr: {err}");
     ensure!(out.is_empty(), "stdout not empty on error: {out}");
     let lines: Vec<&str> = err.lines().collect();
-    ensure!(lines.len() == 1, "expected one stderr line, got {}: {err}", lines.len());
+    ensure!(
+        lines.len() == 1,
+        "expected one stderr line, got {}: {err}",
+        lines.len()
+    );
     ensure!(lines[0].starts_with("numapin: error: "), "stderr: {err}");
     ensure!(err.contains(want), "stderr lacks `{want}`: {err}");
     Ok(())
@@ -52,7 +86,9 @@ fn check_err(code: i32, out: &str, err: &str, want: &str) -> Result<(), String> 
 /// An unprivileged user (no CAP_IPC_LOCK) with RLIMIT_MEMLOCK = `limit`.
 fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String), String> {
     let mut cmd = numapin();
-    cmd.args(["pin", "--device", &ctx.bdf, "--hold", "0", "--region", region]);
+    cmd.args([
+        "pin", "--device", &ctx.bdf, "--hold", "0", "--region", region,
+    ]);
     // SAFETY: between fork and exec only async-signal-safe setrlimit runs.
     unsafe {
         cmd.pre_exec(move || {
@@ -82,14 +118,29 @@ fn g_memlock(ctx: &Ctx) -> Result<String, String> {
         // SAFETY: valid C string; chown has no memory-safety preconditions.
         unsafe { libc::chown(c.as_ptr(), uid, uid) }
     };
-    ensure!(chown(1000) == 0, "chown {node}: {}", std::io::Error::last_os_error());
+    ensure!(
+        chown(1000) == 0,
+        "chown {node}: {}",
+        std::io::Error::last_os_error()
+    );
     let res = (|| {
         // Control: the same user under a limit that fits succeeds.
         let (code, _, err) = as_pinner(ctx, 16 << 20, "0:8M")?;
-        ensure!(code == 0, "uid 1000 with a 16 MiB limit could not pin 8 MiB: {err}");
+        ensure!(
+            code == 0,
+            "uid 1000 with a 16 MiB limit could not pin 8 MiB: {err}"
+        );
         let (code, out, err) = as_pinner(ctx, 1 << 20, "0:8M")?;
-        check_err(code, &out, &err, "RLIMIT_MEMLOCK is 1 MiB but pinning needs 8 MiB")?;
-        ensure!(err.contains("ulimit -l") && err.contains("CAP_IPC_LOCK"), "no remedy in: {err}");
+        check_err(
+            code,
+            &out,
+            &err,
+            "RLIMIT_MEMLOCK is 1 MiB but pinning needs 8 MiB",
+        )?;
+        ensure!(
+            err.contains("ulimit -l") && err.contains("CAP_IPC_LOCK"),
+            "no remedy in: {err}"
+        );
         Ok(err.trim().to_string())
     })();
     chown(0);
@@ -101,20 +152,44 @@ fn g_not_bound(ctx: &Ctx) -> Result<String, String> {
     ensure!(code == 0, "unbind failed: {err}");
     ensure!(out.contains("vfio-pci -> no driver"), "unbind said: {out}");
     let res = (|| {
-        let (code, out, err) = run_cli(&["pin", "--device", &ctx.bdf, "--region", "0:4M", "--hold", "0"])?;
-        check_err(code, &out, &err, &format!("device {} is not bound to any driver; bind it with `numapin bind {}`", ctx.bdf, ctx.bdf))?;
+        let (code, out, err) = run_cli(&[
+            "pin", "--device", &ctx.bdf, "--region", "0:4M", "--hold", "0",
+        ])?;
+        check_err(
+            code,
+            &out,
+            &err,
+            &format!(
+                "device {} is not bound to any driver; bind it with `numapin bind {}`",
+                ctx.bdf, ctx.bdf
+            ),
+        )?;
         Ok(err.trim().to_string())
     })();
     let (code, out, err) = run_cli(&["bind", &ctx.bdf])?;
-    ensure!(code == 0 && out.contains("no driver -> vfio-pci"), "rebind failed: {out} {err}");
-    ensure!(std::path::Path::new(&format!("/dev/vfio/{}", ctx.group)).exists(), "group node missing after rebind");
+    ensure!(
+        code == 0 && out.contains("no driver -> vfio-pci"),
+        "rebind failed: {out} {err}"
+    );
+    ensure!(
+        std::path::Path::new(&format!("/dev/vfio/{}", ctx.group)).exists(),
+        "group node missing after rebind"
+    );
     let p = e(Pinner::open(&ctx.bdf), "open after rebind")?;
     drop(p);
     res
 }
 
 fn g_missing(_: &Ctx) -> Result<String, String> {
-    let (code, out, err) = run_cli(&["pin", "--device", "0000:00:1f.7", "--region", "0:4M", "--hold", "0"])?;
+    let (code, out, err) = run_cli(&[
+        "pin",
+        "--device",
+        "0000:00:1f.7",
+        "--region",
+        "0:4M",
+        "--hold",
+        "0",
+    ])?;
     check_err(code, &out, &err, "no device `0000:00:1f.7`")?;
     ensure!(err.contains("lspci -D"), "no remedy: {err}");
     Ok(err.trim().to_string())
@@ -136,15 +211,43 @@ fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
     };
     let free2m = numapin::numa::Topology::read()
         .ok()
-        .and_then(|t| t.node(ctx.home).and_then(|n| n.pool(PageSize::Huge2M)).map(|p| p.free))
+        .and_then(|t| {
+            t.node(ctx.home)
+                .and_then(|n| n.pool(PageSize::Huge2M))
+                .map(|p| p.free)
+        })
         .unwrap_or(0);
-    let cases: Vec<(&str, PinRequest, fn(&Error) -> bool)> = vec![
-        ("zero", req(0, 0, PageSize::Base, None), |e| matches!(e, Error::ZeroSize)),
-        ("unaligned", req(0, 3 << 20, PageSize::Huge2M, None), |e| matches!(e, Error::UnalignedSize { .. })),
-        ("offline", req(9, 4 << 20, PageSize::Base, None), |e| matches!(e, Error::NodeNotOnline { .. })),
-        ("msi", req(0, 1 << 20, PageSize::Base, Some(0xfee0_0000)), |e| matches!(e, Error::Iova(numapin::iova::IovaError::OutsideRanges { .. }))),
-        ("misaligned-iova", req(0, 2 << 20, PageSize::Huge2M, Some(0x100_1000)), |e| matches!(e, Error::UnalignedIova { .. })),
-        ("hugepages", req(0, (free2m + 1) * (2 << 20), PageSize::Huge2M, None), |e| matches!(e, Error::NotEnoughHugepages { .. })),
+    type Case = (&'static str, PinRequest, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
+        ("zero", req(0, 0, PageSize::Base, None), |e| {
+            matches!(e, Error::ZeroSize)
+        }),
+        ("unaligned", req(0, 3 << 20, PageSize::Huge2M, None), |e| {
+            matches!(e, Error::UnalignedSize { .. })
+        }),
+        ("offline", req(9, 4 << 20, PageSize::Base, None), |e| {
+            matches!(e, Error::NodeNotOnline { .. })
+        }),
+        (
+            "msi",
+            req(0, 1 << 20, PageSize::Base, Some(0xfee0_0000)),
+            |e| {
+                matches!(
+                    e,
+                    Error::Iova(numapin::iova::IovaError::OutsideRanges { .. })
+                )
+            },
+        ),
+        (
+            "misaligned-iova",
+            req(0, 2 << 20, PageSize::Huge2M, Some(0x100_1000)),
+            |e| matches!(e, Error::UnalignedIova { .. }),
+        ),
+        (
+            "hugepages",
+            req(0, (free2m + 1) * (2 << 20), PageSize::Huge2M, None),
+            |e| matches!(e, Error::NotEnoughHugepages { .. }),
+        ),
     ];
     let mut seen = Vec::new();
     for (name, r, want) in cases {
@@ -152,21 +255,58 @@ fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
             Ok(_) => return Err(format!("{name}: bad request was pinned")),
             Err(er) => ensure!(want(&er), "{name}: wrong error: {er}"),
         }
-        ensure!(vmlck() == lck0, "{name}: VmLck {:#x} != {lck0:#x} after the error", vmlck());
-        ensure!(avail(&p) == avail0, "{name}: DMA_AVAIL {:?} != {avail0:?}: a mapping was left", avail(&p));
+        ensure!(
+            vmlck() == lck0,
+            "{name}: VmLck {:#x} != {lck0:#x} after the error",
+            vmlck()
+        );
+        ensure!(
+            avail(&p) == avail0,
+            "{name}: DMA_AVAIL {:?} != {avail0:?}: a mapping was left",
+            avail(&p)
+        );
         seen.push(name);
     }
     // Overlap: the first region stays, the second leaves nothing.
-    let a = e(p.pin(&req(0, 4 << 20, PageSize::Base, Some(0x100_0000))), "first region")?;
-    let er = p.pin(&req(1, 4 << 20, PageSize::Base, Some(0x120_0000))).err().ok_or("overlap was pinned")?;
-    ensure!(matches!(er, Error::Iova(numapin::iova::IovaError::Overlap { .. })), "overlap: wrong error {er}");
-    ensure!(vmlck() == lck0 + (4 << 20), "overlap: VmLck {:#x}, expected first region only", vmlck());
-    ensure!(avail(&p) == avail0.map(|v| v - 1), "overlap: DMA_AVAIL {:?}", avail(&p));
+    let a = e(
+        p.pin(&req(0, 4 << 20, PageSize::Base, Some(0x100_0000))),
+        "first region",
+    )?;
+    let er = p
+        .pin(&req(1, 4 << 20, PageSize::Base, Some(0x120_0000)))
+        .err()
+        .ok_or("overlap was pinned")?;
+    ensure!(
+        matches!(er, Error::Iova(numapin::iova::IovaError::Overlap { .. })),
+        "overlap: wrong error {er}"
+    );
+    ensure!(
+        vmlck() == lck0 + (4 << 20),
+        "overlap: VmLck {:#x}, expected first region only",
+        vmlck()
+    );
+    ensure!(
+        avail(&p) == avail0.map(|v| v - 1),
+        "overlap: DMA_AVAIL {:?}",
+        avail(&p)
+    );
     drop(a);
-    ensure!(vmlck() == lck0 && avail(&p) == avail0, "after drop: VmLck {:#x} DMA_AVAIL {:?}", vmlck(), avail(&p));
+    ensure!(
+        vmlck() == lck0 && avail(&p) == avail0,
+        "after drop: VmLck {:#x} DMA_AVAIL {:?}",
+        vmlck(),
+        avail(&p)
+    );
     // And the space is reusable: the same IOVA pins again.
-    let b = e(p.pin(&req(1, 4 << 20, PageSize::Base, Some(0x120_0000))), "reuse IOVA")?;
+    let b = e(
+        p.pin(&req(1, 4 << 20, PageSize::Base, Some(0x120_0000))),
+        "reuse IOVA",
+    )?;
     drop(b);
     seen.push("overlap");
-    Ok(format!("{} errors, each with VmLck {lck0:#x} and DMA_AVAIL {} unchanged", seen.join(", "), avail0.unwrap_or(0)))
+    Ok(format!(
+        "{} errors, each with VmLck {lck0:#x} and DMA_AVAIL {} unchanged",
+        seen.join(", "),
+        avail0.unwrap_or(0)
+    ))
 }

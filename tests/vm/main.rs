@@ -32,11 +32,21 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str| args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).cloned();
+    let arg = |k: &str| {
+        args.iter()
+            .position(|a| a == k)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let suite_name = arg("--suite").unwrap_or_else(|| "type1".into());
     let results = arg("--results").unwrap_or_else(|| "/dev/ttyS1".into());
     let only = arg("--only");
-    let mut out: Box<dyn Write> = match std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&results) {
+    let mut out: Box<dyn Write> = match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&results)
+    {
         Ok(f) => Box::new(f),
         Err(e) => {
             eprintln!("numapin-vmtest: cannot open results {results}: {e}");
@@ -45,8 +55,16 @@ fn main() {
     };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let Some(mut scenarios) = suite(&suite_name) else {
-        let _ = writeln!(out, "{}", json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": ["suite-exists"]}));
-        let _ = writeln!(out, "{}", json!({"type": "result", "name": "suite-exists", "status": "fail", "secs": 0.0, "detail": format!("unknown suite {suite_name}")}));
+        let _ = writeln!(
+            out,
+            "{}",
+            json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": ["suite-exists"]})
+        );
+        let _ = writeln!(
+            out,
+            "{}",
+            json!({"type": "result", "name": "suite-exists", "status": "fail", "secs": 0.0, "detail": format!("unknown suite {suite_name}")})
+        );
         let _ = writeln!(out, "{}", json!({"type": "done"}));
         std::process::exit(1);
     };
@@ -54,14 +72,22 @@ fn main() {
         scenarios.retain(|(n, _)| n.contains(o.as_str()));
     }
     let names: Vec<&str> = scenarios.iter().map(|(n, _)| *n).collect();
-    let _ = writeln!(out, "{}", json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": names}));
+    let _ = writeln!(
+        out,
+        "{}",
+        json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": names})
+    );
     let _ = out.flush();
     let ctx = match util::Ctx::new() {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!("numapin-vmtest: setup failed: {e}");
             for n in &names {
-                let _ = writeln!(out, "{}", json!({"type": "result", "name": n, "status": "fail", "secs": 0.0, "detail": format!("setup failed: {e}")}));
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    json!({"type": "result", "name": n, "status": "fail", "secs": 0.0, "detail": format!("setup failed: {e}")})
+                );
             }
             None
         }
@@ -74,7 +100,10 @@ fn main() {
             let r = std::panic::catch_unwind(|| f(&ctx)).unwrap_or_else(|p| {
                 Err(format!(
                     "panicked: {}",
-                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
                 ))
             });
             let secs = t.elapsed().as_secs_f64();
@@ -86,7 +115,11 @@ fn main() {
                 }
             };
             eprintln!("numapin-vmtest: {name}: {status} ({secs:.1}s) {detail}");
-            let _ = writeln!(out, "{}", json!({"type": "result", "name": name, "status": status, "secs": (secs * 100.0).round() / 100.0, "detail": detail}));
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({"type": "result", "name": name, "status": status, "secs": (secs * 100.0).round() / 100.0, "detail": detail})
+            );
             let _ = out.flush();
         }
     }

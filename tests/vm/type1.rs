@@ -14,12 +14,23 @@ use crate::util::*;
 
 pub fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
-        ("a.lib.node0-4K", |c| placement(c, c.home, PageSize::Base, 16 << 20)),
-        ("a.lib.node1-4K", |c| placement(c, c.away, PageSize::Base, 16 << 20)),
-        ("a.lib.node0-2M", |c| placement(c, c.home, PageSize::Huge2M, 16 << 20)),
-        ("a.lib.node1-2M", |c| placement(c, c.away, PageSize::Huge2M, 16 << 20)),
-        ("a.lib.node1-1G", |c| placement(c, c.away, PageSize::Huge1G, 1 << 30)),
+        ("a.lib.node0-4K", |c| {
+            placement(c, c.home, PageSize::Base, 16 << 20)
+        }),
+        ("a.lib.node1-4K", |c| {
+            placement(c, c.away, PageSize::Base, 16 << 20)
+        }),
+        ("a.lib.node0-2M", |c| {
+            placement(c, c.home, PageSize::Huge2M, 16 << 20)
+        }),
+        ("a.lib.node1-2M", |c| {
+            placement(c, c.away, PageSize::Huge2M, 16 << 20)
+        }),
+        ("a.lib.node1-1G", |c| {
+            placement(c, c.away, PageSize::Huge1G, 1 << 30)
+        }),
         ("a.cli.two-regions", cli_two_regions),
+        ("a.cli.info-topology", cli_info_topology),
         ("b.dma.edu", dma),
         ("c.move_pages", c_move_pages),
         ("c.migrate_pages", c_migrate_pages),
@@ -36,7 +47,12 @@ fn open(ctx: &Ctx) -> Result<Pinner, String> {
     e(Pinner::open(&ctx.bdf), "open device")
 }
 
-fn pin(p: &Pinner, node: NodeId, size: u64, page_size: PageSize) -> Result<numapin::PinnedRegion, String> {
+fn pin(
+    p: &Pinner,
+    node: NodeId,
+    size: u64,
+    page_size: PageSize,
+) -> Result<numapin::PinnedRegion, String> {
     e(
         p.pin(&PinRequest {
             node,
@@ -55,53 +71,174 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
     let r = pin(&p, node, size, ps)?;
     let grew = vmlck() - before;
     ensure!(grew == size, "VmLck grew by {grew:#x}, expected {size:#x}");
-    let nodes = e(numa::nodes_of(r.vaddr(), size as usize, ps.bytes()), "query nodes")?;
-    ensure!(on_node(&nodes, node) == nodes.len(), "{} of {} pages not on node {node}: {:?}", nodes.len() - on_node(&nodes, node), nodes.len(), &nodes[..nodes.len().min(8)]);
+    let nodes = e(
+        numa::nodes_of(r.vaddr(), size as usize, ps.bytes()),
+        "query nodes",
+    )?;
+    ensure!(
+        on_node(&nodes, node) == nodes.len(),
+        "{} of {} pages not on node {node}: {:?}",
+        nodes.len() - on_node(&nodes, node),
+        nodes.len(),
+        &nodes[..nodes.len().min(8)]
+    );
     let v = e(r.verify(), "verify")?;
     ensure!(v.is_intact() && v.pfn_changed == Some(0), "verify: {v:?}");
     let ext = e(r.phys_extents(), "phys extents")?;
     let total: u64 = ext.iter().map(|x| x.len).sum();
     ensure!(total == size, "extents cover {total:#x} of {size:#x}");
     if ps.is_huge() {
-        ensure!(ext.iter().all(|x| x.len % ps.bytes() == 0 && x.pa.raw() % ps.bytes() == 0), "hugepage extents not {ps}-aligned: {ext:?}");
+        ensure!(
+            ext.iter()
+                .all(|x| x.len % ps.bytes() == 0 && x.pa.raw() % ps.bytes() == 0),
+            "hugepage extents not {ps}-aligned: {ext:?}"
+        );
     }
     let iova = r.iova();
     drop(r);
-    ensure!(vmlck() == before, "VmLck {:#x} after drop, expected {before:#x}", vmlck());
-    Ok(format!("{} pages on node {node}, IOVA {iova}, {} extents, VmLck +{size:#x}", nodes.len(), ext.len()))
+    ensure!(
+        vmlck() == before,
+        "VmLck {:#x} after drop, expected {before:#x}",
+        vmlck()
+    );
+    Ok(format!(
+        "{} pages on node {node}, IOVA {iova}, {} extents, VmLck +{size:#x}",
+        nodes.len(),
+        ext.len()
+    ))
 }
 
 /// a (CLI): two regions on two nodes, checked out of band in the child.
 fn cli_two_regions(ctx: &Ctx) -> Result<String, String> {
     let child = PinChild::spawn(ctx, &["--region", "0:8M", "--region", "1:8M:2M", "--phys"])?;
     let doc = &child.doc;
-    ensure!(doc["pid"].as_u64() == Some(child.pid() as u64), "pid {} != child {}", doc["pid"], child.pid());
-    ensure!(doc["backend"] == "type1-iommu", "backend {}", doc["backend"]);
-    ensure!(doc["device"] == ctx.bdf.as_str(), "device {}", doc["device"]);
-    ensure!(doc["regions"].as_array().map(|a| a.len()) == Some(2), "regions: {}", doc["regions"]);
+    ensure!(
+        doc["pid"].as_u64() == Some(child.pid() as u64),
+        "pid {} != child {}",
+        doc["pid"],
+        child.pid()
+    );
+    ensure!(
+        doc["backend"] == "type1-iommu",
+        "backend {}",
+        doc["backend"]
+    );
+    ensure!(
+        doc["device"] == ctx.bdf.as_str(),
+        "device {}",
+        doc["device"]
+    );
+    ensure!(
+        doc["regions"].as_array().map(|a| a.len()) == Some(2),
+        "regions: {}",
+        doc["regions"]
+    );
     let lck = vmlck_of(child.pid())?;
     ensure!(lck == 16 << 20, "child VmLck {lck:#x}, expected 16 MiB");
     let mut iovas = Vec::new();
     for (i, (node, ps)) in [(0u32, 4096u64), (1, 2 << 20)].into_iter().enumerate() {
         let (vaddr, iova, len, page_size, n) = child.region(i)?;
-        ensure!(n == node && len == 8 << 20 && page_size == ps, "region {i}: node {n} len {len:#x} page {page_size:#x}");
+        ensure!(
+            n == node && len == 8 << 20 && page_size == ps,
+            "region {i}: node {n} len {len:#x} page {page_size:#x}"
+        );
         let nodes = nodes_of_pid(child.pid(), vaddr, len, page_size)?;
-        ensure!(on_node(&nodes, NodeId(node)) == nodes.len(), "region {i}: pages off node {node}: {nodes:?}");
+        ensure!(
+            on_node(&nodes, NodeId(node)) == nodes.len(),
+            "region {i}: pages off node {node}: {nodes:?}"
+        );
         let pfns = pfns_of(child.pid(), vaddr, len)?;
-        let ext = doc["regions"][i]["phys_extents"].as_array().ok_or("no phys_extents")?;
+        let ext = doc["regions"][i]["phys_extents"]
+            .as_array()
+            .ok_or("no phys_extents")?;
         let mut from_doc = Vec::new();
         for x in ext {
-            let pa = u64::from_str_radix(x["pa"].as_str().unwrap_or("").trim_start_matches("0x"), 16).map_err(|er| er.to_string())?;
+            let pa =
+                u64::from_str_radix(x["pa"].as_str().unwrap_or("").trim_start_matches("0x"), 16)
+                    .map_err(|er| er.to_string())?;
             let l = x["len"].as_u64().ok_or("extent len")?;
             from_doc.extend((0..l / 4096).map(|k| pa / 4096 + k));
         }
-        ensure!(from_doc == pfns, "region {i}: phys_extents disagree with /proc/PID/pagemap");
+        ensure!(
+            from_doc == pfns,
+            "region {i}: phys_extents disagree with /proc/PID/pagemap"
+        );
         iovas.push(iova);
     }
     ensure!(iovas[0] != iovas[1], "same IOVA twice");
     let st = child.stop(libc::SIGTERM)?;
     ensure!(st.success(), "numapin exited {st} after SIGTERM");
-    Ok(format!("pid, backend, regions, VmLck 16 MiB, nodes and PFNs agree; IOVAs {:#x} {:#x}; exit 0 on SIGTERM", iovas[0], iovas[1]))
+    Ok(format!(
+        "pid, backend, regions, VmLck 16 MiB, nodes and PFNs agree; IOVAs {:#x} {:#x}; exit 0 on SIGTERM",
+        iovas[0], iovas[1]
+    ))
+}
+
+/// `info --json` and `topology --json` report what the kernel has.
+fn cli_info_topology(ctx: &Ctx) -> Result<String, String> {
+    let (code, out, err) = run_cli(&["info", "--device", &ctx.bdf, "--json"])?;
+    ensure!(code == 0, "info failed: {err}");
+    let v: serde_json::Value = e(serde_json::from_str(&out), "info JSON")?;
+    ensure!(
+        v["backend"] == "type1-iommu" && v["pins_memory"] == true,
+        "backend {}",
+        v["backend"]
+    );
+    ensure!(
+        v["group"].as_u64() == Some(ctx.group as u64),
+        "group {}",
+        v["group"]
+    );
+    ensure!(
+        v["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["device"] == ctx.bdf.as_str())),
+        "members {}",
+        v["members"]
+    );
+    let io = &v["iommu"];
+    ensure!(
+        io["page_sizes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x == 4096)),
+        "page sizes {}",
+        io["page_sizes"]
+    );
+    let avail = io["dma_mappings_available"]
+        .as_u64()
+        .ok_or("no dma_mappings_available")?;
+    ensure!(avail > 0, "no DMA mappings available");
+    let ranges = io["iova_ranges"].as_array().ok_or("no iova_ranges")?;
+    let msi_free = ranges.iter().all(|r| {
+        let h = |k: &str| {
+            u64::from_str_radix(r[k].as_str().unwrap_or("0x0").trim_start_matches("0x"), 16)
+                .unwrap_or(0)
+        };
+        h("end") < 0xfee0_0000 || h("start") > 0xfeef_ffff
+    });
+    ensure!(
+        ranges.len() >= 2 && msi_free,
+        "IOVA ranges do not exclude the MSI window: {ranges:?}"
+    );
+    let (code, out, err) = run_cli(&["topology", "--json"])?;
+    ensure!(code == 0, "topology failed: {err}");
+    let t: serde_json::Value = e(serde_json::from_str(&out), "topology JSON")?;
+    let nodes = t["nodes"].as_array().ok_or("no nodes")?;
+    ensure!(nodes.len() == 2, "{} nodes", nodes.len());
+    for n in nodes {
+        let pools = n["hugepages"].as_array().ok_or("no hugepages")?;
+        ensure!(
+            pools
+                .iter()
+                .any(|p| p["page_size"] == 2 << 20 && p["total"].as_u64() > Some(0)),
+            "node {} has no 2M pool: {pools:?}",
+            n["id"]
+        );
+    }
+    Ok(format!(
+        "{} IOVA ranges around the MSI window, {avail} DMA mappings available, 2 nodes with 2M pools",
+        ranges.len()
+    ))
 }
 
 /// b: edu copies a pattern node0 region -> device -> node1 region and back.
@@ -111,10 +248,29 @@ fn dma(ctx: &Ctx) -> Result<String, String> {
     let b = pin(&p, ctx.away, 4 << 20, PageSize::Huge2M)?;
     let edu = e(Edu::open(p.device()), "open edu")?;
     let c1 = e(edu.round_trip(&a, 0x1000, &b, 0x3000, 2048, 7), "DMA a->b")?;
-    ensure!(c1.ok(), "a->b: {} of {} bytes differ", c1.mismatches, c1.bytes);
-    let c2 = e(edu.round_trip(&b, 0x20_0000, &a, 0x8_0000, 1000, 9), "DMA b->a")?;
-    ensure!(c2.ok(), "b->a: {} of {} bytes differ", c2.mismatches, c2.bytes);
-    Ok(format!("{} + {} bytes via IOVAs {} and {}", c1.bytes, c2.bytes, a.iova(), b.iova()))
+    ensure!(
+        c1.ok(),
+        "a->b: {} of {} bytes differ",
+        c1.mismatches,
+        c1.bytes
+    );
+    let c2 = e(
+        edu.round_trip(&b, 0x20_0000, &a, 0x8_0000, 1000, 9),
+        "DMA b->a",
+    )?;
+    ensure!(
+        c2.ok(),
+        "b->a: {} of {} bytes differ",
+        c2.mismatches,
+        c2.bytes
+    );
+    Ok(format!(
+        "{} + {} bytes via IOVAs {} and {}",
+        c1.bytes,
+        c2.bytes,
+        a.iova(),
+        b.iova()
+    ))
 }
 
 /// Pinned region + control on node 0, PFN snapshots of both.
@@ -152,31 +308,67 @@ impl Pair {
         let pc = changed(&self.pinned_pfns, &pinned_now);
         let cc = changed(&self.control_pfns, &control_now);
         let v = e(self.pinned.verify(), "verify")?;
-        ensure!(pc == 0 && v.is_intact(), "{what}: {pc} pinned pages changed frame ({v:?})");
-        ensure!(cc > 0, "{what}: the unpinned control did not move either, so the test proves nothing");
-        Ok(format!("{what}: pinned 0/{} changed, control {cc}/{} changed", pinned_now.len(), control_now.len()))
+        ensure!(
+            pc == 0 && v.is_intact(),
+            "{what}: {pc} pinned pages changed frame ({v:?})"
+        );
+        ensure!(
+            cc > 0,
+            "{what}: the unpinned control did not move either, so the test proves nothing"
+        );
+        Ok(format!(
+            "{what}: pinned 0/{} changed, control {cc}/{} changed",
+            pinned_now.len(),
+            control_now.len()
+        ))
     }
 }
 
 fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
-    let m = e(numa::move_range(pr.pinned.vaddr(), PAIR as usize, 4096, ctx.away), "move pinned")?;
+    let m = e(
+        numa::move_range(pr.pinned.vaddr(), PAIR as usize, 4096, ctx.away),
+        "move pinned",
+    )?;
     ensure!(m.moved == 0, "move_pages moved {} pinned pages", m.moved);
-    let c = e(numa::move_range(pr.control.addr(), PAIR as usize, 4096, ctx.away), "move control")?;
-    ensure!(c.moved == c.asked && c.asked > 0, "control: only {} of {} moved", c.moved, c.asked);
+    let c = e(
+        numa::move_range(pr.control.addr(), PAIR as usize, 4096, ctx.away),
+        "move control",
+    )?;
+    ensure!(
+        c.moved == c.asked && c.asked > 0,
+        "control: only {} of {} moved",
+        c.moved,
+        c.asked
+    );
     pr.judge("move_pages")
 }
 
 fn c_migrate_pages(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
     e(sys::migrate_pages(0, ctx.home, ctx.away), "migrate_pages")?;
-    let cn = e(numa::nodes_of(pr.control.addr(), PAIR as usize, 4096), "query control")?;
-    let pn = e(numa::nodes_of(pr.pinned.vaddr(), PAIR as usize, 4096), "query pinned")?;
-    ensure!(on_node(&pn, ctx.home) == pn.len(), "pinned pages left node {}: {}", ctx.home, pn.len() - on_node(&pn, ctx.home));
+    let cn = e(
+        numa::nodes_of(pr.control.addr(), PAIR as usize, 4096),
+        "query control",
+    )?;
+    let pn = e(
+        numa::nodes_of(pr.pinned.vaddr(), PAIR as usize, 4096),
+        "query pinned",
+    )?;
+    ensure!(
+        on_node(&pn, ctx.home) == pn.len(),
+        "pinned pages left node {}: {}",
+        ctx.home,
+        pn.len() - on_node(&pn, ctx.home)
+    );
     let r = pr.judge("migrate_pages")?;
     // Bring the process back home for the scenarios that follow.
     let _ = sys::migrate_pages(0, ctx.away, ctx.home);
-    Ok(format!("{r}; control on node {}: {}", ctx.away, on_node(&cn, ctx.away)))
+    Ok(format!(
+        "{r}; control on node {}: {}",
+        ctx.away,
+        on_node(&cn, ctx.away)
+    ))
 }
 
 fn c_mbind_move(ctx: &Ctx) -> Result<String, String> {
@@ -184,12 +376,18 @@ fn c_mbind_move(ctx: &Ctx) -> Result<String, String> {
     let flags = sys::MPOL_MF_MOVE | sys::MPOL_MF_STRICT;
     let pinned = sys::mbind(pr.pinned.vaddr(), PAIR as usize, ctx.away, flags);
     let control = sys::mbind(pr.control.addr(), PAIR as usize, ctx.away, flags);
-    ensure!(control.is_ok(), "mbind(MOVE) of the control failed: {control:?}");
+    ensure!(
+        control.is_ok(),
+        "mbind(MOVE) of the control failed: {control:?}"
+    );
     let r = pr.judge("mbind(MPOL_MF_MOVE)")?;
-    Ok(format!("{r}; mbind on pinned returned {}", match pinned {
-        Ok(()) => "ok".to_string(),
-        Err(er) => er.to_string(),
-    }))
+    Ok(format!(
+        "{r}; mbind on pinned returned {}",
+        match pinned {
+            Ok(()) => "ok".to_string(),
+            Err(er) => er.to_string(),
+        }
+    ))
 }
 
 fn c_cli_move_pages(ctx: &Ctx) -> Result<String, String> {
@@ -198,20 +396,35 @@ fn c_cli_move_pages(ctx: &Ctx) -> Result<String, String> {
     let before = pfns_of(child.pid(), vaddr, len)?;
     let moved = move_pid_range(child.pid(), vaddr, len, ctx.away)?;
     let after = pfns_of(child.pid(), vaddr, len)?;
-    ensure!(moved == 0 && changed(&before, &after) == 0, "CLI-pinned pages moved: {moved} on node {}, {} PFNs changed", ctx.away, changed(&before, &after));
+    ensure!(
+        moved == 0 && changed(&before, &after) == 0,
+        "CLI-pinned pages moved: {moved} on node {}, {} PFNs changed",
+        ctx.away,
+        changed(&before, &after)
+    );
     let control = control_region(ctx.home, len)?;
     let cb = pfns(control.addr(), len)?;
     let cm = move_pid_range(std::process::id(), control.addr() as u64, len, ctx.away)?;
     let ca = pfns(control.addr(), len)?;
-    ensure!(cm > 0 && changed(&cb, &ca) > 0, "control did not move ({cm} pages)");
+    ensure!(
+        cm > 0 && changed(&cb, &ca) > 0,
+        "control did not move ({cm} pages)"
+    );
     let pid = child.pid();
     let st = child.stop(libc::SIGINT)?;
     ensure!(st.success(), "numapin exited {st} after SIGINT");
-    Ok(format!("numapin pid {pid}: 0/{} pages moved; control {cm} moved; exit 0 on SIGINT", before.len()))
+    Ok(format!(
+        "numapin pid {pid}: 0/{} pages moved; control {cm} moved; exit 0 on SIGINT",
+        before.len()
+    ))
 }
 
 /// Writes one byte per page, from the calling thread, until `stop`.
-fn toucher(addrs: Vec<(usize, usize)>, cpus: Vec<u32>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+fn toucher(
+    addrs: Vec<(usize, usize)>,
+    cpus: Vec<u32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let _ = sys::set_thread_affinity(&cpus);
         let mut passes = 0;
@@ -242,11 +455,17 @@ fn write_knob(path: &str, v: &str) -> Option<String> {
 fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
     const LEN: u64 = 32 << 20;
     let nb = "/proc/sys/kernel/numa_balancing";
-    let old_nb = write_knob(nb, "1").ok_or("cannot enable kernel.numa_balancing (CONFIG_NUMA_BALANCING missing?)")?;
+    let old_nb = write_knob(nb, "1")
+        .ok_or("cannot enable kernel.numa_balancing (CONFIG_NUMA_BALANCING missing?)")?;
     // Scan quickly: these moved from sysctl to debugfs in 5.10.
     let dbg = "/sys/kernel/debug/sched/numa_balancing";
     let mut restore = vec![];
-    for (k, v) in [("scan_delay_ms", "0"), ("scan_period_min_ms", "100"), ("scan_period_max_ms", "400"), ("scan_size_mb", "256")] {
+    for (k, v) in [
+        ("scan_delay_ms", "0"),
+        ("scan_period_min_ms", "100"),
+        ("scan_period_max_ms", "400"),
+        ("scan_size_mb", "256"),
+    ] {
         let path = format!("{dbg}/{k}");
         if let Some(old) = write_knob(&path, v) {
             restore.push((path, old));
@@ -260,12 +479,22 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
         let control_before = pfns(control.addr(), LEN)?;
         let (faults0, migrated0) = (vmstat("numa_hint_faults"), vmstat("numa_pages_migrated"));
         let stop = Arc::new(AtomicBool::new(false));
-        let h = toucher(vec![(pinned.vaddr(), LEN as usize), (control.addr(), LEN as usize)], ctx.away_cpus.clone(), stop.clone());
+        let h = toucher(
+            vec![
+                (pinned.vaddr(), LEN as usize),
+                (control.addr(), LEN as usize),
+            ],
+            ctx.away_cpus.clone(),
+            stop.clone(),
+        );
         let t = Instant::now();
         let mut control_away = 0;
         while t.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(500));
-            let n = e(numa::nodes_of(control.addr(), LEN as usize, 4096), "query control")?;
+            let n = e(
+                numa::nodes_of(control.addr(), LEN as usize, 4096),
+                "query control",
+            )?;
             control_away = on_node(&n, ctx.away);
             if control_away * 2 >= n.len() && t.elapsed() > Duration::from_secs(4) {
                 break;
@@ -280,13 +509,31 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
         let control_after = pfns(control.addr(), LEN)?;
         let pc = changed(&pinned_before, &pinned_after);
         let cc = changed(&control_before, &control_after);
-        ensure!(pc == 0, "{pc} pinned pages changed frame under NUMA balancing");
-        ensure!(migrated > 0 && cc > 0, "control did not migrate (numa_pages_migrated +{migrated}, {cc} PFNs changed, {faults} hinting faults in {secs:.0}s, {passes} passes)");
-        let pn = e(numa::nodes_of(pinned.vaddr(), LEN as usize, 4096), "query pinned")?;
-        ensure!(on_node(&pn, ctx.home) == pn.len(), "pinned pages left node {}", ctx.home);
+        ensure!(
+            pc == 0,
+            "{pc} pinned pages changed frame under NUMA balancing"
+        );
+        ensure!(
+            migrated > 0 && cc > 0,
+            "control did not migrate (numa_pages_migrated +{migrated}, {cc} PFNs changed, {faults} hinting faults in {secs:.0}s, {passes} passes)"
+        );
+        let pn = e(
+            numa::nodes_of(pinned.vaddr(), LEN as usize, 4096),
+            "query pinned",
+        )?;
+        ensure!(
+            on_node(&pn, ctx.home) == pn.len(),
+            "pinned pages left node {}",
+            ctx.home
+        );
         let edu = e(Edu::open(p.device()), "open edu")?;
         let c = e(edu.round_trip(&pinned, 0, &pinned, LEN / 2, 2048, 3), "DMA")?;
-        ensure!(c.ok(), "DMA after balancing: {} of {} bytes differ", c.mismatches, c.bytes);
+        ensure!(
+            c.ok(),
+            "DMA after balancing: {} of {} bytes differ",
+            c.mismatches,
+            c.bytes
+        );
         Ok(format!(
             "{secs:.0}s, {passes} passes from node {}: pinned 0 changed; control {cc}/{} changed, {control_away} on node {}; numa_pages_migrated +{migrated}, hint faults +{faults}; DMA ok",
             ctx.away,
@@ -316,33 +563,72 @@ fn e_compaction(ctx: &Ctx) -> Result<String, String> {
     let hb = pfns(huge.vaddr(), 2 << 20)?;
     let m0 = vmstat("pgmigrate_success");
     let c0 = vmstat("compact_migrate_scanned");
-    e(std::fs::write("/proc/sys/vm/compact_memory", "1"), "write vm.compact_memory")?;
+    e(
+        std::fs::write("/proc/sys/vm/compact_memory", "1"),
+        "write vm.compact_memory",
+    )?;
     let migrated = vmstat("pgmigrate_success") - m0;
     let scanned = vmstat("compact_migrate_scanned") - c0;
     let sc = changed(&sb, &pfns(small.vaddr(), 2 << 20)?);
     let hc = changed(&hb, &pfns(huge.vaddr(), 2 << 20)?);
-    ensure!(sc == 0 && hc == 0, "pinned PFNs changed under compaction: 4K region {sc}, 2M region {hc}");
-    ensure!(migrated > 0, "compaction migrated nothing (pgmigrate_success +0, {scanned} scanned): no evidence it ran");
-    Ok(format!("compaction migrated {migrated} pages ({scanned} scanned); pinned 2 MiB (4K) and 2 MiB (2M) regions: 0 PFNs changed"))
+    ensure!(
+        sc == 0 && hc == 0,
+        "pinned PFNs changed under compaction: 4K region {sc}, 2M region {hc}"
+    );
+    ensure!(
+        migrated > 0,
+        "compaction migrated nothing (pgmigrate_success +0, {scanned} scanned): no evidence it ran"
+    );
+    Ok(format!(
+        "compaction migrated {migrated} pages ({scanned} scanned); pinned 2 MiB (4K) and 2 MiB (2M) regions: 0 PFNs changed"
+    ))
 }
 
 fn f_release_drop(ctx: &Ctx) -> Result<String, String> {
     const LEN: u64 = 8 << 20;
     let p = open(ctx)?;
     let topo = e(Topology::read(), "topology")?;
-    let mem = e(numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None), "allocate")?;
+    let mem = e(
+        numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None),
+        "allocate",
+    )?;
     let before = vmlck();
     // SAFETY: `mem` outlives the region (dropped after release below) and is
     // only touched through raw pointers by the kernel.
-    let r = e(unsafe { p.pin_user(mem.as_ptr(), LEN, None, Some(ctx.home), PageSize::Base) }, "pin_user")?;
-    ensure!(vmlck() - before == LEN, "VmLck grew by {:#x}", vmlck() - before);
-    let m = e(numa::move_range(mem.addr(), LEN as usize, 4096, ctx.away), "move pinned")?;
+    let r = e(
+        unsafe { p.pin_user(mem.as_ptr(), LEN, None, Some(ctx.home), PageSize::Base) },
+        "pin_user",
+    )?;
+    ensure!(
+        vmlck() - before == LEN,
+        "VmLck grew by {:#x}",
+        vmlck() - before
+    );
+    let m = e(
+        numa::move_range(mem.addr(), LEN as usize, 4096, ctx.away),
+        "move pinned",
+    )?;
     ensure!(m.moved == 0, "{} pinned pages moved", m.moved);
     e(r.release(), "release")?;
-    ensure!(vmlck() == before, "VmLck {:#x} after release, expected {before:#x}", vmlck());
-    let m = e(numa::move_range(mem.addr(), LEN as usize, 4096, ctx.away), "move released")?;
-    ensure!(m.moved == m.asked && m.asked > 0, "after release only {} of {} pages moved", m.moved, m.asked);
-    Ok(format!("VmLck back to {before:#x}; pinned: 0 moved; released: {}/{} moved", m.moved, m.asked))
+    ensure!(
+        vmlck() == before,
+        "VmLck {:#x} after release, expected {before:#x}",
+        vmlck()
+    );
+    let m = e(
+        numa::move_range(mem.addr(), LEN as usize, 4096, ctx.away),
+        "move released",
+    )?;
+    ensure!(
+        m.moved == m.asked && m.asked > 0,
+        "after release only {} of {} pages moved",
+        m.moved,
+        m.asked
+    );
+    Ok(format!(
+        "VmLck back to {before:#x}; pinned: 0 moved; released: {}/{} moved",
+        m.moved, m.asked
+    ))
 }
 
 fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
@@ -351,8 +637,16 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
     let child = PinChild::spawn(ctx, &["--region", "0:128M", "--region", "1:32M:2M"])?;
     let free1 = meminfo("MemFree");
     let huge1 = meminfo("HugePages_Free");
-    ensure!(huge0 - huge1 == 16, "hugepages in use while held: {}", huge0 - huge1);
-    ensure!(free0.saturating_sub(free1) >= 120 << 20, "MemFree dropped only {:#x} while 128 MiB held", free0.saturating_sub(free1));
+    ensure!(
+        huge0 - huge1 == 16,
+        "hugepages in use while held: {}",
+        huge0 - huge1
+    );
+    ensure!(
+        free0.saturating_sub(free1) >= 120 << 20,
+        "MemFree dropped only {:#x} while 128 MiB held",
+        free0.saturating_sub(free1)
+    );
     let st = child.stop(libc::SIGKILL)?;
     ensure!(!st.success(), "SIGKILLed numapin reported success");
     // The group must be usable again at once.
@@ -364,7 +658,18 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
     drop(p);
     let free2 = meminfo("MemFree");
     let huge2 = meminfo("HugePages_Free");
-    ensure!(huge2 == huge0, "hugepages not returned: {huge2} free, {huge0} before");
-    ensure!(free2 + (16 << 20) >= free0, "MemFree {:#x} after kill, {:#x} before: memory not returned", free2, free0);
-    Ok(format!("held 128 MiB + 16x2M; after SIGKILL reopened and pinned in {:.0} ms; MemFree and HugePages_Free restored", reopen.as_secs_f64() * 1000.0))
+    ensure!(
+        huge2 == huge0,
+        "hugepages not returned: {huge2} free, {huge0} before"
+    );
+    ensure!(
+        free2 + (16 << 20) >= free0,
+        "MemFree {:#x} after kill, {:#x} before: memory not returned",
+        free2,
+        free0
+    );
+    Ok(format!(
+        "held 128 MiB + 16x2M; after SIGKILL reopened and pinned in {:.0} ms; MemFree and HugePages_Free restored",
+        reopen.as_secs_f64() * 1000.0
+    ))
 }

@@ -41,7 +41,10 @@ impl Ctx {
         let info = numapin::vfio::describe(&bdf).map_err(|e| e.to_string())?;
         let topo = Topology::read().map_err(|e| e.to_string())?;
         if topo.nodes.len() < 2 {
-            return Err(format!("the VM must have two NUMA nodes, it has {}", topo.nodes.len()));
+            return Err(format!(
+                "the VM must have two NUMA nodes, it has {}",
+                topo.nodes.len()
+            ));
         }
         Ok(Ctx {
             bdf,
@@ -66,7 +69,10 @@ pub fn vmlck() -> u64 {
 
 /// `VmLck` of another process.
 pub fn vmlck_of(pid: u32) -> Result<u64, String> {
-    let s = e(std::fs::read_to_string(format!("/proc/{pid}/status")), "read status")?;
+    let s = e(
+        std::fs::read_to_string(format!("/proc/{pid}/status")),
+        "read status",
+    )?;
     sys::parse_status_kb(&s, "VmLck").ok_or_else(|| "no VmLck".to_string())
 }
 
@@ -96,9 +102,18 @@ pub fn vmstat(field: &str) -> u64 {
 
 /// Base-page PFNs of `[addr, addr+len)` in process `pid`, from its pagemap.
 pub fn pfns_of(pid: u32, addr: u64, len: u64) -> Result<Vec<u64>, String> {
-    let f = e(std::fs::File::open(format!("/proc/{pid}/pagemap")), "open pagemap")?;
-    let entries = e(numapin::phys::read_pagemap_from(&f, addr, (len / 4096) as usize), "read pagemap")?;
-    e(numapin::phys::decode_pfns(addr, &entries, 4096), "decode pagemap")
+    let f = e(
+        std::fs::File::open(format!("/proc/{pid}/pagemap")),
+        "open pagemap",
+    )?;
+    let entries = e(
+        numapin::phys::read_pagemap_from(&f, addr, (len / 4096) as usize),
+        "read pagemap",
+    )?;
+    e(
+        numapin::phys::decode_pfns(addr, &entries, 4096),
+        "decode pagemap",
+    )
 }
 
 /// Own PFNs.
@@ -113,19 +128,31 @@ pub fn changed(a: &[u64], b: &[u64]) -> usize {
 
 /// Per-page node of `[addr, len)` in process `pid` (negative: errno).
 pub fn nodes_of_pid(pid: u32, addr: u64, len: u64, page: u64) -> Result<Vec<i32>, String> {
-    let pages: Vec<usize> = (0..len).step_by(page as usize).map(|o| (addr + o) as usize).collect();
+    let pages: Vec<usize> = (0..len)
+        .step_by(page as usize)
+        .map(|o| (addr + o) as usize)
+        .collect();
     let mut status = vec![0i32; pages.len()];
-    e(sys::move_pages(pid as i32, &pages, None, &mut status), "move_pages query")?;
+    e(
+        sys::move_pages(pid as i32, &pages, None, &mut status),
+        "move_pages query",
+    )?;
     Ok(status)
 }
 
 /// Asks the kernel to move every page of `pid`'s range to `to`; returns
 /// how many pages ended on `to`.
 pub fn move_pid_range(pid: u32, addr: u64, len: u64, to: NodeId) -> Result<usize, String> {
-    let pages: Vec<usize> = (0..len).step_by(4096).map(|o| (addr + o) as usize).collect();
+    let pages: Vec<usize> = (0..len)
+        .step_by(4096)
+        .map(|o| (addr + o) as usize)
+        .collect();
     let nodes = vec![to.0 as i32; pages.len()];
     let mut status = vec![0i32; pages.len()];
-    e(sys::move_pages(pid as i32, &pages, Some(&nodes), &mut status), "move_pages")?;
+    e(
+        sys::move_pages(pid as i32, &pages, Some(&nodes), &mut status),
+        "move_pages",
+    )?;
     Ok(status.iter().filter(|&&s| s == to.0 as i32).count())
 }
 
@@ -138,19 +165,29 @@ pub fn on_node(status: &[i32], node: NodeId) -> usize {
 /// so migrations and NUMA balancing are free to move it: the control.
 pub fn control_region(node: NodeId, len: u64) -> Result<NodeMemory, String> {
     let topo = e(Topology::read(), "topology")?;
-    let m = e(NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None), "allocate control")?;
+    let m = e(
+        NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None),
+        "allocate control",
+    )?;
     // No THP: the control should move page by page, like the pinned side is checked.
     // SAFETY: advice on memory this test owns.
     unsafe { libc::madvise(m.as_ptr().cast(), m.len(), libc::MADV_NOHUGEPAGE) };
     e(sys::mbind_default(m.addr(), m.len()), "mbind MPOL_DEFAULT")?;
     let nodes = e(numa::nodes_of(m.addr(), m.len(), 4096), "query control")?;
-    ensure!(on_node(&nodes, node) == nodes.len(), "control not on node {node}: {} of {}", on_node(&nodes, node), nodes.len());
+    ensure!(
+        on_node(&nodes, node) == nodes.len(),
+        "control not on node {node}: {} of {}",
+        on_node(&nodes, node),
+        nodes.len()
+    );
     Ok(m)
 }
 
 /// Path of a binary installed next to this runner.
 pub fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe().expect("current_exe").with_file_name(name)
+    std::env::current_exe()
+        .expect("current_exe")
+        .with_file_name(name)
 }
 
 /// A `numapin` command.
@@ -202,8 +239,12 @@ impl PinChild {
             Err(err) => {
                 let _ = child.kill();
                 let out = child.wait_with_output().ok();
-                let stderr = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
-                Err(format!("numapin pin printed no JSON ({err}): stdout {text:?} stderr {stderr:?}"))
+                let stderr = out
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                    .unwrap_or_default();
+                Err(format!(
+                    "numapin pin printed no JSON ({err}): stdout {text:?} stderr {stderr:?}"
+                ))
             }
         }
     }
@@ -221,8 +262,17 @@ impl PinChild {
                 .and_then(|s| u64::from_str_radix(s, 16).ok())
                 .ok_or_else(|| format!("region {i}: `{k}` is not a 0x hex string: {}", r[k]))
         };
-        let num = |k: &str| r[k].as_u64().ok_or_else(|| format!("region {i}: `{k}` is not a number: {}", r[k]));
-        Ok((hex("vaddr")?, hex("iova")?, num("len")?, num("page_size")?, num("node")? as u32))
+        let num = |k: &str| {
+            r[k].as_u64()
+                .ok_or_else(|| format!("region {i}: `{k}` is not a number: {}", r[k]))
+        };
+        Ok((
+            hex("vaddr")?,
+            hex("iova")?,
+            num("len")?,
+            num("page_size")?,
+            num("node")? as u32,
+        ))
     }
 
     /// Sends `sig` and waits (bounded) for the exit status.
