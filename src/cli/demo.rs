@@ -64,6 +64,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
             )
         })?,
     };
+    numapin::vfio::resolve_device(&device)?;
     let topo = Topology::read()?;
     if topo.nodes.len() < 2 {
         return Err(Error::Invalid(

@@ -75,7 +75,13 @@ struct PinArgs {
     device: String,
     /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
     /// Repeat for several regions.
-    #[arg(long = "region", short, required = true)]
+    #[arg(
+        long = "region",
+        short,
+        required = true,
+        value_name = "NODE:SIZE[:PAGESIZE][@IOVA]",
+        allow_hyphen_values = true
+    )]
     regions: Vec<RegionSpec>,
     /// Also print each region's physical extents (needs CAP_SYS_ADMIN).
     #[arg(long)]

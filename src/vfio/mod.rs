@@ -428,7 +428,20 @@ impl Pinner {
             progress,
         )?;
         let vaddr = mem.addr();
-        let pins = self.map_checked(vaddr, size, reservation.iova, Some(node), page_size)?;
+        let pins = match self.map_checked(vaddr, size, reservation.iova, Some(node), page_size) {
+            Ok(p) => p,
+            Err(MapFailure {
+                error,
+                still_mapped,
+            }) => {
+                if still_mapped {
+                    // A device may still reach the pages: never reuse them or the IOVA.
+                    reservation.keep();
+                    mem.leak();
+                }
+                return Err(error);
+            }
+        };
         let iova = reservation.keep();
         Ok(PinnedRegion::new(
             self.inner.clone(),
@@ -481,7 +494,18 @@ impl Pinner {
         }
         check_memlock(len)?;
         let reservation = self.reserve_iova(iova, len, page)?;
-        let pins = self.map_checked(vaddr as usize, len, reservation.iova, node, page_size)?;
+        let pins = match self.map_checked(vaddr as usize, len, reservation.iova, node, page_size) {
+            Ok(p) => p,
+            Err(MapFailure {
+                error,
+                still_mapped,
+            }) => {
+                if still_mapped {
+                    reservation.keep();
+                }
+                return Err(error);
+            }
+        };
         let iova = reservation.keep();
         Ok(PinnedRegion::new(
             self.inner.clone(),
@@ -544,29 +568,42 @@ impl Pinner {
         iova: Iova,
         node: Option<NodeId>,
         page_size: PageSize,
-    ) -> Result<Option<Vec<u64>>> {
+    ) -> std::result::Result<Option<Vec<u64>>, MapFailure> {
         let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let before = sys::locked_bytes()
-            .map_err(|e| Error::sys("read VmLck from /proc/self/status", "", e))?;
-        self.inner.map_dma(vaddr, len, iova)?;
-        let unmap_on_err = |err: Error| {
-            if let Err(e) = self.inner.unmap_dma(iova, len) {
-                // The pages stay pinned; the caller's memory must not be freed.
-                eprintln!("numapin: could not undo mapping at {iova} after error: {e}");
-            }
-            err
+        let unmapped = |error: Error| MapFailure {
+            error,
+            still_mapped: false,
         };
-        let after =
-            sys::locked_bytes().map_err(|e| unmap_on_err(Error::sys("read VmLck", "", e)))?;
+        let before = sys::locked_bytes()
+            .map_err(|e| unmapped(Error::sys("read VmLck from /proc/self/status", "", e)))?;
+        self.inner.map_dma(vaddr, len, iova).map_err(unmapped)?;
+        let undo = |error: Error| match self.inner.unmap_dma_unlocked(iova, len) {
+            Ok(()) => unmapped(error),
+            Err(e) => {
+                eprintln!("numapin: could not undo the mapping at {iova} ({e}); leaking it");
+                MapFailure {
+                    error,
+                    still_mapped: true,
+                }
+            }
+        };
+        let after = sys::locked_bytes().map_err(|e| undo(Error::sys("read VmLck", "", e)))?;
         let grew = after.saturating_sub(before);
         if grew < len {
-            return Err(unmap_on_err(Error::NotAccounted { grew, len }));
+            return Err(undo(Error::NotAccounted { grew, len }));
         }
         if let Some(node) = node {
-            check_placement(vaddr, len, node, page_size).map_err(unmap_on_err)?;
+            check_placement(vaddr, len, node, page_size).map_err(undo)?;
         }
         Ok(crate::region::read_pfns(vaddr as u64, len).ok())
     }
+}
+
+/// A failed map: the error, and whether the range could not be unmapped
+/// again (then its memory and IOVA must never be reused).
+struct MapFailure {
+    error: Error,
+    still_mapped: bool,
 }
 
 /// An IOVA reservation that is returned to the allocator unless kept.
@@ -604,7 +641,14 @@ impl Inner {
         r.map_err(|e| self.map_error(e, iova, len))
     }
 
+    /// UNMAP_DMA under the pin lock, so that a pin in another thread never
+    /// sees `VmLck` shrink between its two reads.
     pub(crate) fn unmap_dma(&self, iova: Iova, len: u64) -> Result<()> {
+        let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        self.unmap_dma_unlocked(iova, len)
+    }
+
+    fn unmap_dma_unlocked(&self, iova: Iova, len: u64) -> Result<()> {
         self.container
             .vfio_dma_unmap(iova.raw(), len as usize)
             .map_err(|cause| Error::Vfio {
