@@ -1,1 +1,138 @@
-fn main() {}
+//! numapin's task runner, in the cargo-xtask style: `cargo xtask <task>`.
+//!
+//! numapin's claims (node placement, long-term pins, DMA through the IOVA) can
+//! only be checked against real kernels, and this machine has no IOMMU. The
+//! tasks here build everything a QEMU guest needs and boot it:
+//!
+//! - [`deps`]: host packages (apt-get as root, else the exact command to run);
+//! - [`kernel`]: the two guest kernels, Debian's stock one and a self-built 6.12,
+//!   cached outside the repo;
+//! - [`initramfs`]: busybox, the project's binaries with their shared
+//!   libraries, the stock VFIO modules and the short `/init`;
+//! - [`vmconfig`]: the table of VM configurations the suite boots;
+//! - [`qemu`]: one QEMU run with a hard timeout, console and results captured;
+//! - [`results`]: the JSON-lines protocol the guest runner writes to ttyS1.
+//!
+//! The guest-side checks are not here: they live in the project's guest
+//! runner (`numapin-vmtest`) and CLI (`numapin demo`).
+
+mod cmd;
+mod deps;
+mod initramfs;
+mod kernel;
+mod layout;
+mod qemu;
+mod results;
+mod tasks;
+mod vmconfig;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::kernel::KernelKind;
+use crate::qemu::RunMode;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "numapin's tasks: host tests, guest kernels and the QEMU test bed",
+    arg_required_else_help = true,
+    after_help = "Environment:\n  \
+        NUMAPIN_CACHE       kernel cache (default /var/cache/numapin as root, else ~/.cache/numapin)\n  \
+        NUMAPIN_VM_TIMEOUT  hard timeout per VM in seconds (default 1200)\n  \
+        NUMAPIN_DEBIAN_MIRROR, NUMAPIN_SOURCE_SUITE  where linux-source-6.12 comes from\n                      \
+        (default http://deb.debian.org/debian, bookworm-backports)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Host tests, then every VM configuration of the suite (what .ci/run calls).
+    Test {
+        /// Boot only this VM configuration (repeatable; default: the default set).
+        #[arg(long = "vm", value_name = "NAME")]
+        vms: Vec<String>,
+        /// Skip `cargo test --workspace` (for iterating on the guest side).
+        #[arg(long)]
+        no_host_tests: bool,
+        /// Stream each guest console to the terminal while it runs.
+        #[arg(long)]
+        console: bool,
+    },
+    /// Boot the VM and run `numapin demo` inside, streaming its output.
+    Demo {
+        /// Which guest kernel to boot.
+        #[arg(long, value_enum, default_value_t = KernelKind::Stock)]
+        kernel: KernelKind,
+    },
+    /// Fetch and build both guest kernels into the cache, print where they are.
+    Kernels,
+    /// Boot one VM configuration for debugging.
+    Vm {
+        /// Configuration name (see `cargo xtask configs`).
+        #[arg(long)]
+        config: String,
+        /// Start an interactive busybox shell instead of the runner
+        /// (Ctrl-A X quits QEMU).
+        #[arg(long, conflicts_with_all = ["script", "run"])]
+        shell: bool,
+        /// Copy this shell script into the guest and run it instead of the runner.
+        #[arg(long, value_name = "FILE", conflicts_with = "run")]
+        script: Option<PathBuf>,
+        /// What the guest's /init starts.
+        #[arg(long, value_enum)]
+        run: Option<RunMode>,
+        /// Do not rebuild the guest binaries first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// List the VM configurations.
+    Configs,
+}
+
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Test {
+            vms,
+            no_host_tests,
+            console,
+        } => tasks::test(&vms, !no_host_tests, console),
+        Task::Demo { kernel } => tasks::demo(kernel),
+        Task::Kernels => tasks::kernels(),
+        Task::Vm {
+            config,
+            shell,
+            script,
+            run,
+            no_build,
+        } => {
+            let mode = match (shell, script, run) {
+                (true, _, _) => tasks::VmMode::Shell,
+                (false, Some(path), _) => tasks::VmMode::Script(path),
+                (false, None, Some(run)) => tasks::VmMode::Run(run),
+                (false, None, None) => tasks::VmMode::Run(RunMode::Test),
+            };
+            tasks::vm(&config, mode, !no_build)
+        }
+        Task::Configs => {
+            tasks::print_configs();
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! One QEMU run: the machine (q35, TCG, intel-iommu, edu, two NUMA nodes),
+//! the guest console captured to a file (and streamed when asked), the
+//! results serial port written to another file, and a hard timeout.
+//!
+//! - ttyS0 (`-serial stdio`, piped through us): the console, kept in
+//!   `target/vm/<config>/console.log`;
+//! - ttyS1 (`-serial file:`): the guest runner's JSON lines, `results.jsonl`;
+//! - QEMU's own stderr (e.g. a `hw_error` register dump): `qemu.stderr`.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cmd;
+use crate::kernel::Kernel;
+use crate::vmconfig::{Iommu, VmConfig};
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// The default hard timeout per VM: TCG is slow, and the scenarios pin and
+/// touch a few hundred MiB. `NUMAPIN_VM_TIMEOUT` (seconds) overrides it.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// What the guest's /init starts (`NUMAPIN_RUN`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunMode {
+    /// `numapin-vmtest --suite <suite> --results /dev/ttyS1`.
+    Test,
+    /// `numapin demo`.
+    Demo,
+}
+
+impl RunMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunMode::Test => "test",
+            RunMode::Demo => "demo",
+        }
+    }
+}
+
+/// Where the guest console goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// Only to console.log.
+    Capture,
+    /// To console.log and to our stdout as it comes.
+    Stream,
+    /// The terminal drives the console (and QEMU's monitor, Ctrl-A C).
+    Interactive,
+}
+
+pub struct Run<'a> {
+    pub config: &'a VmConfig,
+    pub kernel: &'a Kernel,
+    pub initrd: &'a Path,
+    /// `NUMAPIN_RUN`: test, demo, script or shell.
+    pub run: &'a str,
+    /// `target/vm/<config>`.
+    pub dir: &'a Path,
+    pub console: Console,
+    /// `None`: wait as long as it takes (interactive shell).
+    pub timeout: Option<Duration>,
+}
+
+/// How QEMU ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Exit status 0 (the guest powered off or rebooted under -no-reboot).
+    Clean,
+    /// Non-zero status or a signal (an edu `hw_error` aborts QEMU).
+    Abnormal(ExitStatus),
+    /// Killed by us at the hard timeout.
+    TimedOut(Duration),
+}
+
+pub struct Outcome {
+    pub exit: Exit,
+    pub elapsed: Duration,
+    pub console_log: PathBuf,
+    pub results: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Outcome {
+    /// What went wrong with the machine itself (not with the scenarios).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match &self.exit {
+            Exit::Clean => {}
+            Exit::Abnormal(status) => problems.push(format!(
+                "QEMU ended abnormally ({status}); see {}",
+                self.stderr.display()
+            )),
+            Exit::TimedOut(limit) => problems.push(format!(
+                "timed out after {} (NUMAPIN_VM_TIMEOUT to change), QEMU killed",
+                cmd::secs(*limit)
+            )),
+        }
+        let console = fs::read_to_string(&self.console_log).unwrap_or_default();
+        if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
+            problems.push(format!("guest kernel panicked: {}", line.trim()));
+        }
+        problems
+    }
+
+    /// The last lines of the guest console and of QEMU's stderr, for reports.
+    pub fn tails(&self, lines: usize) -> String {
+        let console = fs::read(&self.console_log).unwrap_or_default();
+        let mut text = format!(
+            "--- last {lines} lines of {} ---\n{}\n",
+            self.console_log.display(),
+            cmd::tail(&String::from_utf8_lossy(&console), lines)
+        );
+        text.push_str(&self.stderr_tail());
+        text
+    }
+
+    /// The last lines of QEMU's stderr (empty when it said nothing).
+    pub fn stderr_tail(&self) -> String {
+        let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        if stderr.trim().is_empty() {
+            return String::new();
+        }
+        format!(
+            "--- QEMU stderr ({}) ---\n{}\n",
+            self.stderr.display(),
+            cmd::tail(&stderr, 25)
+        )
+    }
+}
+
+/// The hard timeout per VM.
+pub fn timeout() -> Result<Duration> {
+    match std::env::var("NUMAPIN_VM_TIMEOUT") {
+        Ok(v) if !v.trim().is_empty() => {
+            let secs: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("NUMAPIN_VM_TIMEOUT={v:?} is not a number of seconds"))?;
+            Ok(Duration::from_secs(secs))
+        }
+        _ => Ok(DEFAULT_TIMEOUT),
+    }
+}
+
+/// QEMU's arguments for `run`, with the results port written to `results`.
+pub fn args(run: &Run, results: &Path) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    // TCG only: this machine's KVM hangs guests after SeaBIOS.
+    push(&["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "4G"]);
+    push(&["-machine", "q35,kernel-irqchip=split,max-ram-below-4g=512M"]);
+    // Two NUMA nodes, one CPU and 2 GiB each.
+    for node in 0..2 {
+        let (m, cpu) = (format!("m{node}"), node.to_string());
+        push(&["-object", &format!("memory-backend-ram,id={m},size=2G")]);
+        push(&[
+            "-numa",
+            &format!("node,nodeid={node},cpus={cpu},memdev={m}"),
+        ]);
+    }
+    if run.config.iommu == Iommu::Intel {
+        push(&["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+    }
+    push(&[
+        "-device",
+        "edu",
+        "-net",
+        "none",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&["-kernel", &run.kernel.image.to_string_lossy()]);
+    push(&["-initrd", &run.initrd.to_string_lossy()]);
+    push(&["-append", &run.config.cmdline(run.run)]);
+    match run.console {
+        Console::Interactive => push(&["-serial", "mon:stdio"]),
+        Console::Capture | Console::Stream => push(&["-monitor", "none", "-serial", "stdio"]),
+    }
+    push(&["-serial", &format!("file:{}", results.display())]);
+    a
+}
+
+/// Boots the VM and waits for it to power off, crash or time out.
+pub fn boot(run: &Run) -> Result<Outcome> {
+    fs::create_dir_all(run.dir)?;
+    let console_log = run.dir.join("console.log");
+    let results = run.dir.join("results.jsonl");
+    let stderr = run.dir.join("qemu.stderr");
+    for f in [&console_log, &results] {
+        let _ = fs::remove_file(f);
+    }
+    let mut qemu = Command::new(QEMU);
+    qemu.args(args(run, &results));
+    fs::write(run.dir.join("qemu.cmdline"), cmd::display(&qemu) + "\n")?;
+    qemu.stderr(File::create(&stderr)?);
+    if run.console == Console::Interactive {
+        qemu.stdin(Stdio::inherit()).stdout(Stdio::inherit());
+    } else {
+        qemu.stdin(Stdio::null()).stdout(Stdio::piped());
+    }
+
+    let start = Instant::now();
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("could not start {QEMU} (package qemu-system-x86)"))?;
+    let copier = child.stdout.take().map(|mut out| {
+        let mut log = File::create(&console_log);
+        let stream = run.console == Console::Stream;
+        std::thread::spawn(move || -> io::Result<()> {
+            let log = log
+                .as_mut()
+                .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = out.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                log.write_all(&buf[..n])?;
+                if stream {
+                    let mut stdout = io::stdout().lock();
+                    stdout.write_all(&buf[..n])?;
+                    stdout.flush()?;
+                }
+            }
+        })
+    });
+
+    let exit = loop {
+        if let Some(status) = child.try_wait()? {
+            break if status.success() {
+                Exit::Clean
+            } else {
+                Exit::Abnormal(status)
+            };
+        }
+        if let Some(limit) = run.timeout
+            && start.elapsed() > limit
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Exit::TimedOut(limit);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let elapsed = start.elapsed();
+    if let Some(copier) = copier {
+        match copier.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("warning: copying the guest console failed: {err}"),
+            Err(_) => eprintln!("warning: the console copier panicked"),
+        }
+    }
+    Ok(Outcome {
+        exit,
+        elapsed,
+        console_log,
+        results,
+        stderr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::KernelKind;
+    use crate::vmconfig;
+
+    fn kernel() -> Kernel {
+        Kernel {
+            kind: KernelKind::Custom,
+            image: "/cache/vmlinuz".into(),
+            release: "6.12.95".into(),
+            origin: "test".into(),
+            modules: vec![],
+        }
+    }
+
+    fn joined(config: &str, console: Console) -> String {
+        let k = kernel();
+        let run = Run {
+            config: vmconfig::find(config).unwrap(),
+            kernel: &k,
+            initrd: Path::new("/t/initramfs.cpio.gz"),
+            run: "test",
+            dir: Path::new("/t"),
+            console,
+            timeout: None,
+        };
+        args(&run, Path::new("/t/results.jsonl")).join(" ")
+    }
+
+    #[test]
+    fn machine_has_the_recipe_devices() {
+        let a = joined("type1-custom", Console::Capture);
+        for want in [
+            "-accel tcg -cpu max -smp 2 -m 4G",
+            "-machine q35,kernel-irqchip=split",
+            "memory-backend-ram,id=m0,size=2G",
+            "-numa node,nodeid=1,cpus=1,memdev=m1",
+            "-device intel-iommu,intremap=on,caching-mode=on",
+            "-device edu -net none -display none -no-reboot",
+            "-kernel /cache/vmlinuz -initrd /t/initramfs.cpio.gz",
+            "-monitor none -serial stdio -serial file:/t/results.jsonl",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        assert!(!a.contains("kvm"));
+    }
+
+    #[test]
+    fn no_iommu_config_has_no_intel_iommu() {
+        let a = joined("noiommu-custom", Console::Capture);
+        assert!(!a.contains("intel-iommu"));
+        assert!(a.contains("-device edu"));
+    }
+
+    #[test]
+    fn interactive_console_multiplexes_the_monitor() {
+        let a = joined("type1-custom", Console::Interactive);
+        assert!(a.contains("-serial mon:stdio -serial file:"));
+        assert!(!a.contains("-monitor none"));
+    }
+}

@@ -1,0 +1,446 @@
+//! The tasks behind `cargo xtask test | demo | kernels | vm | configs`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::kernel::{self, Kernel, KernelKind};
+use crate::qemu::{self, Console, RunMode};
+use crate::results::{Outcome as ScenarioOutcome, Report};
+use crate::vmconfig::{self, VmConfig};
+use crate::{cmd, deps, initramfs, layout};
+
+/// The guest binaries, built with `--features vmtest`.
+const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest"];
+
+/// What `cargo xtask vm` starts in the guest.
+pub enum VmMode {
+    Run(RunMode),
+    Shell,
+    Script(PathBuf),
+}
+
+/// Pass/fail/skip totals over the VM suite.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    skipped: usize,
+}
+
+impl Tally {
+    /// The closing line CI reads: `vm: N passed, N failed[, N skipped]`.
+    fn summary(&self) -> String {
+        let mut line = format!("vm: {} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            line.push_str(&format!(", {} skipped", self.skipped));
+        }
+        line
+    }
+}
+
+/// `cargo xtask test`: host tests, guest binaries, kernels, then each VM.
+pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCode> {
+    let start = Instant::now();
+    let configs = select(names)?;
+    ensure_packages(configs.iter().map(|c| c.kernel))?;
+
+    let host_ok = if host_tests {
+        let ok = cmd::timed("host tests: cargo test --workspace", || {
+            let mut c = Command::new(layout::cargo());
+            c.current_dir(layout::root()).args(["test", "--workspace"]);
+            Ok(cmd::run(&mut c).map_err(|e| eprintln!("{e:#}")).is_ok())
+        })?;
+        if !ok {
+            eprintln!("host tests FAILED; the VM suite runs anyway");
+        }
+        ok
+    } else {
+        true
+    };
+
+    let binaries = build_guest_binaries()?;
+    let mut kernels: HashMap<&'static str, Result<Kernel>> = HashMap::new();
+    for config in &configs {
+        let kind = config.kernel;
+        if !kernels.contains_key(kind.name()) {
+            let prepared = kernel::prepare(kind);
+            if let Err(err) = &prepared {
+                eprintln!("kernel {} FAILED: {err:#}", kind.name());
+            }
+            kernels.insert(kind.name(), prepared);
+        }
+    }
+
+    let timeout = qemu::timeout()?;
+    let mut tally = Tally::default();
+    let mut timings = Vec::new();
+    for config in &configs {
+        let kernel = match &kernels[config.kernel.name()] {
+            Ok(k) => k,
+            Err(err) => {
+                println!(
+                    "[{}] (vm)  FAIL  kernel {} unavailable: {err:#}",
+                    config.name,
+                    config.kernel.name()
+                );
+                tally.failed += 1;
+                continue;
+            }
+        };
+        println!(
+            "==> vm {} (kernel {} {}, suite {})",
+            config.name,
+            config.kernel.name(),
+            kernel.release,
+            config.suite
+        );
+        let dir = layout::vm_dir(config.name);
+        let initrd = make_initramfs(&dir, kernel, &binaries, None)?;
+        let outcome = qemu::boot(&qemu::Run {
+            config,
+            kernel,
+            initrd: &initrd,
+            run: RunMode::Test.name(),
+            dir: &dir,
+            console: if console {
+                Console::Stream
+            } else {
+                Console::Capture
+            },
+            timeout: Some(timeout),
+        })?;
+        timings.push(format!("{} {}", config.name, cmd::secs(outcome.elapsed)));
+        report_run(config, &outcome, &mut tally);
+    }
+
+    println!(
+        "timings: total {}; {}",
+        cmd::secs(start.elapsed()),
+        timings.join(", ")
+    );
+    if !host_ok {
+        println!("host tests: FAILED (see above)");
+    }
+    println!("{}", tally.summary());
+    let ok = host_ok && tally.failed == 0 && tally.skipped == 0;
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints one VM's scenarios and problems, and adds them to `tally`.
+fn report_run(config: &VmConfig, outcome: &qemu::Outcome, tally: &mut Tally) {
+    let text = std::fs::read(&outcome.results).unwrap_or_default();
+    let report = Report::parse(&String::from_utf8_lossy(&text));
+    let width = report
+        .scenarios
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    for s in &report.scenarios {
+        let mut line = format!(
+            "[{}] {:width$}  {:<9} {:>6.1}s",
+            config.name,
+            s.name,
+            s.outcome.label(),
+            s.secs
+        );
+        if s.outcome != ScenarioOutcome::Pass && !s.detail.is_empty() {
+            line.push_str("  ");
+            line.push_str(&s.detail);
+        }
+        println!("{line}");
+    }
+    tally.passed += report.count(ScenarioOutcome::Pass);
+    tally.failed += report.count(ScenarioOutcome::Fail) + report.count(ScenarioOutcome::NoResult);
+    tally.skipped += report.count(ScenarioOutcome::Skip);
+
+    let mut problems = outcome.problems();
+    problems.extend(report.problems.iter().cloned());
+    let kernel = report.kernel.as_deref().unwrap_or("?");
+    if problems.is_empty() {
+        println!(
+            "    {}: {} in {} (guest kernel {kernel})",
+            config.name,
+            if report.passed() { "passed" } else { "failed" },
+            cmd::secs(outcome.elapsed)
+        );
+        return;
+    }
+    // The VM itself failed, whatever its scenarios said.
+    tally.failed += 1;
+    println!(
+        "[{}] (vm)  FAIL  after {}",
+        config.name,
+        cmd::secs(outcome.elapsed)
+    );
+    for p in &problems {
+        println!("    {p}");
+    }
+    print!("{}", outcome.tails(40));
+}
+
+/// `cargo xtask demo`: the demo in a type1 VM, its output streamed.
+pub fn demo(kind: KernelKind) -> Result<ExitCode> {
+    let config = vmconfig::CONFIGS
+        .iter()
+        .find(|c| c.kernel == kind && c.suite == "type1")
+        .context("no type1 configuration for this kernel")?;
+    ensure_packages([kind])?;
+    let binaries = build_guest_binaries()?;
+    let kernel = kernel::prepare(kind)?;
+    let dir = layout::vm_dir(&format!("demo-{}", kind.name()));
+    let initrd = make_initramfs(&dir, &kernel, &binaries, None)?;
+    println!(
+        "==> booting {} (kernel {}); the guest console follows",
+        config.name, kernel.release
+    );
+    let outcome = qemu::boot(&qemu::Run {
+        config,
+        kernel: &kernel,
+        initrd: &initrd,
+        run: RunMode::Demo.name(),
+        dir: &dir,
+        console: Console::Stream,
+        timeout: Some(qemu::timeout()?),
+    })?;
+    finish_program_run("numapin demo", &outcome)
+}
+
+/// Judges a demo or script run by the exit status /init reported.
+fn finish_program_run(what: &str, outcome: &qemu::Outcome) -> Result<ExitCode> {
+    let text = std::fs::read(&outcome.results).unwrap_or_default();
+    let report = Report::parse(&String::from_utf8_lossy(&text));
+    let problems = outcome.problems();
+    println!("\n==> VM ran {}", cmd::secs(outcome.elapsed));
+    match (report.exit_code, problems.is_empty()) {
+        (Some(0), true) => {
+            println!("{what} succeeded");
+            Ok(ExitCode::SUCCESS)
+        }
+        (code, _) => {
+            for p in &problems {
+                eprintln!("    {p}");
+            }
+            match code {
+                Some(code) => eprintln!("{what} FAILED: exit status {code}"),
+                None => {
+                    eprintln!("{what} FAILED: it reported no exit status (did the VM reach /init?)")
+                }
+            }
+            // The console was streamed already: only say where it is kept.
+            eprintln!("console: {}", outcome.console_log.display());
+            eprint!("{}", outcome.stderr_tail());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `cargo xtask kernels`: prepare both kernels and say where they are.
+pub fn kernels() -> Result<ExitCode> {
+    ensure_packages([KernelKind::Stock, KernelKind::Custom])?;
+    for kind in [KernelKind::Stock, KernelKind::Custom] {
+        let k = kernel::prepare(kind)?;
+        println!(
+            "{:<7} {}  {}  ({})",
+            k.kind.name(),
+            k.release,
+            k.image.display(),
+            k.origin
+        );
+        for m in &k.modules {
+            println!("        module {}", m.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask vm --config NAME`: one VM, for debugging.
+pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
+    let config = vmconfig::find(name)
+        .with_context(|| format!("no VM configuration {name:?}; known: {}", vmconfig::names()))?;
+    ensure_packages([config.kernel])?;
+    let binaries = if build {
+        build_guest_binaries()?
+    } else {
+        guest_binary_paths()
+    };
+    let kernel = kernel::prepare(config.kernel)?;
+    let dir = layout::vm_dir(config.name);
+    let (run, console, probe) = match &mode {
+        VmMode::Run(r) => (r.name(), Console::Stream, None),
+        VmMode::Shell => ("shell", Console::Interactive, None),
+        VmMode::Script(path) => ("script", Console::Stream, Some(path.as_path())),
+    };
+    let initrd = make_initramfs(&dir, &kernel, &binaries, probe)?;
+    if console == Console::Interactive {
+        println!(
+            "==> busybox shell in {}; `poweroff -f` or Ctrl-A X to leave",
+            config.name
+        );
+    }
+    let outcome = qemu::boot(&qemu::Run {
+        config,
+        kernel: &kernel,
+        initrd: &initrd,
+        run,
+        dir: &dir,
+        console,
+        timeout: if console == Console::Interactive {
+            None
+        } else {
+            Some(qemu::timeout()?)
+        },
+    })?;
+    match mode {
+        VmMode::Run(RunMode::Test) => {
+            let mut tally = Tally::default();
+            report_run(config, &outcome, &mut tally);
+            println!("{}", tally.summary());
+            Ok(if tally.failed + tally.skipped == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        VmMode::Run(RunMode::Demo) => finish_program_run("numapin demo", &outcome),
+        VmMode::Script(path) => finish_program_run(&path.display().to_string(), &outcome),
+        VmMode::Shell => Ok(ExitCode::SUCCESS),
+    }
+}
+
+pub fn print_configs() {
+    for c in vmconfig::CONFIGS {
+        println!(
+            "{:<16} kernel {:<7} iommu {:<6} suite {:<8} {}",
+            c.name,
+            c.kernel.name(),
+            format!("{:?}", c.iommu).to_lowercase(),
+            c.suite,
+            if c.default { "(default)" } else { "" }
+        );
+    }
+}
+
+/// The configurations named with `--vm`, or the default set.
+fn select(names: &[String]) -> Result<Vec<&'static VmConfig>> {
+    if names.is_empty() {
+        return Ok(vmconfig::defaults().collect());
+    }
+    let mut out: Vec<&'static VmConfig> = Vec::new();
+    for name in names {
+        let Some(config) = vmconfig::find(name) else {
+            bail!("no VM configuration {name:?}; known: {}", vmconfig::names());
+        };
+        if !out.iter().any(|c| c.name == config.name) {
+            out.push(config);
+        }
+    }
+    Ok(out)
+}
+
+/// Host packages for VMs booting these kernels.
+fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
+    let mut wanted: Vec<&str> = deps::VM.to_vec();
+    for kind in kinds {
+        wanted.extend(match kind {
+            KernelKind::Stock => deps::STOCK_KERNEL,
+            KernelKind::Custom => deps::KERNEL_BUILD,
+        });
+    }
+    deps::ensure(&wanted)
+}
+
+fn guest_binary_paths() -> Vec<PathBuf> {
+    let release = layout::target_dir().join("release");
+    GUEST_BINARIES.iter().map(|b| release.join(b)).collect()
+}
+
+/// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest`.
+fn build_guest_binaries() -> Result<Vec<PathBuf>> {
+    cmd::timed(
+        "guest binaries: cargo build --release --features vmtest",
+        || {
+            let mut c = Command::new(layout::cargo());
+            c.current_dir(layout::root()).args([
+                "build",
+                "--release",
+                "--package",
+                "numapin",
+                "--features",
+                "vmtest",
+            ]);
+            for b in GUEST_BINARIES {
+                c.args(["--bin", b]);
+            }
+            cmd::run(&mut c)
+        },
+    )?;
+    Ok(guest_binary_paths())
+}
+
+/// Builds `dir/initramfs.cpio.gz` for `kernel` (its modules go in).
+fn make_initramfs(
+    dir: &Path,
+    kernel: &Kernel,
+    binaries: &[PathBuf],
+    probe: Option<&Path>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let out = dir.join("initramfs.cpio.gz");
+    let start = Instant::now();
+    initramfs::build(
+        &initramfs::Spec {
+            binaries,
+            modules: &kernel.modules,
+            probe,
+        },
+        &out,
+    )?;
+    let size = std::fs::metadata(&out)?.len();
+    println!(
+        "    initramfs: {} ({:.1} MiB, {})",
+        out.display(),
+        size as f64 / (1 << 20) as f64,
+        cmd::secs(start.elapsed())
+    );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_line_format() {
+        let mut t = Tally {
+            passed: 2,
+            failed: 0,
+            skipped: 0,
+        };
+        assert_eq!(t.summary(), "vm: 2 passed, 0 failed");
+        t.skipped = 1;
+        assert_eq!(t.summary(), "vm: 2 passed, 0 failed, 1 skipped");
+    }
+
+    #[test]
+    fn select_defaults_and_named() {
+        let d: Vec<_> = select(&[]).unwrap().iter().map(|c| c.name).collect();
+        assert_eq!(d, ["type1-stock", "type1-custom"]);
+        let n: Vec<_> = select(&["mdev-custom".into(), "mdev-custom".into()])
+            .unwrap()
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(n, ["mdev-custom"]);
+        let err = select(&["bogus".into()]).unwrap_err().to_string();
+        assert!(err.contains("type1-stock"), "{err}");
+    }
+}
