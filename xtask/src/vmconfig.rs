@@ -4,7 +4,9 @@
 use crate::kernel::KernelKind;
 
 /// Boot-time hugepages: one 1 GiB and 64 × 2 MiB pages on each of the two
-/// nodes (per-node syntax `node:count`, Linux 5.18+; both guest kernels take it).
+/// nodes (per-node syntax `node:count`, Linux 5.18+; both guest kernels take
+/// it). The 1 GiB pages also need the memory layout of `qemu::args` and
+/// `nokaslr`.
 pub const HUGEPAGES: &str = "hugepagesz=1G hugepages=0:1,1:1 hugepagesz=2M hugepages=0:64,1:64";
 
 /// Which IOMMU the VM has.
@@ -88,6 +90,8 @@ impl VmConfig {
     /// `shell`, `script`); `NUMAPIN_*` reach /init as environment variables
     /// because the kernel hands it every unknown `KEY=value` without a dot.
     pub fn cmdline(&self, run: &str) -> String {
+        // nokaslr: a randomly placed kernel image can sit in the gigabyte a
+        // node's 1 GiB hugepage needs.
         let mut parts = vec!["console=ttyS0", "panic=-1", "nokaslr"];
         if self.iommu == Iommu::Intel {
             parts.push("intel_iommu=on");
@@ -128,7 +132,7 @@ mod tests {
     #[test]
     fn cmdline_follows_the_iommu() {
         let c = find("type1-stock").unwrap().cmdline("test");
-        assert!(c.starts_with("console=ttyS0 "));
+        assert!(c.starts_with("console=ttyS0 panic=-1 nokaslr "));
         assert!(c.contains(" intel_iommu=on "));
         assert!(c.contains(HUGEPAGES));
         assert!(c.ends_with(" NUMAPIN_RUN=test NUMAPIN_SUITE=type1"));
