@@ -2,6 +2,7 @@
 //! kernel cache, and which cargo to call.
 
 use std::ffi::OsString;
+use std::fs::{File, TryLockError};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,30 @@ pub fn target_dir() -> PathBuf {
 /// Per-VM scratch: console log, results, initramfs (`target/vm/<config>`).
 pub fn vm_dir(config: &str) -> PathBuf {
     target_dir().join("vm").join(config)
+}
+
+/// Takes `target/vm/<config>.lock` for as long as the returned file lives, so
+/// that two runs in one work tree (several people compile here) do not write
+/// the same console log and results file at once.
+pub fn lock_vm_dir(config: &str) -> Result<File> {
+    let path = target_dir().join("vm").join(format!("{config}.lock"));
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let file =
+        File::create(&path).with_context(|| format!("could not create {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            println!(
+                "    waiting for another run using {config} ({})",
+                path.display()
+            );
+            file.lock()?;
+        }
+        Err(TryLockError::Error(err)) => {
+            return Err(err).with_context(|| format!("could not lock {}", path.display()));
+        }
+    }
+    Ok(file)
 }
 
 /// The cargo that runs us (`$CARGO`), so toolchain overrides carry through.

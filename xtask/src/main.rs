@@ -36,7 +36,8 @@ use crate::qemu::RunMode;
 
 #[derive(Parser)]
 #[command(
-    name = "cargo xtask",
+    name = "xtask",
+    bin_name = "cargo xtask",
     about = "numapin's tasks: host tests, guest kernels and the QEMU test bed",
     arg_required_else_help = true,
     after_help = "Environment:\n  \

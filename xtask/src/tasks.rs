@@ -99,6 +99,7 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
             config.suite
         );
         let dir = layout::vm_dir(config.name);
+        let _lock = layout::lock_vm_dir(config.name)?;
         let initrd = make_initramfs(&dir, kernel, &binaries, None)?;
         let outcome = qemu::boot(&qemu::Run {
             config,
@@ -196,7 +197,9 @@ pub fn demo(kind: KernelKind) -> Result<ExitCode> {
     ensure_packages([kind])?;
     let binaries = build_guest_binaries()?;
     let kernel = kernel::prepare(kind)?;
-    let dir = layout::vm_dir(&format!("demo-{}", kind.name()));
+    let name = format!("demo-{}", kind.name());
+    let dir = layout::vm_dir(&name);
+    let _lock = layout::lock_vm_dir(&name)?;
     let initrd = make_initramfs(&dir, &kernel, &binaries, None)?;
     println!(
         "==> booting {} (kernel {}); the guest console follows",
@@ -274,6 +277,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
     };
     let kernel = kernel::prepare(config.kernel)?;
     let dir = layout::vm_dir(config.name);
+    let _lock = layout::lock_vm_dir(config.name)?;
     let (run, console, probe) = match &mode {
         VmMode::Run(r) => (r.name(), Console::Stream, None),
         VmMode::Shell => ("shell", Console::Interactive, None),
