@@ -139,6 +139,11 @@ impl Cache {
                 return Err(err).with_context(|| format!("could not lock {}", lock_path.display()));
             }
         }
+        // Holding the lock, nothing else uses tmp/: whatever is there was left
+        // by a run that was killed mid-build (an unpacked tree is ~1.5 GB).
+        for stale in fs::read_dir(dir.join("tmp"))?.filter_map(|e| e.ok()) {
+            let _ = fs::remove_dir_all(stale.path());
+        }
         Ok(Cache { dir, _lock: lock })
     }
 
