@@ -120,24 +120,36 @@ impl Outcome {
         text
     }
 
-    /// The last lines of QEMU's stderr (empty when it said nothing).
+    /// QEMU's stderr, shortened: its first lines (where a `hw_error` names
+    /// the cause) and its last ones (empty when it said nothing).
     pub fn stderr_tail(&self) -> String {
         let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
         // Leave out the warning our memory layout always causes (see `args`).
-        let stderr: String = stderr
+        let lines: Vec<&str> = stderr
             .lines()
             .filter(|l| !l.contains("max-ram-below-4g is not a multiple of 1G"))
-            .map(|l| format!("{l}\n"))
             .collect();
-        if stderr.trim().is_empty() {
+        if lines.iter().all(|l| l.trim().is_empty()) {
             return String::new();
         }
         format!(
             "--- QEMU stderr ({}) ---\n{}\n",
             self.stderr.display(),
-            cmd::tail(&stderr, 25)
+            head_and_tail(&lines, 6, 10)
         )
     }
+}
+
+/// The first `head` and last `tail` lines, with a marker for what is left out.
+fn head_and_tail(lines: &[&str], head: usize, tail: usize) -> String {
+    if lines.len() <= head + tail {
+        return lines.join("\n");
+    }
+    let skipped = lines.len() - head - tail;
+    let mut out: Vec<String> = lines[..head].iter().map(|l| l.to_string()).collect();
+    out.push(format!("[... {skipped} lines ...]"));
+    out.extend(lines[lines.len() - tail..].iter().map(|l| l.to_string()));
+    out.join("\n")
 }
 
 /// The hard timeout per VM.
@@ -333,6 +345,15 @@ mod tests {
         let a = joined("noiommu-custom", Console::Capture);
         assert!(!a.contains("intel-iommu"));
         assert!(a.contains("-device edu"));
+    }
+
+    #[test]
+    fn long_stderr_keeps_its_first_and_last_lines() {
+        let lines: Vec<String> = (1..=30).map(|i| format!("l{i}")).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let out = head_and_tail(&lines, 2, 3);
+        assert_eq!(out, "l1\nl2\n[... 25 lines ...]\nl28\nl29\nl30");
+        assert_eq!(head_and_tail(&lines[..4], 2, 3), "l1\nl2\nl3\nl4");
     }
 
     #[test]

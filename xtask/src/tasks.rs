@@ -235,7 +235,9 @@ fn finish_program_run(what: &str, outcome: &qemu::Outcome) -> Result<ExitCode> {
             match code {
                 Some(code) => eprintln!("{what} FAILED: exit status {code}"),
                 None => {
-                    eprintln!("{what} FAILED: it reported no exit status (did the VM reach /init?)")
+                    eprintln!(
+                        "{what} FAILED: no exit status came back (the VM stopped before the program ended)"
+                    )
                 }
             }
             // The console was streamed already: only say where it is kept.
