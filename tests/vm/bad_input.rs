@@ -89,20 +89,25 @@ fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String
     cmd.args([
         "pin", "--device", &ctx.bdf, "--hold", "0", "--region", region,
     ]);
-    // SAFETY: between fork and exec only async-signal-safe setrlimit runs.
+    // SAFETY: between fork and exec only async-signal-safe calls run. The
+    // limit is set while still root (raising the hard limit needs
+    // CAP_SYS_RESOURCE), then the child drops to uid/gid 1000.
     unsafe {
         cmd.pre_exec(move || {
             let r = libc::rlimit {
                 rlim_cur: limit,
                 rlim_max: limit,
             };
-            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) != 0 {
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) != 0
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(1000) != 0
+                || libc::setuid(1000) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    cmd.uid(1000).gid(1000);
     let out = e(cmd.output(), "run numapin as uid 1000")?;
     Ok((
         out.status.code().unwrap_or(-1),

@@ -642,10 +642,10 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
         "hugepages in use while held: {}",
         huge0 - huge1
     );
+    let held = vmlck_of(child.pid())?;
     ensure!(
-        free0.saturating_sub(free1) >= 120 << 20,
-        "MemFree dropped only {:#x} while 128 MiB held",
-        free0.saturating_sub(free1)
+        held == 160 << 20,
+        "child VmLck {held:#x} while holding 160 MiB"
     );
     let st = child.stop(libc::SIGKILL)?;
     ensure!(!st.success(), "SIGKILLed numapin reported success");
@@ -662,14 +662,17 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
         huge2 == huge0,
         "hugepages not returned: {huge2} free, {huge0} before"
     );
+    // Back to the free pool: MemFree returns to where it was before the
+    // child started (within 16 MiB of kernel noise: per-CPU lists and caches
+    // make the dip while held an unreliable measure), hugepages exactly.
+    let returned = free2.saturating_sub(free1);
     ensure!(
         free2 + (16 << 20) >= free0,
-        "MemFree {:#x} after kill, {:#x} before: memory not returned",
-        free2,
-        free0
+        "MemFree {free2:#x} after the kill, {free0:#x} before the child: memory not returned"
     );
     Ok(format!(
-        "held 128 MiB + 16x2M; after SIGKILL reopened and pinned in {:.0} ms; MemFree and HugePages_Free restored",
-        reopen.as_secs_f64() * 1000.0
+        "held 128 MiB + 16x2M (VmLck 160 MiB); after SIGKILL reopened and pinned in {:.0} ms; MemFree +{} MiB, HugePages_Free restored",
+        reopen.as_secs_f64() * 1000.0,
+        returned >> 20
     ))
 }
