@@ -28,10 +28,6 @@ fn pfns(addr: usize, len: usize) -> Result<Vec<u64>> {
     Ok(phys::decode_pfns(addr as u64, &entries, page)?)
 }
 
-fn changed(a: &[u64], b: &[u64]) -> u64 {
-    a.iter().zip(b).filter(|(x, y)| x != y).count() as u64
-}
-
 fn node_summary(addr: usize, len: usize) -> Result<String> {
     let nodes = numa::nodes_of(addr, len, numapin::addr::base_page_size())
         .map_err(|e| Error::sys("move_pages (query)", "", e))?;
@@ -45,13 +41,50 @@ fn node_summary(addr: usize, len: usize) -> Result<String> {
         .join(" "))
 }
 
-/// One storm round over `[addr, len)`: returns pages that changed node.
-fn storm_round(addr: usize, len: usize, home: NodeId, away: NodeId) -> Result<u64> {
-    let page = numapin::addr::base_page_size();
-    let err = |e| Error::sys("move_pages", "", e);
-    let there = numa::move_range(addr, len, page, away).map_err(err)?;
-    let back = numa::move_range(addr, len, page, home).map_err(err)?;
-    Ok(there.moved + back.moved)
+/// A region under the storm: its original PFNs, and which pages have
+/// been seen on another frame at any point.
+struct Tracked {
+    addr: usize,
+    len: usize,
+    original: Vec<u64>,
+    ever_moved: Vec<bool>,
+    moves: u64,
+}
+
+impl Tracked {
+    fn new(addr: usize, len: usize) -> Result<Tracked> {
+        let original = pfns(addr, len)?;
+        let ever_moved = vec![false; original.len()];
+        Ok(Tracked {
+            addr,
+            len,
+            original,
+            ever_moved,
+            moves: 0,
+        })
+    }
+
+    /// Re-reads the PFNs and marks every page whose frame differs.
+    fn observe(&mut self) -> Result<()> {
+        let now = pfns(self.addr, self.len)?;
+        for ((m, a), b) in self.ever_moved.iter_mut().zip(&self.original).zip(&now) {
+            *m |= a != b;
+        }
+        Ok(())
+    }
+
+    /// `move_pages` to `to`, then observe.
+    fn move_to(&mut self, to: NodeId) -> Result<()> {
+        let page = numapin::addr::base_page_size();
+        let out = numa::move_range(self.addr, self.len, page, to)
+            .map_err(|e| Error::sys("move_pages", "", e))?;
+        self.moves += out.moved;
+        self.observe()
+    }
+
+    fn pages_moved(&self) -> u64 {
+        self.ever_moved.iter().filter(|&&m| m).count() as u64
+    }
 }
 
 pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
@@ -93,29 +126,33 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
         iova: None,
     })?;
     let len = size as usize;
-    let plain_before = pfns(plain.addr(), len)?;
-    let pinned_before = pfns(pinned.vaddr(), len)?;
+    let mut plain_t = Tracked::new(plain.addr(), len)?;
+    let mut pinned_t = Tracked::new(pinned.vaddr(), len)?;
     let half = size / 2;
     let count = numapin::edu::MAX_TRANSFER.min(half);
     let dma_before = edu.round_trip(&pinned, 0, &pinned, half, count, 1)?;
 
-    let (mut plain_moved, mut pinned_moved) = (0, 0);
     for _ in 0..rounds {
-        plain_moved += storm_round(plain.addr(), len, home, away)?;
-        pinned_moved += storm_round(pinned.vaddr(), len, home, away)?;
+        for to in [away, home] {
+            plain_t.move_to(to)?;
+            pinned_t.move_to(to)?;
+        }
     }
     for (from, to) in [(home, away), (away, home)] {
         numapin::sys::migrate_pages(0, from, to).map_err(|e| Error::sys("migrate_pages", "", e))?;
+        plain_t.observe()?;
+        pinned_t.observe()?;
     }
     // Compaction is best effort: absent without CONFIG_COMPACTION.
     let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    plain_t.observe()?;
+    pinned_t.observe()?;
 
-    let plain_after = pfns(plain.addr(), len)?;
-    let pinned_after = pfns(pinned.vaddr(), len)?;
     let dma_after = edu.round_trip(&pinned, 0, &pinned, half, count, 2)?;
-    let pages = plain_before.len() as u64;
-    let plain_changed = changed(&plain_before, &plain_after);
-    let pinned_changed = changed(&pinned_before, &pinned_after);
+    let pages = plain_t.original.len() as u64;
+    let (plain_moved, pinned_moved) = (plain_t.moves, pinned_t.moves);
+    let plain_changed = plain_t.pages_moved();
+    let pinned_changed = pinned_t.pages_moved();
     let dma = |c: &DmaCheck| {
         if c.ok() {
             format!("{} B ok", c.bytes)
@@ -130,7 +167,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
             moved: plain_moved,
             pfn_changed: plain_changed,
             node_now: node_summary(plain.addr(), len)?,
-            dma: format!("no IOVA; {plain_changed} stale PAs"),
+            dma: format!("no IOVA; {plain_changed} PAs went stale"),
         },
         Row {
             name: "numapin",
@@ -143,11 +180,11 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     ];
     println!(
         "{:<8} {:>6} {:>7} {:>8} {:<10} DMA (before / after)",
-        "region", "pages", "moves", "PFNs", "node:pages"
+        "region", "pages", "moves", "pages on", "node:pages"
     );
     println!(
         "{:<8} {:>6} {:>7} {:>8} {:<10}",
-        "", "", "", "changed", "now"
+        "", "", "", "new PFN", "now"
     );
     for r in &rows {
         println!(
@@ -174,7 +211,9 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
             dma(&dma_after)
         )));
     }
-    println!("result: the plain region moved ({plain_changed} of {pages} pages changed frame);");
+    println!(
+        "result: the plain region moved ({plain_changed} of {pages} pages were on a new frame);"
+    );
     println!("        the pinned region did not move, and device DMA stayed correct.");
     Ok(())
 }

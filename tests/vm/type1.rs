@@ -26,6 +26,9 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("a.lib.node1-2M", |c| {
             placement(c, c.away, PageSize::Huge2M, 16 << 20)
         }),
+        ("a.lib.node0-1G", |c| {
+            placement(c, c.home, PageSize::Huge1G, 1 << 30)
+        }),
         ("a.lib.node1-1G", |c| {
             placement(c, c.away, PageSize::Huge1G, 1 << 30)
         }),
