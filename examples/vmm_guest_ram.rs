@@ -243,8 +243,8 @@ fn run(device: &str) -> Result<()> {
         online.len()
     );
     println!(
-        "{:<5} {:<14} {:>8} {:>5} {:>5}  {}",
-        "slot", "GPA = IOVA", "size", "vnode", "host", "vaddr"
+        "{:<5} {:<14} {:>8} {:>5} {:>5}  vaddr",
+        "slot", "GPA = IOVA", "size", "vnode", "host"
     );
     for s in &slots {
         let r = s.region();

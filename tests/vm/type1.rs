@@ -34,6 +34,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         }),
         ("a.cli.two-regions", cli_two_regions),
         ("a.cli.info-topology", cli_info_topology),
+        ("a.example.vmm_guest_ram", example_vmm),
         ("b.dma.edu", dma),
         ("c.move_pages", c_move_pages),
         ("c.migrate_pages", c_migrate_pages),
@@ -242,6 +243,37 @@ fn cli_info_topology(ctx: &Ctx) -> Result<String, String> {
         "{} IOVA ranges around the MSI window, {avail} DMA mappings available, 2 nodes with 2M pools",
         ranges.len()
     ))
+}
+
+/// examples/vmm_guest_ram: guest RAM slots pinned at IOVA = GPA on their nodes.
+fn example_vmm(ctx: &Ctx) -> Result<String, String> {
+    let out = e(
+        std::process::Command::new(sibling("vmm_guest_ram"))
+            .args(["--device", &ctx.bdf])
+            .output(),
+        "run vmm_guest_ram",
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "exit {}: {}{}",
+        out.status,
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in ["0x0 ", "0x100000000", "released both slots"] {
+        ensure!(text.contains(want), "output lacks `{want}`: {text}");
+    }
+    let intact = text
+        .lines()
+        .filter(|l| l.ends_with(": intact") && l.contains("PFNs unchanged"))
+        .count();
+    ensure!(
+        intact == 2,
+        "expected two intact slots with unchanged PFNs: {text}"
+    );
+    ensure!(vmlck() == 0, "VmLck {:#x} in the runner", vmlck());
+    Ok("two slots pinned at IOVA = GPA (0x0, 0x100000000), both intact, released".into())
 }
 
 /// b: edu copies a pattern node0 region -> device -> node1 region and back.

@@ -15,6 +15,8 @@ use crate::{cmd, deps, initramfs, layout};
 
 /// The guest binaries, built with `--features vmtest`.
 const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest"];
+/// Examples the suite runs in the guest (installed in /bin next to the runner).
+const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram"];
 
 /// What `cargo xtask vm` starts in the guest.
 pub enum VmMode {
@@ -366,10 +368,15 @@ fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
 
 fn guest_binary_paths() -> Vec<PathBuf> {
     let release = layout::target_dir().join("release");
-    GUEST_BINARIES.iter().map(|b| release.join(b)).collect()
+    let bins = GUEST_BINARIES.iter().map(|b| release.join(b));
+    let examples = GUEST_EXAMPLES
+        .iter()
+        .map(|e| release.join("examples").join(e));
+    bins.chain(examples).collect()
 }
 
-/// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest`.
+/// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest
+/// --example vmm_guest_ram`.
 fn build_guest_binaries() -> Result<Vec<PathBuf>> {
     cmd::timed(
         "guest binaries: cargo build --release --features vmtest",
@@ -385,6 +392,9 @@ fn build_guest_binaries() -> Result<Vec<PathBuf>> {
             ]);
             for b in GUEST_BINARIES {
                 c.args(["--bin", b]);
+            }
+            for e in GUEST_EXAMPLES {
+                c.args(["--example", e]);
             }
             cmd::run(&mut c)
         },
