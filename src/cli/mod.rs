@@ -117,23 +117,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bind { device } => {
-            let o = numapin::bind::bind(&device)?;
-            println!(
-                "{}: {} -> {}",
-                o.device,
-                o.previous.as_deref().unwrap_or("no driver"),
-                o.current.as_deref().unwrap_or("no driver")
-            );
+            print_bind(&numapin::bind::bind(&device)?);
             Ok(())
         }
         Command::Unbind { device } => {
-            let o = numapin::bind::unbind(&device)?;
-            println!(
-                "{}: {} -> {}",
-                o.device,
-                o.previous.as_deref().unwrap_or("no driver"),
-                o.current.as_deref().unwrap_or("no driver")
-            );
+            print_bind(&numapin::bind::unbind(&device)?);
             Ok(())
         }
         Command::Info { device, json } => info(&device, json),
@@ -144,6 +132,17 @@ pub fn run(cli: Cli) -> Result<()> {
             rounds,
         } => demo::run(device.as_deref(), size, rounds),
     }
+}
+
+/// `BDF: old driver -> new driver`.
+fn print_bind(o: &numapin::bind::BindOutcome) {
+    let name = |d: &Option<String>| d.clone().unwrap_or_else(|| "no driver".into());
+    println!(
+        "{}: {} -> {}",
+        o.device,
+        name(&o.previous),
+        name(&o.current)
+    );
 }
 
 fn info(device: &str, json: bool) -> Result<()> {

@@ -428,31 +428,7 @@ impl Pinner {
             progress,
         )?;
         let vaddr = mem.addr();
-        let pins = match self.map_checked(vaddr, size, reservation.iova, Some(node), page_size) {
-            Ok(p) => p,
-            Err(MapFailure {
-                error,
-                still_mapped,
-            }) => {
-                if still_mapped {
-                    // A device may still reach the pages: never reuse them or the IOVA.
-                    reservation.keep();
-                    mem.leak();
-                }
-                return Err(error);
-            }
-        };
-        let iova = reservation.keep();
-        Ok(PinnedRegion::new(
-            self.inner.clone(),
-            iova,
-            size,
-            vaddr,
-            Some(node),
-            page_size,
-            Some(mem),
-            pins,
-        ))
+        self.map_region(reservation, vaddr, size, Some(node), page_size, Some(mem))
     }
 
     /// Pins caller-owned memory `[vaddr, vaddr+len)` at `iova` (or at an IOVA
@@ -494,7 +470,23 @@ impl Pinner {
         }
         check_memlock(len)?;
         let reservation = self.reserve_iova(iova, len, page)?;
-        let pins = match self.map_checked(vaddr as usize, len, reservation.iova, node, page_size) {
+        self.map_region(reservation, vaddr as usize, len, node, page_size, None)
+    }
+
+    /// Maps and checks `[vaddr, vaddr+len)` at the reserved IOVA and wraps it
+    /// in a region (owning `mem`, if given). If the mapping could not be
+    /// undone after a failed check, neither the IOVA nor the memory is ever
+    /// reused: a device may still reach it.
+    fn map_region(
+        &self,
+        reservation: IovaReservation<'_>,
+        vaddr: usize,
+        len: u64,
+        node: Option<NodeId>,
+        page_size: PageSize,
+        mem: Option<NodeMemory>,
+    ) -> Result<PinnedRegion> {
+        let pins = match self.map_checked(vaddr, len, reservation.iova, node, page_size) {
             Ok(p) => p,
             Err(MapFailure {
                 error,
@@ -502,6 +494,9 @@ impl Pinner {
             }) => {
                 if still_mapped {
                     reservation.keep();
+                    if let Some(m) = mem {
+                        m.leak();
+                    }
                 }
                 return Err(error);
             }
@@ -511,10 +506,10 @@ impl Pinner {
             self.inner.clone(),
             iova,
             len,
-            vaddr as usize,
+            vaddr,
             node,
             page_size,
-            None,
+            mem,
             pins,
         ))
     }
