@@ -327,9 +327,14 @@ impl NodeMemory {
                 }
             }
         };
+        // The caller's thread never changes affinity: with several threads,
+        // all the faulting happens in new threads bound to the node's CPUs.
         let result: io::Result<()> = std::thread::scope(|s| {
-            let handles: Vec<_> = (1..nthreads).map(|_| s.spawn(|| work(true))).collect();
-            let mut r = work(nthreads > 1);
+            if nthreads == 1 {
+                return work(false);
+            }
+            let handles: Vec<_> = (0..nthreads).map(|_| s.spawn(|| work(true))).collect();
+            let mut r = Ok(());
             for h in handles {
                 let hr = h
                     .join()
@@ -539,6 +544,42 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "NUMA node 7 is not online; online nodes: 0, 1 (see `numapin topology`)"
+        );
+    }
+
+    #[test]
+    fn parallel_prefault_leaves_caller_affinity_alone() {
+        let affinity = || {
+            // SAFETY: plain data, filled by the kernel.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: valid set of the size passed.
+            let r = unsafe {
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set)
+            };
+            assert_eq!(r, 0);
+            // SAFETY: CPU_COUNT reads the set.
+            unsafe { libc::CPU_COUNT(&set) }
+        };
+        let before = affinity();
+        let topo = Topology::read().unwrap();
+        let node = topo.ids()[0];
+        let len = PARALLEL_PREFAULT_MIN;
+        let seen = AtomicU64::new(0);
+        let progress = |d: u64| {
+            seen.fetch_max(d, Ordering::Relaxed);
+        };
+        let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 2, Some(&progress)).unwrap();
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            len,
+            "progress did not reach the full size"
+        );
+        let nodes = nodes_of(m.addr(), m.len(), 4096).unwrap();
+        assert!(nodes.iter().all(|&n| n == node.0 as i32));
+        assert_eq!(
+            affinity(),
+            before,
+            "prefault changed the caller's CPU affinity"
         );
     }
 
