@@ -290,6 +290,17 @@ pub fn read_pagemap_from(
         .collect())
 }
 
+/// The PFN of every base page of `[vaddr, vaddr + len)`, in virtual order,
+/// from `/proc/self/pagemap`.
+///
+/// # Errors
+/// As [`decode_pfns`], and the I/O errors of [`read_pagemap`].
+pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
+    let page = base_page_size();
+    let entries = read_pagemap(vaddr, (len / page) as usize)?;
+    decode_pfns(vaddr, &entries, page)
+}
+
 /// The physical extents backing `[vaddr, vaddr + len)`, in virtual order,
 /// read from `/proc/self/pagemap`. `vaddr` and `len` must be multiples of
 /// the base page size; `len == 0` gives no extents.

@@ -169,7 +169,7 @@ impl PinnedRegion {
         };
         let pfn_changed = match &self.pfns {
             Some(before) => {
-                let now = read_pfns(self.vaddr as u64, self.len)?;
+                let now = phys::pfns(self.vaddr as u64, self.len)?;
                 Some(before.iter().zip(&now).filter(|(a, b)| a != b).count() as u64)
             }
             None => None,
@@ -214,13 +214,6 @@ impl Drop for PinnedRegion {
             }
         }
     }
-}
-
-/// The PFN of every base page of `[vaddr, vaddr+len)`, from `/proc/self/pagemap`.
-pub(crate) fn read_pfns(vaddr: u64, len: u64) -> std::result::Result<Vec<u64>, phys::PhysError> {
-    let page = crate::addr::base_page_size();
-    let entries = phys::read_pagemap(vaddr, (len / page) as usize)?;
-    phys::decode_pfns(vaddr, &entries, page)
 }
 
 /// A region as the CLI describes it: `NODE:SIZE[:PAGESIZE][@IOVA]`, e.g.

@@ -23,9 +23,7 @@ struct Row {
 }
 
 fn pfns(addr: usize, len: usize) -> Result<Vec<u64>> {
-    let page = numapin::addr::base_page_size();
-    let entries = phys::read_pagemap(addr as u64, len / page as usize)?;
-    Ok(phys::decode_pfns(addr as u64, &entries, page)?)
+    Ok(phys::pfns(addr as u64, len as u64)?)
 }
 
 fn node_summary(addr: usize, len: usize) -> Result<String> {

@@ -590,7 +590,7 @@ impl Pinner {
         if let Some(node) = node {
             check_placement(vaddr, len, node, page_size).map_err(undo)?;
         }
-        Ok(crate::region::read_pfns(vaddr as u64, len).ok())
+        Ok(crate::phys::pfns(vaddr as u64, len).ok())
     }
 }
 

@@ -18,7 +18,7 @@ mod fragment;
 mod modules;
 mod stock;
 
-use std::fs::{self, File, TryLockError};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -123,22 +123,7 @@ impl Cache {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("could not create {}", dir.join(sub).display()))?;
         }
-        let lock_path = dir.join("lock");
-        let lock = File::create(&lock_path)
-            .with_context(|| format!("could not create {}", lock_path.display()))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                println!(
-                    "    waiting for another run to release {}",
-                    lock_path.display()
-                );
-                lock.lock()?;
-            }
-            Err(TryLockError::Error(err)) => {
-                return Err(err).with_context(|| format!("could not lock {}", lock_path.display()));
-            }
-        }
+        let lock = layout::lock_file(&dir.join("lock"), "another run to release the kernel cache")?;
         // Holding the lock, nothing else uses tmp/: whatever is there was left
         // by a run that was killed mid-build (an unpacked tree is ~1.5 GB).
         for stale in fs::read_dir(dir.join("tmp"))?.filter_map(|e| e.ok()) {

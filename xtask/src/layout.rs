@@ -47,15 +47,18 @@ pub fn vm_dir(config: &str) -> PathBuf {
 pub fn lock_vm_dir(config: &str) -> Result<File> {
     let path = target_dir().join("vm").join(format!("{config}.lock"));
     std::fs::create_dir_all(path.parent().unwrap())?;
+    lock_file(&path, &format!("another run using {config}"))
+}
+
+/// Creates `path` and takes an exclusive lock on it, waiting (and saying so)
+/// while `holder` has it. The lock lasts as long as the returned file.
+pub fn lock_file(path: &Path, holder: &str) -> Result<File> {
     let file =
-        File::create(&path).with_context(|| format!("could not create {}", path.display()))?;
+        File::create(path).with_context(|| format!("could not create {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            println!(
-                "    waiting for another run using {config} ({})",
-                path.display()
-            );
+            println!("    waiting for {holder} ({})", path.display());
             file.lock()?;
         }
         Err(TryLockError::Error(err)) => {
