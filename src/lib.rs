@@ -41,6 +41,7 @@ pub mod numa;
 pub mod phys;
 pub mod region;
 pub mod sys;
+pub mod translate;
 pub mod vfio;
 
 pub use addr::{Iova, NodeId, PageSize, PhysAddr};

@@ -1,0 +1,2 @@
+//! Placeholder: the translation benchmark is being written.
+fn main() {}

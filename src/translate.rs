@@ -1,0 +1,1 @@
+//! Address translation over many pinned regions (being written).

@@ -1,0 +1,2 @@
+//! Placeholder: the guest-side benchmark runner is being written.
+fn main() {}
