@@ -251,7 +251,7 @@ fn run(device: &str) -> Result<()> {
         println!(
             "{:<5} {:<14} {:>8} {:>5} {:>5}  {:#018x}",
             s.slot.name,
-            r.iova().to_string(),
+            r.iova().map_or("-".into(), |i| i.to_string()),
             human_size(r.len()),
             s.slot.vnode,
             s.host.to_string(),

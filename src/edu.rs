@@ -10,14 +10,15 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsRawFd;
+
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
 };
-use vfio_ioctls::VfioDevice;
 
-use crate::addr::Iova;
 use crate::error::{Error, Result};
 use crate::region::PinnedRegion;
+use crate::vfio::DeviceFd;
 
 /// PCI vendor id of the edu device.
 pub const VENDOR: u16 = 0x1234;
@@ -42,8 +43,11 @@ const CMD_START: u64 = 1;
 const CMD_TO_RAM: u64 = 2;
 
 /// An opened edu device with BAR0 mapped through the VFIO region mmap.
+///
+/// It takes DMA addresses: IOVAs behind an IOMMU, physical addresses in
+/// no-IOMMU mode ([`PinnedRegion::dma_addr`] gives the right one).
 pub struct Edu<'a> {
-    _dev: &'a VfioDevice,
+    _dev: DeviceFd<'a>,
     bar: *mut u8,
     bar_len: usize,
 }
@@ -86,16 +90,14 @@ pub fn find() -> Option<String> {
 impl<'a> Edu<'a> {
     /// Maps BAR0, checks the id register, and enables bus mastering in
     /// config space.
-    pub fn open(dev: &'a VfioDevice) -> Result<Edu<'a>> {
-        use std::os::fd::AsRawFd;
-        let idx = VFIO_PCI_BAR0_REGION_INDEX;
-        if dev.get_region_flags(idx) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+    pub fn open(dev: DeviceFd<'a>) -> Result<Edu<'a>> {
+        let bar0 = dev.region(VFIO_PCI_BAR0_REGION_INDEX)?;
+        if bar0.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(Error::Invalid(
                 "edu BAR0 cannot be mmapped through VFIO".into(),
             ));
         }
-        let bar_len = dev.get_region_size(idx) as usize;
-        let off = dev.get_region_offset(idx);
+        let bar_len = bar0.size as usize;
         // SAFETY: mapping a device region through the VFIO device fd at the
         // offset VFIO reported; the mapping is private to this struct.
         let bar = unsafe {
@@ -104,8 +106,8 @@ impl<'a> Edu<'a> {
                 bar_len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                dev.as_raw_fd(),
-                off as libc::off_t,
+                dev.fd().as_raw_fd(),
+                bar0.offset as libc::off_t,
             )
         };
         if bar == libc::MAP_FAILED {
@@ -127,9 +129,9 @@ impl<'a> Edu<'a> {
             )));
         }
         let mut cmd = [0u8; 2];
-        dev.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut cmd, 4);
+        dev.read(VFIO_PCI_CONFIG_REGION_INDEX, 4, &mut cmd)?;
         let v = u16::from_le_bytes(cmd) | 0x4; // bus master enable
-        dev.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &v.to_le_bytes(), 4);
+        dev.write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &v.to_le_bytes())?;
         Ok(edu)
     }
 
@@ -157,10 +159,11 @@ impl<'a> Edu<'a> {
                 "edu transfer of {count} bytes: use 1..={MAX_TRANSFER}"
             )));
         }
-        let iova = if to_ram { dst } else { src };
-        if iova.saturating_add(count) > DMA_LIMIT {
+        let addr = if to_ram { dst } else { src };
+        if addr.saturating_add(count) > DMA_LIMIT {
             return Err(Error::Invalid(format!(
-                "IOVA {iova:#x} is beyond edu's 28-bit DMA mask; pin the region below 0x10000000"
+                "DMA address {addr:#x} is beyond edu's 28-bit DMA mask; pin the region below 0x10000000 \
+                 (in no-IOMMU mode: physical memory below 256 MiB)"
             )));
         }
         self.write64(REG_SRC, src);
@@ -179,19 +182,21 @@ impl<'a> Edu<'a> {
         Ok(())
     }
 
-    /// Copies `count` bytes from `iova` into the device buffer.
-    pub fn dma_to_device(&self, iova: Iova, count: u64) -> Result<()> {
-        self.transfer(iova.raw(), BUFFER, count, false)
+    /// Copies `count` bytes from DMA address `addr` into the device buffer.
+    pub fn dma_to_device(&self, addr: u64, count: u64) -> Result<()> {
+        self.transfer(addr, BUFFER, count, false)
     }
 
-    /// Copies `count` bytes from the device buffer to `iova`.
-    pub fn dma_from_device(&self, iova: Iova, count: u64) -> Result<()> {
-        self.transfer(BUFFER, iova.raw(), count, true)
+    /// Copies `count` bytes from the device buffer to DMA address `addr`.
+    pub fn dma_from_device(&self, addr: u64, count: u64) -> Result<()> {
+        self.transfer(BUFFER, addr, count, true)
     }
 
     /// Writes a pattern (from `seed`) at `src[src_off..]`, clears
     /// `dst[dst_off..]`, has the device copy it src → device → dst through
-    /// the IOVAs, and counts the bytes at the destination that differ.
+    /// their DMA addresses, and counts the bytes at the destination that
+    /// differ. In no-IOMMU mode a transfer must not cross a physical
+    /// discontinuity: it is refused unless both ranges are contiguous.
     pub fn round_trip(
         &self,
         src: &PinnedRegion,
@@ -204,6 +209,8 @@ impl<'a> Edu<'a> {
         if src_off + count > src.len() || dst_off + count > dst.len() {
             return Err(Error::Invalid("round trip beyond the region".into()));
         }
+        let src_addr = contiguous_dma(src, src_off, count)?;
+        let dst_addr = contiguous_dma(dst, dst_off, count)?;
         let pattern = |i: u64| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ 0x5a;
         let s = src.as_ptr();
         let d = dst.as_ptr();
@@ -216,8 +223,8 @@ impl<'a> Edu<'a> {
             }
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.dma_to_device(Iova(src.iova().raw() + src_off), count)?;
-        self.dma_from_device(Iova(dst.iova().raw() + dst_off), count)?;
+        self.dma_to_device(src_addr, count)?;
+        self.dma_from_device(dst_addr, count)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let mismatches = (0..count)
             // SAFETY: as above.
@@ -228,6 +235,29 @@ impl<'a> Edu<'a> {
             mismatches,
         })
     }
+}
+
+/// The DMA address of `region[off..off+count]`, if the device sees that
+/// range as one contiguous run.
+fn contiguous_dma(region: &PinnedRegion, off: u64, count: u64) -> Result<u64> {
+    let missing = || {
+        Error::Invalid(format!(
+            "no DMA address for offset {off:#x} of the region: it has no IOVA and its PFNs are hidden (run with CAP_SYS_ADMIN)"
+        ))
+    };
+    if count == 0 {
+        return Err(Error::Invalid(format!(
+            "edu transfer of 0 bytes: use 1..={MAX_TRANSFER}"
+        )));
+    }
+    let first = region.dma_addr(off).ok_or_else(missing)?;
+    let last = region.dma_addr(off + count - 1).ok_or_else(missing)?;
+    if last.checked_sub(first) != Some(count - 1) {
+        return Err(Error::Invalid(format!(
+            "offset {off:#x}+{count} of the region is not physically contiguous; keep transfers inside one page"
+        )));
+    }
+    Ok(first)
 }
 
 impl Drop for Edu<'_> {

@@ -188,16 +188,68 @@ pub enum Error {
         path: PathBuf,
     },
 
-    /// The container has no IOMMU-backed domain: MAP_DMA would not pin.
+    /// A fixed IOVA asked of a no-IOMMU device, which has none.
     #[error(
-        "device {device} is {kind}: VFIO_IOMMU_MAP_DMA does not pin memory there, so numapin refuses to pin through it; \
-         use a device behind a real IOMMU"
+        "device {device} is in VFIO no-IOMMU mode: it has no IOVAs and DMAs to physical addresses; \
+         drop the @IOVA and use the region's physical extents"
     )]
-    NoIommuDomain {
+    IovaWithoutIommu {
         /// Device name.
         device: String,
-        /// What kind of container it is.
-        kind: crate::vfio::ContainerKind,
+    },
+
+    /// VFIO is not in no-IOMMU mode although the group node says so.
+    #[error(
+        "VFIO does not offer no-IOMMU mode for {device}; load vfio with `enable_unsafe_noiommu_mode=1` \
+         (`echo 1 > /sys/module/vfio/parameters/enable_unsafe_noiommu_mode`, or vfio.enable_unsafe_noiommu_mode=1 on the kernel command line)"
+    )]
+    NoIommuModeOff {
+        /// Device name.
+        device: String,
+    },
+
+    /// Opening a no-IOMMU group without CAP_SYS_RAWIO.
+    #[error(
+        "opening {path} needs CAP_SYS_RAWIO (a no-IOMMU device can DMA anywhere in memory); run as root or grant the capability \
+         (`setcap cap_sys_rawio,cap_sys_admin+ep $(which numapin)`)", path = path.display()
+    )]
+    NoIommuNeedsRawio {
+        /// The group node.
+        path: PathBuf,
+    },
+
+    /// `kernel.io_uring_disabled` forbids the io_uring pin.
+    #[error(
+        "io_uring is disabled (sysctl kernel.io_uring_disabled = {value}) but numapin pins memory for mdev and no-IOMMU devices \
+         with io_uring registered buffers; run `sysctl -w kernel.io_uring_disabled=0`, or set it to 1 and add the user to \
+         the group in kernel.io_uring_group"
+    )]
+    UringDisabled {
+        /// The sysctl's value (1: only kernel.io_uring_group, 2: nobody).
+        value: u32,
+    },
+
+    /// The kernel has no io_uring.
+    #[error(
+        "this kernel has no io_uring (CONFIG_IO_URING is off), which numapin needs to pin memory for mdev and no-IOMMU \
+         devices; use a kernel with io_uring or a device behind a real IOMMU"
+    )]
+    UringUnsupported,
+
+    /// Physically contiguous extents shorter than the caller needs.
+    #[error(
+        "the region's smallest physically contiguous extent is {} ({count} extents) but {} was asked for; \
+         back it with larger pages (`:2M` or `:1G` hugepages give extents of at least that size) or ask for less",
+        hs(smallest),
+        hs(min)
+    )]
+    ExtentTooSmall {
+        /// The minimum extent asked for.
+        min: u64,
+        /// The smallest extent found.
+        smallest: u64,
+        /// How many extents the region has.
+        count: usize,
     },
 
     /// After pinning, some pages are not on the requested node.
@@ -218,14 +270,18 @@ pub enum Error {
         first_node: String,
     },
 
-    /// The locked-memory accounting did not grow by the region's size.
+    /// The pinned-memory accounting did not grow by the region's size.
     #[error(
-        "VmLck grew by {} instead of {} after VFIO_IOMMU_MAP_DMA: the kernel did not pin the region; \
-         the container may not be IOMMU-backed",
+        "{counter} grew by {} instead of {} after {by}: the kernel did not pin the region; \
+         check the device kind with `numapin info`",
         hs(grew),
         hs(len)
     )]
     NotAccounted {
+        /// The counter read (`VmLck` for VFIO type1, `VmPin` for io_uring).
+        counter: &'static str,
+        /// The call that should have pinned.
+        by: &'static str,
         /// Growth observed.
         grew: u64,
         /// Expected growth.

@@ -42,6 +42,7 @@ pub mod phys;
 pub mod region;
 pub mod sys;
 pub mod translate;
+pub mod uring;
 pub mod vfio;
 
 pub use addr::{Iova, NodeId, PageSize, PhysAddr};

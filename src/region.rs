@@ -11,22 +11,26 @@ use crate::addr::{Iova, NodeId, PageSize, ParseError, parse_size};
 use crate::error::{Error, Result};
 use crate::numa::NodeMemory;
 use crate::phys::{self, PhysExtent};
-use crate::vfio::{Inner, PinRequest};
+use crate::uring::UringPin;
+use crate::vfio::{ContainerKind, Inner, PinRequest, Pins};
 
-/// Memory pinned by one `VFIO_IOMMU_MAP_DMA`: its pages cannot migrate and
-/// its IOVA maps to them until the region is dropped or released.
+/// Pinned memory: its pages cannot migrate, and its IOVA (if the device has
+/// IOVAs) maps to them until the region is dropped or released.
 ///
-/// Dropping unmaps the IOVA range (which unpins the pages) and then frees
-/// the memory numapin allocated. If the unmap fails, the memory is leaked on
-/// purpose rather than freed while a device may still reach it.
+/// The pin is one `VFIO_IOMMU_MAP_DMA` behind a real IOMMU, or an io_uring
+/// long-term pin for mdev and no-IOMMU devices (plus MAP_DMA for the mdev
+/// vendor driver's IOVA). Dropping unmaps the IOVA range, unpins, and then
+/// frees the memory numapin allocated. If the unmap fails, the memory is
+/// leaked on purpose rather than freed while a device may still reach it.
 pub struct PinnedRegion {
     pinner: Arc<Inner>,
-    iova: Iova,
+    iova: Option<Iova>,
     len: u64,
     vaddr: usize,
     node: Option<NodeId>,
     page_size: PageSize,
     memory: Option<NodeMemory>,
+    uring: Option<UringPin>,
     pfns: Option<Vec<u64>>,
     released: bool,
 }
@@ -36,6 +40,7 @@ impl fmt::Debug for PinnedRegion {
         f.debug_struct("PinnedRegion")
             .field("device", &self.pinner.device_name())
             .field("iova", &self.iova)
+            .field("kind", &self.pinner.kind())
             .field("len", &format_args!("{:#x}", self.len))
             .field("vaddr", &format_args!("{:#x}", self.vaddr))
             .field("node", &self.node)
@@ -68,13 +73,13 @@ impl PinnedRegion {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pinner: Arc<Inner>,
-        iova: Iova,
+        iova: Option<Iova>,
         len: u64,
         vaddr: usize,
         node: Option<NodeId>,
         page_size: PageSize,
         memory: Option<NodeMemory>,
-        pfns: Option<Vec<u64>>,
+        pins: Pins,
     ) -> PinnedRegion {
         PinnedRegion {
             pinner,
@@ -84,14 +89,49 @@ impl PinnedRegion {
             node,
             page_size,
             memory,
-            pfns,
+            uring: pins.uring,
+            pfns: pins.pfns,
             released: false,
         }
     }
 
-    /// The IOVA the device uses for the first byte.
-    pub fn iova(&self) -> Iova {
+    /// The IOVA the device uses for the first byte; `None` for a no-IOMMU
+    /// device, which uses physical addresses ([`PinnedRegion::dma_addr`]).
+    pub fn iova(&self) -> Option<Iova> {
         self.iova
+    }
+
+    /// The kind of container the region is pinned through.
+    pub fn kind(&self) -> ContainerKind {
+        self.pinner.kind()
+    }
+
+    /// What holds the pages: `"vfio-map-dma"` (IOMMU-backed type1) or
+    /// `"io_uring"` (mdev-only and no-IOMMU).
+    pub fn pin_kind(&self) -> &'static str {
+        if self.uring.is_some() {
+            "io_uring"
+        } else {
+            "vfio-map-dma"
+        }
+    }
+
+    /// The address the device uses for byte `offset` of the region: the
+    /// IOVA, or for a no-IOMMU device the physical address (from the PFNs
+    /// recorded at pin time, which the pin keeps valid). `None` beyond the
+    /// region, or when PFNs were hidden.
+    pub fn dma_addr(&self, offset: u64) -> Option<u64> {
+        if offset >= self.len {
+            return None;
+        }
+        match self.iova {
+            Some(iova) => Some(iova.raw() + offset),
+            None => {
+                let base = crate::addr::base_page_size();
+                let pfn = *self.pfns.as_ref()?.get((offset / base) as usize)?;
+                Some(pfn * base + offset % base)
+            }
+        }
     }
 
     /// The process's virtual address of the first byte.
@@ -133,22 +173,33 @@ impl PinnedRegion {
     /// The IOVA of `vaddr`, if it lies in the region.
     pub fn iova_of(&self, vaddr: usize) -> Option<Iova> {
         let off = vaddr.checked_sub(self.vaddr)? as u64;
-        (off < self.len).then(|| Iova(self.iova.raw() + off))
+        let base = self.iova?;
+        (off < self.len).then(|| Iova(base.raw() + off))
     }
 
     /// The virtual address of `iova`, if it lies in the region.
     pub fn vaddr_of(&self, iova: Iova) -> Option<usize> {
-        let off = iova.checked_offset_from(self.iova)?;
+        let off = iova.checked_offset_from(self.iova?)?;
         (off < self.len).then(|| self.vaddr + off as usize)
     }
 
     /// The region's physical memory as contiguous runs, read from
-    /// `/proc/self/pagemap`.
+    /// `/proc/self/pagemap` (for a no-IOMMU device: the DMA addresses).
     ///
     /// # Errors
     /// [`phys::PhysError::PfnHidden`] without CAP_SYS_ADMIN.
     pub fn phys_extents(&self) -> Result<Vec<PhysExtent>> {
         Ok(phys::phys_extents(self.vaddr as u64, self.len)?)
+    }
+
+    /// The shortest physically contiguous run, from the PFNs recorded at
+    /// pin time (`None` when PFNs were hidden).
+    pub fn min_extent(&self) -> Option<u64> {
+        let base = crate::addr::base_page_size();
+        phys::merge_extents(self.pfns.as_ref()?.iter().copied(), base)
+            .iter()
+            .map(|e| e.len)
+            .min()
     }
 
     /// The PFNs recorded when the region was pinned (base pages), if the
@@ -189,20 +240,29 @@ impl PinnedRegion {
         self.teardown()
     }
 
+    /// Unmap (if mapped), unpin (if io_uring holds it), free. An unmap
+    /// failure leaks memory, IOVA and pin alike: a device may still reach
+    /// the pages. An unregister failure still frees: closing the ring drops
+    /// the pin, and no device holds an IOMMU mapping to the pages.
     fn teardown(&mut self) -> Result<()> {
-        match self.pinner.unmap_dma(self.iova, self.len) {
-            Ok(()) => {
-                self.pinner.free_iova(self.iova);
-                drop(self.memory.take());
-                Ok(())
-            }
-            Err(e) => {
+        if let Some(iova) = self.iova {
+            if let Err(e) = self.pinner.unmap_dma(iova, self.len) {
                 if let Some(m) = self.memory.take() {
                     m.leak();
                 }
-                Err(e)
+                if let Some(u) = self.uring.take() {
+                    std::mem::forget(u);
+                }
+                return Err(e);
             }
+            self.pinner.free_iova(iova);
         }
+        let unpinned = match self.uring.take() {
+            Some(u) => self.pinner.unpin_uring(u),
+            None => Ok(()),
+        };
+        drop(self.memory.take());
+        unpinned
     }
 }
 
@@ -210,7 +270,7 @@ impl Drop for PinnedRegion {
     fn drop(&mut self) {
         if !self.released {
             if let Err(e) = self.teardown() {
-                eprintln!("numapin: leaking pinned region at {}: {e}", self.iova);
+                eprintln!("numapin: leaking pinned region at {:#x}: {e}", self.vaddr);
             }
         }
     }
@@ -255,6 +315,7 @@ impl FromStr for RegionSpec {
             size,
             page_size,
             iova,
+            min_extent: None,
         }))
     }
 }
@@ -275,7 +336,8 @@ mod tests {
                 node: NodeId(0),
                 size: 512 << 20,
                 page_size: PageSize::Base,
-                iova: None
+                iova: None,
+                min_extent: None,
             }
         );
         assert_eq!(
@@ -284,7 +346,8 @@ mod tests {
                 node: NodeId(1),
                 size: 1 << 30,
                 page_size: PageSize::Huge2M,
-                iova: Some(Iova(0x1_0000_0000))
+                iova: Some(Iova(0x1_0000_0000)),
+                min_extent: None,
             }
         );
         assert_eq!(spec("0:4096:4K").unwrap().page_size, PageSize::Base);

@@ -209,6 +209,13 @@ pub fn locked_bytes() -> io::Result<u64> {
     proc_status_kb("VmLck")
 }
 
+/// Bytes of this process's memory counted as pinned (`VmPin`): io_uring
+/// registered buffers land there (and in the user's locked-memory count),
+/// not in `VmLck`.
+pub fn pinned_bytes() -> io::Result<u64> {
+    proc_status_kb("VmPin")
+}
+
 /// The soft `RLIMIT_MEMLOCK` in bytes (`u64::MAX` when unlimited).
 pub fn memlock_limit() -> io::Result<u64> {
     let mut r = libc::rlimit {

@@ -104,7 +104,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     }
     let (home, away) = (NodeId(topo.nodes[0].id), NodeId(topo.nodes[1].id));
     let pinner = Pinner::open(&device)?;
-    let edu = Edu::open(pinner.device())?;
+    let edu = Edu::open(pinner.device_fd())?;
 
     println!(
         "numapin demo: two {} regions on node {home}, device {device}",
@@ -117,12 +117,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     );
 
     let plain = NodeMemory::allocate(&topo, home, size, PageSize::Base, 0, None)?;
-    let pinned = pinner.pin(&PinRequest {
-        node: home,
-        size,
-        page_size: PageSize::Base,
-        iova: None,
-    })?;
+    let pinned = pinner.pin(&PinRequest::new(home, size))?;
     let len = size as usize;
     let mut plain_t = Tracked::new(plain.addr(), len)?;
     let mut pinned_t = Tracked::new(pinned.vaddr(), len)?;
@@ -191,8 +186,11 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
         );
     }
     println!(
-        "\nnumapin region: IOVA {} -> node {home}, {}",
-        pinned.iova(),
+        "\nnumapin region: {} -> node {home}, {}",
+        match pinned.iova() {
+            Some(i) => format!("IOVA {i}"),
+            None => "physical addresses".to_string(),
+        },
         human_size(size)
     );
     let ok = plain_changed > 0

@@ -70,7 +70,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct PinArgs {
-    /// PCI address, mdev UUID, or sysfs path of a device bound to vfio-pci.
+    /// PCI address (bound to vfio-pci, behind an IOMMU or in no-IOMMU
+    /// mode), mdev UUID, or sysfs path.
     #[arg(long, short)]
     device: String,
     /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
@@ -83,9 +84,14 @@ struct PinArgs {
         allow_hyphen_values = true
     )]
     regions: Vec<RegionSpec>,
-    /// Also print each region's physical extents (needs CAP_SYS_ADMIN).
+    /// Also print each region's physical extents (needs CAP_SYS_ADMIN;
+    /// always printed for a no-IOMMU device, whose DMA addresses they are).
     #[arg(long)]
     phys: bool,
+    /// Fail unless every physically contiguous extent of each region is at
+    /// least this long (e.g. 2M; hugepages give extents of their size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    min_extent: Option<u64>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
@@ -149,18 +155,13 @@ fn info(device: &str, json: bool) -> Result<()> {
     let desc = numapin::vfio::describe(device)?;
     // Opening needs the device on vfio-pci; report sysfs facts either way.
     let opened = desc.check_openable().and_then(|()| Pinner::open(device));
-    let report = output::InfoReport::new(&desc, opened.as_ref().ok().map(|p| p.iommu_info()));
+    let report = output::InfoReport::new(&desc, opened.as_ref().ok().and_then(|p| p.iommu_info()));
     if json {
         output::print_json(&report)?;
     } else {
         output::print_info(&report);
     }
-    match opened {
-        Ok(_) => Ok(()),
-        // A no-IOMMU device has no type1 container to open: the sysfs facts are the answer.
-        Err(numapin::Error::NoIommuDomain { .. }) => Ok(()),
-        Err(e) => Err(e),
-    }
+    opened.map(drop)
 }
 
 fn pin(args: PinArgs) -> Result<()> {
@@ -170,7 +171,10 @@ fn pin(args: PinArgs) -> Result<()> {
     let pinner = Pinner::open(&args.device)?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
-        let req = spec.0;
+        let req = numapin::PinRequest {
+            min_extent: args.min_extent,
+            ..spec.0
+        };
         let bar = output::prefault_progress(req.size);
         let progress = |done: u64| {
             if let Some(b) = &bar {
@@ -187,7 +191,7 @@ fn pin(args: PinArgs) -> Result<()> {
     for r in &regions {
         report.regions.push(RegionReport::new(
             r,
-            if args.phys {
+            if args.phys || r.iova().is_none() {
                 Some(r.phys_extents()?)
             } else {
                 None

@@ -9,7 +9,7 @@ use numapin::numa::Topology;
 use numapin::phys::PhysExtent;
 use numapin::vfio::DeviceInfo;
 use numapin::vfio::info::IommuInfo;
-use numapin::{Error, PinnedRegion, Pinner, Result};
+use numapin::{ContainerKind, Error, PinnedRegion, Pinner, Result};
 use serde::Serialize;
 
 /// Prints `v` as one pretty JSON document on stdout.
@@ -83,8 +83,31 @@ pub struct InfoReport {
     group_node: String,
     members: Vec<numapin::vfio::GroupMember>,
     backend: &'static str,
-    pins_memory: bool,
+    /// What takes the long-term pin for this kind of device.
+    pin: &'static str,
+    /// What the device puts on the bus: `iova` or `physical`.
+    dma_addresses: &'static str,
+    /// `kernel.io_uring_disabled` where io_uring does the pinning (absent
+    /// before Linux 6.6).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    io_uring_disabled: Option<u32>,
     iommu: Option<IommuReport>,
+}
+
+/// What pins memory for a device of this kind.
+fn pin_mechanism(kind: ContainerKind) -> &'static str {
+    match kind {
+        ContainerKind::Type1Iommu => "vfio-map-dma",
+        ContainerKind::MdevOnly | ContainerKind::NoIommu => "io_uring",
+    }
+}
+
+/// What the device uses as DMA addresses.
+fn dma_addresses(kind: ContainerKind) -> &'static str {
+    match kind {
+        ContainerKind::NoIommu => "physical",
+        _ => "iova",
+    }
 }
 
 #[derive(Serialize)]
@@ -110,7 +133,12 @@ impl InfoReport {
             group_node: d.group_node.display().to_string(),
             members: d.members.clone(),
             backend: d.kind.name(),
-            pins_memory: d.kind == numapin::ContainerKind::Type1Iommu,
+            pin: pin_mechanism(d.kind),
+            dma_addresses: dma_addresses(d.kind),
+            io_uring_disabled: match d.kind {
+                ContainerKind::Type1Iommu => None,
+                _ => numapin::uring::disabled_sysctl(),
+            },
             iommu: info.map(|i| IommuReport {
                 page_sizes: i.page_sizes(),
                 iova_ranges: i.iova_ranges.as_ref().map(|rs| {
@@ -143,16 +171,27 @@ pub fn print_info(r: &InfoReport) {
             m.driver.as_deref().unwrap_or("no driver")
         );
     }
+    println!("backend     {}", r.backend);
     println!(
-        "backend     {}{}",
-        r.backend,
-        if r.pins_memory {
-            ""
-        } else {
-            " (MAP_DMA does not pin here)"
+        "pin         {}{}",
+        r.pin,
+        match r.backend {
+            "mdev-only" => " (MAP_DMA records the IOVA but does not pin here)",
+            "no-iommu" => " (no MAP_DMA in no-IOMMU mode)",
+            _ => " (MAP_DMA pins with FOLL_LONGTERM)",
         }
     );
+    println!("dma         {} addresses", r.dma_addresses);
+    if let Some(v) = r.io_uring_disabled {
+        println!(
+            "io_uring    kernel.io_uring_disabled = {v}{}",
+            if v == 0 { "" } else { " (pinning will fail)" }
+        );
+    }
     match &r.iommu {
+        None if r.dma_addresses == "physical" => {
+            println!("iommu       none: the device DMAs to physical addresses")
+        }
         None => println!("iommu       not opened"),
         Some(i) => {
             let ps: Vec<String> = i.page_sizes.iter().map(|&p| short(p)).collect();
@@ -193,9 +232,16 @@ pub struct PinReport {
 pub struct RegionReport {
     node: Option<u32>,
     vaddr: String,
-    iova: String,
+    /// Absent for a no-IOMMU device (it uses `phys_extents`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iova: Option<String>,
     len: u64,
     page_size: u64,
+    /// What holds the pages: `vfio-map-dma` or `io_uring`.
+    pin: &'static str,
+    /// The shortest physically contiguous extent (when PFNs are readable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_extent: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     phys_extents: Option<Vec<ExtentReport>>,
 }
@@ -223,9 +269,11 @@ impl RegionReport {
         RegionReport {
             node: r.node().map(|n| n.0),
             vaddr: hex(r.vaddr() as u64),
-            iova: r.iova().to_string(),
+            iova: r.iova().map(|i| i.to_string()),
             len: r.len(),
             page_size: r.page_size().bytes(),
+            pin: r.pin_kind(),
+            min_extent: r.min_extent(),
             phys_extents: extents.map(|v| {
                 v.iter()
                     .map(|e| ExtentReport {
@@ -245,17 +293,19 @@ pub fn print_pin(r: &PinReport) {
         r.pid, r.device, r.group, r.backend
     );
     println!(
-        "{:<4} {:<18} {:<18} {:>10} {:>5}",
-        "node", "vaddr", "iova", "size", "page"
+        "{:<4} {:<18} {:<18} {:>10} {:>5} {:<12} {:>10}",
+        "node", "vaddr", "iova", "size", "page", "pin", "min extent"
     );
     for g in &r.regions {
         println!(
-            "{:<4} {:<18} {:<18} {:>10} {:>5}",
+            "{:<4} {:<18} {:<18} {:>10} {:>5} {:<12} {:>10}",
             g.node.map_or("-".into(), |n| n.to_string()),
             g.vaddr,
-            g.iova,
+            g.iova.as_deref().unwrap_or("- (physical)"),
             human_size(g.len),
-            short(g.page_size)
+            short(g.page_size),
+            g.pin,
+            g.min_extent.map_or("-".into(), human_size)
         );
         for e in g.phys_extents.iter().flatten() {
             println!("       phys {:<18} {:>10}", e.pa, human_size(e.len));

@@ -7,10 +7,13 @@
 //! and an IOVA allocator over the container's usable ranges. Regions it pins
 //! ([`crate::region::PinnedRegion`]) keep it alive.
 
+pub mod device;
 pub mod info;
+mod noiommu;
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +29,8 @@ use crate::iova::{IovaAllocator, IovaRange};
 use crate::numa::{NodeMemory, Progress, Topology};
 use crate::region::PinnedRegion;
 use crate::sys;
+use crate::uring::UringPin;
+pub use device::DeviceFd;
 use info::IommuInfo;
 
 mod ioctls {
@@ -194,7 +199,7 @@ impl DeviceInfo {
     /// Checks what would make opening fail, with an error that says what to do:
     /// the device's own driver, and the other members' drivers.
     pub fn check_openable(&self) -> Result<()> {
-        if self.kind == ContainerKind::Type1Iommu
+        if self.kind != ContainerKind::MdevOnly
             && !self.driver.as_deref().is_some_and(|d| d.contains("vfio"))
         {
             return Err(Error::NotBoundToVfio {
@@ -260,23 +265,42 @@ fn open_error(dev: &DeviceInfo, e: VfioError) -> Error {
     })
 }
 
-/// Serialises MAP_DMA + the `VmLck` check so that concurrent pins in one
-/// process do not blur each other's accounting.
+/// Serialises each pin + its accounting check (and every unpin) so that
+/// concurrent pins in one process do not blur each other's accounting.
 static PIN_LOCK: Mutex<()> = Mutex::new(());
 
-pub(crate) struct Inner {
+/// A type1 container with the device's group in it (IOMMU-backed or
+/// mdev-only).
+struct Type1 {
     // Field order is drop order: the device (and with it the group) goes
     // before the container.
     device: VfioDevice,
     container: Arc<VfioContainer>,
-    dev: DeviceInfo,
     info: IommuInfo,
     iova: Mutex<IovaAllocator>,
+}
+
+/// How the device was opened.
+enum Backend {
+    Type1(Type1),
+    NoIommu(noiommu::NoIommuDevice),
+}
+
+pub(crate) struct Inner {
+    backend: Backend,
+    dev: DeviceInfo,
     topology: Topology,
 }
 
-/// The service handle: a VFIO device, its group in a type1v2 container, the
+/// The service handle: a VFIO device, its group and container, the
 /// container's IOMMU info, and an IOVA allocator over its usable ranges.
+///
+/// How a region is pinned depends on the [`ContainerKind`]:
+/// - IOMMU-backed type1: one `VFIO_IOMMU_MAP_DMA`, which pins every page
+///   long-term and maps it at the region's IOVA;
+/// - mdev-only type1: an io_uring long-term pin ([`crate::uring`]), then
+///   MAP_DMA, which there only records the IOVA for the vendor driver;
+/// - no-IOMMU: the io_uring pin alone; the device uses physical addresses.
 ///
 /// Cloning is cheap and shares the container.
 #[derive(Clone)]
@@ -304,44 +328,62 @@ pub struct PinRequest {
     pub size: u64,
     /// Backing page size.
     pub page_size: PageSize,
-    /// A fixed IOVA, or `None` to allocate one.
+    /// A fixed IOVA, or `None` to allocate one (no-IOMMU devices have none).
     pub iova: Option<Iova>,
+    /// The shortest physically contiguous extent the caller accepts, if
+    /// any (a no-IOMMU device DMAs to physical addresses and may need long
+    /// runs). Checked after pinning; needs CAP_SYS_ADMIN to read PFNs.
+    pub min_extent: Option<u64>,
+}
+
+impl PinRequest {
+    /// `size` bytes of base pages on `node`, at an IOVA numapin picks.
+    pub fn new(node: NodeId, size: u64) -> PinRequest {
+        PinRequest {
+            node,
+            size,
+            page_size: PageSize::Base,
+            iova: None,
+            min_extent: None,
+        }
+    }
 }
 
 impl Pinner {
     /// Opens `spec` (a PCI address such as `0000:00:03.0`, an mdev UUID, or a
-    /// sysfs path) in a new type1v2 container and reads the container's
-    /// `VFIO_IOMMU_GET_INFO`.
+    /// sysfs path): in a new type1v2 container through vfio-ioctls, or, for
+    /// a no-IOMMU group, in a no-IOMMU container; then reads the container's
+    /// `VFIO_IOMMU_GET_INFO` (type1).
     ///
     /// # Errors
     /// [`Error::DeviceNotFound`], [`Error::NotBoundToVfio`],
     /// [`Error::NoIommuGroup`], [`Error::GroupNotViable`],
-    /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and
-    /// [`Error::NoIommuDomain`] for a no-IOMMU group (there is no type1
-    /// container to open).
+    /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and for no-IOMMU
+    /// groups [`Error::NoIommuNeedsRawio`] and [`Error::NoIommuModeOff`].
     pub fn open(spec: &str) -> Result<Pinner> {
         let dev = describe(spec)?;
         dev.check_openable()?;
-        if dev.kind == ContainerKind::NoIommu {
-            return Err(Error::NoIommuDomain {
-                device: dev.name.clone(),
-                kind: dev.kind,
-            });
-        }
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&dev, e))?);
-        let device = VfioDevice::new(&dev.sysfs, container.clone(), false)
-            .map_err(|e| open_error(&dev, e))?;
-        let info = get_info(&container)?;
-        let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
-        let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
         let topology = Topology::read()?;
-        Ok(Pinner {
-            inner: Arc::new(Inner {
+        let backend = if dev.kind == ContainerKind::NoIommu {
+            Backend::NoIommu(noiommu::open(&dev)?)
+        } else {
+            let container = Arc::new(VfioContainer::new(None).map_err(|e| open_error(&dev, e))?);
+            let device = VfioDevice::new(&dev.sysfs, container.clone(), false)
+                .map_err(|e| open_error(&dev, e))?;
+            let info = get_info(&container)?;
+            let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
+            let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
+            Backend::Type1(Type1 {
                 device,
                 container,
-                dev,
                 info,
                 iova: Mutex::new(alloc),
+            })
+        };
+        Ok(Pinner {
+            inner: Arc::new(Inner {
+                backend,
+                dev,
                 topology,
             }),
         })
@@ -357,14 +399,22 @@ impl Pinner {
         self.inner.dev.kind
     }
 
-    /// The container's `VFIO_IOMMU_GET_INFO` as read at open time.
-    pub fn iommu_info(&self) -> &IommuInfo {
-        &self.inner.info
+    /// The container's `VFIO_IOMMU_GET_INFO` as read at open time (`None`
+    /// in no-IOMMU mode, which has no IOMMU to describe).
+    pub fn iommu_info(&self) -> Option<&IommuInfo> {
+        match &self.inner.backend {
+            Backend::Type1(t) => Some(&t.info),
+            Backend::NoIommu(_) => None,
+        }
     }
 
-    /// Reads `VFIO_IOMMU_GET_INFO` again (e.g. for a current DMA_AVAIL).
-    pub fn refresh_info(&self) -> Result<IommuInfo> {
-        get_info(&self.inner.container)
+    /// Reads `VFIO_IOMMU_GET_INFO` again (e.g. for a current DMA_AVAIL);
+    /// `None` in no-IOMMU mode.
+    pub fn refresh_info(&self) -> Result<Option<IommuInfo>> {
+        match &self.inner.backend {
+            Backend::Type1(t) => get_info(&t.container).map(Some),
+            Backend::NoIommu(_) => Ok(None),
+        }
     }
 
     /// The NUMA topology read at open time.
@@ -372,17 +422,34 @@ impl Pinner {
         &self.inner.topology
     }
 
-    /// The opened VFIO device, for register and config-space access.
-    pub fn device(&self) -> &VfioDevice {
-        &self.inner.device
+    /// The opened VFIO device fd, for register and config-space access
+    /// (e.g. [`crate::edu::Edu::open`]).
+    pub fn device_fd(&self) -> DeviceFd<'_> {
+        match &self.inner.backend {
+            // SAFETY: the fd belongs to the VfioDevice, which lives as long
+            // as `self` and so outlives the borrow.
+            Backend::Type1(t) => {
+                DeviceFd::new(unsafe { BorrowedFd::borrow_raw(t.device.as_raw_fd()) })
+            }
+            Backend::NoIommu(d) => d.fd(),
+        }
+    }
+
+    /// The vfio-ioctls device (type1 containers only), for what
+    /// [`DeviceFd`] does not offer (IRQs, resets).
+    pub fn vfio_device(&self) -> Option<&VfioDevice> {
+        match &self.inner.backend {
+            Backend::Type1(t) => Some(&t.device),
+            Backend::NoIommu(_) => None,
+        }
     }
 
     /// Allocates `req.size` bytes on `req.node`, faults them in there, pins
-    /// them with one `VFIO_IOMMU_MAP_DMA`, and checks that every page is on
-    /// the node and that `VmLck` grew by the size.
+    /// them (see [`Pinner`] for how, per container kind), and checks that
+    /// the accounting grew by the size and that every page is on the node.
     ///
-    /// On error nothing is left behind: no mapping, no locked memory, no
-    /// allocation, no IOVA reservation.
+    /// On error nothing is left behind: no mapping, no pinned or locked
+    /// memory, no allocation, no IOVA reservation.
     pub fn pin(&self, req: &PinRequest) -> Result<PinnedRegion> {
         self.pin_with(req, 0, None)
     }
@@ -395,12 +462,12 @@ impl Pinner {
         threads: usize,
         progress: Option<Progress<'_>>,
     ) -> Result<PinnedRegion> {
-        self.require_pinning_kind()?;
         let PinRequest {
             node,
             size,
             page_size,
             iova,
+            min_extent,
         } = *req;
         if size == 0 {
             return Err(Error::ZeroSize);
@@ -417,7 +484,7 @@ impl Pinner {
         self.inner.topology.require(node)?;
         // Hugepage counts change at run time: read them now, not at open.
         Topology::read()?.check_capacity(node, size, page_size)?;
-        check_memlock(size)?;
+        check_memlock(self.kind(), size)?;
         let reservation = self.reserve_iova(iova, size, page_size.bytes())?;
         let mem = NodeMemory::allocate(
             &self.inner.topology,
@@ -428,7 +495,14 @@ impl Pinner {
             progress,
         )?;
         let vaddr = mem.addr();
-        self.map_region(reservation, vaddr, size, Some(node), page_size, Some(mem))
+        let range = Range {
+            vaddr,
+            len: size,
+            node: Some(node),
+            page_size,
+            min_extent,
+        };
+        self.pin_range(reservation, range, Some(mem))
     }
 
     /// Pins caller-owned memory `[vaddr, vaddr+len)` at `iova` (or at an IOVA
@@ -451,7 +525,6 @@ impl Pinner {
         node: Option<NodeId>,
         page_size: PageSize,
     ) -> Result<PinnedRegion> {
-        self.require_pinning_kind()?;
         let addr = vaddr as u64;
         if len == 0 {
             return Err(Error::ZeroSize);
@@ -468,32 +541,37 @@ impl Pinner {
         if let Some(n) = node {
             self.inner.topology.require(n)?;
         }
-        check_memlock(len)?;
+        check_memlock(self.kind(), len)?;
         let reservation = self.reserve_iova(iova, len, page)?;
-        self.map_region(reservation, vaddr as usize, len, node, page_size, None)
+        let range = Range {
+            vaddr: vaddr as usize,
+            len,
+            node,
+            page_size,
+            min_extent: None,
+        };
+        self.pin_range(reservation, range, None)
     }
 
-    /// Maps and checks `[vaddr, vaddr+len)` at the reserved IOVA and wraps it
-    /// in a region (owning `mem`, if given). If the mapping could not be
-    /// undone after a failed check, neither the IOVA nor the memory is ever
+    /// Pins and checks the range at the reserved IOVA and wraps it in a
+    /// region (owning `mem`, if given). If a mapping could not be undone
+    /// after a failed check, neither the IOVA nor the memory is ever
     /// reused: a device may still reach it.
-    fn map_region(
+    fn pin_range(
         &self,
-        reservation: IovaReservation<'_>,
-        vaddr: usize,
-        len: u64,
-        node: Option<NodeId>,
-        page_size: PageSize,
+        reservation: Option<IovaReservation<'_>>,
+        range: Range,
         mem: Option<NodeMemory>,
     ) -> Result<PinnedRegion> {
-        let pins = match self.map_checked(vaddr, len, reservation.iova, node, page_size) {
+        let iova = reservation.as_ref().map(|r| r.iova);
+        let pins = match self.pin_checked(&range, iova) {
             Ok(p) => p,
             Err(MapFailure {
                 error,
                 still_mapped,
             }) => {
                 if still_mapped {
-                    reservation.keep();
+                    reservation.map(IovaReservation::keep);
                     if let Some(m) = mem {
                         m.leak();
                     }
@@ -501,44 +579,49 @@ impl Pinner {
                 return Err(error);
             }
         };
-        let iova = reservation.keep();
+        let iova = reservation.map(IovaReservation::keep);
         Ok(PinnedRegion::new(
             self.inner.clone(),
             iova,
-            len,
-            vaddr,
-            node,
-            page_size,
+            range.len,
+            range.vaddr,
+            range.node,
+            range.page_size,
             mem,
             pins,
         ))
     }
 
-    fn require_pinning_kind(&self) -> Result<()> {
-        match self.kind() {
-            ContainerKind::Type1Iommu => Ok(()),
-            kind => Err(Error::NoIommuDomain {
-                device: self.inner.dev.name.clone(),
-                kind,
-            }),
-        }
-    }
-
     fn check_iommu_alignment(&self, size: u64) -> Result<()> {
-        let min_page = self.inner.info.min_page_size();
+        let min_page = self
+            .iommu_info()
+            .map_or(crate::addr::base_page_size(), IommuInfo::min_page_size);
         if size % min_page != 0 {
             return Err(Error::UnalignedForIommu { size, min_page });
         }
         Ok(())
     }
 
+    /// Reserves the IOVA range (or refuses one for a no-IOMMU device, which
+    /// has none: `Ok(None)` when none was asked for).
     fn reserve_iova(
         &self,
         iova: Option<Iova>,
         len: u64,
         align: u64,
-    ) -> Result<IovaReservation<'_>> {
-        let mut alloc = self.inner.iova.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Result<Option<IovaReservation<'_>>> {
+        let t = match &self.inner.backend {
+            Backend::Type1(t) => t,
+            Backend::NoIommu(_) => {
+                return match iova {
+                    Some(_) => Err(Error::IovaWithoutIommu {
+                        device: self.inner.dev.name.clone(),
+                    }),
+                    None => Ok(None),
+                };
+            }
+        };
+        let mut alloc = t.iova.lock().unwrap_or_else(|p| p.into_inner());
         let iova = match iova {
             Some(i) => {
                 alloc.reserve(i, len)?;
@@ -546,52 +629,122 @@ impl Pinner {
             }
             None => alloc.allocate(len, align)?,
         };
-        Ok(IovaReservation {
+        Ok(Some(IovaReservation {
             inner: &self.inner,
             iova,
             armed: true,
-        })
+        }))
     }
 
-    /// MAP_DMA, then prove the pin: `VmLck` grew by `len` and every page is
-    /// on `node`. Undoes the mapping on any failure. Returns the PFN snapshot
-    /// (None when pagemap hides PFNs).
-    fn map_checked(
-        &self,
-        vaddr: usize,
-        len: u64,
-        iova: Iova,
-        node: Option<NodeId>,
-        page_size: PageSize,
-    ) -> std::result::Result<Option<Vec<u64>>, MapFailure> {
+    /// Takes the pin for this container kind, then proves it: the
+    /// accounting (`VmLck` for MAP_DMA, `VmPin` for io_uring) grew by the
+    /// length, every page is on the node, and (if asked) the physical
+    /// extents are long enough. Undoes everything on failure.
+    fn pin_checked(&self, r: &Range, iova: Option<Iova>) -> std::result::Result<Pins, MapFailure> {
         let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let unmapped = |error: Error| MapFailure {
             error,
             still_mapped: false,
         };
-        let before = sys::locked_bytes()
-            .map_err(|e| unmapped(Error::sys("read VmLck from /proc/self/status", "", e)))?;
-        self.inner.map_dma(vaddr, len, iova).map_err(unmapped)?;
-        let undo = |error: Error| match self.inner.unmap_dma_unlocked(iova, len) {
-            Ok(()) => unmapped(error),
-            Err(e) => {
-                eprintln!("numapin: could not undo the mapping at {iova} ({e}); leaking it");
-                MapFailure {
-                    error,
-                    still_mapped: true,
-                }
+        let kind = self.kind();
+        let (counter, by): (&'static str, &'static str) = match kind {
+            ContainerKind::Type1Iommu => ("VmLck", "VFIO_IOMMU_MAP_DMA"),
+            _ => ("VmPin", "IORING_REGISTER_BUFFERS"),
+        };
+        let read = || match kind {
+            ContainerKind::Type1Iommu => sys::locked_bytes(),
+            _ => sys::pinned_bytes(),
+        };
+        let before = read().map_err(|e| unmapped(Error::sys(format!("read {counter}"), "", e)))?;
+        let uring = match kind {
+            ContainerKind::Type1Iommu => None,
+            // SAFETY: the region keeps the memory mapped until it releases
+            // the pin (owned NodeMemory, or caller memory under pin_user's
+            // contract); on failure below the pin is dropped first.
+            _ => Some(unsafe { UringPin::new(r.vaddr as *mut u8, r.len) }.map_err(unmapped)?),
+        };
+        if let Some(iova) = iova {
+            // A failure drops `uring`, which unregisters the buffers.
+            self.inner.map_dma(r.vaddr, r.len, iova).map_err(unmapped)?;
+        }
+        let undo = |error: Error| {
+            let unmapped_ok = match iova {
+                Some(iova) => match self.inner.unmap_dma_unlocked(iova, r.len) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        eprintln!(
+                            "numapin: could not undo the mapping at {iova} ({e}); leaking it"
+                        );
+                        false
+                    }
+                },
+                None => true,
+            };
+            MapFailure {
+                error,
+                still_mapped: !unmapped_ok,
             }
         };
-        let after = sys::locked_bytes().map_err(|e| undo(Error::sys("read VmLck", "", e)))?;
+        let after = read().map_err(|e| undo(Error::sys(format!("read {counter}"), "", e)))?;
         let grew = after.saturating_sub(before);
-        if grew < len {
-            return Err(undo(Error::NotAccounted { grew, len }));
+        if grew < r.len {
+            return Err(undo(Error::NotAccounted {
+                counter,
+                by,
+                grew,
+                len: r.len,
+            }));
         }
-        if let Some(node) = node {
-            check_placement(vaddr, len, node, page_size).map_err(undo)?;
+        if let Some(node) = r.node {
+            check_placement(r.vaddr, r.len, node, r.page_size).map_err(undo)?;
         }
-        Ok(crate::phys::pfns(vaddr as u64, len).ok())
+        // A no-IOMMU device needs the physical addresses; elsewhere they are
+        // a bonus (hidden without CAP_SYS_ADMIN).
+        let pfns = match crate::phys::pfns(r.vaddr as u64, r.len) {
+            Ok(p) => Some(p),
+            Err(e) if kind == ContainerKind::NoIommu || r.min_extent.is_some() => {
+                return Err(undo(e.into()));
+            }
+            Err(_) => None,
+        };
+        if let (Some(min), Some(p)) = (r.min_extent, &pfns) {
+            check_extents(p, min).map_err(undo)?;
+        }
+        Ok(Pins { uring, pfns })
     }
+}
+
+/// A range to pin, as the pin paths pass it around.
+struct Range {
+    vaddr: usize,
+    len: u64,
+    node: Option<NodeId>,
+    page_size: PageSize,
+    min_extent: Option<u64>,
+}
+
+/// What a successful pin holds besides the mapping: the io_uring pin (mdev,
+/// no-IOMMU) and the PFN snapshot (when readable).
+pub(crate) struct Pins {
+    pub(crate) uring: Option<UringPin>,
+    pub(crate) pfns: Option<Vec<u64>>,
+}
+
+/// Fails unless every physically contiguous run of `pfns` is at least `min`
+/// bytes long (or, for a region shorter than `min`, unless it is one run).
+fn check_extents(pfns: &[u64], min: u64) -> Result<()> {
+    let base = crate::addr::base_page_size();
+    let extents = crate::phys::merge_extents(pfns.iter().copied(), base);
+    let total = pfns.len() as u64 * base;
+    let smallest = extents.iter().map(|e| e.len).min().unwrap_or(0);
+    if smallest < min.min(total) {
+        return Err(Error::ExtentTooSmall {
+            min,
+            smallest,
+            count: extents.len(),
+        });
+    }
+    Ok(())
 }
 
 /// A failed map: the error, and whether the range could not be unmapped
@@ -624,15 +777,22 @@ impl Drop for IovaReservation<'_> {
 }
 
 impl Inner {
+    fn type1(&self) -> Result<&Type1> {
+        match &self.backend {
+            Backend::Type1(t) => Ok(t),
+            Backend::NoIommu(_) => Err(Error::IovaWithoutIommu {
+                device: self.dev.name.clone(),
+            }),
+        }
+    }
+
     pub(crate) fn map_dma(&self, vaddr: usize, len: u64, iova: Iova) -> Result<()> {
+        let t = self.type1()?;
         let size = usize::try_from(len).map_err(|_| Error::Invalid("size too large".into()))?;
         // SAFETY: callers pass memory that stays mapped until the matching
         // unmap_dma (NodeMemory owned by the region, or caller memory under
         // pin_user's contract), and numapin never creates references to it.
-        let r = unsafe {
-            self.container
-                .vfio_dma_map(iova.raw(), size, vaddr as *mut u8)
-        };
+        let r = unsafe { t.container.vfio_dma_map(iova.raw(), size, vaddr as *mut u8) };
         r.map_err(|e| self.map_error(e, iova, len))
     }
 
@@ -644,7 +804,8 @@ impl Inner {
     }
 
     fn unmap_dma_unlocked(&self, iova: Iova, len: u64) -> Result<()> {
-        self.container
+        self.type1()?
+            .container
             .vfio_dma_unmap(iova.raw(), len as usize)
             .map_err(|cause| Error::Vfio {
                 op: format!("VFIO_IOMMU_UNMAP_DMA {iova}+{len:#x}"),
@@ -653,8 +814,20 @@ impl Inner {
     }
 
     pub(crate) fn free_iova(&self, iova: Iova) {
-        let mut a = self.iova.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = a.free(iova);
+        if let Backend::Type1(t) = &self.backend {
+            let mut a = t.iova.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = a.free(iova);
+        }
+    }
+
+    /// Releases an io_uring pin under the pin lock (see [`Inner::unmap_dma`]).
+    pub(crate) fn unpin_uring(&self, pin: UringPin) -> Result<()> {
+        let _guard = PIN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        pin.release()
+    }
+
+    pub(crate) fn kind(&self) -> ContainerKind {
+        self.dev.kind
     }
 
     pub(crate) fn device_name(&self) -> &str {
@@ -667,13 +840,15 @@ impl Inner {
             _ => 0,
         };
         match errno {
-            libc::ENOMEM => match memlock_error(len) {
+            libc::ENOMEM => match memlock_error(ContainerKind::Type1Iommu, len) {
                 Some(err) => err,
                 None => Error::PinNoMemory { iova, len },
             },
             libc::ENOSPC => Error::DmaEntriesExhausted {
-                avail: get_info(&self.container)
+                avail: self
+                    .type1()
                     .ok()
+                    .and_then(|t| get_info(&t.container).ok())
                     .and_then(|i| i.dma_avail)
                     .unwrap_or(0),
             },
@@ -687,17 +862,23 @@ impl Inner {
 }
 
 /// The memlock error for pinning `len` more bytes, if the limit forbids it.
-fn memlock_error(len: u64) -> Option<Error> {
+/// VFIO type1 counts against `VmLck`; io_uring against the user's locked
+/// memory, of which this process's share is `VmPin` (other processes of the
+/// same user may hold more: the kernel's refusal is the final word).
+fn memlock_error(kind: ContainerKind, len: u64) -> Option<Error> {
     if sys::has_cap(sys::Cap::IpcLock) {
         return None;
     }
     let limit = sys::memlock_limit().ok()?;
-    let locked = sys::locked_bytes().ok()?;
+    let locked = match kind {
+        ContainerKind::Type1Iommu => sys::locked_bytes().ok()?,
+        _ => sys::pinned_bytes().ok()?,
+    };
     (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
 }
 
-fn check_memlock(len: u64) -> Result<()> {
-    memlock_error(len).map_or(Ok(()), Err)
+fn check_memlock(kind: ContainerKind, len: u64) -> Result<()> {
+    memlock_error(kind, len).map_or(Ok(()), Err)
 }
 
 /// Checks that every page of the range is on `node`.

@@ -204,7 +204,7 @@ fn g_missing(_: &Ctx) -> Result<String, String> {
 /// and the container's DMA mapping count exactly as they were.
 fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
     let p = e(Pinner::open(&ctx.bdf), "open")?;
-    let avail = |p: &Pinner| p.refresh_info().ok().and_then(|i| i.dma_avail);
+    let avail = |p: &Pinner| p.refresh_info().ok().flatten().and_then(|i| i.dma_avail);
     let lck0 = vmlck();
     let avail0 = avail(&p);
     ensure!(avail0.is_some(), "kernel reports no DMA_AVAIL capability");
@@ -213,6 +213,7 @@ fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
         size,
         page_size,
         iova: iova.map(Iova),
+        min_extent: None,
     };
     let free2m = numapin::numa::Topology::read()
         .ok()

@@ -59,10 +59,8 @@ fn pin(
 ) -> Result<numapin::PinnedRegion, String> {
     e(
         p.pin(&PinRequest {
-            node,
-            size,
             page_size,
-            iova: None,
+            ..PinRequest::new(node, size)
         }),
         "pin",
     )
@@ -98,7 +96,7 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
             "hugepage extents not {ps}-aligned: {ext:?}"
         );
     }
-    let iova = r.iova();
+    let iova = r.iova().ok_or("a type1 region has no IOVA")?;
     drop(r);
     ensure!(
         vmlck() == before,
@@ -281,7 +279,7 @@ fn dma(ctx: &Ctx) -> Result<String, String> {
     let p = open(ctx)?;
     let a = pin(&p, ctx.home, 1 << 20, PageSize::Base)?;
     let b = pin(&p, ctx.away, 4 << 20, PageSize::Huge2M)?;
-    let edu = e(Edu::open(p.device()), "open edu")?;
+    let edu = e(Edu::open(p.device_fd()), "open edu")?;
     let c1 = e(edu.round_trip(&a, 0x1000, &b, 0x3000, 2048, 7), "DMA a->b")?;
     ensure!(
         c1.ok(),
@@ -303,8 +301,8 @@ fn dma(ctx: &Ctx) -> Result<String, String> {
         "{} + {} bytes via IOVAs {} and {}",
         c1.bytes,
         c2.bytes,
-        a.iova(),
-        b.iova()
+        a.iova().ok_or("no IOVA")?,
+        b.iova().ok_or("no IOVA")?
     ))
 }
 
@@ -561,7 +559,7 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
             "pinned pages left node {}",
             ctx.home
         );
-        let edu = e(Edu::open(p.device()), "open edu")?;
+        let edu = e(Edu::open(p.device_fd()), "open edu")?;
         let c = e(edu.round_trip(&pinned, 0, &pinned, LEN / 2, 2048, 3), "DMA")?;
         ensure!(
             c.ok(),
