@@ -282,7 +282,7 @@ struct Type1 {
 
 /// How the device was opened.
 enum Backend {
-    Type1(Type1),
+    Type1(Box<Type1>),
     NoIommu(noiommu::NoIommuDevice),
 }
 
@@ -373,12 +373,12 @@ impl Pinner {
             let info = get_info(&container)?;
             let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
             let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
-            Backend::Type1(Type1 {
+            Backend::Type1(Box::new(Type1 {
                 device,
                 container,
                 info,
                 iova: Mutex::new(alloc),
-            })
+            }))
         };
         Ok(Pinner {
             inner: Arc::new(Inner {
