@@ -426,10 +426,11 @@ impl Pinner {
     /// (e.g. [`crate::edu::Edu::open`]).
     pub fn device_fd(&self) -> DeviceFd<'_> {
         match &self.inner.backend {
-            // SAFETY: the fd belongs to the VfioDevice, which lives as long
-            // as `self` and so outlives the borrow.
             Backend::Type1(t) => {
-                DeviceFd::new(unsafe { BorrowedFd::borrow_raw(t.device.as_raw_fd()) })
+                let raw = t.device.as_raw_fd();
+                // SAFETY: the fd belongs to the VfioDevice, which lives as
+                // long as `self` and so outlives the borrow.
+                DeviceFd::new(unsafe { BorrowedFd::borrow_raw(raw) })
             }
             Backend::NoIommu(d) => d.fd(),
         }
