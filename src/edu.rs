@@ -31,7 +31,8 @@ pub const BUFFER: u64 = 0x40000;
 /// Largest transfer numapin issues. QEMU 7.2 rejects a transfer that ends
 /// exactly at the buffer's end with a fatal error, so stay below 4 KiB.
 pub const MAX_TRANSFER: u64 = 2048;
-/// Default DMA mask of the device: IOVAs above 256 MiB are clamped.
+/// Default DMA mask of the device: addresses above 256 MiB are clamped
+/// (QEMU's `-device edu,dma_mask=…` raises it; tell [`Edu::with_dma_limit`]).
 pub const DMA_LIMIT: u64 = 1 << 28;
 
 const REG_ID: usize = 0x00;
@@ -50,6 +51,7 @@ pub struct Edu<'a> {
     _dev: DeviceFd<'a>,
     bar: *mut u8,
     bar_len: usize,
+    dma_limit: u64,
 }
 
 /// The outcome of a DMA round trip.
@@ -121,6 +123,7 @@ impl<'a> Edu<'a> {
             _dev: dev,
             bar: bar.cast(),
             bar_len,
+            dma_limit: DMA_LIMIT,
         };
         let id = edu.read32(REG_ID);
         if id != ID {
@@ -133,6 +136,14 @@ impl<'a> Edu<'a> {
         let v = u16::from_le_bytes(cmd) | 0x4; // bus master enable
         dev.write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &v.to_le_bytes())?;
         Ok(edu)
+    }
+
+    /// Tells numapin the device's DMA mask is wider than the default
+    /// 28 bits (QEMU `-device edu,dma_mask=MASK`): addresses below `limit`
+    /// are then accepted. Physical addresses in no-IOMMU mode need this.
+    pub fn with_dma_limit(mut self, limit: u64) -> Self {
+        self.dma_limit = limit;
+        self
     }
 
     fn read32(&self, reg: usize) -> u32 {
@@ -160,10 +171,11 @@ impl<'a> Edu<'a> {
             )));
         }
         let addr = if to_ram { dst } else { src };
-        if addr.saturating_add(count) > DMA_LIMIT {
+        if addr.saturating_add(count) > self.dma_limit {
             return Err(Error::Invalid(format!(
-                "DMA address {addr:#x} is beyond edu's 28-bit DMA mask; pin the region below 0x10000000 \
-                 (in no-IOMMU mode: physical memory below 256 MiB)"
+                "DMA address {addr:#x} is beyond edu's DMA mask (limit {:#x}); pin the region lower, \
+                 or start QEMU with `-device edu,dma_mask=…` and call Edu::with_dma_limit",
+                self.dma_limit
             )));
         }
         self.write64(REG_SRC, src);

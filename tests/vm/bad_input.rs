@@ -87,7 +87,13 @@ fn check_err(code: i32, out: &str, err: &str, want: &str) -> Result<(), String> 
 fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String), String> {
     let mut cmd = numapin();
     cmd.args([
-        "pin", "--device", &ctx.bdf, "--hold", "0", "--region", region,
+        "pin",
+        "--device",
+        &ctx.device,
+        "--hold",
+        "0",
+        "--region",
+        region,
     ]);
     // SAFETY: between fork and exec only async-signal-safe calls run. The
     // limit is set while still root (raising the hard limit needs
@@ -116,7 +122,7 @@ fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String
     ))
 }
 
-fn g_memlock(ctx: &Ctx) -> Result<String, String> {
+pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
     let node = format!("/dev/vfio/{}", ctx.group);
     let chown = |uid: u32| {
         let c = std::ffi::CString::new(node.clone()).expect("path");

@@ -8,6 +8,7 @@
 //! scenario, one `result` each, then `done`.
 
 mod bad_input;
+mod pinless;
 mod type1;
 mod util;
 
@@ -26,6 +27,8 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(bad_input::scenarios());
             Some(v)
         }
+        "mdev" => Some(pinless::mdev()),
+        "noiommu" => Some(pinless::noiommu()),
         _ => None,
     }
 }
@@ -78,7 +81,7 @@ fn main() {
         json!({"type": "plan", "suite": suite_name, "kernel": kernel.trim(), "scenarios": names})
     );
     let _ = out.flush();
-    let ctx = match util::Ctx::new() {
+    let ctx = match util::Ctx::new(&suite_name) {
         Ok(c) => Some(c),
         Err(e) => {
             eprintln!("numapin-vmtest: setup failed: {e}");

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use numapin::edu::Edu;
 use numapin::numa::{self, NodeMemory, Topology};
-use numapin::{NodeId, PageSize, sys};
+use numapin::{ContainerKind, NodeId, PageSize, Pinner, sys};
 use serde_json::Value;
 
 /// Fails the scenario with a formatted reason unless `cond` holds.
@@ -25,6 +26,11 @@ macro_rules! ensure {
 pub struct Ctx {
     /// The edu device's PCI address (bound to vfio-pci by /init).
     pub bdf: String,
+    /// The device the suite pins through: the edu device, or (suite `mdev`)
+    /// an mtty mdev's UUID.
+    pub device: String,
+    /// Its container kind.
+    pub kind: ContainerKind,
     /// Its IOMMU group number.
     pub group: u32,
     /// Node 0 and node 1.
@@ -36,9 +42,26 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new() -> Result<Ctx, String> {
+    pub fn new(suite: &str) -> Result<Ctx, String> {
         let bdf = numapin::edu::find().ok_or("no edu device (1234:11e8) in the guest")?;
-        let info = numapin::vfio::describe(&bdf).map_err(|e| e.to_string())?;
+        let device = if suite == "mdev" {
+            create_mtty(MTTY_UUID)?
+        } else {
+            bdf.clone()
+        };
+        let info = numapin::vfio::describe(&device).map_err(|e| e.to_string())?;
+        let want = match suite {
+            "mdev" => ContainerKind::MdevOnly,
+            "noiommu" => ContainerKind::NoIommu,
+            _ => ContainerKind::Type1Iommu,
+        };
+        if info.kind != want {
+            return Err(format!(
+                "suite {suite} needs a {} device, {device} is {}",
+                want.name(),
+                info.kind.name()
+            ));
+        }
         let topo = Topology::read().map_err(|e| e.to_string())?;
         if topo.nodes.len() < 2 {
             return Err(format!(
@@ -48,6 +71,8 @@ impl Ctx {
         }
         Ok(Ctx {
             bdf,
+            device,
+            kind: info.kind,
             group: info.group,
             home: NodeId(topo.nodes[0].id),
             away: NodeId(topo.nodes[1].id),
@@ -55,6 +80,53 @@ impl Ctx {
             away_cpus: topo.nodes[1].cpus.clone(),
         })
     }
+}
+
+impl Ctx {
+    /// The accounting a pin through this device grows: `VmLck` for VFIO
+    /// type1 MAP_DMA, `VmPin` for io_uring (mdev, no-IOMMU).
+    pub fn counter(&self) -> &'static str {
+        match self.kind {
+            ContainerKind::Type1Iommu => "VmLck",
+            _ => "VmPin",
+        }
+    }
+
+    /// This process's [`Ctx::counter`] in bytes.
+    pub fn pinned(&self) -> u64 {
+        self.pinned_of(std::process::id()).expect("read own status")
+    }
+
+    /// Another process's [`Ctx::counter`] in bytes.
+    pub fn pinned_of(&self, pid: u32) -> Result<u64, String> {
+        let s = e(
+            std::fs::read_to_string(format!("/proc/{pid}/status")),
+            "read status",
+        )?;
+        sys::parse_status_kb(&s, self.counter())
+            .ok_or_else(|| format!("no {} in /proc/{pid}/status", self.counter()))
+    }
+}
+
+/// The UUID of the mtty mdev the `mdev` suite creates.
+pub const MTTY_UUID: &str = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+
+/// Creates an mtty mdev (type mtty-2) with `uuid` unless it exists.
+pub fn create_mtty(uuid: &str) -> Result<String, String> {
+    if std::path::Path::new(&format!("/sys/bus/mdev/devices/{uuid}")).exists() {
+        return Ok(uuid.to_string());
+    }
+    let create = "/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create";
+    e(
+        std::fs::write(create, uuid),
+        &format!("create an mtty mdev through {create} (is CONFIG_SAMPLE_VFIO_MDEV_MTTY on?)"),
+    )?;
+    Ok(uuid.to_string())
+}
+
+/// The edu device behind `p`, taking the 40-bit DMA mask xtask gives it.
+pub fn edu(p: &Pinner) -> Result<Edu<'_>, String> {
+    Ok(e(Edu::open(p.device_fd()), "open edu")?.with_dma_limit(1 << 40))
 }
 
 /// Turns any displayable error into the scenario's failure text.
@@ -65,15 +137,6 @@ pub fn e<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, Stri
 /// This process's `VmLck`.
 pub fn vmlck() -> u64 {
     sys::locked_bytes().expect("VmLck")
-}
-
-/// `VmLck` of another process.
-pub fn vmlck_of(pid: u32) -> Result<u64, String> {
-    let s = e(
-        std::fs::read_to_string(format!("/proc/{pid}/status")),
-        "read status",
-    )?;
-    sys::parse_status_kb(&s, "VmLck").ok_or_else(|| "no VmLck".to_string())
 }
 
 /// A field of /proc/meminfo in bytes (kB fields) or as a count.
@@ -217,7 +280,7 @@ impl PinChild {
     pub fn spawn(ctx: &Ctx, args: &[&str]) -> Result<PinChild, String> {
         let mut child = e(
             numapin()
-                .args(["pin", "--device", &ctx.bdf, "--json", "--hold-forever"])
+                .args(["pin", "--device", &ctx.device, "--json", "--hold-forever"])
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -253,8 +316,9 @@ impl PinChild {
         self.child.id()
     }
 
-    /// (vaddr, iova, len, page_size, node) of region `i`.
-    pub fn region(&self, i: usize) -> Result<(u64, u64, u64, u64, u32), String> {
+    /// (vaddr, iova, len, page_size, node) of region `i`; iova is `None`
+    /// for a no-IOMMU device.
+    pub fn region(&self, i: usize) -> Result<(u64, Option<u64>, u64, u64, u32), String> {
         let r = &self.doc["regions"][i];
         let hex = |k: &str| {
             r[k].as_str()
@@ -268,7 +332,11 @@ impl PinChild {
         };
         Ok((
             hex("vaddr")?,
-            hex("iova")?,
+            if r["iova"].is_null() {
+                None
+            } else {
+                Some(hex("iova")?)
+            },
             num("len")?,
             num("page_size")?,
             num("node")? as u32,

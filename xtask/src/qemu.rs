@@ -194,7 +194,9 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
     }
     push(&[
         "-device",
-        "edu",
+        // 40-bit DMA: in no-IOMMU mode edu DMAs to physical addresses,
+        // which sit anywhere in the guest's 4 GiB.
+        "edu,dma_mask=0xffffffffff",
         "-net",
         "none",
         "-display",
@@ -331,7 +333,7 @@ mod tests {
             "memory-backend-ram,id=m0,size=2G",
             "-numa node,nodeid=1,cpus=1,memdev=m1",
             "-device intel-iommu,intremap=on,caching-mode=on",
-            "-device edu -net none -display none -no-reboot",
+            "-device edu,dma_mask=0xffffffffff -net none -display none -no-reboot",
             "-kernel /cache/vmlinuz -initrd /t/initramfs.cpio.gz",
             "-monitor none -serial stdio -serial file:/t/results.jsonl",
         ] {
@@ -344,7 +346,7 @@ mod tests {
     fn no_iommu_config_has_no_intel_iommu() {
         let a = joined("noiommu-custom", Console::Capture);
         assert!(!a.contains("intel-iommu"));
-        assert!(a.contains("-device edu"));
+        assert!(a.contains("-device edu,dma_mask=0xffffffffff"));
     }
 
     #[test]

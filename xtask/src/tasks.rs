@@ -16,7 +16,7 @@ use crate::{cmd, deps, initramfs, layout};
 /// The guest binaries, built with `--features vmtest`.
 const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest"];
 /// Examples the suite runs in the guest (installed in /bin next to the runner).
-const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram"];
+const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram", "bind_noiommu", "bind_mdev"];
 
 /// What `cargo xtask vm` starts in the guest.
 pub enum VmMode {

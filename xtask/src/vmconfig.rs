@@ -54,7 +54,7 @@ pub const CONFIGS: &[VmConfig] = &[
         iommu: Iommu::None,
         suite: "noiommu",
         extra_cmdline: &["vfio.enable_unsafe_noiommu_mode=1"],
-        default: false,
+        default: true,
     },
     VmConfig {
         name: "mdev-custom",
@@ -62,7 +62,7 @@ pub const CONFIGS: &[VmConfig] = &[
         iommu: Iommu::Intel,
         suite: "mdev",
         extra_cmdline: &[],
-        default: false,
+        default: true,
     },
 ];
 
@@ -124,9 +124,17 @@ mod tests {
     }
 
     #[test]
-    fn default_set_is_type1_on_both_kernels() {
+    fn default_set_is_every_suite() {
         let d: Vec<_> = defaults().map(|c| c.name).collect();
-        assert_eq!(d, ["type1-stock", "type1-custom"]);
+        assert_eq!(
+            d,
+            [
+                "type1-stock",
+                "type1-custom",
+                "noiommu-custom",
+                "mdev-custom"
+            ]
+        );
     }
 
     #[test]
