@@ -449,7 +449,10 @@ mod tests {
     #[test]
     fn select_defaults_and_named() {
         let d: Vec<_> = select(&[]).unwrap().iter().map(|c| c.name).collect();
-        assert_eq!(d, ["type1-stock", "type1-custom"]);
+        assert_eq!(
+            d,
+            ["type1-stock", "type1-custom", "noiommu-custom", "mdev-custom"]
+        );
         let n: Vec<_> = select(&["mdev-custom".into(), "mdev-custom".into()])
             .unwrap()
             .iter()
