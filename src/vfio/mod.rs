@@ -336,6 +336,37 @@ pub struct PinRequest {
     pub min_extent: Option<u64>,
 }
 
+/// Caller-owned memory to pin ([`Pinner::pin_user_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserMemory {
+    /// First byte; aligned to the page size.
+    pub vaddr: *mut u8,
+    /// Length; a multiple of the page size.
+    pub len: u64,
+    /// A fixed IOVA (e.g. the guest-physical address), or `None` to pick one.
+    pub iova: Option<Iova>,
+    /// The node every page must be on after pinning, if any.
+    pub node: Option<NodeId>,
+    /// What backs the memory.
+    pub page_size: PageSize,
+    /// The shortest physically contiguous extent accepted, if any.
+    pub min_extent: Option<u64>,
+}
+
+impl UserMemory {
+    /// `len` bytes of base pages at `vaddr`, any node, any IOVA.
+    pub fn new(vaddr: *mut u8, len: u64) -> UserMemory {
+        UserMemory {
+            vaddr,
+            len,
+            iova: None,
+            node: None,
+            page_size: PageSize::Base,
+            min_extent: None,
+        }
+    }
+}
+
 impl PinRequest {
     /// `size` bytes of base pages on `node`, at an IOVA numapin picks.
     pub fn new(node: NodeId, size: u64) -> PinRequest {
@@ -511,6 +542,7 @@ impl Pinner {
     /// address. If `node` is given, every page must be on it after pinning.
     /// `page_size` says what backs the memory (it sets the placement-check
     /// stride). The region does not own the memory and never unmaps it.
+    /// [`Pinner::pin_user_memory`] takes the same and a minimum extent.
     ///
     /// # Safety
     /// The memory must stay mapped (not `munmap`ed or replaced) until the
@@ -526,30 +558,47 @@ impl Pinner {
         node: Option<NodeId>,
         page_size: PageSize,
     ) -> Result<PinnedRegion> {
-        let addr = vaddr as u64;
-        if len == 0 {
+        let m = UserMemory {
+            iova,
+            node,
+            page_size,
+            ..UserMemory::new(vaddr, len)
+        };
+        // SAFETY: the caller upholds this function's contract, which is
+        // pin_user_memory's.
+        unsafe { self.pin_user_memory(&m) }
+    }
+
+    /// [`Pinner::pin_user`] with every option, including the shortest
+    /// physically contiguous extent the caller accepts.
+    ///
+    /// # Safety
+    /// As for [`Pinner::pin_user`].
+    pub unsafe fn pin_user_memory(&self, m: &UserMemory) -> Result<PinnedRegion> {
+        let addr = m.vaddr as u64;
+        if m.len == 0 {
             return Err(Error::ZeroSize);
         }
-        let page = page_size.bytes().max(crate::addr::base_page_size());
-        if addr % page != 0 || len % page != 0 {
+        let page = m.page_size.bytes().max(crate::addr::base_page_size());
+        if addr % page != 0 || m.len % page != 0 {
             return Err(Error::UnalignedUserMemory {
                 vaddr: addr,
-                len,
+                len: m.len,
                 page,
             });
         }
-        self.check_iommu_alignment(len)?;
-        if let Some(n) = node {
+        self.check_iommu_alignment(m.len)?;
+        if let Some(n) = m.node {
             self.inner.topology.require(n)?;
         }
-        check_memlock(self.kind(), len)?;
-        let reservation = self.reserve_iova(iova, len, page)?;
+        check_memlock(self.kind(), m.len)?;
+        let reservation = self.reserve_iova(m.iova, m.len, page)?;
         let range = Range {
-            vaddr: vaddr as usize,
-            len,
-            node,
-            page_size,
-            min_extent: None,
+            vaddr: m.vaddr as usize,
+            len: m.len,
+            node: m.node,
+            page_size: m.page_size,
+            min_extent: m.min_extent,
         };
         self.pin_range(reservation, range, None)
     }
@@ -953,4 +1002,32 @@ pub fn get_info(container: &VfioContainer) -> Result<IommuInfo> {
     Err(Error::Invalid(
         "VFIO_IOMMU_GET_INFO kept growing its argsz".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_against_a_minimum() {
+        let page = crate::addr::base_page_size();
+        // One run of four pages, then a gap, then two.
+        let pfns = [10, 11, 12, 13, 20, 21];
+        assert!(check_extents(&pfns, 2 * page).is_ok());
+        match check_extents(&pfns, 4 * page) {
+            Err(Error::ExtentTooSmall {
+                min,
+                smallest,
+                count,
+            }) => {
+                assert_eq!((min, smallest, count), (4 * page, 2 * page, 2));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A region shorter than the minimum passes only as one run.
+        assert!(check_extents(&[5, 6], 64 * page).is_ok());
+        assert!(check_extents(&[5, 7], 64 * page).is_err());
+        // Descending frames are not contiguous.
+        assert!(check_extents(&[9, 8], 2 * page).is_err());
+    }
 }

@@ -284,8 +284,9 @@ fn dma_huge_extents(ctx: &Ctx) -> Result<String, String> {
     ))
 }
 
-/// A caller's minimum extent: met by hugepages, refused (with nothing left
-/// pinned) when base pages cannot give one 8 MiB run.
+/// A caller's minimum extent: met by hugepages; refused, with nothing left
+/// pinned, for two base pages that are virtually adjacent but physically
+/// apart (built with mremap, so the refusal does not depend on luck).
 fn min_extent(ctx: &Ctx) -> Result<String, String> {
     let p = open(ctx)?;
     let ok = e(
@@ -299,16 +300,25 @@ fn min_extent(ctx: &Ctx) -> Result<String, String> {
     let got = ok.min_extent().ok_or("no PFNs")?;
     ensure!(got >= 2 << 20, "min extent {got:#x} < 2M");
     drop(ok);
+    let split = SplitPages::new()?;
     let before = ctx.pinned();
-    let err = p
-        .pin(&PinRequest {
-            min_extent: Some(LEN),
-            ..PinRequest::new(ctx.home, LEN)
-        })
+    let m = numapin::UserMemory {
+        min_extent: Some(8192),
+        ..numapin::UserMemory::new(split.base, 8192)
+    };
+    // SAFETY: `split` keeps both pages mapped until after the region is gone.
+    let err = unsafe { p.pin_user_memory(&m) }
         .err()
-        .ok_or("8 MiB of 4K pages came back as one physical run: cannot test the refusal")?;
+        .ok_or("two physically apart pages were accepted as one 8 KiB extent")?;
     ensure!(
-        matches!(err, Error::ExtentTooSmall { .. }),
+        matches!(
+            err,
+            Error::ExtentTooSmall {
+                smallest: 4096,
+                count: 2,
+                ..
+            }
+        ),
         "wrong error: {err}"
     );
     ensure!(err.to_string().contains("hugepages"), "no remedy in: {err}");
@@ -319,9 +329,108 @@ fn min_extent(ctx: &Ctx) -> Result<String, String> {
         ctx.pinned()
     );
     Ok(format!(
-        "2M pages: min extent {} MiB; 4K pages: {err}",
-        got >> 20
+        "2M pages: min extent {} MiB; PFNs {:#x},{:#x}: {err}",
+        got >> 20,
+        split.pfns[0],
+        split.pfns[1]
     ))
+}
+
+/// Two base pages at consecutive virtual addresses whose frames are not
+/// consecutive.
+struct SplitPages {
+    base: *mut u8,
+    pfns: [u64; 2],
+    spare: Vec<*mut u8>,
+}
+
+impl SplitPages {
+    fn new() -> Result<SplitPages, String> {
+        let page = || -> Result<*mut u8, String> {
+            // SAFETY: a fresh private anonymous page; written once to fault it in.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                ensure!(
+                    p != libc::MAP_FAILED,
+                    "mmap: {}",
+                    std::io::Error::last_os_error()
+                );
+                std::ptr::write_volatile(p.cast::<u8>(), 1);
+                Ok(p.cast())
+            }
+        };
+        let pfn = |p: *mut u8| -> Result<u64, String> { Ok(pfns(p as usize, 4096)?[0]) };
+        let a = page()?;
+        let mut spare = Vec::new();
+        let b = loop {
+            let b = page()?;
+            if pfn(b)? != pfn(a)? + 1 {
+                break b;
+            }
+            spare.push(b);
+        };
+        // SAFETY: reserve two pages of address space, then move the two
+        // faulted pages into it; mremap keeps their frames.
+        let base = unsafe {
+            let r = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            ensure!(
+                r != libc::MAP_FAILED,
+                "mmap: {}",
+                std::io::Error::last_os_error()
+            );
+            for (src, dst) in [(a, r.cast::<u8>()), (b, r.cast::<u8>().add(4096))] {
+                let m = libc::mremap(
+                    src.cast(),
+                    4096,
+                    4096,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    dst.cast::<libc::c_void>(),
+                );
+                ensure!(
+                    m != libc::MAP_FAILED,
+                    "mremap: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            r.cast::<u8>()
+        };
+        let now = pfns(base as usize, 8192)?;
+        ensure!(
+            now[1] != now[0] + 1,
+            "mremap made the frames adjacent: {now:?}"
+        );
+        Ok(SplitPages {
+            base,
+            pfns: [now[0], now[1]],
+            spare,
+        })
+    }
+}
+
+impl Drop for SplitPages {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe {
+            libc::munmap(self.base.cast(), 8192);
+            for &p in &self.spare {
+                libc::munmap(p.cast(), 4096);
+            }
+        }
+    }
 }
 
 /// `kernel.io_uring_disabled = 2`: a clear error naming the sysctl, and

@@ -451,7 +451,12 @@ mod tests {
         let d: Vec<_> = select(&[]).unwrap().iter().map(|c| c.name).collect();
         assert_eq!(
             d,
-            ["type1-stock", "type1-custom", "noiommu-custom", "mdev-custom"]
+            [
+                "type1-stock",
+                "type1-custom",
+                "noiommu-custom",
+                "mdev-custom"
+            ]
         );
         let n: Vec<_> = select(&["mdev-custom".into(), "mdev-custom".into()])
             .unwrap()
