@@ -560,3 +560,636 @@ impl AddressMap {
         self.regions.iter().map(Region::to_mapping)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MIB2: u64 = 2 << 20;
+
+    fn ext(pa: u64, len: u64) -> PhysExtent {
+        PhysExtent {
+            pa: PhysAddr(pa),
+            len,
+        }
+    }
+
+    /// 6 MiB at 0x7f00_0000_0000, IOVA 0x1_0000_0000, three 2 MiB runs.
+    fn sample() -> Mapping {
+        Mapping {
+            vaddr: 0x7f00_0000_0000,
+            len: 3 * MIB2,
+            iova: Some(Iova(0x1_0000_0000)),
+            extents: vec![
+                ext(0x4000_0000, MIB2),
+                ext(0x9000_0000, MIB2),
+                ext(0x2000_0000, MIB2),
+            ],
+        }
+    }
+
+    // ---- the reference: a linear scan over the mappings -------------------
+
+    fn naive_iova_of(ms: &[Mapping], v: u64) -> Option<Iova> {
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
+        m.iova.map(|i| Iova(i.0 + (v - m.vaddr)))
+    }
+
+    fn naive_vaddr_of(ms: &[Mapping], i: Iova) -> Option<u64> {
+        ms.iter().find_map(|m| {
+            let off = i.0.wrapping_sub(m.iova?.0);
+            (off < m.len).then(|| m.vaddr + off)
+        })
+    }
+
+    fn naive_phys_extent_of(ms: &[Mapping], v: u64) -> Option<PhysExtent> {
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
+        let mut off = v - m.vaddr;
+        for e in &m.extents {
+            if off < e.len {
+                return Some(ext(e.pa.0 + off, e.len - off));
+            }
+            off -= e.len;
+        }
+        None
+    }
+
+    fn naive_dma_addr_of(ms: &[Mapping], v: u64) -> Option<DmaAddr> {
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
+        match m.iova {
+            Some(_) => naive_iova_of(ms, v).map(DmaAddr::Iova),
+            None => naive_phys_extent_of(ms, v).map(|e| DmaAddr::Phys(e.pa)),
+        }
+    }
+
+    fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+        a <= b + (blen - 1) && b <= a + (alen - 1)
+    }
+
+    /// What `insert` should answer for a valid mapping `m`, by linear scan.
+    fn naive_insert(ms: &mut Vec<Mapping>, m: Mapping) -> Result<(), &'static str> {
+        if ms.iter().any(|o| overlaps(o.vaddr, o.len, m.vaddr, m.len)) {
+            return Err("vaddr");
+        }
+        if ms.iter().any(|o| match (o.iova, m.iova) {
+            (Some(a), Some(b)) => overlaps(a.0, o.len, b.0, m.len),
+            _ => false,
+        }) {
+            return Err("iova");
+        }
+        ms.push(m);
+        Ok(())
+    }
+
+    /// Every lookup of `map` agrees with the linear scan over `ms` at `v`
+    /// (as a virtual address) and at `Iova(v)`.
+    fn check_probe(map: &AddressMap, ms: &[Mapping], v: u64) {
+        assert_eq!(map.iova_of(v), naive_iova_of(ms, v), "iova_of({v:#x})");
+        assert_eq!(
+            map.vaddr_of(Iova(v)),
+            naive_vaddr_of(ms, Iova(v)),
+            "vaddr_of({v:#x})"
+        );
+        assert_eq!(
+            map.phys_extent_of(v),
+            naive_phys_extent_of(ms, v),
+            "phys_extent_of({v:#x})"
+        );
+        assert_eq!(
+            map.phys_of(v),
+            naive_phys_extent_of(ms, v).map(|e| e.pa),
+            "phys_of({v:#x})"
+        );
+        assert_eq!(
+            map.dma_addr_of(v),
+            naive_dma_addr_of(ms, v),
+            "dma_addr_of({v:#x})"
+        );
+    }
+
+    /// The addresses where an off-by-one would show: around both ends of
+    /// every range, and of every extent.
+    fn boundary_probes(ms: &[Mapping]) -> Vec<u64> {
+        let mut p = vec![0, 1, u64::MAX];
+        let mut around = |start: u64, len: u64| {
+            let end = start.wrapping_add(len);
+            p.extend([
+                start.wrapping_sub(1),
+                start,
+                start.wrapping_add(1),
+                end.wrapping_sub(2),
+                end.wrapping_sub(1),
+                end,
+            ]);
+        };
+        for m in ms {
+            around(m.vaddr, m.len);
+            if let Some(i) = m.iova {
+                around(i.0, m.len);
+            }
+            let mut off = 0;
+            for e in &m.extents {
+                around(m.vaddr + off, e.len);
+                off += e.len;
+            }
+        }
+        p
+    }
+
+    // ---- unit tests --------------------------------------------------------
+
+    #[test]
+    fn empty_map_finds_nothing() {
+        let map = AddressMap::new();
+        assert!(map.is_empty());
+        for v in [0, 1, 0x7f00_0000_0000, u64::MAX] {
+            assert_eq!(map.iova_of(v), None);
+            assert_eq!(map.vaddr_of(Iova(v)), None);
+            assert_eq!(map.phys_of(v), None);
+            assert_eq!(map.dma_addr_of(v), None);
+        }
+    }
+
+    #[test]
+    fn boundaries_of_one_region() {
+        let m = sample();
+        let mut map = AddressMap::new();
+        map.insert(m.clone()).unwrap();
+        assert_eq!(map.len(), 1);
+        let (v, i) = (m.vaddr, m.iova.unwrap().0);
+        let end = v + m.len;
+
+        // First byte.
+        assert_eq!(map.iova_of(v), Some(Iova(i)));
+        assert_eq!(map.vaddr_of(Iova(i)), Some(v));
+        assert_eq!(map.phys_of(v), Some(PhysAddr(0x4000_0000)));
+        // Last byte: in the third extent.
+        assert_eq!(map.iova_of(end - 1), Some(Iova(i + m.len - 1)));
+        assert_eq!(map.vaddr_of(Iova(i + m.len - 1)), Some(end - 1));
+        assert_eq!(map.phys_of(end - 1), Some(PhysAddr(0x2000_0000 + MIB2 - 1)));
+        // One past the end, one before the start.
+        for out in [end, v - 1] {
+            assert_eq!(map.iova_of(out), None, "{out:#x}");
+            assert_eq!(map.phys_of(out), None, "{out:#x}");
+            assert_eq!(map.dma_addr_of(out), None, "{out:#x}");
+        }
+        assert_eq!(map.vaddr_of(Iova(i + m.len)), None);
+        assert_eq!(map.vaddr_of(Iova(i - 1)), None);
+
+        // Extent boundaries: last byte of the first run, first of the second.
+        assert_eq!(
+            map.phys_of(v + MIB2 - 1),
+            Some(PhysAddr(0x4000_0000 + MIB2 - 1))
+        );
+        assert_eq!(map.phys_of(v + MIB2), Some(PhysAddr(0x9000_0000)));
+        assert_eq!(
+            map.dma_addr_of(v + MIB2),
+            Some(DmaAddr::Iova(Iova(i + MIB2)))
+        );
+    }
+
+    #[test]
+    fn phys_runs_end_at_the_extent() {
+        let mut map = AddressMap::new();
+        let m = sample();
+        map.insert(m.clone()).unwrap();
+        assert_eq!(map.phys_extent_of(m.vaddr), Some(ext(0x4000_0000, MIB2)));
+        assert_eq!(
+            map.phys_extent_of(m.vaddr + MIB2 + 0x10),
+            Some(ext(0x9000_0010, MIB2 - 0x10))
+        );
+        assert_eq!(
+            map.phys_extent_of(m.vaddr + m.len - 1),
+            Some(ext(0x2000_0000 + MIB2 - 1, 1))
+        );
+    }
+
+    #[test]
+    fn region_at_the_top_of_the_address_space() {
+        let len = 0x3000;
+        let top = u64::MAX - len + 1;
+        let mut map = AddressMap::new();
+        map.insert(Mapping {
+            vaddr: top,
+            len,
+            iova: Some(Iova(top)),
+            extents: vec![ext(0x1000, 0x1000), ext(u64::MAX - 0x1fff, 0x2000)],
+        })
+        .unwrap();
+        assert_eq!(map.iova_of(u64::MAX), Some(Iova(u64::MAX)));
+        assert_eq!(map.vaddr_of(Iova(u64::MAX)), Some(u64::MAX));
+        assert_eq!(map.phys_of(u64::MAX), Some(PhysAddr(u64::MAX)));
+        assert_eq!(map.phys_extent_of(u64::MAX), Some(ext(u64::MAX, 1)));
+        assert_eq!(map.iova_of(top - 1), None);
+        assert_eq!(map.iova_of(0), None);
+    }
+
+    #[test]
+    fn touching_regions_are_not_overlaps() {
+        let mut map = AddressMap::new();
+        let a = sample();
+        let b = Mapping {
+            vaddr: a.vaddr + a.len,
+            len: MIB2,
+            iova: Some(Iova(a.iova.unwrap().0 - MIB2)),
+            extents: vec![ext(0x6000_0000, MIB2)],
+        };
+        map.insert(a.clone()).unwrap();
+        map.insert(b.clone()).unwrap();
+        // The last byte of `a` and the first of `b` go to different places.
+        assert_eq!(
+            map.iova_of(b.vaddr - 1),
+            Some(Iova(a.iova.unwrap().0 + a.len - 1))
+        );
+        assert_eq!(map.iova_of(b.vaddr), b.iova);
+        assert_eq!(map.vaddr_of(a.iova.unwrap()), Some(a.vaddr));
+        assert_eq!(
+            map.vaddr_of(Iova(a.iova.unwrap().0 - 1)),
+            Some(b.vaddr + MIB2 - 1)
+        );
+    }
+
+    #[test]
+    fn overlaps_are_refused_and_leave_the_map_unchanged() {
+        let mut map = AddressMap::new();
+        let a = sample();
+        map.insert(a.clone()).unwrap();
+        let probe = |vaddr: u64, len: u64, iova: u64| Mapping {
+            vaddr,
+            len,
+            iova: Some(Iova(iova)),
+            extents: vec![],
+        };
+        let (v, i, len) = (a.vaddr, a.iova.unwrap().0, a.len);
+        let far_v = v + (1 << 40);
+        let far_i = i + (1 << 40);
+        // Virtual overlaps: same start, inside, straddling either end, covering.
+        for (vaddr, l) in [
+            (v, len),
+            (v + 0x1000, 0x1000),
+            (v - 0x1000, 0x2000),
+            (v - 0x1000, 0x1001),
+            (v + len - 1, 0x1000),
+            (v - 0x1000, len + 0x2000),
+        ] {
+            let e = map.insert(probe(vaddr, l, far_i)).unwrap_err();
+            assert_eq!(
+                e,
+                TranslateError::VaddrOverlap {
+                    vaddr,
+                    len: l,
+                    other_vaddr: v,
+                    other_len: len
+                }
+            );
+        }
+        // IOVA overlaps, with a free virtual range.
+        for (iova, l) in [(i, 1), (i + len - 1, 0x1000), (i - 0x1000, 0x1001)] {
+            let e = map.insert(probe(far_v, l, iova)).unwrap_err();
+            assert_eq!(
+                e,
+                TranslateError::IovaOverlap {
+                    iova: Iova(iova),
+                    len: l,
+                    other_iova: Iova(i),
+                    other_len: len,
+                    other_vaddr: v,
+                }
+            );
+        }
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.mappings().collect::<Vec<_>>(), vec![a]);
+        assert_eq!(map.iova_of(far_v), None);
+        assert_eq!(map.vaddr_of(Iova(far_i)), None);
+    }
+
+    #[test]
+    fn invalid_mappings_are_refused() {
+        let mut map = AddressMap::new();
+        let base = sample();
+        let with = |f: &dyn Fn(&mut Mapping)| {
+            let mut m = base.clone();
+            f(&mut m);
+            m
+        };
+        let cases: Vec<(Mapping, TranslateError)> = vec![
+            (
+                with(&|m| m.len = 0),
+                TranslateError::ZeroLength { vaddr: base.vaddr },
+            ),
+            (
+                with(&|m| m.vaddr = u64::MAX - MIB2),
+                TranslateError::VaddrWraps {
+                    vaddr: u64::MAX - MIB2,
+                    len: base.len,
+                },
+            ),
+            (
+                with(&|m| m.iova = Some(Iova(u64::MAX - 0x1000))),
+                TranslateError::IovaWraps {
+                    iova: Iova(u64::MAX - 0x1000),
+                    len: base.len,
+                },
+            ),
+            (
+                with(&|m| {
+                    m.iova = None;
+                    m.extents.clear();
+                }),
+                TranslateError::NoDmaAddress { vaddr: base.vaddr },
+            ),
+            (
+                with(&|m| m.extents.insert(1, ext(0x5000, 0))),
+                TranslateError::EmptyExtent {
+                    vaddr: base.vaddr,
+                    index: 1,
+                },
+            ),
+            (
+                with(&|m| m.extents[2] = ext(u64::MAX, MIB2)),
+                TranslateError::ExtentWraps {
+                    vaddr: base.vaddr,
+                    pa: PhysAddr(u64::MAX),
+                    len: MIB2,
+                },
+            ),
+            (
+                with(&|m| {
+                    m.extents.pop();
+                }),
+                TranslateError::ExtentsMismatch {
+                    vaddr: base.vaddr,
+                    len: base.len,
+                    covered: 2 * MIB2,
+                },
+            ),
+            (
+                with(&|m| m.extents.push(ext(0x1000, 0x1000))),
+                TranslateError::ExtentsMismatch {
+                    vaddr: base.vaddr,
+                    len: base.len,
+                    covered: base.len + 0x1000,
+                },
+            ),
+        ];
+        for (m, want) in cases {
+            assert_eq!(map.insert(m.clone()), Err(want), "{m:x?}");
+        }
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let m = TranslateError::VaddrOverlap {
+            vaddr: 0x7f00_0000_1000,
+            len: 0x1000,
+            other_vaddr: 0x7f00_0000_0000,
+            other_len: 0x20_0000,
+        }
+        .to_string();
+        assert!(
+            m.contains("0x7f0000001000") && m.contains("0x7f0000000000") && m.contains("remove"),
+            "{m}"
+        );
+        let m = TranslateError::IovaOverlap {
+            iova: Iova(0x1000),
+            len: 0x1000,
+            other_iova: Iova(0),
+            other_len: 0x2000,
+            other_vaddr: 0x7f00_0000_0000,
+        }
+        .to_string();
+        assert!(
+            m.contains("IOVA range [0x1000")
+                && m.contains("0x7f0000000000")
+                && m.contains("remove"),
+            "{m}"
+        );
+        let m = TranslateError::NoDmaAddress { vaddr: 0x1000 }.to_string();
+        assert!(
+            m.contains("pass the IOVA") && m.contains("CAP_SYS_ADMIN"),
+            "{m}"
+        );
+        let m = TranslateError::ExtentsMismatch {
+            vaddr: 0x1000,
+            len: 0x2000,
+            covered: 0x1000,
+        }
+        .to_string();
+        assert!(m.contains("phys::phys_extents"), "{m}");
+    }
+
+    #[test]
+    fn no_iommu_regions_use_physical_addresses() {
+        let mut map = AddressMap::new();
+        let m = Mapping {
+            iova: None,
+            ..sample()
+        };
+        map.insert(m.clone()).unwrap();
+        assert_eq!(map.iova_of(m.vaddr), None);
+        assert_eq!(
+            map.dma_addr_of(m.vaddr + MIB2 + 5),
+            Some(DmaAddr::Phys(PhysAddr(0x9000_0005)))
+        );
+        // It takes no IOVA space: a region with an IOVA may sit anywhere.
+        map.insert(Mapping {
+            vaddr: m.vaddr + (1 << 30),
+            len: MIB2,
+            iova: Some(Iova(0x4000_0000)),
+            extents: vec![],
+        })
+        .unwrap();
+        assert_eq!(map.vaddr_of(Iova(0x4000_0000)), Some(m.vaddr + (1 << 30)));
+        assert_eq!(map.vaddr_of(Iova(0x9000_0005)), None);
+        assert_eq!(DmaAddr::Phys(PhysAddr(0x10)).raw(), 0x10);
+        assert_eq!(DmaAddr::Phys(PhysAddr(0x10)).to_string(), "PA 0x10");
+        assert_eq!(DmaAddr::Iova(Iova(0x10)).to_string(), "IOVA 0x10");
+    }
+
+    #[test]
+    fn unknown_physical_addresses() {
+        let mut map = AddressMap::new();
+        let m = Mapping {
+            extents: vec![],
+            ..sample()
+        };
+        map.insert(m.clone()).unwrap();
+        assert_eq!(map.phys_of(m.vaddr), None);
+        assert_eq!(map.phys_extent_of(m.vaddr), None);
+        assert_eq!(
+            map.dma_addr_of(m.vaddr),
+            Some(DmaAddr::Iova(m.iova.unwrap()))
+        );
+    }
+
+    #[test]
+    fn remove_by_start_only() {
+        let mut map = AddressMap::new();
+        let a = sample();
+        map.insert(a.clone()).unwrap();
+        assert_eq!(map.remove(a.vaddr + 1), None);
+        assert_eq!(map.remove(a.vaddr - 1), None);
+        assert_eq!(map.remove(a.vaddr), Some(a.clone()));
+        assert!(map.is_empty());
+        assert_eq!(map.remove(a.vaddr), None);
+        assert_eq!(map.iova_of(a.vaddr), None);
+        assert_eq!(map.vaddr_of(a.iova.unwrap()), None);
+        // Both its virtual and its IOVA range are free again.
+        map.insert(a.clone()).unwrap();
+        assert_eq!(map.vaddr_of(a.iova.unwrap()), Some(a.vaddr));
+    }
+
+    #[test]
+    fn mappings_come_back_in_virtual_order() {
+        let mut map = AddressMap::new();
+        let a = sample();
+        let b = Mapping {
+            vaddr: a.vaddr - (1 << 30),
+            len: MIB2,
+            iova: None,
+            extents: vec![ext(0x1000_0000, 0x1000), ext(0x3000_0000, MIB2 - 0x1000)],
+        };
+        map.insert(a.clone()).unwrap();
+        map.insert(b.clone()).unwrap();
+        assert_eq!(map.mappings().collect::<Vec<_>>(), vec![b, a]);
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<AddressMap>();
+    }
+
+    // ---- properties against the linear scan ---------------------------------
+
+    /// Grid unit: small, so that random mappings often overlap.
+    const U: u64 = 0x1000;
+
+    /// A byte offset that puts ends next to each other: 0, 1 or -1.
+    fn jitter() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0u64), Just(1), Just(u64::MAX)]
+    }
+
+    /// A start address for `len` bytes: on a small grid (give or take a
+    /// byte), or near the top of the 64-bit space (ending exactly at 2^64
+    /// when `k` is 0).
+    fn addr(len: u64) -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => (1..64u64, jitter()).prop_map(|(k, j)| (k * U).wrapping_add(j)),
+            1 => (0..8u64).prop_map(move |k| u64::MAX - len - k * U + 1),
+        ]
+    }
+
+    /// A length in bytes: whole pages, give or take a byte, or any size.
+    fn length() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            3 => (1..8u64, jitter()).prop_map(|(p, j)| (p * U).wrapping_add(j)),
+            1 => 1..8 * U,
+        ]
+    }
+
+    /// A valid mapping: its extents cut `len` at random points, each with a
+    /// random physical address.
+    fn mapping() -> impl Strategy<Value = Mapping> {
+        length()
+            .prop_flat_map(|len| {
+                (
+                    Just(len),
+                    addr(len),
+                    prop::option::weighted(0.75, addr(len)),
+                    any::<bool>(),
+                    prop::collection::vec((1..len.max(2), 0..1u64 << 50), 0..6),
+                )
+            })
+            .prop_map(|(len, vaddr, iova, known, cuts)| {
+                let mut at: Vec<(u64, u64)> = cuts.into_iter().filter(|&(c, _)| c < len).collect();
+                at.sort_unstable();
+                at.dedup_by_key(|c| c.0);
+                let mut extents = vec![];
+                let mut off = 0;
+                let mut pa = 0x8000_0000;
+                for (cut, next_pa) in at {
+                    extents.push(ext(pa, cut - off));
+                    (off, pa) = (cut, next_pa);
+                }
+                extents.push(ext(pa, len - off));
+                if iova.is_some() && !known {
+                    extents.clear();
+                }
+                Mapping {
+                    vaddr,
+                    len,
+                    iova: iova.map(Iova),
+                    extents,
+                }
+            })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(Mapping),
+        /// Remove the n-th mapping (modulo the count), or, if `exact` is
+        /// false, the address one page into it (which must not remove it).
+        Remove {
+            n: usize,
+            exact: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => mapping().prop_map(Op::Insert),
+            1 => (any::<usize>(), any::<bool>()).prop_map(|(n, exact)| Op::Remove { n, exact }),
+        ]
+    }
+
+    proptest! {
+        /// After any sequence of inserts and removes, insert's verdicts and
+        /// every lookup match a linear scan, at every boundary and at random
+        /// addresses.
+        #[test]
+        fn matches_linear_scan(
+            ops in prop::collection::vec(op(), 1..40),
+            random in prop::collection::vec(0..80 * U, 32),
+        ) {
+            let mut map = AddressMap::new();
+            let mut ms: Vec<Mapping> = vec![];
+            for op in ops {
+                match op {
+                    Op::Insert(m) => {
+                        let want = naive_insert(&mut ms, m.clone());
+                        let got = map.insert(m);
+                        match (&want, &got) {
+                            (Ok(()), Ok(())) => {}
+                            (Err("vaddr"), Err(TranslateError::VaddrOverlap { .. })) => {}
+                            (Err("iova"), Err(TranslateError::IovaOverlap { .. })) => {}
+                            _ => prop_assert!(false, "want {want:?}, got {got:?}"),
+                        }
+                    }
+                    Op::Remove { n, exact } => {
+                        if ms.is_empty() {
+                            prop_assert_eq!(map.remove(n as u64), None);
+                            continue;
+                        }
+                        let i = n % ms.len();
+                        if exact {
+                            let m = ms.remove(i);
+                            prop_assert_eq!(map.remove(m.vaddr), Some(m));
+                        } else if ms[i].len > U {
+                            prop_assert_eq!(map.remove(ms[i].vaddr + U), None);
+                        }
+                    }
+                }
+                prop_assert_eq!(map.len(), ms.len());
+            }
+            let mut sorted = ms.clone();
+            sorted.sort_by_key(|m| m.vaddr);
+            prop_assert_eq!(map.mappings().collect::<Vec<_>>(), sorted);
+            for v in boundary_probes(&ms).into_iter().chain(random) {
+                check_probe(&map, &ms, v);
+            }
+        }
+    }
+}
