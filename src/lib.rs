@@ -26,9 +26,11 @@
 //!
 //! Modules, one concept each: [`addr`] (newtypes and parsing), [`numa`]
 //! (topology, node-bound allocation, placement), [`iova`] (allocator),
-//! [`vfio`] (device, group, container, GET_INFO), [`region`] (the pinned
-//! handle), [`phys`] (pagemap), [`bind`] (vfio-pci binding), [`edu`] (QEMU's
-//! DMA test device), [`sys`] (raw syscalls), [`error`].
+//! [`vfio`] (device, group, container, GET_INFO), [`uring`] (io_uring
+//! long-term pins for mdev and no-IOMMU devices), [`region`] (the pinned
+//! handle), [`translate`] (vaddr ↔ IOVA ↔ PA over many regions), [`phys`]
+//! (pagemap), [`bind`] (vfio-pci binding), [`edu`] (QEMU's DMA test device),
+//! [`sys`] (raw syscalls), [`error`].
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 

@@ -192,6 +192,23 @@ impl PinnedRegion {
         Ok(phys::phys_extents(self.vaddr as u64, self.len)?)
     }
 
+    /// The region as an entry of a [`crate::translate::AddressMap`]: its
+    /// IOVA and the physical runs recorded at pin time (empty when PFNs were
+    /// hidden). Remove the entry from the map before releasing the region.
+    pub fn mapping(&self) -> crate::translate::Mapping {
+        let base = crate::addr::base_page_size();
+        crate::translate::Mapping {
+            vaddr: self.vaddr as u64,
+            len: self.len,
+            iova: self.iova,
+            extents: self
+                .pfns
+                .as_ref()
+                .map(|p| phys::merge_extents(p.iter().copied(), base))
+                .unwrap_or_default(),
+        }
+    }
+
     /// The shortest physically contiguous run, from the PFNs recorded at
     /// pin time (`None` when PFNs were hidden).
     pub fn min_extent(&self) -> Option<u64> {

@@ -126,6 +126,21 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
             "hugepage extents not {ps}-aligned: {ext:?}"
         );
     }
+    // The translation table agrees with the region and with pagemap.
+    let mut map = numapin::translate::AddressMap::new();
+    e(map.insert(r.mapping()), "address map")?;
+    let off = size / 2 + 123;
+    let probe = r.vaddr() as u64 + off;
+    let pa = pfns(r.vaddr(), size)?[(off / 4096) as usize] * 4096 + off % 4096;
+    ensure!(
+        map.iova_of(probe) == r.iova_of(probe as usize)
+            && map.phys_of(probe).map(|p| p.raw()) == Some(pa)
+            && map.dma_addr_of(probe).map(|d| d.raw()) == r.dma_addr(off),
+        "address map disagrees at +{off:#x}: iova {:?}/{:?}, pa {:?}/{pa:#x}",
+        map.iova_of(probe),
+        r.iova_of(probe as usize),
+        map.phys_of(probe)
+    );
     let addr = match r.iova() {
         Some(i) => format!("IOVA {i}"),
         None => format!("DMA at PA {:#x}", r.dma_addr(0).ok_or("no DMA address")?),
