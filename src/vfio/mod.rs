@@ -196,6 +196,25 @@ pub fn describe(spec: &str) -> Result<DeviceInfo> {
 }
 
 impl DeviceInfo {
+    /// The error for a group the kernel calls not viable: every other
+    /// member and its driver.
+    pub(crate) fn not_viable(&self) -> Error {
+        Error::GroupNotViable {
+            group: self.group,
+            others: self
+                .members
+                .iter()
+                .filter(|m| m.device != self.name)
+                .map(|m| {
+                    (
+                        m.device.clone(),
+                        m.driver.clone().unwrap_or_else(|| "no driver".into()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// Checks what would make opening fail, with an error that says what to do:
     /// the device's own driver, and the other members' drivers.
     pub fn check_openable(&self) -> Result<()> {
@@ -237,20 +256,7 @@ fn open_error(dev: &DeviceInfo, e: VfioError) -> Error {
     let mapped = match &e {
         VfioError::OpenContainer(err) => io_kind(err, PathBuf::from("/dev/vfio/vfio")),
         VfioError::OpenGroup(err, _) => io_kind(err, dev.group_node.clone()),
-        VfioError::GroupViable => Some(Error::GroupNotViable {
-            group: dev.group,
-            others: dev
-                .members
-                .iter()
-                .filter(|m| m.device != dev.name)
-                .map(|m| {
-                    (
-                        m.device.clone(),
-                        m.driver.clone().unwrap_or_else(|| "no driver".into()),
-                    )
-                })
-                .collect(),
-        }),
+        VfioError::GroupViable => Some(dev.not_viable()),
         VfioError::GroupSetContainer => Some(Error::GroupBusy {
             path: dev.group_node.clone(),
         }),

@@ -118,20 +118,7 @@ pub(crate) fn open(dev: &DeviceInfo) -> Result<NoIommuDevice> {
         return Err(fail("VFIO_GROUP_GET_STATUS", ""));
     }
     if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-        return Err(Error::GroupNotViable {
-            group: dev.group,
-            others: dev
-                .members
-                .iter()
-                .filter(|m| m.device != dev.name)
-                .map(|m| {
-                    (
-                        m.device.clone(),
-                        m.driver.clone().unwrap_or_else(|| "no driver".into()),
-                    )
-                })
-                .collect(),
-        });
+        return Err(dev.not_viable());
     }
     let cfd: libc::c_int = container.as_raw_fd();
     // SAFETY: the kernel reads one int (the container fd) from `cfd`.

@@ -309,23 +309,11 @@ fn cli_info_topology(ctx: &Ctx) -> Result<String, String> {
 
 /// examples/vmm_guest_ram: guest RAM slots pinned at IOVA = GPA on their nodes.
 fn example_vmm(ctx: &Ctx) -> Result<String, String> {
-    let out = e(
-        std::process::Command::new(sibling("vmm_guest_ram"))
-            .args(["--device", &ctx.device])
-            .output(),
-        "run vmm_guest_ram",
+    let text = run_example(
+        "vmm_guest_ram",
+        &["--device", &ctx.device],
+        &["0x0 ", "0x100000000", "released both slots"],
     )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "exit {}: {}{}",
-        out.status,
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for want in ["0x0 ", "0x100000000", "released both slots"] {
-        ensure!(text.contains(want), "output lacks `{want}`: {text}");
-    }
     let intact = text
         .lines()
         .filter(|l| l.ends_with(": intact") && l.contains("PFNs unchanged"))

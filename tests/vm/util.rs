@@ -367,3 +367,24 @@ impl Drop for PinChild {
         let _ = self.child.wait();
     }
 }
+
+/// Runs an example installed next to the runner; fails unless it exits 0
+/// and its stdout contains every line of `wants`. Returns the stdout.
+pub fn run_example(name: &str, args: &[&str], wants: &[&str]) -> Result<String, String> {
+    let out = e(
+        Command::new(sibling(name)).args(args).output(),
+        &format!("run {name}"),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{name} exit {}: {}{}",
+        out.status,
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in wants {
+        ensure!(text.contains(want), "{name} output lacks `{want}`: {text}");
+    }
+    Ok(text)
+}
