@@ -13,12 +13,10 @@
 //! # fn main() -> numapin::Result<()> {
 //! let pinner = Pinner::open("0000:00:03.0")?;
 //! let region = pinner.pin(&PinRequest {
-//!     node: NodeId(1),
-//!     size: 64 << 20,
 //!     page_size: PageSize::Huge2M,
-//!     iova: None,
+//!     ..PinRequest::new(NodeId(1), 64 << 20)
 //! })?;
-//! println!("{:#x} -> IOVA {}", region.vaddr(), region.iova());
+//! println!("{:#x} -> IOVA {:?}", region.vaddr(), region.iova());
 //! assert!(region.verify()?.is_intact());
 //! region.release()?; // or just drop it
 //! # Ok(()) }
