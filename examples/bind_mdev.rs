@@ -193,7 +193,11 @@ fn run() -> Result<()> {
         return Err(Error::Invalid(format!("the pinned region moved: {v:?}")));
     }
     region.release()?;
-    println!("released: {} unpinned", human_size(args.size));
+    println!(
+        "released: {} unpinned (VmPin +{} after release)",
+        human_size(args.size),
+        kb(sys::pinned_bytes().map_err(|e| Error::sys("read VmPin", "", e))? - pin0)
+    );
     drop(pinner);
     drop(mdev);
     Ok(())

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use numapin::addr::{human_size, parse_size};
 use numapin::numa::{self, Topology};
-use numapin::{ContainerKind, Error, NodeId, PageSize, PinRequest, Pinner, Result};
+use numapin::{ContainerKind, Error, NodeId, PageSize, PinRequest, Pinner, Result, sys};
 
 const MODE: &str = "/sys/module/vfio/parameters/enable_unsafe_noiommu_mode";
 
@@ -109,6 +109,8 @@ fn run() -> Result<()> {
     }
     let topo = Topology::read()?;
     let node = NodeId(args.node.unwrap_or(topo.nodes[0].id));
+    let vmpin = || sys::pinned_bytes().map_err(|e| Error::sys("read VmPin", "", e));
+    let pin0 = vmpin()?;
     let region = pinner.pin(&PinRequest {
         page_size: args.page_size,
         min_extent: Some(args.page_size.bytes()),
@@ -160,8 +162,14 @@ fn run() -> Result<()> {
     if !v.is_intact() {
         return Err(Error::Invalid(format!("the pinned region changed: {v:?}")));
     }
+    let held = vmpin()? - pin0;
     region.release()?;
-    println!("released: {} unpinned", human_size(args.size));
+    println!(
+        "released: {} unpinned (VmPin +{} kB while pinned, +{} kB after release)",
+        human_size(args.size),
+        held >> 10,
+        (vmpin()? - pin0) >> 10
+    );
     Ok(())
 }
 

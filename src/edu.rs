@@ -218,7 +218,14 @@ impl<'a> Edu<'a> {
         count: u64,
         seed: u8,
     ) -> Result<DmaCheck> {
-        if src_off + count > src.len() || dst_off + count > dst.len() {
+        if count == 0 || count > MAX_TRANSFER {
+            return Err(Error::Invalid(format!(
+                "edu transfer of {count} bytes: use 1..={MAX_TRANSFER}"
+            )));
+        }
+        let fits =
+            |off: u64, r: &PinnedRegion| off.checked_add(count).is_some_and(|end| end <= r.len());
+        if !fits(src_off, src) || !fits(dst_off, dst) {
             return Err(Error::Invalid("round trip beyond the region".into()));
         }
         let src_addr = contiguous_dma(src, src_off, count)?;
@@ -257,11 +264,6 @@ fn contiguous_dma(region: &PinnedRegion, off: u64, count: u64) -> Result<u64> {
             "no DMA address for offset {off:#x} of the region: it has no IOVA and its PFNs are hidden (run with CAP_SYS_ADMIN)"
         ))
     };
-    if count == 0 {
-        return Err(Error::Invalid(format!(
-            "edu transfer of 0 bytes: use 1..={MAX_TRANSFER}"
-        )));
-    }
     let first = region.dma_addr(off).ok_or_else(missing)?;
     let last = region.dma_addr(off + count - 1).ok_or_else(missing)?;
     if last.checked_sub(first) != Some(count - 1) {

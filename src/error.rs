@@ -155,7 +155,8 @@ pub enum Error {
 
     /// The device has no IOMMU group.
     #[error(
-        "device {device} has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on (or amd_iommu=on) and check `dmesg | grep -i iommu`"
+        "device {device} has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on (or amd_iommu=on) and check \
+         `dmesg | grep -i iommu`, or, without an IOMMU, set vfio.enable_unsafe_noiommu_mode=1 and `numapin bind {device}`"
     )]
     NoIommuGroup {
         /// Device name.
@@ -229,10 +230,11 @@ pub enum Error {
         value: u32,
     },
 
-    /// The kernel has no io_uring.
+    /// The kernel has no io_uring (or a seccomp filter answers ENOSYS).
     #[error(
-        "this kernel has no io_uring (CONFIG_IO_URING is off), which numapin needs to pin memory for mdev and no-IOMMU \
-         devices; use a kernel with io_uring or a device behind a real IOMMU"
+        "io_uring_setup is not available (kernel built without CONFIG_IO_URING, or a seccomp filter answering ENOSYS), \
+         but numapin needs io_uring to pin memory for mdev and no-IOMMU devices; use a kernel with io_uring, allow the \
+         io_uring syscalls, or use a device behind a real IOMMU"
     )]
     UringUnsupported,
 

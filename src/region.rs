@@ -120,6 +120,10 @@ impl PinnedRegion {
     /// IOVA, or for a no-IOMMU device the physical address (from the PFNs
     /// recorded at pin time, which the pin keeps valid). `None` beyond the
     /// region, or when PFNs were hidden.
+    ///
+    /// In no-IOMMU mode nothing stands between the device and memory once
+    /// the region is released: stop the device's DMA (or clear its bus
+    /// master bit) before releasing or dropping the region.
     pub fn dma_addr(&self, offset: u64) -> Option<u64> {
         if offset >= self.len {
             return None;
@@ -259,8 +263,10 @@ impl PinnedRegion {
 
     /// Unmap (if mapped), unpin (if io_uring holds it), free. An unmap
     /// failure leaks memory, IOVA and pin alike: a device may still reach
-    /// the pages. An unregister failure still frees: closing the ring drops
-    /// the pin, and no device holds an IOMMU mapping to the pages.
+    /// the pages. An unregister failure still frees: the ring closes and
+    /// drops the pin, the IOMMU holds no mapping to the pages (and in
+    /// no-IOMMU mode the caller stopped the device first, see
+    /// [`PinnedRegion::dma_addr`]).
     fn teardown(&mut self) -> Result<()> {
         if let Some(iova) = self.iova {
             if let Err(e) = self.pinner.unmap_dma(iova, self.len) {
@@ -287,7 +293,7 @@ impl Drop for PinnedRegion {
     fn drop(&mut self) {
         if !self.released {
             if let Err(e) = self.teardown() {
-                eprintln!("numapin: leaking pinned region at {:#x}: {e}", self.vaddr);
+                eprintln!("numapin: releasing the region at {:#x}: {e}", self.vaddr);
             }
         }
     }

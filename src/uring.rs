@@ -157,15 +157,44 @@ pub fn disabled_sysctl() -> Option<u32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+/// Whether this process may use io_uring under `kernel.io_uring_disabled =
+/// 1`: CAP_SYS_ADMIN, or membership of `kernel.io_uring_group`.
+fn allowed_when_restricted() -> bool {
+    if sys::has_cap(sys::Cap::SysAdmin) {
+        return true;
+    }
+    let Some(gid) = std::fs::read_to_string("/proc/sys/kernel/io_uring_group")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+    else {
+        return false;
+    };
+    if gid < 0 {
+        return false;
+    }
+    // SAFETY: getegid has no preconditions.
+    if i64::from(unsafe { libc::getegid() }) == gid {
+        return true;
+    }
+    let mut groups = vec![0 as libc::gid_t; 256];
+    // SAFETY: the buffer holds groups.len() entries.
+    let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+    n > 0 && groups[..n as usize].iter().any(|&g| i64::from(g) == gid)
+}
+
 fn setup_error(e: io::Error) -> Error {
+    let filtered = |e| {
+        Error::sys(
+            "io_uring_setup",
+            "a seccomp filter or LSM forbids io_uring for this process (container runtimes often do); allow io_uring_setup and io_uring_register",
+            e,
+        )
+    };
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => match disabled_sysctl() {
-            Some(value) if value != 0 => Error::UringDisabled { value },
-            _ => Error::sys(
-                "io_uring_setup",
-                "a seccomp filter or LSM forbids io_uring for this process; allow io_uring_setup and io_uring_register",
-                e,
-            ),
+            Some(2) => Error::UringDisabled { value: 2 },
+            Some(1) if !allowed_when_restricted() => Error::UringDisabled { value: 1 },
+            _ => filtered(e),
         },
         Some(libc::ENOSYS) => Error::UringUnsupported,
         _ => Error::sys(
@@ -179,13 +208,34 @@ fn setup_error(e: io::Error) -> Error {
 fn register_error(e: io::Error, len: u64) -> Error {
     match e.raw_os_error() {
         Some(libc::ENOMEM) if !sys::has_cap(sys::Cap::IpcLock) => {
-            let limit = sys::memlock_limit().unwrap_or(0);
-            let locked = sys::pinned_bytes().unwrap_or(0) + sys::locked_bytes().unwrap_or(0);
-            Error::MemlockLimit { limit, locked, len }
+            let limit = sys::memlock_limit().unwrap_or(u64::MAX);
+            let pinned = sys::pinned_bytes().unwrap_or(0);
+            if pinned.saturating_add(len) > limit {
+                Error::MemlockLimit {
+                    limit,
+                    locked: pinned,
+                    len,
+                }
+            } else {
+                Error::sys(
+                    "IORING_REGISTER_BUFFERS",
+                    "io_uring counts pinned memory per user, so other processes of this user count against \
+                     RLIMIT_MEMLOCK too (raise it, or grant CAP_IPC_LOCK); otherwise memory ran out or a page \
+                     in ZONE_MOVABLE/CMA could not be migrated for the long-term pin",
+                    e,
+                )
+            }
         }
         Some(libc::EFAULT) | Some(libc::EOPNOTSUPP) => Error::sys(
             "IORING_REGISTER_BUFFERS",
-            "the memory cannot be pinned long-term (file-backed, device or secret memory); use anonymous memory, memfd or hugetlbfs",
+            "the memory cannot be pinned long-term (file-backed, device or secret memory); use anonymous memory \
+             or hugetlbfs (memfd/shmem only since Linux 5.14)",
+            e,
+        ),
+        Some(libc::EINVAL) => Error::sys(
+            "IORING_REGISTER_BUFFERS",
+            "the kernel refused the buffer table; before Linux 5.13 a ring takes at most 1024 buffers (1 TiB): \
+             pin smaller regions",
             e,
         ),
         _ => Error::sys(

@@ -154,8 +154,17 @@ fn print_bind(o: &numapin::bind::BindOutcome) {
 fn info(device: &str, json: bool) -> Result<()> {
     let desc = numapin::vfio::describe(device)?;
     // Opening needs the device on vfio-pci; report sysfs facts either way.
-    let opened = desc.check_openable().and_then(|()| Pinner::open(device));
-    let report = output::InfoReport::new(&desc, opened.as_ref().ok().and_then(|p| p.iommu_info()));
+    // A no-IOMMU device has no IOMMU to describe, and opening it would need
+    // CAP_SYS_RAWIO and reset it: sysfs is the whole answer there.
+    let opened = match desc.kind {
+        numapin::ContainerKind::NoIommu => desc.check_openable().map(|()| None),
+        _ => desc
+            .check_openable()
+            .and_then(|()| Pinner::open(device))
+            .map(Some),
+    };
+    let pinner = opened.as_ref().ok().and_then(Option::as_ref);
+    let report = output::InfoReport::new(&desc, pinner.and_then(|p| p.iommu_info()));
     if json {
         output::print_json(&report)?;
     } else {

@@ -36,8 +36,14 @@ pub struct DeviceFd<'a> {
 }
 
 impl<'a> DeviceFd<'a> {
-    /// Wraps a VFIO device fd.
-    pub fn new(fd: BorrowedFd<'a>) -> DeviceFd<'a> {
+    /// Wraps a VFIO device fd. [`crate::Pinner::device_fd`] gives one
+    /// safely.
+    ///
+    /// # Safety
+    /// `fd` must be a VFIO device fd: the methods issue VFIO ioctls on it
+    /// whose argument layout another driver could read differently, and
+    /// callers mmap its regions.
+    pub unsafe fn new(fd: BorrowedFd<'a>) -> DeviceFd<'a> {
         DeviceFd { fd }
     }
 

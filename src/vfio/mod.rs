@@ -465,9 +465,9 @@ impl Pinner {
         match &self.inner.backend {
             Backend::Type1(t) => {
                 let raw = t.device.as_raw_fd();
-                // SAFETY: the fd belongs to the VfioDevice, which lives as
-                // long as `self` and so outlives the borrow.
-                DeviceFd::new(unsafe { BorrowedFd::borrow_raw(raw) })
+                // SAFETY: the fd is the VfioDevice's VFIO device fd, and the
+                // device lives as long as `self`, so it outlives the borrow.
+                unsafe { DeviceFd::new(BorrowedFd::borrow_raw(raw)) }
             }
             Backend::NoIommu(d) => d.fd(),
         }
@@ -519,6 +519,9 @@ impl Pinner {
             }
         }
         self.check_iommu_alignment(size)?;
+        if let Some(min) = min_extent {
+            validate_min_extent(min)?;
+        }
         self.inner.topology.require(node)?;
         // Hugepage counts change at run time: read them now, not at open.
         Topology::read()?.check_capacity(node, size, page_size)?;
@@ -594,6 +597,9 @@ impl Pinner {
             });
         }
         self.check_iommu_alignment(m.len)?;
+        if let Some(min) = m.min_extent {
+            validate_min_extent(min)?;
+        }
         if let Some(n) = m.node {
             self.inner.topology.require(n)?;
         }
@@ -723,50 +729,70 @@ impl Pinner {
             // A failure drops `uring`, which unregisters the buffers.
             self.inner.map_dma(r.vaddr, r.len, iova).map_err(unmapped)?;
         }
-        let undo = |error: Error| {
-            let unmapped_ok = match iova {
-                Some(iova) => match self.inner.unmap_dma_unlocked(iova, r.len) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        eprintln!(
-                            "numapin: could not undo the mapping at {iova} ({e}); leaking it"
-                        );
-                        false
-                    }
-                },
-                None => true,
-            };
-            MapFailure {
-                error,
-                still_mapped: !unmapped_ok,
+        match self.prove(r, kind, counter, by, before, read) {
+            Ok(pfns) => Ok(Pins { uring, pfns }),
+            Err(error) => {
+                let still_mapped = match iova {
+                    Some(iova) => match self.inner.unmap_dma_unlocked(iova, r.len) {
+                        Ok(()) => false,
+                        Err(e) => {
+                            eprintln!(
+                                "numapin: could not undo the mapping at {iova} ({e}); leaking it"
+                            );
+                            true
+                        }
+                    },
+                    None => false,
+                };
+                if still_mapped {
+                    // The IOVA stays recorded: keep the pages pinned too.
+                    std::mem::forget(uring);
+                }
+                Err(MapFailure {
+                    error,
+                    still_mapped,
+                })
             }
-        };
-        let after = read().map_err(|e| undo(Error::sys(format!("read {counter}"), "", e)))?;
+        }
+    }
+
+    /// The checks after the pin: accounting, placement, PFN snapshot,
+    /// minimum extent. Returns the snapshot.
+    fn prove(
+        &self,
+        r: &Range,
+        kind: ContainerKind,
+        counter: &'static str,
+        by: &'static str,
+        before: u64,
+        read: impl Fn() -> io::Result<u64>,
+    ) -> Result<Option<Vec<u64>>> {
+        let after = read().map_err(|e| Error::sys(format!("read {counter}"), "", e))?;
         let grew = after.saturating_sub(before);
         if grew < r.len {
-            return Err(undo(Error::NotAccounted {
+            return Err(Error::NotAccounted {
                 counter,
                 by,
                 grew,
                 len: r.len,
-            }));
+            });
         }
         if let Some(node) = r.node {
-            check_placement(r.vaddr, r.len, node, r.page_size).map_err(undo)?;
+            check_placement(r.vaddr, r.len, node, r.page_size)?;
         }
         // A no-IOMMU device needs the physical addresses; elsewhere they are
         // a bonus (hidden without CAP_SYS_ADMIN).
         let pfns = match crate::phys::pfns(r.vaddr as u64, r.len) {
             Ok(p) => Some(p),
             Err(e) if kind == ContainerKind::NoIommu || r.min_extent.is_some() => {
-                return Err(undo(e.into()));
+                return Err(e.into());
             }
             Err(_) => None,
         };
         if let (Some(min), Some(p)) = (r.min_extent, &pfns) {
-            check_extents(p, min).map_err(undo)?;
+            check_extents(p, min)?;
         }
-        Ok(Pins { uring, pfns })
+        Ok(pfns)
     }
 }
 
@@ -786,9 +812,22 @@ pub(crate) struct Pins {
     pub(crate) pfns: Option<Vec<u64>>,
 }
 
-/// Fails unless every physically contiguous run of `pfns` is at least `min`
+/// A minimum extent must be a non-zero multiple of the base page size.
+fn validate_min_extent(min: u64) -> Result<()> {
+    let base = crate::addr::base_page_size();
+    if min == 0 || min % base != 0 {
+        return Err(Error::Invalid(format!(
+            "minimum extent {min:#x} must be a non-zero multiple of the {base:#x}-byte page size, e.g. 2M"
+        )));
+    }
+    Ok(())
+}
+
+/// Fails unless every physically contiguous run of `pfns` (the last one
+/// included) is at least `min`
 /// bytes long (or, for a region shorter than `min`, unless it is one run).
 fn check_extents(pfns: &[u64], min: u64) -> Result<()> {
+    validate_min_extent(min)?;
     let base = crate::addr::base_page_size();
     let extents = crate::phys::merge_extents(pfns.iter().copied(), base);
     let total = pfns.len() as u64 * base;

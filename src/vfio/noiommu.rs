@@ -48,7 +48,8 @@ pub(crate) struct NoIommuDevice {
 
 impl NoIommuDevice {
     pub(crate) fn fd(&self) -> DeviceFd<'_> {
-        DeviceFd::new(self.device.as_fd())
+        // SAFETY: `device` is the fd VFIO_GROUP_GET_DEVICE_FD returned.
+        unsafe { DeviceFd::new(self.device.as_fd()) }
     }
 }
 
@@ -96,11 +97,10 @@ pub(crate) fn open(dev: &DeviceInfo) -> Result<NoIommuDevice> {
         .write(true)
         .open(&dev.group_node)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) if !sys::has_cap(sys::Cap::SysRawio) => {
-                Error::NoIommuNeedsRawio {
-                    path: dev.group_node.clone(),
-                }
-            }
+            // EPERM is the kernel's CAP_SYS_RAWIO check; EACCES the file mode.
+            Some(libc::EPERM) if !sys::has_cap(sys::Cap::SysRawio) => Error::NoIommuNeedsRawio {
+                path: dev.group_node.clone(),
+            },
             Some(libc::EPERM) | Some(libc::EACCES) => Error::PermissionDenied {
                 path: dev.group_node.clone(),
             },
