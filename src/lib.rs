@@ -48,4 +48,4 @@ pub mod vfio;
 pub use addr::{Iova, NodeId, PageSize, PhysAddr};
 pub use error::{Error, Result};
 pub use region::{PinnedRegion, RegionSpec, Verification};
-pub use vfio::{ContainerKind, PinRequest, Pinner, UserMemory};
+pub use vfio::{ContainerKind, PinRequest, Pinner, Proof, UserMemory};

@@ -296,6 +296,8 @@ pub(crate) struct Inner {
     backend: Backend,
     dev: DeviceInfo,
     topology: Topology,
+    /// CAP_IPC_LOCK at open time (RLIMIT_MEMLOCK does not apply with it).
+    ipc_lock: bool,
 }
 
 /// The service handle: a VFIO device, its group and container, the
@@ -342,6 +344,22 @@ pub struct PinRequest {
     pub min_extent: Option<u64>,
 }
 
+/// How much of the pin numapin proves before returning the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Proof {
+    /// The accounting grew by the size, every page is on the node (if one
+    /// was given), and a PFN snapshot is kept for [`PinnedRegion::verify`].
+    #[default]
+    Full,
+    /// Only the accounting check: the kernel pinned the region. No node
+    /// check, no PFN snapshot (`verify` then checks nodes only).
+    Accounting,
+    /// Nothing beyond the pin call's own success: the fast path for a VMM
+    /// that maps guest RAM in many slots and calls `verify` later, if at
+    /// all. The container kind still decides how the pin is taken.
+    None,
+}
+
 /// Caller-owned memory to pin ([`Pinner::pin_user_memory`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserMemory {
@@ -357,6 +375,8 @@ pub struct UserMemory {
     pub page_size: PageSize,
     /// The shortest physically contiguous extent accepted, if any.
     pub min_extent: Option<u64>,
+    /// How much to prove before returning (default: everything).
+    pub proof: Proof,
 }
 
 impl UserMemory {
@@ -369,6 +389,7 @@ impl UserMemory {
             node: None,
             page_size: PageSize::Base,
             min_extent: None,
+            proof: Proof::Full,
         }
     }
 }
@@ -422,6 +443,7 @@ impl Pinner {
                 backend,
                 dev,
                 topology,
+                ipc_lock: sys::has_cap(sys::Cap::IpcLock),
             }),
         })
     }
@@ -525,7 +547,7 @@ impl Pinner {
         self.inner.topology.require(node)?;
         // Hugepage counts change at run time: read them now, not at open.
         Topology::read()?.check_capacity(node, size, page_size)?;
-        check_memlock(self.kind(), size)?;
+        check_memlock(self.kind(), size, self.inner.ipc_lock)?;
         let reservation = self.reserve_iova(iova, size, page_size.bytes())?;
         let mem = NodeMemory::allocate(
             &self.inner.topology,
@@ -542,6 +564,7 @@ impl Pinner {
             node: Some(node),
             page_size,
             min_extent,
+            proof: Proof::Full,
         };
         self.pin_range(reservation, range, Some(mem))
     }
@@ -603,7 +626,7 @@ impl Pinner {
         if let Some(n) = m.node {
             self.inner.topology.require(n)?;
         }
-        check_memlock(self.kind(), m.len)?;
+        check_memlock(self.kind(), m.len, self.inner.ipc_lock)?;
         let reservation = self.reserve_iova(m.iova, m.len, page)?;
         let range = Range {
             vaddr: m.vaddr as usize,
@@ -611,6 +634,7 @@ impl Pinner {
             node: m.node,
             page_size: m.page_size,
             min_extent: m.min_extent,
+            proof: m.proof,
         };
         self.pin_range(reservation, range, None)
     }
@@ -717,7 +741,10 @@ impl Pinner {
             ContainerKind::Type1Iommu => sys::locked_bytes(),
             _ => sys::pinned_bytes(),
         };
-        let before = read().map_err(|e| unmapped(Error::sys(format!("read {counter}"), "", e)))?;
+        let before = match r.proof {
+            Proof::None => 0,
+            _ => read().map_err(|e| unmapped(Error::sys(format!("read {counter}"), "", e)))?,
+        };
         let uring = match kind {
             ContainerKind::Type1Iommu => None,
             // SAFETY: the region keeps the memory mapped until it releases
@@ -767,24 +794,30 @@ impl Pinner {
         before: u64,
         read: impl Fn() -> io::Result<u64>,
     ) -> Result<Option<Vec<u64>>> {
-        let after = read().map_err(|e| Error::sys(format!("read {counter}"), "", e))?;
-        let grew = after.saturating_sub(before);
-        if grew < r.len {
-            return Err(Error::NotAccounted {
-                counter,
-                by,
-                grew,
-                len: r.len,
-            });
+        if r.proof != Proof::None {
+            let after = read().map_err(|e| Error::sys(format!("read {counter}"), "", e))?;
+            let grew = after.saturating_sub(before);
+            if grew < r.len {
+                return Err(Error::NotAccounted {
+                    counter,
+                    by,
+                    grew,
+                    len: r.len,
+                });
+            }
         }
-        if let Some(node) = r.node {
+        let needs_pfns = kind == ContainerKind::NoIommu || r.min_extent.is_some();
+        if r.proof != Proof::Full && !needs_pfns {
+            return Ok(None);
+        }
+        if let (Some(node), Proof::Full) = (r.node, r.proof) {
             check_placement(r.vaddr, r.len, node, r.page_size)?;
         }
         // A no-IOMMU device needs the physical addresses; elsewhere they are
         // a bonus (hidden without CAP_SYS_ADMIN).
         let pfns = match crate::phys::pfns(r.vaddr as u64, r.len) {
             Ok(p) => Some(p),
-            Err(e) if kind == ContainerKind::NoIommu || r.min_extent.is_some() => {
+            Err(e) if needs_pfns => {
                 return Err(e.into());
             }
             Err(_) => None,
@@ -803,6 +836,7 @@ struct Range {
     node: Option<NodeId>,
     page_size: PageSize,
     min_extent: Option<u64>,
+    proof: Proof,
 }
 
 /// What a successful pin holds besides the mapping: the io_uring pin (mdev,
@@ -935,7 +969,7 @@ impl Inner {
             _ => 0,
         };
         match errno {
-            libc::ENOMEM => match memlock_error(ContainerKind::Type1Iommu, len) {
+            libc::ENOMEM => match memlock_error(ContainerKind::Type1Iommu, len, self.ipc_lock) {
                 Some(err) => err,
                 None => Error::PinNoMemory { iova, len },
             },
@@ -960,8 +994,8 @@ impl Inner {
 /// VFIO type1 counts against `VmLck`; io_uring against the user's locked
 /// memory, of which this process's share is `VmPin` (other processes of the
 /// same user may hold more: the kernel's refusal is the final word).
-fn memlock_error(kind: ContainerKind, len: u64) -> Option<Error> {
-    if sys::has_cap(sys::Cap::IpcLock) {
+fn memlock_error(kind: ContainerKind, len: u64, ipc_lock: bool) -> Option<Error> {
+    if ipc_lock {
         return None;
     }
     let limit = sys::memlock_limit().ok()?;
@@ -972,8 +1006,8 @@ fn memlock_error(kind: ContainerKind, len: u64) -> Option<Error> {
     (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
 }
 
-fn check_memlock(kind: ContainerKind, len: u64) -> Result<()> {
-    memlock_error(kind, len).map_or(Ok(()), Err)
+fn check_memlock(kind: ContainerKind, len: u64, ipc_lock: bool) -> Result<()> {
+    memlock_error(kind, len, ipc_lock).map_or(Ok(()), Err)
 }
 
 /// Checks that every page of the range is on `node`.

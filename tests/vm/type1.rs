@@ -46,6 +46,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("e.compaction", e_compaction),
         ("f.release.drop", f_release_drop),
         ("f.release.sigkill", f_release_sigkill),
+        ("a.lib.proof-levels", proof_levels),
     ]
 }
 
@@ -66,6 +67,7 @@ pub fn common() -> Vec<(&'static str, Scenario)> {
         "e.compaction",
         "f.release.drop",
         "f.release.sigkill",
+        "a.lib.proof-levels",
     ];
     scenarios()
         .into_iter()
@@ -781,4 +783,59 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
         returned >> 20,
         t.elapsed().as_secs_f64()
     ))
+}
+
+/// The cheaper proof levels still pin: caller memory pinned with
+/// `Proof::Accounting` and `Proof::None` does not move while a control does;
+/// `verify` then checks nodes only (no PFN snapshot).
+fn proof_levels(ctx: &Ctx) -> Result<String, String> {
+    const LEN: u64 = 4 << 20;
+    let p = open(ctx)?;
+    let topo = e(Topology::read(), "topology")?;
+    let mut out = Vec::new();
+    for proof in [numapin::Proof::Accounting, numapin::Proof::None] {
+        let mem = e(
+            numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None),
+            "allocate",
+        )?;
+        let before = ctx.pinned();
+        let m = numapin::UserMemory {
+            node: Some(ctx.home),
+            proof,
+            ..numapin::UserMemory::new(mem.as_ptr(), LEN)
+        };
+        // SAFETY: `mem` outlives the region, dropped at the end of the loop body.
+        let r = e(unsafe { p.pin_user_memory(&m) }, "pin_user_memory")?;
+        let grew = ctx.pinned() - before;
+        ensure!(
+            grew == LEN,
+            "{proof:?}: {} grew by {grew:#x}",
+            ctx.counter()
+        );
+        let before_pfns = pfns(mem.addr(), LEN)?;
+        let moved = e(
+            numa::move_range(mem.addr(), LEN as usize, 4096, ctx.away),
+            "move",
+        )?;
+        ensure!(
+            moved.moved == 0 && moved.asked > 0,
+            "{proof:?}: {} of {} pages moved",
+            moved.moved,
+            moved.asked
+        );
+        ensure!(
+            changed(&before_pfns, &pfns(mem.addr(), LEN)?) == 0,
+            "{proof:?}: PFNs changed"
+        );
+        let v = e(r.verify(), "verify")?;
+        let snapshot = ctx.kind == ContainerKind::NoIommu;
+        ensure!(
+            v.off_node == 0 && v.pfn_changed.is_some() == snapshot,
+            "{proof:?}: verify {v:?}"
+        );
+        e(r.release(), "release")?;
+        ensure!(ctx.pinned() == before, "{proof:?}: not released");
+        out.push(format!("{proof:?}: pinned, 0/{} moved", moved.asked));
+    }
+    Ok(out.join("; "))
 }
