@@ -388,3 +388,17 @@ pub fn run_example(name: &str, args: &[&str], wants: &[&str]) -> Result<String, 
     }
     Ok(text)
 }
+
+/// Free memory including the pages parked on per-CPU free lists: MemFree
+/// plus every pageset's `count` in /proc/zoneinfo. Freed pages go to those
+/// lists first, and MemFree alone misses them (tens of MiB with 6.x's
+/// auto-tuned lists).
+pub fn free_bytes() -> u64 {
+    let pcp: u64 = std::fs::read_to_string("/proc/zoneinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("count:"))
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum();
+    meminfo("MemFree") + pcp * 4096
+}
