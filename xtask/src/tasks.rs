@@ -115,6 +115,7 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
                 Console::Capture
             },
             timeout: Some(timeout),
+            env: &[],
         })?;
         timings.push(format!("{} {}", config.name, cmd::secs(outcome.elapsed)));
         report_run(config, &outcome, &mut tally);
@@ -215,6 +216,7 @@ pub fn demo(kind: KernelKind) -> Result<ExitCode> {
         dir: &dir,
         console: Console::Stream,
         timeout: Some(qemu::timeout()?),
+        env: &[],
     })?;
     finish_program_run("numapin demo", &outcome)
 }
@@ -306,6 +308,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
         } else {
             Some(qemu::timeout()?)
         },
+        env: &[],
     })?;
     match mode {
         VmMode::Run(RunMode::Test) => {
@@ -319,6 +322,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
             })
         }
         VmMode::Run(RunMode::Demo) => finish_program_run("numapin demo", &outcome),
+        VmMode::Run(RunMode::Bench) => finish_program_run("numapin-bench", &outcome),
         VmMode::Script(path) => finish_program_run(&path.display().to_string(), &outcome),
         VmMode::Shell => Ok(ExitCode::SUCCESS),
     }
