@@ -14,7 +14,7 @@ use crate::vmconfig::{self, VmConfig};
 use crate::{cmd, deps, initramfs, layout};
 
 /// The guest binaries, built with `--features vmtest`.
-const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest"];
+const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest", "numapin-bench"];
 /// Examples the suite runs in the guest (installed in /bin next to the runner).
 const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram"];
 
@@ -359,7 +359,7 @@ fn select(names: &[String]) -> Result<Vec<&'static VmConfig>> {
 }
 
 /// Host packages for VMs booting these kernels.
-fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
+pub(crate) fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
     let mut wanted: Vec<&str> = deps::VM.to_vec();
     for kind in kinds {
         wanted.extend(match kind {
@@ -380,8 +380,8 @@ fn guest_binary_paths() -> Vec<PathBuf> {
 }
 
 /// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest
-/// --example vmm_guest_ram`.
-fn build_guest_binaries() -> Result<Vec<PathBuf>> {
+/// --bin numapin-bench --example vmm_guest_ram`.
+pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
     cmd::timed(
         "guest binaries: cargo build --release --features vmtest",
         || {
@@ -407,7 +407,7 @@ fn build_guest_binaries() -> Result<Vec<PathBuf>> {
 }
 
 /// Builds `dir/initramfs.cpio.gz` for `kernel` (its modules go in).
-fn make_initramfs(
+pub(crate) fn make_initramfs(
     dir: &Path,
     kernel: &Kernel,
     binaries: &[PathBuf],

@@ -1,0 +1,276 @@
+//! One phase per page mode and region size: the floor, numapin's two paths,
+//! per-page mapping, io_uring, prefault with one and with several threads,
+//! and the DMA mappings a region costs.
+
+use std::time::{Duration, Instant};
+
+use numapin::numa::{NodeMemory, Topology};
+use numapin::{PinRequest, Pinner};
+
+use crate::raw::{IOVA_BASE, RawVfio, Uring};
+use crate::{Ctx, Mode, Out, size_name};
+
+/// Repetitions: `fast` for figures of a few ioctls, `slow` for those that
+/// fault the whole region in or map it page by page.
+struct Reps {
+    fast: usize,
+    slow: usize,
+}
+
+fn reps(size: u64) -> Reps {
+    if size <= 256 << 20 {
+        Reps { fast: 9, slow: 3 }
+    } else {
+        Reps { fast: 5, slow: 3 }
+    }
+}
+
+/// Bytes of this process's anonymous memory in transparent hugepages.
+fn anon_huge_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            let v = l.strip_prefix("AnonHugePages:")?.trim();
+            v.strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn e<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String> {
+    r.map_err(|err| format!("{what}: {err}"))
+}
+
+pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, String> {
+    mode.apply()?;
+    let reps = reps(size);
+    let len = size as usize;
+    let ps = mode.page_size();
+    let topo = e(Topology::read(), "topology")?;
+    let thp0 = anon_huge_bytes();
+    // The caller memory every "on prefaulted memory" figure maps.
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.home, size, ps, 0, None),
+        "allocate caller memory",
+    )?;
+    let thp = anon_huge_bytes().saturating_sub(thp0);
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    out.info(&format!("{tag}.thp_bytes"), thp);
+    match mode {
+        Mode::Thp if thp < size / 2 => {
+            return Err(format!(
+                "THP mode, but only {} of {} MiB came in transparent hugepages",
+                thp >> 20,
+                size >> 20
+            ));
+        }
+        Mode::Base if thp > 0 => {
+            return Err(format!(
+                "base-page mode, but {} MiB came in transparent hugepages",
+                thp >> 20
+            ));
+        }
+        _ => {}
+    }
+
+    // --- Without numapin: raw ioctls on a container of our own. ---
+    let mut floor_map = Vec::new();
+    let mut floor_unmap = Vec::new();
+    {
+        let raw = RawVfio::open(&ctx.sysfs)?;
+        let avail0 = raw.dma_avail()?;
+        // SAFETY (all maps below): `mem` stays mapped until after the unmaps,
+        // and this code holds no references into it.
+        // Warm-up (first-touch effects in the IOMMU page tables).
+        unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;
+        let entries = avail0 - raw.dma_avail()?;
+        raw.unmap(IOVA_BASE, len)?;
+        out.measure(mode.name(), size, "entries.raw", "count", &[entries as f64]);
+        for _ in 0..reps.fast {
+            floor_map.push(unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?);
+            floor_unmap.push(raw.unmap(IOVA_BASE, len)?);
+        }
+        out.seconds(mode, size, "floor.map", &floor_map);
+        out.seconds(mode, size, "floor.unmap", &floor_unmap);
+
+        // One MAP_DMA per page, as DPDK maps one per memseg.
+        let page = mode.dma_page();
+        let n = size / page;
+        out.measure(mode.name(), size, "entries.per-page", "count", &[n as f64]);
+        if n > u64::from(avail0) {
+            out.info(
+                &format!("{tag}.per-page"),
+                format!(
+                    "not measured: {n} pages of {} KiB need {n} DMA mappings, the container has {avail0}",
+                    page >> 10
+                ),
+            );
+        } else {
+            let mut map = Vec::new();
+            let mut unmap = Vec::new();
+            for _ in 0..reps.slow {
+                let t = Instant::now();
+                for i in 0..n {
+                    let off = i * page;
+                    unsafe { raw.map(IOVA_BASE + off, mem.addr() + off as usize, page as usize) }?;
+                }
+                map.push(t.elapsed());
+                let t = Instant::now();
+                for i in 0..n {
+                    raw.unmap(IOVA_BASE + i * page, page as usize)?;
+                }
+                unmap.push(t.elapsed());
+            }
+            out.seconds(mode, size, "per-page.map", &map);
+            out.seconds(mode, size, "per-page.unmap", &unmap);
+        }
+    }
+
+    // --- io_uring's long-term pin of the same memory. ---
+    {
+        let ring = Uring::new()?;
+        // SAFETY: `mem` outlives the calls.
+        unsafe { ring.register_unregister(mem.addr(), len) }?;
+        let mut reg = Vec::new();
+        let mut unreg = Vec::new();
+        for _ in 0..reps.fast {
+            // SAFETY: as above.
+            let (r, u) = unsafe { ring.register_unregister(mem.addr(), len) }?;
+            reg.push(r);
+            unreg.push(u);
+        }
+        out.seconds(mode, size, "uring.register", &reg);
+        out.seconds(mode, size, "uring.unregister", &unreg);
+    }
+    numapin_uring_pin(out, &tag);
+
+    // --- numapin on the same device. ---
+    let pinner = e(Pinner::open(&ctx.bdf), "Pinner::open")?;
+    let avail = |p: &Pinner| -> Result<u32, String> {
+        e(p.refresh_info(), "GET_INFO")?
+            .dma_avail
+            .ok_or_else(|| "no DMA_AVAIL".to_string())
+    };
+    // The pin-only figure: caller memory, node checked (the VMM's call), and
+    // without a node (no placement check) to show what that check costs.
+    let mut pin_only = Vec::new();
+    let mut release = Vec::new();
+    let mut pin_nonode = Vec::new();
+    let mut entries = 0;
+    for i in 0..=reps.fast {
+        for with_node in [true, false] {
+            let before = avail(&pinner)?;
+            let t = Instant::now();
+            // SAFETY: `mem` stays mapped until after the release below and is
+            // not referenced while pinned.
+            let r = unsafe {
+                pinner.pin_user(mem.as_ptr(), size, None, with_node.then_some(ctx.home), ps)
+            };
+            let d = t.elapsed();
+            let r = e(r, "pin_user")?;
+            if with_node {
+                entries = before - avail(&pinner)?;
+            }
+            let t = Instant::now();
+            e(r.release(), "release")?;
+            let rd = t.elapsed();
+            // Round 0 warms up.
+            if i > 0 {
+                if with_node {
+                    pin_only.push(d);
+                    release.push(rd);
+                } else {
+                    pin_nonode.push(d);
+                }
+            }
+        }
+    }
+    out.measure(
+        mode.name(),
+        size,
+        "entries.numapin",
+        "count",
+        &[entries as f64],
+    );
+    out.seconds(mode, size, "numapin.pin-only", &pin_only);
+    out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);
+    out.seconds(mode, size, "numapin.release", &release);
+    drop(mem);
+
+    // Allocate + prefault + pin + verify, numapin's own memory.
+    let mut full = Vec::new();
+    let mut verify = Vec::new();
+    for _ in 0..reps.slow {
+        let t = Instant::now();
+        let r = e(
+            pinner.pin(&PinRequest {
+                node: ctx.home,
+                size,
+                page_size: ps,
+                iova: None,
+            }),
+            "pin",
+        )?;
+        let tv = Instant::now();
+        let v = e(r.verify(), "verify")?;
+        verify.push(tv.elapsed());
+        full.push(t.elapsed());
+        if !v.is_intact() || r.len() != size {
+            return Err(format!("pinned region not intact: {v:?}"));
+        }
+        e(r.release(), "release")?;
+    }
+    out.seconds(mode, size, "numapin.alloc-pin-verify", &full);
+    out.seconds(mode, size, "numapin.verify", &verify);
+    drop(pinner);
+
+    // Prefault with one thread against one per CPU of the node, alternating.
+    let mut one = Vec::new();
+    let mut all = Vec::new();
+    for _ in 0..reps.slow {
+        for (threads, v) in [(1, &mut one), (0, &mut all)] {
+            let t = Instant::now();
+            let m = e(
+                NodeMemory::allocate(&topo, ctx.home, size, ps, threads, None),
+                "allocate",
+            )?;
+            v.push(t.elapsed());
+            drop(m);
+        }
+    }
+    out.seconds(mode, size, "prefault.1-thread", &one);
+    out.seconds(mode, size, "prefault.node-threads", &all);
+    out.measure(
+        mode.name(),
+        size,
+        "prefault.threads",
+        "count",
+        &[ctx.home_cpus.len() as f64],
+    );
+
+    let med = |v: &[Duration]| {
+        let mut s: Vec<f64> = v.iter().map(Duration::as_secs_f64).collect();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    Ok(format!(
+        "floor {:.2} ms, pin-only {:.2} ms, alloc+pin+verify {:.0} ms, prefault 1/{} threads {:.0}/{:.0} ms, {entries} DMA mapping(s)",
+        med(&floor_map) * 1e3,
+        med(&pin_only) * 1e3,
+        med(&full) * 1e3,
+        ctx.home_cpus.len(),
+        med(&one) * 1e3,
+        med(&all) * 1e3,
+    ))
+}
+
+/// Hook for numapin's own io_uring long-term pin (the path for mdev and
+/// no-IOMMU containers, which `MAP_DMA` does not pin). It is being written
+/// in the library; until it lands this reports that it was not measured,
+/// and the host's table shows the row as pending. When it exists: time it
+/// here on the same memory and send `numapin.uring-pin` samples.
+fn numapin_uring_pin(out: &mut Out, tag: &str) {
+    out.info(
+        &format!("{tag}.numapin.uring-pin"),
+        "pending: numapin has no io_uring pin path yet",
+    );
+}
