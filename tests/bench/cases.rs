@@ -19,9 +19,9 @@ struct Reps {
 
 fn reps(size: u64) -> Reps {
     if size <= 256 << 20 {
-        Reps { fast: 9, slow: 3 }
+        Reps { fast: 9, slow: 4 }
     } else {
-        Reps { fast: 5, slow: 3 }
+        Reps { fast: 5, slow: 4 }
     }
 }
 
@@ -194,6 +194,27 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "numapin.pin-only", &pin_only);
     out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);
     out.seconds(mode, size, "numapin.release", &release);
+    // What pin-only does besides the ioctl, each step timed alone on the
+    // same memory: the PFN snapshot from pagemap, the move_pages node query
+    // at the region's page size, and one VmLck read (it reads two).
+    let (mut pfns, mut nodes, mut vmlck) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps.fast {
+        let t = Instant::now();
+        e(numapin::phys::pfns(mem.addr() as u64, size), "pagemap")?;
+        pfns.push(t.elapsed());
+        let t = Instant::now();
+        e(
+            numapin::numa::nodes_of(mem.addr(), len, ps.bytes()),
+            "nodes_of",
+        )?;
+        nodes.push(t.elapsed());
+        let t = Instant::now();
+        e(numapin::sys::locked_bytes(), "VmLck")?;
+        vmlck.push(t.elapsed());
+    }
+    out.seconds(mode, size, "step.pagemap-pfns", &pfns);
+    out.seconds(mode, size, "step.node-query", &nodes);
+    out.seconds(mode, size, "step.vmlck-read", &vmlck);
     drop(mem);
 
     // Allocate + prefault + pin + verify, numapin's own memory.
@@ -223,18 +244,25 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "numapin.verify", &verify);
     drop(pinner);
 
-    // Prefault with one thread against one per CPU of the node, alternating.
+    // Prefault with one thread against one per CPU of the node; which goes
+    // first alternates, so that neither always finds the other's leftovers.
     let mut one = Vec::new();
     let mut all = Vec::new();
-    for _ in 0..reps.slow {
-        for (threads, v) in [(1, &mut one), (0, &mut all)] {
+    for i in 0..reps.slow {
+        let order = if i % 2 == 0 { [1, 0] } else { [0, 1] };
+        for threads in order {
             let t = Instant::now();
             let m = e(
                 NodeMemory::allocate(&topo, ctx.home, size, ps, threads, None),
                 "allocate",
             )?;
-            v.push(t.elapsed());
+            let d = t.elapsed();
             drop(m);
+            if threads == 1 {
+                one.push(d)
+            } else {
+                all.push(d)
+            }
         }
     }
     out.seconds(mode, size, "prefault.1-thread", &one);

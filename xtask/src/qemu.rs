@@ -205,7 +205,11 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
         };
         push(&[
             "-object",
-            &format!("memory-backend-ram,id={m},size={}", qemu_size(*mib)),
+            &format!(
+                "memory-backend-ram,id={m},size={}{}",
+                qemu_size(*mib),
+                if shape.prealloc { ",prealloc=on" } else { "" }
+            ),
         ]);
         push(&[
             "-numa",
@@ -242,7 +246,7 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
 
 /// A size in MiB as QEMU takes it: `4G`, or `5632M` when not whole GiB.
 fn qemu_size(mib: u32) -> String {
-    if mib % 1024 == 0 {
+    if mib.is_multiple_of(1024) {
         format!("{}G", mib / 1024)
     } else {
         format!("{mib}M")
@@ -396,7 +400,7 @@ mod tests {
         for want in [
             "-smp 4 -m 6656M",
             "-machine q35,kernel-irqchip=split -object",
-            "memory-backend-ram,id=m0,size=5632M",
+            "memory-backend-ram,id=m0,size=5632M,prealloc=on",
             "-numa node,nodeid=0,cpus=0-1,memdev=m0",
             "-numa node,nodeid=1,cpus=2-3,memdev=m1",
             "NUMAPIN_RUN=bench NUMAPIN_SUITE=bench NUMAPIN_BENCH_SIZES=64M",

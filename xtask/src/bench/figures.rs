@@ -165,7 +165,7 @@ impl Results {
 
 /// `64M`, `1G`.
 pub fn size_name(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
     } else {
         format!("{}M", bytes >> 20)

@@ -21,6 +21,18 @@ pub const ROWS: &[(&str, &str)] = &[
         "numapin.pin-only.no-node",
         "numapin `pin_user` without a node (no placement check)",
     ),
+    (
+        "step.pagemap-pfns",
+        "… its step: PFN snapshot from `/proc/self/pagemap`",
+    ),
+    (
+        "step.node-query",
+        "… its step: `move_pages` node query of every page",
+    ),
+    (
+        "step.vmlck-read",
+        "… its step: one `VmLck` read (it does two)",
+    ),
     ("numapin.release", "numapin `release` of that region"),
     (
         "numapin.alloc-pin-verify",
@@ -327,7 +339,7 @@ pub fn markdown(p: &Page) -> String {
          | NUMA | node 0: vCPUs {}, {} MiB; node 1: vCPUs {}, {} MiB |\n\
          | hugepages | `{}` |\n\
          | guest kernel | {} ({}) |\n\
-         | regions | on node 0; IOVA {} for the raw mappings |\n\
+         | regions | on node 0; IOVA 0x100000000 for the raw mappings |\n\
          | VM run time | {:.0} s |\n\n",
         m.host_cpu,
         m.host_cores,
@@ -340,7 +352,6 @@ pub fn markdown(p: &Page) -> String {
         shape.hugepages,
         m.guest_kernel,
         m.kernel_origin,
-        "0x100000000",
         p.vm_secs
     );
     if let Some(left) = r.info("sizes.left-out").filter(|s| !s.is_empty()) {
