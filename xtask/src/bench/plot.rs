@@ -33,15 +33,24 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(23, 190, 207),
 ];
 
-/// (size in MiB, ratio to the floor) points of `metric` in `mode`.
+/// (log2 of the size in bytes, ratio to the floor) points of `metric` in
+/// `mode`.
 fn points(r: &Results, mode: &str, metric: &str) -> Vec<(f64, f64)> {
     r.sizes(mode)
         .into_iter()
         .filter_map(|s| {
             let f = r.get(mode, s, metric)?;
-            Some(((s >> 20) as f64, r.ratio(f)?))
+            Some(((s as f64).log2(), r.ratio(f)?))
         })
         .collect()
+}
+
+/// An x-axis label: the size at whole powers of two, nothing in between.
+fn size_label(log2: f64) -> String {
+    if (log2 - log2.round()).abs() > 1e-6 || log2 < 0.0 {
+        return String::new();
+    }
+    super::figures::size_name(1u64 << log2.round() as u32)
 }
 
 /// Writes the plot to `path`.
@@ -73,9 +82,9 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let (xmin, xmax) = if all.is_empty() {
-        (32.0, 4096.0)
+        (25.0, 32.0)
     } else {
-        (xmin / 1.5, xmax * 1.5)
+        (xmin - 0.5, xmax + 0.5)
     };
     let (ymin, ymax) = if all.is_empty() {
         (0.5, 10.0)
@@ -89,12 +98,14 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(if i == 0 { 60 } else { 40 })
-            .build_cartesian_2d((xmin..xmax).log_scale(), (ymin..ymax).log_scale())?;
+            .build_cartesian_2d(xmin..xmax, (ymin..ymax).log_scale())?;
         chart
             .configure_mesh()
-            .x_desc("region size (MiB)")
+            .light_line_style(WHITE)
+            .x_labels((xmax - xmin).ceil() as usize + 1)
+            .x_desc("region size")
             .y_desc(if i == 0 { "× floor" } else { "" })
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_label_formatter(&|x| size_label(*x))
             .y_label_formatter(&|y| {
                 if *y >= 1.0 {
                     format!("{y:.0}")
@@ -147,13 +158,9 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
-        for want in [
-            "base",
-            "thp",
-            "hugetlb-2M",
-            "numapin pin only",
-            "region size (MiB)",
-        ] {
+        assert_eq!(size_label(30.0), "1G");
+        assert_eq!(size_label(28.5), "");
+        for want in ["base", "thp", "hugetlb-2M", "numapin pin only", "256M"] {
             assert!(text.contains(want), "no {want:?} in the SVG");
         }
     }
