@@ -308,10 +308,12 @@ impl NodeMemory {
         let done = AtomicU64::new(0);
         let base = self.addr();
         let len = self.len;
-        let work = |pin_cpus: bool| -> io::Result<()> {
-            if pin_cpus && !cpus.is_empty() {
+        // Thread `k` runs on one CPU of the node (`cpus[k % n]`), so that
+        // two threads never share a CPU while another of the node idles.
+        let work = |thread: Option<usize>| -> io::Result<()> {
+            if let (Some(k), false) = (thread, cpus.is_empty()) {
                 // Best effort: a cpuset may forbid the node's CPUs; pages still follow mbind.
-                let _ = sys::set_thread_affinity(cpus);
+                let _ = sys::set_thread_affinity(&[cpus[k % cpus.len()]]);
             }
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -331,9 +333,14 @@ impl NodeMemory {
         // all the faulting happens in new threads bound to the node's CPUs.
         let result: io::Result<()> = std::thread::scope(|s| {
             if nthreads == 1 {
-                return work(false);
+                return work(None);
             }
-            let handles: Vec<_> = (0..nthreads).map(|_| s.spawn(|| work(true))).collect();
+            let handles: Vec<_> = (0..nthreads)
+                .map(|k| {
+                    let work = &work;
+                    s.spawn(move || work(Some(k)))
+                })
+                .collect();
             let mut r = Ok(());
             for h in handles {
                 let hr = h

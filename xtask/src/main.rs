@@ -11,11 +11,14 @@
 //!   libraries, the stock VFIO modules and the short `/init`;
 //! - [`vmconfig`]: the table of VM configurations the suite boots;
 //! - [`qemu`]: one QEMU run with a hard timeout, console and results captured;
-//! - [`results`]: the JSON-lines protocol the guest runner writes to ttyS1.
+//! - [`results`]: the JSON-lines protocol the guest runner writes to ttyS1;
+//! - [`bench`]: `cargo xtask bench`, the benchmark VM and its report.
 //!
 //! The guest-side checks are not here: they live in the project's guest
-//! runner (`numapin-vmtest`) and CLI (`numapin demo`).
+//! runner (`numapin-vmtest`), the guest benchmark (`numapin-bench`) and the
+//! CLI (`numapin demo`).
 
+mod bench;
 mod cmd;
 mod deps;
 mod initramfs;
@@ -71,6 +74,22 @@ enum Task {
         #[arg(long, value_enum, default_value_t = KernelKind::Stock)]
         kernel: KernelKind,
     },
+    /// Benchmark pinning in the bench VM; writes docs/benchmarks.md,
+    /// docs/benchmarks/bench.csv and bench.svg, and fails on missed targets.
+    /// Not part of `test`.
+    Bench {
+        /// Only these region sizes, e.g. `64M,256M` (the report then goes to
+        /// target/vm/bench-stock/, not docs/).
+        #[arg(long, value_name = "LIST")]
+        sizes: Option<String>,
+        /// Only phases whose name contains this, e.g. `thp` or
+        /// `numa-balancing` (report to target/vm/bench-stock/).
+        #[arg(long, value_name = "TEXT")]
+        only: Option<String>,
+        /// Stream the guest console while it runs.
+        #[arg(long)]
+        console: bool,
+    },
     /// Fetch and build both guest kernels into the cache, print where they are.
     Kernels,
     /// Boot one VM configuration for debugging.
@@ -115,6 +134,15 @@ fn try_main() -> anyhow::Result<ExitCode> {
             console,
         } => tasks::test(&vms, !no_host_tests, console),
         Task::Demo { kernel } => tasks::demo(kernel),
+        Task::Bench {
+            sizes,
+            only,
+            console,
+        } => bench::bench(&bench::Options {
+            sizes,
+            only,
+            console,
+        }),
         Task::Kernels => tasks::kernels(),
         Task::Vm {
             config,

@@ -32,6 +32,8 @@ pub enum RunMode {
     Test,
     /// `numapin demo`.
     Demo,
+    /// `numapin-bench --results /dev/ttyS1` (what `cargo xtask bench` boots).
+    Bench,
 }
 
 impl RunMode {
@@ -39,6 +41,7 @@ impl RunMode {
         match self {
             RunMode::Test => "test",
             RunMode::Demo => "demo",
+            RunMode::Bench => "bench",
         }
     }
 }
@@ -65,6 +68,8 @@ pub struct Run<'a> {
     pub console: Console,
     /// `None`: wait as long as it takes (interactive shell).
     pub timeout: Option<Duration>,
+    /// Extra `NUMAPIN_*=value` settings for /init (no spaces in values).
+    pub env: &'a [String],
 }
 
 /// How QEMU ended.
@@ -170,23 +175,45 @@ pub fn timeout() -> Result<Duration> {
 pub fn args(run: &Run, results: &Path) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let shape = run.config.shape;
+    let cpus = shape.cpus_per_node * 2;
+    let memory = qemu_size(shape.node_mib.iter().sum());
     // TCG only: this machine's KVM hangs guests after SeaBIOS.
-    push(&["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "4G"]);
-    // Two NUMA nodes, one CPU and 2 GiB each. Each node needs a whole, free,
-    // 1 GiB-aligned gigabyte for its boot-time 1 GiB hugepage. With q35's
-    // default 2 GiB below 4G, node 0 is [0, 2G) with the BIOS hole and ACPI
-    // tables in both gigabytes. With 512 MiB below 4G, node 0 is
-    // [0, 512M) + [4G, 5.5G) and node 1 is [5.5G, 7.5G): memblock's top-down
-    // early allocations land in [5G, 5.5G) and [7G, 7.5G), leaving [4G, 5G)
-    // and [6G, 7G) free (`nokaslr` keeps the kernel image out of them). QEMU
-    // warns that 512M is not a multiple of 1G; that matters only under KVM.
-    push(&["-machine", "q35,kernel-irqchip=split,max-ram-below-4g=512M"]);
-    for node in 0..2 {
-        let (m, cpu) = (format!("m{node}"), node.to_string());
-        push(&["-object", &format!("memory-backend-ram,id={m},size=2G")]);
+    push(&["-accel", "tcg", "-cpu", "max"]);
+    push(&["-smp", &cpus.to_string(), "-m", &memory]);
+    // The suite's shape has a 1 GiB hugepage on each node. Each node needs a
+    // whole, free, 1 GiB-aligned gigabyte for it. With q35's default 2 GiB
+    // below 4G, node 0 is [0, 2G) with the BIOS hole and ACPI tables in both
+    // gigabytes. With 512 MiB below 4G, node 0 is [0, 512M) + [4G, 5.5G) and
+    // node 1 is [5.5G, 7.5G): memblock's top-down early allocations land in
+    // [5G, 5.5G) and [7G, 7.5G), leaving [4G, 5G) and [6G, 7G) free
+    // (`nokaslr` keeps the kernel image out of them). QEMU warns that 512M is
+    // not a multiple of 1G; that matters only under KVM.
+    let mut machine = String::from("q35,kernel-irqchip=split");
+    if let Some(below) = shape.ram_below_4g {
+        machine.push_str(&format!(",max-ram-below-4g={below}"));
+    }
+    push(&["-machine", &machine]);
+    for (node, mib) in shape.node_mib.iter().enumerate() {
+        let m = format!("m{node}");
+        let first = node as u32 * shape.cpus_per_node;
+        let last = first + shape.cpus_per_node - 1;
+        let cpus = if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        };
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-ram,id={m},size={}{}",
+                qemu_size(*mib),
+                if shape.prealloc { ",prealloc=on" } else { "" }
+            ),
+        ]);
         push(&[
             "-numa",
-            &format!("node,nodeid={node},cpus={cpu},memdev={m}"),
+            &format!("node,nodeid={node},cpus={cpus},memdev={m}"),
         ]);
     }
     if run.config.iommu == Iommu::Intel {
@@ -205,13 +232,27 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
     ]);
     push(&["-kernel", &run.kernel.image.to_string_lossy()]);
     push(&["-initrd", &run.initrd.to_string_lossy()]);
-    push(&["-append", &run.config.cmdline(run.run)]);
+    let mut cmdline = run.config.cmdline(run.run);
+    for kv in run.env {
+        cmdline.push(' ');
+        cmdline.push_str(kv);
+    }
+    push(&["-append", &cmdline]);
     match run.console {
         Console::Interactive => push(&["-serial", "mon:stdio"]),
         Console::Capture | Console::Stream => push(&["-monitor", "none", "-serial", "stdio"]),
     }
     push(&["-serial", &format!("file:{}", results.display())]);
     a
+}
+
+/// A size in MiB as QEMU takes it: `4G`, or `5632M` when not whole GiB.
+fn qemu_size(mib: u32) -> String {
+    if mib.is_multiple_of(1024) {
+        format!("{}G", mib / 1024)
+    } else {
+        format!("{mib}M")
+    }
 }
 
 /// Boots the VM and waits for it to power off, crash or time out.
@@ -320,6 +361,7 @@ mod tests {
             dir: Path::new("/t"),
             console,
             timeout: None,
+            env: &[],
         };
         args(&run, Path::new("/t/results.jsonl")).join(" ")
     }
@@ -340,6 +382,34 @@ mod tests {
             assert!(a.contains(want), "missing {want:?} in {a}");
         }
         assert!(!a.contains("kvm"));
+    }
+
+    #[test]
+    fn bench_shape_has_two_cpus_per_node_and_extra_env() {
+        let k = kernel();
+        let env = vec!["NUMAPIN_BENCH_SIZES=64M".to_string()];
+        let run = Run {
+            config: &vmconfig::BENCH,
+            kernel: &k,
+            initrd: Path::new("/t/i.gz"),
+            run: "bench",
+            dir: Path::new("/t"),
+            console: Console::Capture,
+            timeout: None,
+            env: &env,
+        };
+        let a = args(&run, Path::new("/t/r.jsonl")).join(" ");
+        for want in [
+            "-smp 4 -m 6656M",
+            "-machine q35,kernel-irqchip=split -object",
+            "memory-backend-ram,id=m0,size=5632M,prealloc=on",
+            "-numa node,nodeid=0,cpus=0-1,memdev=m0",
+            "-numa node,nodeid=1,cpus=2-3,memdev=m1",
+            "NUMAPIN_RUN=bench NUMAPIN_SUITE=bench NUMAPIN_BENCH_SIZES=64M",
+        ] {
+            assert!(a.contains(want), "missing {want:?} in {a}");
+        }
+        assert!(!a.contains("max-ram-below-4g"));
     }
 
     #[test]

@@ -10,6 +10,15 @@
 //!
 //! A run passes only if a plan came, every planned scenario has exactly one
 //! result and it is `pass`, `done` came, and nothing else went wrong.
+//!
+//! The benchmark runner (`numapin-bench`) speaks the same protocol: its
+//! scenarios are the measurement phases, and between plan and done it also
+//! sends the samples of each figure and facts about the guest:
+//!
+//! ```text
+//! {"type":"measure","mode":"thp","size":67108864,"metric":"floor.map","unit":"s","samples":[0.0012, ...]}
+//! {"type":"info","key":"node0.cpus","value":"0-1"}
+//! ```
 
 use serde::Deserialize;
 
@@ -32,6 +41,33 @@ enum Line {
     Exit {
         code: i32,
     },
+    Measure {
+        mode: String,
+        size: u64,
+        metric: String,
+        unit: String,
+        samples: Vec<f64>,
+    },
+    Info {
+        key: String,
+        value: String,
+    },
+}
+
+/// The samples of one benchmark figure, as the guest measured them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    /// Page mode (`base`, `thp`, `hugetlb-2M`), or what the figure is about
+    /// when it does not depend on one (e.g. `numa-balancing`).
+    pub mode: String,
+    /// Region size in bytes.
+    pub size: u64,
+    /// What was measured, e.g. `floor.map`, `numapin.pin-only`.
+    pub metric: String,
+    /// `s` (seconds) or `count`.
+    pub unit: String,
+    /// One value per repetition.
+    pub samples: Vec<f64>,
 }
 
 /// A scenario's status as the guest reported it.
@@ -85,6 +121,10 @@ pub struct Report {
     /// Protocol violations: no plan, no done, unparsable lines, duplicate or
     /// unplanned results, a second plan.
     pub problems: Vec<String>,
+    /// Benchmark samples, in arrival order.
+    pub measurements: Vec<Measurement>,
+    /// Facts the guest reported (`info` lines), in arrival order.
+    pub info: Vec<(String, String)>,
 }
 
 impl Report {
@@ -155,6 +195,20 @@ impl Report {
                     report.done = true;
                 }
                 Ok(Line::Exit { code }) => report.exit_code = Some(code),
+                Ok(Line::Measure {
+                    mode,
+                    size,
+                    metric,
+                    unit,
+                    samples,
+                }) => report.measurements.push(Measurement {
+                    mode,
+                    size,
+                    metric,
+                    unit,
+                    samples,
+                }),
+                Ok(Line::Info { key, value }) => report.info.push((key, value)),
                 Err(err) => {
                     let shown: String = line.chars().take(120).collect();
                     report.problems.push(format!(
@@ -345,6 +399,34 @@ mod tests {
         assert!(all.contains("line 7"), "{all}");
         assert_eq!(r.scenarios[0].outcome, Outcome::Fail);
         assert_eq!(r.scenarios[1].outcome, Outcome::NoResult);
+    }
+
+    #[test]
+    fn measurements_and_info_are_collected() {
+        let text = lines(&[
+            r#"{"type":"plan","suite":"bench","kernel":"6.12","scenarios":["thp.64M"]}"#,
+            r#"{"type":"info","key":"node0.cpus","value":"0-1"}"#,
+            r#"{"type":"measure","mode":"thp","size":67108864,"metric":"floor.map","unit":"s","samples":[0.5,0.25]}"#,
+            r#"{"type":"result","name":"thp.64M","status":"pass","secs":3}"#,
+            r#"{"type":"done"}"#,
+        ]);
+        let r = Report::parse(&text);
+        assert!(r.passed(), "{:?}", r.problems);
+        assert_eq!(r.info, [("node0.cpus".to_string(), "0-1".to_string())]);
+        assert_eq!(r.measurements.len(), 1);
+        let m = &r.measurements[0];
+        assert_eq!((m.mode.as_str(), m.size), ("thp", 64 << 20));
+        assert_eq!((m.metric.as_str(), m.unit.as_str()), ("floor.map", "s"));
+        assert_eq!(m.samples, [0.5, 0.25]);
+        // A measure line with a field missing is a protocol problem.
+        let r = Report::parse(&lines(&[
+            r#"{"type":"measure","mode":"thp","metric":"x","unit":"s","samples":[]}"#,
+        ]));
+        assert!(
+            r.problems.iter().any(|p| p.contains("line 1")),
+            "{:?}",
+            r.problems
+        );
     }
 
     #[test]

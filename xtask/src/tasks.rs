@@ -14,7 +14,7 @@ use crate::vmconfig::{self, VmConfig};
 use crate::{cmd, deps, initramfs, layout};
 
 /// The guest binaries, built with `--features vmtest`.
-const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest"];
+const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest", "numapin-bench"];
 /// Examples the suite runs in the guest (installed in /bin next to the runner).
 const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram", "bind_noiommu", "bind_mdev"];
 
@@ -115,6 +115,7 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
                 Console::Capture
             },
             timeout: Some(timeout),
+            env: &[],
         })?;
         timings.push(format!("{} {}", config.name, cmd::secs(outcome.elapsed)));
         report_run(config, &outcome, &mut tally);
@@ -215,6 +216,7 @@ pub fn demo(kind: KernelKind) -> Result<ExitCode> {
         dir: &dir,
         console: Console::Stream,
         timeout: Some(qemu::timeout()?),
+        env: &[],
     })?;
     finish_program_run("numapin demo", &outcome)
 }
@@ -306,6 +308,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
         } else {
             Some(qemu::timeout()?)
         },
+        env: &[],
     })?;
     match mode {
         VmMode::Run(RunMode::Test) => {
@@ -319,6 +322,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
             })
         }
         VmMode::Run(RunMode::Demo) => finish_program_run("numapin demo", &outcome),
+        VmMode::Run(RunMode::Bench) => finish_program_run("numapin-bench", &outcome),
         VmMode::Script(path) => finish_program_run(&path.display().to_string(), &outcome),
         VmMode::Shell => Ok(ExitCode::SUCCESS),
     }
@@ -355,7 +359,7 @@ fn select(names: &[String]) -> Result<Vec<&'static VmConfig>> {
 }
 
 /// Host packages for VMs booting these kernels.
-fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
+pub(crate) fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
     let mut wanted: Vec<&str> = deps::VM.to_vec();
     for kind in kinds {
         wanted.extend(match kind {
@@ -376,8 +380,8 @@ fn guest_binary_paths() -> Vec<PathBuf> {
 }
 
 /// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest
-/// --example vmm_guest_ram`.
-fn build_guest_binaries() -> Result<Vec<PathBuf>> {
+/// --bin numapin-bench --example vmm_guest_ram`.
+pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
     cmd::timed(
         "guest binaries: cargo build --release --features vmtest",
         || {
@@ -403,7 +407,7 @@ fn build_guest_binaries() -> Result<Vec<PathBuf>> {
 }
 
 /// Builds `dir/initramfs.cpio.gz` for `kernel` (its modules go in).
-fn make_initramfs(
+pub(crate) fn make_initramfs(
     dir: &Path,
     kernel: &Kernel,
     binaries: &[PathBuf],

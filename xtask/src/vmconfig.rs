@@ -1,5 +1,7 @@
 //! The VM configurations the suite boots, in one table. Add a row to add a
-//! configuration; set `default` to make `cargo xtask test` boot it.
+//! configuration; set `default` to make `cargo xtask test` boot it. The
+//! benchmark VM ([`BENCH`]) is kept out of the table: `cargo xtask test`
+//! never boots it.
 
 use crate::kernel::KernelKind;
 
@@ -8,6 +10,47 @@ use crate::kernel::KernelKind;
 /// it). The 1 GiB pages also need the memory layout of `qemu::args` and
 /// `nokaslr`.
 pub const HUGEPAGES: &str = "hugepagesz=1G hugepages=0:1,1:1 hugepagesz=2M hugepages=0:64,1:64";
+
+/// The machine's CPUs and memory: two NUMA nodes, each with the same number
+/// of vCPUs (node `n` has CPUs `n*k .. n*k+k-1`) and its own memory.
+#[derive(Debug)]
+pub struct Shape {
+    /// vCPUs per node.
+    pub cpus_per_node: u32,
+    /// Memory of node 0 and node 1, in MiB.
+    pub node_mib: [u32; 2],
+    /// q35's `max-ram-below-4g`, when the layout needs it (see `qemu::args`).
+    pub ram_below_4g: Option<&'static str>,
+    /// Boot-time hugepage parameters.
+    pub hugepages: &'static str,
+    /// Back all guest RAM with host memory before the guest starts
+    /// (`prealloc=on`), so that no host page fault lands inside a timing.
+    pub prealloc: bool,
+}
+
+/// The suite's machine: one vCPU and 2 GiB per node, 1 GiB and 2 MiB
+/// hugepages on both (the 1 GiB pages need 512M below 4G and `nokaslr`).
+pub const SUITE_SHAPE: Shape = Shape {
+    cpus_per_node: 1,
+    node_mib: [2048, 2048],
+    ram_below_4g: Some("512M"),
+    hugepages: HUGEPAGES,
+    prealloc: false,
+};
+
+/// The benchmark's machine. Node 0, where every measured region lives, has
+/// two vCPUs (parallel prefault is measured against one thread; TCG runs
+/// them on the host's two cores) and room for a 2 GiB region of base pages
+/// next to a 2 GiB pool of 2 MiB hugepages. Node 1 has the CPUs that touch
+/// regions from afar for the NUMA-balancing measurement. The host backs all
+/// of it before boot (6.5 GiB of the host's 24).
+pub const BENCH_SHAPE: Shape = Shape {
+    cpus_per_node: 2,
+    node_mib: [5632, 1024],
+    ram_below_4g: None,
+    hugepages: "hugepagesz=2M hugepages=0:1040,1:16",
+    prealloc: true,
+};
 
 /// Which IOMMU the VM has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +72,8 @@ pub struct VmConfig {
     pub extra_cmdline: &'static [&'static str],
     /// Booted by `cargo xtask test` without `--vm`.
     pub default: bool,
+    /// CPUs, memory and hugepages.
+    pub shape: &'static Shape,
 }
 
 pub const CONFIGS: &[VmConfig] = &[
@@ -39,6 +84,7 @@ pub const CONFIGS: &[VmConfig] = &[
         suite: "type1",
         extra_cmdline: &[],
         default: true,
+        shape: &SUITE_SHAPE,
     },
     VmConfig {
         name: "type1-custom",
@@ -47,6 +93,7 @@ pub const CONFIGS: &[VmConfig] = &[
         suite: "type1",
         extra_cmdline: &[],
         default: true,
+        shape: &SUITE_SHAPE,
     },
     VmConfig {
         name: "noiommu-custom",
@@ -55,6 +102,7 @@ pub const CONFIGS: &[VmConfig] = &[
         suite: "noiommu",
         extra_cmdline: &["vfio.enable_unsafe_noiommu_mode=1"],
         default: true,
+        shape: &SUITE_SHAPE,
     },
     VmConfig {
         name: "mdev-custom",
@@ -63,8 +111,26 @@ pub const CONFIGS: &[VmConfig] = &[
         suite: "mdev",
         extra_cmdline: &[],
         default: true,
+        shape: &SUITE_SHAPE,
     },
 ];
+
+/// The VM `cargo xtask bench` boots: Debian's stock kernel on
+/// [`BENCH_SHAPE`]. Not the self-built one: `tinyconfig` leaves it at
+/// `NR_CPUS=2`, so it cannot give node 0 two vCPUs and node 1 any, and
+/// below four CPUs the kernel has no split page-table locks, so parallel
+/// faulting contends on one `page_table_lock` as no distribution kernel
+/// does. The stock kernel has NUMA balancing with its debugfs knobs, its
+/// `/proc/vmstat` counters, io_uring, THP and hugetlbfs.
+pub const BENCH: VmConfig = VmConfig {
+    name: "bench-stock",
+    kernel: KernelKind::Stock,
+    iommu: Iommu::Intel,
+    suite: "bench",
+    extra_cmdline: &[],
+    default: false,
+    shape: &BENCH_SHAPE,
+};
 
 /// Looks a configuration up by name.
 pub fn find(name: &str) -> Option<&'static VmConfig> {
@@ -96,7 +162,7 @@ impl VmConfig {
         if self.iommu == Iommu::Intel {
             parts.push("intel_iommu=on");
         }
-        parts.push(HUGEPAGES);
+        parts.push(self.shape.hugepages);
         parts.extend(self.extra_cmdline);
         let run = format!("NUMAPIN_RUN={run}");
         let suite = format!("NUMAPIN_SUITE={}", self.suite);
@@ -149,6 +215,16 @@ mod tests {
         assert!(!n.contains("intel_iommu"));
         assert!(n.contains("vfio.enable_unsafe_noiommu_mode=1"));
         assert!(n.ends_with("NUMAPIN_SUITE=noiommu"));
+    }
+
+    #[test]
+    fn bench_is_not_in_the_suite_and_has_its_own_shape() {
+        assert!(find(BENCH.name).is_none());
+        assert!(CONFIGS.iter().all(|c| c.shape.cpus_per_node == 1));
+        let c = BENCH.cmdline("bench");
+        assert!(c.contains("hugepagesz=2M hugepages=0:1040,1:16"), "{c}");
+        assert!(!c.contains("hugepagesz=1G"), "{c}");
+        assert!(c.ends_with(" NUMAPIN_RUN=bench NUMAPIN_SUITE=bench"), "{c}");
     }
 
     #[test]

@@ -1,0 +1,333 @@
+//! One phase per page mode and region size: the floor, numapin's two paths,
+//! per-page mapping, io_uring, prefault with one and with several threads,
+//! and the DMA mappings a region costs.
+
+use std::time::{Duration, Instant};
+
+use numapin::numa::{NodeMemory, Topology};
+use numapin::{PinRequest, Pinner};
+
+use crate::raw::{IOVA_BASE, RawVfio, Uring};
+use crate::{Ctx, Mode, Out, size_name};
+
+/// Repetitions: `fast` for figures of a few ioctls, `slow` for those that
+/// fault the whole region in or map it page by page.
+struct Reps {
+    fast: usize,
+    slow: usize,
+}
+
+fn reps(size: u64) -> Reps {
+    if size <= 256 << 20 {
+        Reps { fast: 9, slow: 4 }
+    } else {
+        Reps { fast: 5, slow: 4 }
+    }
+}
+
+/// Bytes of this process's anonymous memory in transparent hugepages.
+fn anon_huge_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    s.lines()
+        .find_map(|l| {
+            let v = l.strip_prefix("AnonHugePages:")?.trim();
+            v.strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn e<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String> {
+    r.map_err(|err| format!("{what}: {err}"))
+}
+
+pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, String> {
+    mode.apply()?;
+    let reps = reps(size);
+    let len = size as usize;
+    let ps = mode.page_size();
+    let topo = e(Topology::read(), "topology")?;
+    let thp0 = anon_huge_bytes();
+    // The caller memory every "on prefaulted memory" figure maps.
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.home, size, ps, 0, None),
+        "allocate caller memory",
+    )?;
+    let thp = anon_huge_bytes().saturating_sub(thp0);
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    out.info(&format!("{tag}.thp_bytes"), thp);
+    match mode {
+        Mode::Thp if thp < size / 2 => {
+            return Err(format!(
+                "THP mode, but only {} of {} MiB came in transparent hugepages",
+                thp >> 20,
+                size >> 20
+            ));
+        }
+        Mode::Base if thp > 0 => {
+            return Err(format!(
+                "base-page mode, but {} MiB came in transparent hugepages",
+                thp >> 20
+            ));
+        }
+        _ => {}
+    }
+
+    // --- Without numapin: raw ioctls on a container of our own. ---
+    let mut floor_map = Vec::new();
+    let mut floor_unmap = Vec::new();
+    {
+        let raw = RawVfio::open(&ctx.sysfs)?;
+        let avail0 = raw.dma_avail()?;
+        // SAFETY (all maps below): `mem` stays mapped until after the unmaps,
+        // and this code holds no references into it.
+        // Warm-up (first-touch effects in the IOMMU page tables).
+        unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;
+        let entries = avail0 - raw.dma_avail()?;
+        raw.unmap(IOVA_BASE, len)?;
+        out.measure(mode.name(), size, "entries.raw", "count", &[entries as f64]);
+        for _ in 0..reps.fast {
+            floor_map.push(unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?);
+            floor_unmap.push(raw.unmap(IOVA_BASE, len)?);
+        }
+        out.seconds(mode, size, "floor.map", &floor_map);
+        out.seconds(mode, size, "floor.unmap", &floor_unmap);
+
+        // One MAP_DMA per page, as DPDK maps one per memseg.
+        let page = mode.dma_page();
+        let n = size / page;
+        out.measure(mode.name(), size, "entries.per-page", "count", &[n as f64]);
+        if n > u64::from(avail0) {
+            out.info(
+                &format!("{tag}.per-page"),
+                format!(
+                    "not measured: {n} pages of {} KiB need {n} DMA mappings, the container has {avail0}",
+                    page >> 10
+                ),
+            );
+        } else {
+            let mut map = Vec::new();
+            let mut unmap = Vec::new();
+            for _ in 0..reps.slow {
+                let t = Instant::now();
+                for i in 0..n {
+                    let off = i * page;
+                    unsafe { raw.map(IOVA_BASE + off, mem.addr() + off as usize, page as usize) }?;
+                }
+                map.push(t.elapsed());
+                let t = Instant::now();
+                for i in 0..n {
+                    raw.unmap(IOVA_BASE + i * page, page as usize)?;
+                }
+                unmap.push(t.elapsed());
+            }
+            out.seconds(mode, size, "per-page.map", &map);
+            out.seconds(mode, size, "per-page.unmap", &unmap);
+        }
+    }
+
+    // --- io_uring's long-term pin of the same memory. ---
+    {
+        let ring = Uring::new()?;
+        // SAFETY: `mem` outlives the calls.
+        unsafe { ring.register_unregister(mem.addr(), len) }?;
+        let mut reg = Vec::new();
+        let mut unreg = Vec::new();
+        for _ in 0..reps.fast {
+            // SAFETY: as above.
+            let (r, u) = unsafe { ring.register_unregister(mem.addr(), len) }?;
+            reg.push(r);
+            unreg.push(u);
+        }
+        out.seconds(mode, size, "uring.register", &reg);
+        out.seconds(mode, size, "uring.unregister", &unreg);
+    }
+    numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
+
+    // --- numapin on the same device. ---
+    let pinner = e(Pinner::open(&ctx.bdf), "Pinner::open")?;
+    let avail = |p: &Pinner| -> Result<u32, String> {
+        e(p.refresh_info(), "GET_INFO")?
+            .and_then(|i| i.dma_avail)
+            .ok_or_else(|| "no DMA_AVAIL".to_string())
+    };
+    // The pin-only figure: caller memory pinned with `Proof::None` (the
+    // pin call alone, the VMM fast path). Beside it, the default full proof
+    // with the node checked, and full proof without a node, to show what the
+    // evidence costs.
+    let mut pin_only = Vec::new();
+    let mut release = Vec::new();
+    let mut pin_proved = Vec::new();
+    let mut pin_nonode = Vec::new();
+    let mut entries = 0;
+    for i in 0..=reps.fast {
+        for variant in 0..3 {
+            let (node, proof) = match variant {
+                0 => (None, numapin::Proof::None),
+                1 => (Some(ctx.home), numapin::Proof::Full),
+                _ => (None, numapin::Proof::Full),
+            };
+            let m = numapin::UserMemory {
+                node,
+                page_size: ps,
+                proof,
+                ..numapin::UserMemory::new(mem.as_ptr(), size)
+            };
+            let before = avail(&pinner)?;
+            let t = Instant::now();
+            // SAFETY: `mem` stays mapped until after the release below and is
+            // not referenced while pinned.
+            let r = unsafe { pinner.pin_user_memory(&m) };
+            let d = t.elapsed();
+            let r = e(r, "pin_user_memory")?;
+            if variant == 0 {
+                entries = before - avail(&pinner)?;
+            }
+            let t = Instant::now();
+            e(r.release(), "release")?;
+            let rd = t.elapsed();
+            // Round 0 warms up.
+            if i > 0 {
+                match variant {
+                    0 => {
+                        pin_only.push(d);
+                        release.push(rd);
+                    }
+                    1 => pin_proved.push(d),
+                    _ => pin_nonode.push(d),
+                }
+            }
+        }
+    }
+    out.measure(
+        mode.name(),
+        size,
+        "entries.numapin",
+        "count",
+        &[entries as f64],
+    );
+    out.seconds(mode, size, "numapin.pin-only", &pin_only);
+    out.seconds(mode, size, "numapin.pin-proved", &pin_proved);
+    out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);
+    out.seconds(mode, size, "numapin.release", &release);
+    // What pin-only does besides the ioctl, each step timed alone on the
+    // same memory: the PFN snapshot from pagemap, the move_pages node query
+    // at the region's page size, and one VmLck read (it reads two).
+    let (mut pfns, mut nodes, mut vmlck) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps.fast {
+        let t = Instant::now();
+        e(numapin::phys::pfns(mem.addr() as u64, size), "pagemap")?;
+        pfns.push(t.elapsed());
+        let t = Instant::now();
+        e(
+            numapin::numa::nodes_of(mem.addr(), len, ps.bytes()),
+            "nodes_of",
+        )?;
+        nodes.push(t.elapsed());
+        let t = Instant::now();
+        e(numapin::sys::locked_bytes(), "VmLck")?;
+        vmlck.push(t.elapsed());
+    }
+    out.seconds(mode, size, "step.pagemap-pfns", &pfns);
+    out.seconds(mode, size, "step.node-query", &nodes);
+    out.seconds(mode, size, "step.vmlck-read", &vmlck);
+    drop(mem);
+
+    // Allocate + prefault + pin + verify, numapin's own memory.
+    let mut full = Vec::new();
+    let mut verify = Vec::new();
+    for _ in 0..reps.slow {
+        let t = Instant::now();
+        let r = e(
+            pinner.pin(&PinRequest {
+                page_size: ps,
+                ..PinRequest::new(ctx.home, size)
+            }),
+            "pin",
+        )?;
+        let tv = Instant::now();
+        let v = e(r.verify(), "verify")?;
+        verify.push(tv.elapsed());
+        full.push(t.elapsed());
+        if !v.is_intact() || r.len() != size {
+            return Err(format!("pinned region not intact: {v:?}"));
+        }
+        e(r.release(), "release")?;
+    }
+    out.seconds(mode, size, "numapin.alloc-pin-verify", &full);
+    out.seconds(mode, size, "numapin.verify", &verify);
+    drop(pinner);
+
+    // Prefault with one thread against one per CPU of the node; which goes
+    // first alternates, so that neither always finds the other's leftovers.
+    let mut one = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..reps.slow {
+        let order = if i % 2 == 0 { [1, 0] } else { [0, 1] };
+        for threads in order {
+            let t = Instant::now();
+            let m = e(
+                NodeMemory::allocate(&topo, ctx.home, size, ps, threads, None),
+                "allocate",
+            )?;
+            let d = t.elapsed();
+            drop(m);
+            if threads == 1 {
+                one.push(d)
+            } else {
+                all.push(d)
+            }
+        }
+    }
+    out.seconds(mode, size, "prefault.1-thread", &one);
+    out.seconds(mode, size, "prefault.node-threads", &all);
+    out.measure(
+        mode.name(),
+        size,
+        "prefault.threads",
+        "count",
+        &[ctx.home_cpus.len() as f64],
+    );
+
+    let med = |v: &[Duration]| {
+        let mut s: Vec<f64> = v.iter().map(Duration::as_secs_f64).collect();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    Ok(format!(
+        "floor {:.2} ms, pin-only {:.2} ms, alloc+pin+verify {:.0} ms, prefault 1/{} threads {:.0}/{:.0} ms, {entries} DMA mapping(s)",
+        med(&floor_map) * 1e3,
+        med(&pin_only) * 1e3,
+        med(&full) * 1e3,
+        ctx.home_cpus.len(),
+        med(&one) * 1e3,
+        med(&all) * 1e3,
+    ))
+}
+
+/// numapin's own io_uring long-term pin (the path for mdev and no-IOMMU
+/// containers, which `MAP_DMA` does not pin), on the same memory: the
+/// library's `UringPin` and its release.
+fn numapin_uring_pin(
+    out: &mut Out,
+    mode: Mode,
+    size: u64,
+    mem: &NodeMemory,
+    reps: usize,
+) -> Result<(), String> {
+    let mut pin = Vec::new();
+    for i in 0..=reps {
+        let t = Instant::now();
+        // SAFETY: `mem` stays mapped until after the release below.
+        let p = e(
+            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size) },
+            "UringPin::new",
+        )?;
+        let d = t.elapsed();
+        e(p.release(), "UringPin::release")?;
+        if i > 0 {
+            pin.push(d);
+        }
+    }
+    out.seconds(mode, size, "numapin.uring-pin", &pin);
+    Ok(())
+}

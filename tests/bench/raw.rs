@@ -1,0 +1,128 @@
+//! The baselines numapin is measured against, without numapin: the raw
+//! `VFIO_IOMMU_MAP_DMA`/`UNMAP_DMA` ioctls on a type1 container opened with
+//! vfio-ioctls, and io_uring's `IORING_REGISTER_BUFFERS`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::IoUring;
+use vfio_ioctls::{VfioContainer, VfioDevice};
+
+/// IOVA of the first byte of every raw mapping: above the 32-bit space, so
+/// clear of the MSI window, and inside the 39-bit aperture of QEMU's
+/// intel-iommu for every size the bench maps.
+pub const IOVA_BASE: u64 = 1 << 32;
+
+/// io_uring registers at most 1 GiB per buffer.
+const URING_MAX_BUFFER: usize = 1 << 30;
+
+/// The edu device in a type1 container of our own. A group opens in one
+/// container at a time: drop this before opening numapin's `Pinner`.
+pub struct RawVfio {
+    // Field order is drop order: the device (and its group) goes before the
+    // container.
+    _device: VfioDevice,
+    container: Arc<VfioContainer>,
+}
+
+impl RawVfio {
+    pub fn open(sysfs: &Path) -> Result<RawVfio, String> {
+        let container =
+            Arc::new(VfioContainer::new(None).map_err(|e| format!("open container: {e}"))?);
+        let device = VfioDevice::new(sysfs, container.clone(), false)
+            .map_err(|e| format!("open device {}: {e}", sysfs.display()))?;
+        let raw = RawVfio {
+            _device: device,
+            container,
+        };
+        let info = numapin::vfio::get_info(&raw.container).map_err(|e| e.to_string())?;
+        let fits = info.iova_ranges.as_ref().is_none_or(|ranges| {
+            ranges
+                .iter()
+                .any(|r| r.contains_span(numapin::Iova(IOVA_BASE), 4 << 30))
+        });
+        if !fits {
+            return Err(format!(
+                "no usable IOVA range holds [{IOVA_BASE:#x}, +4 GiB): {:?}",
+                info.iova_ranges
+            ));
+        }
+        Ok(raw)
+    }
+
+    /// DMA mappings left in the container (the DMA_AVAIL capability).
+    pub fn dma_avail(&self) -> Result<u32, String> {
+        numapin::vfio::get_info(&self.container)
+            .map_err(|e| e.to_string())?
+            .dma_avail
+            .ok_or_else(|| "the kernel reports no DMA_AVAIL capability (5.10+)".to_string())
+    }
+
+    /// One `VFIO_IOMMU_MAP_DMA`, timed.
+    ///
+    /// # Safety
+    /// `[addr, addr+len)` must stay mapped until [`RawVfio::unmap`] of the
+    /// same range, with no Rust references into it.
+    pub unsafe fn map(&self, iova: u64, addr: usize, len: usize) -> Result<Duration, String> {
+        let t = Instant::now();
+        // SAFETY: the caller keeps the memory mapped until the unmap.
+        let r = unsafe { self.container.vfio_dma_map(iova, len, addr as *mut u8) };
+        let d = t.elapsed();
+        r.map_err(|e| format!("MAP_DMA {iova:#x}+{len:#x}: {e}"))?;
+        Ok(d)
+    }
+
+    /// One `VFIO_IOMMU_UNMAP_DMA`, timed.
+    pub fn unmap(&self, iova: u64, len: usize) -> Result<Duration, String> {
+        let t = Instant::now();
+        let r = self.container.vfio_dma_unmap(iova, len);
+        let d = t.elapsed();
+        r.map_err(|e| format!("UNMAP_DMA {iova:#x}+{len:#x}: {e}"))?;
+        Ok(d)
+    }
+}
+
+/// A ring for `IORING_REGISTER_BUFFERS`.
+pub struct Uring {
+    ring: IoUring,
+}
+
+impl Uring {
+    pub fn new() -> Result<Uring, String> {
+        let ring = IoUring::new(8).map_err(|e| {
+            format!("io_uring_setup: {e} (CONFIG_IO_URING, kernel.io_uring_disabled)")
+        })?;
+        Ok(Uring { ring })
+    }
+
+    /// Registers `[addr, addr+len)` as fixed buffers of at most 1 GiB each
+    /// (the long-term pin), then unregisters them: (register, unregister).
+    ///
+    /// # Safety
+    /// The memory must stay mapped until this returns.
+    pub unsafe fn register_unregister(
+        &self,
+        addr: usize,
+        len: usize,
+    ) -> Result<(Duration, Duration), String> {
+        let iovecs: Vec<libc::iovec> = (0..len)
+            .step_by(URING_MAX_BUFFER)
+            .map(|off| libc::iovec {
+                iov_base: (addr + off) as *mut libc::c_void,
+                iov_len: URING_MAX_BUFFER.min(len - off),
+            })
+            .collect();
+        let submitter = self.ring.submitter();
+        let t = Instant::now();
+        // SAFETY: the buffers stay mapped until they are unregistered below.
+        let r = unsafe { submitter.register_buffers(&iovecs) };
+        let register = t.elapsed();
+        r.map_err(|e| format!("IORING_REGISTER_BUFFERS of {len:#x} bytes: {e}"))?;
+        let t = Instant::now();
+        let r = submitter.unregister_buffers();
+        let unregister = t.elapsed();
+        r.map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
+        Ok((register, unregister))
+    }
+}

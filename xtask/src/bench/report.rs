@@ -1,0 +1,499 @@
+//! The bench's outputs in text: the raw CSV and `docs/benchmarks.md`.
+
+use std::fmt::Write as _;
+
+use super::Machine;
+use super::figures::{
+    DEFAULT_DMA_ENTRIES, MODES, PIN_ONLY_MAX, PREFAULT_MIN_SIZE, PREFAULT_MIN_SPEEDUP, Results,
+    Target, floor_of, size_name,
+};
+use crate::vmconfig::Shape;
+
+/// The timed rows of the result tables, in order, with their labels.
+pub const ROWS: &[(&str, &str)] = &[
+    ("floor.map", "**floor**: one raw `VFIO_IOMMU_MAP_DMA`"),
+    ("floor.unmap", "**floor**: its `VFIO_IOMMU_UNMAP_DMA`"),
+    (
+        "numapin.pin-only",
+        "numapin `pin_user_memory`, `Proof::None`: pin only",
+    ),
+    (
+        "numapin.pin-proved",
+        "numapin `pin_user`, full proof, node checked",
+    ),
+    (
+        "numapin.pin-only.no-node",
+        "numapin `pin_user`, full proof, no node (no placement check)",
+    ),
+    (
+        "step.pagemap-pfns",
+        "… its step: PFN snapshot from `/proc/self/pagemap`",
+    ),
+    (
+        "step.node-query",
+        "… its step: `move_pages` node query of every page",
+    ),
+    (
+        "step.vmlck-read",
+        "… its step: one `VmLck` read (it does two)",
+    ),
+    ("numapin.release", "numapin `release` of that region"),
+    (
+        "numapin.alloc-pin-verify",
+        "numapin `pin` + `verify`: allocate, prefault, pin, verify",
+    ),
+    ("numapin.verify", "… of which `verify`"),
+    (
+        "per-page.map",
+        "one `MAP_DMA` per page (as DPDK per memseg)",
+    ),
+    ("per-page.unmap", "one `UNMAP_DMA` per page"),
+    ("uring.register", "io_uring `REGISTER_BUFFERS` (raw)"),
+    ("uring.unregister", "io_uring `UNREGISTER_BUFFERS` (raw)"),
+    (
+        "numapin.uring-pin",
+        "numapin's io_uring pin (mdev / no-IOMMU containers)",
+    ),
+    ("prefault.1-thread", "prefault, 1 thread"),
+    (
+        "prefault.node-threads",
+        "prefault, one thread per CPU of the node",
+    ),
+];
+
+/// `0.123 ms`, `45.6 ms`, `12.3 s`.
+pub fn duration(secs: f64) -> String {
+    let ms = secs * 1e3;
+    if ms < 1.0 {
+        format!("{ms:.3} ms")
+    } else if ms < 100.0 {
+        format!("{ms:.2} ms")
+    } else if secs < 10.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{secs:.1} s")
+    }
+}
+
+/// Every figure, one line each; samples space-separated.
+pub fn csv(r: &Results) -> String {
+    let mut out = String::from(
+        "mode,size_bytes,size,metric,unit,n,median,min,max,floor_metric,ratio_to_floor,samples\n",
+    );
+    let order = |mode: &str| MODES.iter().position(|m| *m == mode).unwrap_or(MODES.len());
+    let mut figures: Vec<_> = r.figures.iter().collect();
+    figures.sort_by(|a, b| {
+        (order(&a.mode), a.size, &a.metric).cmp(&(order(&b.mode), b.size, &b.metric))
+    });
+    for f in figures {
+        let ratio = r.ratio(f);
+        let samples: Vec<String> = f.samples.iter().map(|s| format!("{s}")).collect();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            f.mode,
+            f.size,
+            size_name(f.size),
+            f.metric,
+            f.unit,
+            f.samples.len(),
+            f.median,
+            f.min,
+            f.max,
+            if ratio.is_some() {
+                floor_of(&f.metric)
+            } else {
+                ""
+            },
+            ratio.map(|r| format!("{r:.4}")).unwrap_or_default(),
+            samples.join(" ")
+        );
+    }
+    out
+}
+
+/// One table cell: median and ratio to the floor, or why there is none.
+fn cell(r: &Results, mode: &str, size: u64, metric: &str) -> String {
+    if let Some(f) = r.get(mode, size, metric) {
+        return match r.ratio(f) {
+            Some(x) => format!("{} ({x:.2}×)", duration(f.median)),
+            None => duration(f.median),
+        };
+    }
+    let tag = format!("{mode}.{}", size_name(size));
+    match metric {
+        "per-page.map" | "per-page.unmap" if r.info(&format!("{tag}.per-page")).is_some() => {
+            let n = r.median(mode, size, "entries.per-page").unwrap_or(0.0);
+            format!("n/a: {n} entries > limit")
+        }
+        _ => "–".into(),
+    }
+}
+
+/// The per-mode tables: metric rows, size columns.
+pub fn result_tables(r: &Results) -> String {
+    let mut out = String::new();
+    for mode in MODES {
+        let sizes = r.sizes(mode);
+        if sizes.is_empty() {
+            continue;
+        }
+        let title = match mode {
+            "base" => "Base pages (4 KiB, THP off)",
+            "thp" => "Transparent hugepages (THP `madvise`, `MADV_HUGEPAGE`)",
+            _ => "2 MiB hugetlb pages",
+        };
+        let _ = writeln!(out, "### {title}\n");
+        let _ = write!(out, "| median (× floor) |");
+        for s in &sizes {
+            let _ = write!(out, " {} |", size_name(*s));
+        }
+        let _ = write!(out, "\n| --- |");
+        for _ in &sizes {
+            let _ = write!(out, " ---: |");
+        }
+        out.push('\n');
+        for (metric, label) in ROWS {
+            let _ = write!(out, "| {label} |");
+            for s in &sizes {
+                let _ = write!(out, " {} |", cell(r, mode, *s, metric));
+            }
+            out.push('\n');
+        }
+        let _ = write!(out, "| prefault speedup, node threads vs 1 |");
+        for s in &sizes {
+            let one = r.median(mode, *s, "prefault.1-thread");
+            let all = r.median(mode, *s, "prefault.node-threads");
+            let threads = r.median(mode, *s, "prefault.threads").unwrap_or(0.0);
+            let c = match (one, all) {
+                (Some(o), Some(a)) if a > 0.0 => format!("{:.2}× ({threads} threads)", o / a),
+                _ => "–".into(),
+            };
+            let _ = write!(out, " {c} |");
+        }
+        out.push('\n');
+        let _ = write!(out, "| THP-backed share of the caller memory |");
+        for s in &sizes {
+            let thp: f64 = r
+                .info(&format!("{mode}.{}.thp_bytes", size_name(*s)))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            let _ = write!(out, " {:.0} % |", 100.0 * thp / *s as f64);
+        }
+        out.push_str("\n\n");
+    }
+    out
+}
+
+/// DMA mappings per region and the most memory a container can pin.
+fn entries_table(r: &Results) -> String {
+    let mut out = String::from(
+        "| mode | size | numapin: mappings per region | raw single `MAP_DMA` | one per page |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    for mode in MODES {
+        for s in r.sizes(mode) {
+            let n = |m: &str| {
+                r.median(mode, s, m)
+                    .map_or("–".to_string(), |v| format!("{v}"))
+            };
+            let _ = writeln!(
+                out,
+                "| {mode} | {} | {} | {} | {} |",
+                size_name(s),
+                n("entries.numapin"),
+                n("entries.raw"),
+                n("entries.per-page")
+            );
+        }
+    }
+    let avail: u64 = r
+        .info("dma_avail.fresh")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_DMA_ENTRIES);
+    let usable: u64 = r
+        .info("iova.usable_bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let _ = write!(
+        out,
+        "\nLargest total pinnable in one container with the {avail} DMA mappings a fresh \
+         container has (the default `dma_entry_limit` is {DEFAULT_DMA_ENTRIES}):\n\n\
+         - numapin, one mapping per region: not bounded by mappings. {avail} regions, each \
+         as large as memory allows; the bound is the usable IOVA space, {:.1} GiB here \
+         (the 39-bit aperture of QEMU's intel-iommu minus reserved ranges), and memory.\n\
+         - one mapping per 2 MiB page (DPDK's hugepage memsegs): {avail} × 2 MiB = {:.1} GiB.\n\
+         - one mapping per 4 KiB page: {avail} × 4 KiB = {:.1} MiB.\n",
+        gib(usable),
+        gib(avail * (2 << 20)),
+        (avail * 4096) as f64 / (1u64 << 20) as f64
+    );
+    out
+}
+
+fn balance_table(r: &Results) -> String {
+    let size = r.balance("numapin.pages-moved").map_or(0, |f| f.size);
+    let interval = r.info("numa-balancing.interval_s").unwrap_or("?");
+    let mut out = format!(
+        "A {} region of base pages (THP off) on node 0, written one byte per page by a \
+         thread on node 1 for {interval} s, after an idle interval of the same length in \
+         which the same thread spins without touching it. `kernel.numa_balancing=1` with \
+         the scanner at `scan_delay_ms=0`, `scan_period_min_ms=100`, \
+         `scan_period_max_ms=400`, `scan_size_mb=256`. Counts are `/proc/vmstat` deltas; \
+         medians over {} repetitions, each with a fresh region.\n\n\
+         | region | hinting faults idle | touching | attributable | migrations idle | touching | attributable | pages moved |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        size_name(size),
+        r.balance("numapin.pages-moved")
+            .map_or(0, |f| f.samples.len())
+    );
+    for (who, label) in [
+        ("numapin", "numapin (`mbind(MPOL_BIND)`, pinned)"),
+        ("control", "default policy, unpinned"),
+    ] {
+        let m = |metric: &str| {
+            r.balance(&format!("{who}.{metric}"))
+                .map_or("–".to_string(), |f| format!("{}", f.median))
+        };
+        let a = |what: &str| {
+            r.attributable(who, what)
+                .map_or("–".to_string(), |(v, _)| format!("{v:+}"))
+        };
+        let _ = writeln!(
+            out,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            m("hint-faults.idle"),
+            m("hint-faults.touch"),
+            a("hint-faults"),
+            m("migrations.idle"),
+            m("migrations.touch"),
+            a("migrations"),
+            m("pages-moved"),
+        );
+    }
+    out.push_str(
+        "\n\"Pages moved\": for numapin, pages whose node or frame changed (`verify`); for \
+         the control, pages found on node 1 afterwards.\n",
+    );
+    out
+}
+
+/// Everything `docs/benchmarks.md` is made of.
+pub struct Page<'a> {
+    pub results: &'a Results,
+    pub targets: &'a [Target],
+    pub machine: &'a Machine,
+    pub shape: &'a Shape,
+    /// Paths relative to the page.
+    pub svg: &'a str,
+    pub csv: &'a str,
+    pub vm_secs: f64,
+}
+
+pub fn markdown(p: &Page) -> String {
+    let r = p.results;
+    let m = p.machine;
+    let mut out = String::new();
+    out.push_str(
+        "# numapin benchmarks\n\n\
+         <!-- Generated by `cargo xtask bench` (xtask/src/bench/report.rs); do not edit by hand. -->\n\n\
+         What pinning costs with numapin, against the floor: one raw \
+         `VFIO_IOMMU_MAP_DMA` ioctl on memory that is already faulted in. Every figure is \
+         the median of repeated runs in one boot of the bench VM, and every time is also \
+         given as a ratio to the floor measured in the same run, for the same page mode \
+         and region size (unmapping, unregistering and releasing against the floor's \
+         `UNMAP_DMA`). Run it with `cargo xtask bench`.\n\n",
+    );
+
+    out.push_str("## Targets\n\n| target | | result |\n| --- | --- | --- |\n");
+    for t in p.targets {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} |",
+            t.name,
+            if t.met { "met" } else { "**missed**" },
+            t.detail
+        );
+    }
+    let _ = write!(
+        out,
+        "\nThe targets: pin-only (`pin_user_memory` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
+         the raw ioctl; one DMA mapping per region whatever its size; prefault with the \
+         node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread for \
+         {} or more; no hinting faults or migrations attributable to numapin regions. \
+         `cargo xtask bench` exits non-zero and names each missed target.\n\n",
+        size_name(PREFAULT_MIN_SIZE)
+    );
+
+    out.push_str("## Machine and VM\n\n");
+    let shape = p.shape;
+    let cpus = |node: u32| {
+        let first = node * shape.cpus_per_node;
+        format!("{}–{}", first, first + shape.cpus_per_node - 1)
+    };
+    let _ = write!(
+        out,
+        "| | |\n| --- | --- |\n\
+         | host CPU | {} ({} cores) |\n\
+         | host memory | {:.1} GiB |\n\
+         | QEMU | {} |\n\
+         | acceleration | TCG (`-accel tcg -cpu max`), multi-threaded; never KVM |\n\
+         | machine | q35, `intel-iommu` (interrupt remapping, caching mode), QEMU `edu` DMA device bound to vfio-pci |\n\
+         | NUMA | node 0: vCPUs {}, {} MiB; node 1: vCPUs {}, {} MiB |\n\
+         | hugepages | `{}` |\n\
+         | guest kernel | {} ({}) |\n\
+         | regions | on node 0; IOVA 0x100000000 for the raw mappings |\n\
+         | VM run time | {:.0} s |\n\n",
+        m.host_cpu,
+        m.host_cores,
+        m.host_mem_gib,
+        m.qemu,
+        cpus(0),
+        shape.node_mib[0],
+        cpus(1),
+        shape.node_mib[1],
+        shape.hugepages,
+        m.guest_kernel,
+        m.kernel_origin,
+        p.vm_secs
+    );
+    if let Some(left) = r.info("sizes.left-out").filter(|s| !s.is_empty()) {
+        let _ = writeln!(out, "Sizes left out (they do not fit the VM): {left}.\n");
+    }
+    out.push_str(
+        "Under TCG every guest instruction is emulated, so absolute times are far above \
+         bare metal; the ratios to the floor, measured in the same VM, are the figures \
+         to compare.\n\n",
+    );
+
+    out.push_str("## Plot\n\n");
+    let _ = writeln!(
+        out,
+        "![time relative to one raw MAP_DMA, per page mode and region size]({})\n",
+        p.svg
+    );
+
+    out.push_str("## Results\n\n");
+    out.push_str(
+        "- **floor**: one `VFIO_IOMMU_MAP_DMA` of the whole region on memory bound to \
+         node 0 and faulted in, through a type1v2 container opened with vfio-ioctls \
+         (no numapin), then its `UNMAP_DMA`.\n\
+         - **pin only**: numapin's `Pinner::pin_user_memory` on that same memory with \
+         `Proof::None` (the VMM fast path: the pin call and its bookkeeping); beside it \
+         `pin_user` with the default full proof (accounting, node query, PFN snapshot), \
+         with the node to check and without one.\n\
+         - **allocate + prefault + pin + verify**: `Pinner::pin` followed by \
+         `PinnedRegion::verify`, numapin's whole path on memory of its own.\n\
+         - **one `MAP_DMA` per page**: 4 KiB pages for base pages, 2 MiB for THP and \
+         hugetlb (DPDK maps one entry per hugepage memseg). Left out where the region \
+         needs more mappings than a container has.\n\
+         - **io_uring**: `IORING_REGISTER_BUFFERS` of the same memory in buffers of at \
+         most 1 GiB (the io_uring long-term pin), then `UNREGISTER`; and numapin's own \
+         io_uring pin (`uring::UringPin`, used for mdev and no-IOMMU containers) on the \
+         same memory.\n\
+         - **prefault**: `NodeMemory::allocate` (mmap, `mbind`, `MADV_POPULATE_WRITE`) \
+         with one thread, and with one thread per CPU of node 0.\n\n",
+    );
+    out.push_str(&result_tables(r));
+
+    out.push_str("## DMA mappings\n\n");
+    out.push_str(&entries_table(r));
+    out.push('\n');
+
+    out.push_str("## NUMA balancing\n\n");
+    out.push_str(&balance_table(r));
+    out.push('\n');
+
+    let _ = writeln!(
+        out,
+        "## Raw data\n\n[{}]({}): one line per figure (mode, size, metric, unit, samples, \
+         median, min, max, the floor it is compared with, and the ratio).",
+        p.csv, p.csv
+    );
+    out
+}
+
+/// The result tables, for the terminal.
+pub fn table_for_terminal(r: &Results) -> String {
+    let mut out = result_tables(r);
+    if r.balance("numapin.pages-moved").is_some() {
+        out.push_str("### NUMA balancing\n\n");
+        out.push_str(&balance_table(r));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::figures::{targets, tests::report};
+    use crate::vmconfig::BENCH_SHAPE;
+
+    fn machine() -> Machine {
+        Machine {
+            host_cpu: "AMD EPYC".into(),
+            host_cores: 2,
+            host_mem_gib: 23.4,
+            qemu: "QEMU emulator version 7.2.22".into(),
+            guest_kernel: "6.12.95".into(),
+            kernel_origin: "linux-source-6.12".into(),
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(0.000_123_4), "0.123 ms");
+        assert_eq!(duration(0.045_67), "45.67 ms");
+        assert_eq!(duration(1.5), "1500 ms");
+        assert_eq!(duration(12.34), "12.3 s");
+    }
+
+    #[test]
+    fn csv_has_a_line_per_figure_with_ratios() {
+        let r = Results::from_report(&report(0.0105, 0.5, 6));
+        let text = csv(&r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + r.figures.len());
+        assert!(lines[0].starts_with("mode,size_bytes,size,metric"));
+        let pin = lines
+            .iter()
+            .find(|l| l.starts_with("base,268435456,256M,numapin.pin-only,s,3,"))
+            .unwrap();
+        assert!(
+            pin.ends_with(",floor.map,1.0500,0.0105 0.0105 0.0105"),
+            "{pin}"
+        );
+        assert!(lines.iter().any(|l| l.starts_with("numa-balancing,")));
+    }
+
+    #[test]
+    fn markdown_has_targets_machine_plot_tables_and_raw_data() {
+        let r = Results::from_report(&report(0.0125, 0.5, 6));
+        let t = targets(&r);
+        let md = markdown(&Page {
+            results: &r,
+            targets: &t,
+            machine: &machine(),
+            shape: &BENCH_SHAPE,
+            svg: "benchmarks/bench.svg",
+            csv: "benchmarks/bench.csv",
+            vm_secs: 600.0,
+        });
+        for want in [
+            "| `pin-only.base.256M` | **missed** | 1.25x raw MAP_DMA",
+            "| `one-dma-entry.thp.256M` | met |",
+            "| host CPU | AMD EPYC (2 cores) |",
+            "| QEMU | QEMU emulator version 7.2.22 |",
+            "node 0: vCPUs 0–1, 5632 MiB",
+            "![time relative to one raw MAP_DMA",
+            "(benchmarks/bench.svg)",
+            "| numapin `pin_user_memory`, `Proof::None`: pin only | 12.50 ms (1.25×) |",
+            "| prefault speedup, node threads vs 1 | 2.00× (2 threads) |",
+            "65535 × 2 MiB = 128.0 GiB",
+            "| numapin (`mbind(MPOL_BIND)`, pinned) | 6 | 6 | -1 |",
+            "[benchmarks/bench.csv](benchmarks/bench.csv)",
+        ] {
+            assert!(md.contains(want), "missing {want:?} in\n{md}");
+        }
+    }
+}
