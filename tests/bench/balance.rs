@@ -91,37 +91,9 @@ fn interval_pair(ctx: &Ctx, addr: usize, len: usize) -> Result<Pair, String> {
     })
 }
 
-fn write_knob(path: &str, v: &str) -> Option<String> {
-    let old = std::fs::read_to_string(path).ok()?;
-    std::fs::write(path, v).ok()?;
-    Some(old.trim().to_string())
-}
-
 pub fn run(ctx: &Ctx, out: &mut Out) -> Result<String, String> {
     Mode::Base.apply()?;
-    let nb = "/proc/sys/kernel/numa_balancing";
-    let old_nb = write_knob(nb, "1")
-        .ok_or("cannot enable kernel.numa_balancing (CONFIG_NUMA_BALANCING missing?)")?;
-    // Scan quickly (debugfs since 5.10), as the VM suite's scenario d does.
-    let dbg = "/sys/kernel/debug/sched/numa_balancing";
-    let mut restore = vec![];
-    for (k, v) in [
-        ("scan_delay_ms", "0"),
-        ("scan_period_min_ms", "100"),
-        ("scan_period_max_ms", "400"),
-        ("scan_size_mb", "256"),
-    ] {
-        let path = format!("{dbg}/{k}");
-        if let Some(old) = write_knob(&path, v) {
-            restore.push((path, old));
-        }
-    }
-    let result = measure(ctx, out);
-    let _ = std::fs::write(nb, old_nb);
-    for (p, v) in restore {
-        let _ = std::fs::write(p, v);
-    }
-    result
+    crate::balancing::with_fast_balancing(|| measure(ctx, out))
 }
 
 fn measure(ctx: &Ctx, out: &mut Out) -> Result<String, String> {

@@ -20,13 +20,16 @@
 //! phases, `measure` and `info` lines, a `result` per phase, then `done`.
 
 mod balance;
+#[path = "../common/balancing.rs"]
+mod balancing;
 mod cases;
 mod raw;
+#[path = "../common/step.rs"]
+mod step;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use numapin::numa::Topology;
 use numapin::{NodeId, PageSize};
@@ -266,27 +269,10 @@ fn main() {
     let mut failed = 0;
     for phase in &phases {
         eprintln!("numapin-bench: --- {phase}");
-        let t = Instant::now();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_phase(&ctx, &mut out, phase, &sizes)
-        }))
-        .unwrap_or_else(|p| {
-            Err(format!(
-                "panicked: {}",
-                p.downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
-            ))
-        });
-        let secs = t.elapsed().as_secs_f64();
-        let (status, detail) = match r {
-            Ok(d) => ("pass", d),
-            Err(d) => {
-                failed += 1;
-                ("fail", d)
-            }
-        };
+        let (status, detail, secs) = step::run(|| run_phase(&ctx, &mut out, phase, &sizes));
+        if status != "pass" {
+            failed += 1;
+        }
         eprintln!("numapin-bench: {phase}: {status} ({secs:.1}s) {detail}");
         out.line(json!({"type": "result", "name": phase, "status": status, "secs": (secs * 100.0).round() / 100.0, "detail": detail}));
     }

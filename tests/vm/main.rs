@@ -8,12 +8,15 @@
 //! scenario, one `result` each, then `done`.
 
 mod bad_input;
+#[path = "../common/balancing.rs"]
+mod balancing;
 mod pinless;
+#[path = "../common/step.rs"]
+mod step;
 mod type1;
 mod util;
 
 use std::io::Write;
-use std::time::Instant;
 
 use serde_json::json;
 
@@ -99,24 +102,10 @@ fn main() {
     if let Some(ctx) = ctx {
         for (name, f) in scenarios {
             eprintln!("numapin-vmtest: --- {name}");
-            let t = Instant::now();
-            let r = std::panic::catch_unwind(|| f(&ctx)).unwrap_or_else(|p| {
-                Err(format!(
-                    "panicked: {}",
-                    p.downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default()
-                ))
-            });
-            let secs = t.elapsed().as_secs_f64();
-            let (status, detail) = match r {
-                Ok(d) => ("pass", d),
-                Err(d) => {
-                    failed += 1;
-                    ("fail", d)
-                }
-            };
+            let (status, detail, secs) = step::run(|| f(&ctx));
+            if status != "pass" {
+                failed += 1;
+            }
             eprintln!("numapin-vmtest: {name}: {status} ({secs:.1}s) {detail}");
             let _ = writeln!(
                 out,

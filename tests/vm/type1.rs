@@ -537,32 +537,9 @@ fn toucher(
     })
 }
 
-fn write_knob(path: &str, v: &str) -> Option<String> {
-    let old = std::fs::read_to_string(path).ok()?;
-    std::fs::write(path, v).ok()?;
-    Some(old.trim().to_string())
-}
-
 fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
     const LEN: u64 = 32 << 20;
-    let nb = "/proc/sys/kernel/numa_balancing";
-    let old_nb = write_knob(nb, "1")
-        .ok_or("cannot enable kernel.numa_balancing (CONFIG_NUMA_BALANCING missing?)")?;
-    // Scan quickly: these moved from sysctl to debugfs in 5.10.
-    let dbg = "/sys/kernel/debug/sched/numa_balancing";
-    let mut restore = vec![];
-    for (k, v) in [
-        ("scan_delay_ms", "0"),
-        ("scan_period_min_ms", "100"),
-        ("scan_period_max_ms", "400"),
-        ("scan_size_mb", "256"),
-    ] {
-        let path = format!("{dbg}/{k}");
-        if let Some(old) = write_knob(&path, v) {
-            restore.push((path, old));
-        }
-    }
-    let result = (|| {
+    crate::balancing::with_fast_balancing(|| {
         let p = open(ctx)?;
         let pinned = pin(&p, ctx.home, LEN, PageSize::Base)?;
         let control = control_region(ctx.home, LEN)?;
@@ -637,12 +614,7 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
             control_after.len(),
             ctx.away
         ))
-    })();
-    let _ = std::fs::write(nb, old_nb);
-    for (p, v) in restore {
-        let _ = std::fs::write(p, v);
-    }
-    result
+    })
 }
 
 fn e_compaction(ctx: &Ctx) -> Result<String, String> {
