@@ -334,6 +334,7 @@ fn min_extent(ctx: &Ctx) -> Result<String, String> {
 struct SplitPages {
     base: *mut u8,
     pfns: [u64; 2],
+    _pages: Gathered,
     spare: Vec<*mut u8>,
 }
 
@@ -369,46 +370,17 @@ impl SplitPages {
             }
             spare.push(b);
         };
-        // SAFETY: reserve two pages of address space, then move the two
-        // faulted pages into it; mremap keeps their frames.
-        let base = unsafe {
-            let r = libc::mmap(
-                std::ptr::null_mut(),
-                8192,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            ensure!(
-                r != libc::MAP_FAILED,
-                "mmap: {}",
-                std::io::Error::last_os_error()
-            );
-            for (src, dst) in [(a, r.cast::<u8>()), (b, r.cast::<u8>().add(4096))] {
-                let m = libc::mremap(
-                    src.cast(),
-                    4096,
-                    4096,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    dst.cast::<libc::c_void>(),
-                );
-                ensure!(
-                    m != libc::MAP_FAILED,
-                    "mremap: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            r.cast::<u8>()
-        };
-        let now = pfns(base as usize, 8192)?;
+        // mremap keeps the frames: two virtually adjacent, physically apart pages.
+        let pages = Gathered::new(&[a, b])?;
+        let now = pfns(pages.base as usize, 8192)?;
         ensure!(
             now[1] != now[0] + 1,
             "mremap made the frames adjacent: {now:?}"
         );
         Ok(SplitPages {
-            base,
+            base: pages.base,
             pfns: [now[0], now[1]],
+            _pages: pages,
             spare,
         })
     }
@@ -416,9 +388,8 @@ impl SplitPages {
 
 impl Drop for SplitPages {
     fn drop(&mut self) {
-        // SAFETY: unmapping what `new` mapped.
+        // SAFETY: unmapping the pages `new` mapped and did not move.
         unsafe {
-            libc::munmap(self.base.cast(), 8192);
             for &p in &self.spare {
                 libc::munmap(p.cast(), 4096);
             }

@@ -617,39 +617,106 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
     })
 }
 
+/// Compaction. Its migrate scanner walks each zone upwards from the bottom,
+/// so the pinned pages are the lowest-PFN pages of a 128 MiB filler on the
+/// home node (gathered into one range with mremap and pinned there), and the
+/// rest of the filler, every other page freed, is the control. A control page
+/// above the pinned ones that moved shows the scanner went past the pinned
+/// pageblocks; without such a page the run proves nothing and fails.
 fn e_compaction(ctx: &Ctx) -> Result<String, String> {
+    const FILL: usize = 128 << 20;
+    const PIN: usize = 2 << 20;
     let p = open(ctx)?;
-    let small = pin(&p, ctx.home, 2 << 20, PageSize::Base)?;
-    let huge = pin(&p, ctx.home, 2 << 20, PageSize::Huge2M)?;
-    // Control: 64 MiB of base pages with every other page freed, so that
-    // compaction has holes to fill and movable pages to move.
-    let control = control_region(ctx.home, 64 << 20)?;
-    for off in (0..control.len()).step_by(8192) {
-        // SAFETY: dropping pages of memory this test owns.
-        unsafe { libc::madvise(control.as_ptr().add(off).cast(), 4096, libc::MADV_DONTNEED) };
-    }
-    let sb = pfns(small.vaddr(), 2 << 20)?;
-    let hb = pfns(huge.vaddr(), 2 << 20)?;
-    let m0 = vmstat("pgmigrate_success");
-    let c0 = vmstat("compact_migrate_scanned");
-    e(
-        std::fs::write("/proc/sys/vm/compact_memory", "1"),
-        "write vm.compact_memory",
+    let filler = control_region(ctx.home, FILL as u64)?;
+    let before = pfns(filler.addr(), FILL as u64)?;
+    let zones = zones()?;
+    // The zone holding most of the filler; its lowest filler pages get pinned.
+    let zone = zones
+        .iter()
+        .max_by_key(|z| before.iter().filter(|&&f| z.contains(f)).count())
+        .ok_or("no zones in /proc/zoneinfo")?;
+    let mut low: Vec<usize> = (0..before.len())
+        .filter(|&i| zone.contains(before[i]))
+        .collect();
+    low.sort_by_key(|&i| before[i]);
+    low.truncate(PIN / 4096);
+    let gathered = Gathered::new(
+        &low.iter()
+            // SAFETY: inside the filler mapping.
+            .map(|&i| unsafe { filler.as_ptr().add(i * 4096) })
+            .collect::<Vec<_>>(),
     )?;
-    let migrated = vmstat("pgmigrate_success") - m0;
-    let scanned = vmstat("compact_migrate_scanned") - c0;
-    let sc = changed(&sb, &pfns(small.vaddr(), 2 << 20)?);
-    let hc = changed(&hb, &pfns(huge.vaddr(), 2 << 20)?);
+    let m = numapin::UserMemory {
+        node: Some(ctx.home),
+        ..numapin::UserMemory::new(gathered.base, PIN as u64)
+    };
+    // SAFETY: `gathered` stays mapped until after `pinned` is dropped.
+    let pinned = e(unsafe { p.pin_user_memory(&m) }, "pin the gathered pages")?;
+    let pinned_before = pfns(pinned.vaddr(), PIN as u64)?;
+    let top = pinned_before.iter().copied().max().unwrap_or(0);
+    // Above the pinned pages, the filler is cut by PFN into runs of 32
+    // frames; three runs in four are freed, the fourth kept as the control.
+    // Compaction's free scanner samples one frame in 32 of a pageblock once
+    // it finds little, and takes the buddy it hits: it finds these holes,
+    // where it would step over single free pages. The scanners meet where
+    // the movable pages below match the free pages above, so the more of
+    // the filler is free, the further above the pinned pages that is.
+    let above = |i: &usize| zone.contains(before[*i]) && before[*i] > top;
+    let (holes, control): (Vec<usize>, Vec<usize>) = (0..before.len())
+        .filter(above)
+        .partition(|&i| before[i] % 128 < 96);
+    // Freed pages go to per-CPU lists first (6.7+ grows those to tens of
+    // thousands of pages), where the free scanner cannot see them: keep the
+    // lists short while the holes are made, so the holes reach the buddy
+    // allocator. (A large fraction gives a small list.)
+    let pcp = Knob::set("/proc/sys/vm/percpu_pagelist_high_fraction", "100000")?;
+    for &i in &holes {
+        // SAFETY: dropping a page of memory this test owns.
+        unsafe {
+            libc::madvise(
+                filler.as_ptr().add(i * 4096).cast(),
+                4096,
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+    drop(pcp);
     ensure!(
-        sc == 0 && hc == 0,
-        "pinned PFNs changed under compaction: 4K region {sc}, 2M region {hc}"
+        !control.is_empty() && !holes.is_empty(),
+        "too few filler pages above the pinned ones in zone {} of node {}: {} kept, {} freed",
+        zone.name,
+        zone.node,
+        control.len(),
+        holes.len()
     );
+    let m0 = vmstat("pgmigrate_success");
+    let s0 = vmstat("compact_migrate_scanned");
+    let knob = format!("/sys/devices/system/node/node{}/compact", ctx.home.0);
+    e(std::fs::write(&knob, "1"), &format!("write 1 to {knob}"))?;
+    let migrated = vmstat("pgmigrate_success") - m0;
+    let scanned = vmstat("compact_migrate_scanned") - s0;
+    let pc = changed(&pinned_before, &pfns(pinned.vaddr(), PIN as u64)?);
+    ensure!(pc == 0, "{pc} pinned PFNs changed under compaction");
+    let after = pfns_or_holes(filler.addr(), FILL)?;
+    let moved: Vec<u64> = control
+        .iter()
+        .filter(|&&i| after[i] != Some(before[i]))
+        .map(|&i| before[i])
+        .collect();
     ensure!(
-        migrated > 0,
-        "compaction migrated nothing (pgmigrate_success +0, {scanned} scanned): no evidence it ran"
+        !moved.is_empty(),
+        "compaction moved none of the {} control pages above the pinned ones (PFN > {top:#x}, zone {} of node {}): no evidence its scanner passed them (pgmigrate_success +{migrated}, {scanned} scanned)",
+        control.len(),
+        zone.name,
+        zone.node
     );
     Ok(format!(
-        "compaction migrated {migrated} pages ({scanned} scanned); pinned 2 MiB (4K) and 2 MiB (2M) regions: 0 PFNs changed"
+        "node {} zone {}: pinned the 512 lowest filler pages (PFN <= {top:#x}), 0 changed; {}/{} control pages above them moved, up to PFN {:#x}; pgmigrate_success +{migrated}, {scanned} scanned",
+        zone.node,
+        zone.name,
+        moved.len(),
+        control.len(),
+        moved.iter().max().unwrap_or(&0)
     ))
 }
 

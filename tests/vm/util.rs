@@ -232,9 +232,19 @@ pub fn control_region(node: NodeId, len: u64) -> Result<NodeMemory, String> {
         NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None),
         "allocate control",
     )?;
-    // No THP: the control should move page by page, like the pinned side is checked.
-    // SAFETY: advice on memory this test owns.
-    unsafe { libc::madvise(m.as_ptr().cast(), m.len(), libc::MADV_NOHUGEPAGE) };
+    // No THP: the control should move page by page, like the pinned side is
+    // checked, and compaction skips compound pages. `allocate` faulted the
+    // range in already (with THP where the kernel had it), so refault it
+    // with THP off; the MPOL_BIND still holds it to `node`.
+    // SAFETY: advice on, then writes to, memory this test owns.
+    unsafe {
+        let p = m.as_ptr();
+        libc::madvise(p.cast(), m.len(), libc::MADV_NOHUGEPAGE);
+        libc::madvise(p.cast(), m.len(), libc::MADV_DONTNEED);
+        for off in (0..m.len()).step_by(4096) {
+            std::ptr::write_volatile(p.add(off), 1);
+        }
+    }
     e(sys::mbind_default(m.addr(), m.len()), "mbind MPOL_DEFAULT")?;
     let nodes = e(numa::nodes_of(m.addr(), m.len(), 4096), "query control")?;
     ensure!(
@@ -401,4 +411,154 @@ pub fn free_bytes() -> u64 {
         .filter_map(|v| v.trim().parse::<u64>().ok())
         .sum();
     meminfo("MemFree") + pcp * 4096
+}
+
+/// Faulted-in pages moved, with `mremap`, into one fresh virtually
+/// contiguous range in the order given; their frames stay what they were.
+/// Unmapped on drop.
+pub struct Gathered {
+    pub base: *mut u8,
+    pub len: usize,
+}
+
+impl Gathered {
+    /// Moves each 4 KiB page at `pages` (page-aligned, mapped, present).
+    pub fn new(pages: &[*mut u8]) -> Result<Gathered, String> {
+        let len = pages.len() * 4096;
+        // SAFETY: a fresh reservation of address space.
+        let r = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(
+            r != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let g = Gathered {
+            base: r.cast(),
+            len,
+        };
+        for (i, &src) in pages.iter().enumerate() {
+            // SAFETY: `src` is a page the caller owns; the destination is
+            // inside the reservation above, which MREMAP_FIXED replaces.
+            let m = unsafe {
+                libc::mremap(
+                    src.cast(),
+                    4096,
+                    4096,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    g.base.add(i * 4096).cast::<libc::c_void>(),
+                )
+            };
+            ensure!(
+                m != libc::MAP_FAILED,
+                "mremap: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(g)
+    }
+}
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the range `new` reserved.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// PFN of each base page of `[addr, addr+len)`, `None` where nothing is
+/// mapped or present (unlike [`pfns`], holes are not an error).
+pub fn pfns_or_holes(addr: usize, len: usize) -> Result<Vec<Option<u64>>, String> {
+    let f = e(std::fs::File::open("/proc/self/pagemap"), "open pagemap")?;
+    let entries = e(
+        numapin::phys::read_pagemap_from(&f, addr as u64, len / 4096),
+        "read pagemap",
+    )?;
+    Ok(entries.iter().map(|x| x.pfn()).collect())
+}
+
+/// A memory zone from /proc/zoneinfo: `[start, end)` in PFNs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub node: u32,
+    pub name: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Zone {
+    pub fn contains(&self, pfn: u64) -> bool {
+        (self.start..self.end).contains(&pfn)
+    }
+}
+
+/// The populated zones, from /proc/zoneinfo.
+pub fn zones() -> Result<Vec<Zone>, String> {
+    let s = e(std::fs::read_to_string("/proc/zoneinfo"), "read zoneinfo")?;
+    Ok(parse_zoneinfo(&s))
+}
+
+fn parse_zoneinfo(s: &str) -> Vec<Zone> {
+    let mut out = Vec::new();
+    let mut cur: Option<(u32, String, u64)> = None;
+    for l in s.lines() {
+        let t = l.trim();
+        if let Some(rest) = t.strip_prefix("Node ") {
+            // "Node 0, zone   Normal"
+            let (n, z) = rest.split_once(", zone").unwrap_or((rest, ""));
+            cur = n.trim().parse().ok().map(|n| (n, z.trim().to_string(), 0));
+        } else if let Some(v) = t.strip_prefix("spanned") {
+            if let Some(c) = cur.as_mut() {
+                c.2 = v.trim().parse().unwrap_or(0);
+            }
+        } else if let Some(v) = t.strip_prefix("start_pfn:") {
+            if let (Some((node, name, spanned)), Ok(start)) = (cur.take(), v.trim().parse::<u64>())
+            {
+                if spanned > 0 {
+                    out.push(Zone {
+                        node,
+                        name,
+                        start,
+                        end: start + spanned,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A sysctl or sysfs knob set for the length of a scenario; the old value
+/// is written back on drop.
+pub struct Knob {
+    path: String,
+    old: String,
+}
+
+impl Knob {
+    pub fn set(path: &str, value: &str) -> Result<Knob, String> {
+        let old = e(std::fs::read_to_string(path), &format!("read {path}"))?;
+        e(
+            std::fs::write(path, value),
+            &format!("write {value} to {path}"),
+        )?;
+        Ok(Knob {
+            path: path.to_string(),
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
 }
