@@ -12,6 +12,7 @@ use std::io;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use serde::Serialize;
 
@@ -215,7 +216,9 @@ unsafe impl Sync for NodeMemory {}
 
 /// Ranges at least this large are prefaulted by several threads.
 pub const PARALLEL_PREFAULT_MIN: u64 = 64 << 20;
-const PREFAULT_CHUNK: usize = 16 << 20;
+/// What one prefault call covers. `MADV_POPULATE_WRITE` holds the mmap lock
+/// (shared) for its whole range, so a short range keeps waits for it short.
+const PREFAULT_CHUNK: usize = 4 << 20;
 
 impl NodeMemory {
     /// Maps `len` bytes of `page_size` pages, binds them to `node` with
@@ -306,6 +309,11 @@ impl NodeMemory {
         };
         let next = AtomicUsize::new(0);
         let done = AtomicU64::new(0);
+        // No thread faults until all exist: creating a thread maps its stack,
+        // which takes the mmap lock exclusively and so would wait for a
+        // sibling's prefault call to end (measured: the second thread then
+        // started only when the first had finished its range).
+        let gate = (Mutex::new(false), Condvar::new());
         let base = self.addr();
         let len = self.len;
         // Thread `k` runs on one CPU of the node (`cpus[k % n]`), so that
@@ -314,6 +322,12 @@ impl NodeMemory {
             if let (Some(k), false) = (thread, cpus.is_empty()) {
                 // Best effort: a cpuset may forbid the node's CPUs; pages still follow mbind.
                 let _ = sys::set_thread_affinity(&[cpus[k % cpus.len()]]);
+            }
+            if thread.is_some() {
+                let mut open = gate.0.lock().unwrap_or_else(|p| p.into_inner());
+                while !*open {
+                    open = gate.1.wait(open).unwrap_or_else(|p| p.into_inner());
+                }
             }
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -335,12 +349,22 @@ impl NodeMemory {
             if nthreads == 1 {
                 return work(None);
             }
+            // A thread that cannot be created is left out: the others share
+            // its chunks, and with none the caller's thread does the work.
             let handles: Vec<_> = (0..nthreads)
-                .map(|k| {
+                .filter_map(|k| {
                     let work = &work;
-                    s.spawn(move || work(Some(k)))
+                    std::thread::Builder::new()
+                        .name(format!("numapin-pf-{k}"))
+                        .spawn_scoped(s, move || work(Some(k)))
+                        .ok()
                 })
                 .collect();
+            *gate.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            gate.1.notify_all();
+            if handles.is_empty() {
+                return work(None);
+            }
             let mut r = Ok(());
             for h in handles {
                 let hr = h
