@@ -309,11 +309,14 @@ impl NodeMemory {
         };
         let next = AtomicUsize::new(0);
         let done = AtomicU64::new(0);
-        // No thread faults until all exist: creating a thread maps its stack,
-        // which takes the mmap lock exclusively and so would wait for a
-        // sibling's prefault call to end (measured: the second thread then
-        // started only when the first had finished its range).
-        let gate = (Mutex::new(false), Condvar::new());
+        // No thread faults until all exist and sit on their CPUs. Creating a
+        // thread maps its stack, which takes the mmap lock exclusively and so
+        // waits for a sibling's prefault call to end (measured: the second of
+        // two threads then started only when the first had finished); and a
+        // new thread may start on the CPU where a sibling already faults,
+        // and wait there (up to 40 ms measured) before it can move.
+        // The gate counts threads ready; the caller opens it when all are.
+        let gate = (Mutex::new((0usize, false)), Condvar::new());
         let base = self.addr();
         let len = self.len;
         // Thread `k` runs on one CPU of the node (`cpus[k % n]`), so that
@@ -324,9 +327,11 @@ impl NodeMemory {
                 let _ = sys::set_thread_affinity(&[cpus[k % cpus.len()]]);
             }
             if thread.is_some() {
-                let mut open = gate.0.lock().unwrap_or_else(|p| p.into_inner());
-                while !*open {
-                    open = gate.1.wait(open).unwrap_or_else(|p| p.into_inner());
+                let mut g = gate.0.lock().unwrap_or_else(|p| p.into_inner());
+                g.0 += 1;
+                gate.1.notify_all();
+                while !g.1 {
+                    g = gate.1.wait(g).unwrap_or_else(|p| p.into_inner());
                 }
             }
             loop {
@@ -360,8 +365,13 @@ impl NodeMemory {
                         .ok()
                 })
                 .collect();
-            *gate.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            let mut g = gate.0.lock().unwrap_or_else(|p| p.into_inner());
+            while g.0 < handles.len() {
+                g = gate.1.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            g.1 = true;
             gate.1.notify_all();
+            drop(g);
             if handles.is_empty() {
                 return work(None);
             }
