@@ -216,6 +216,9 @@ unsafe impl Sync for NodeMemory {}
 
 /// Ranges at least this large are prefaulted by several threads.
 pub const PARALLEL_PREFAULT_MIN: u64 = 64 << 20;
+/// The PMD size on x86-64 and arm64 with 4 KiB pages: where THP starts.
+const THP_ALIGN: usize = 2 << 20;
+
 /// What one prefault call covers. `MADV_POPULATE_WRITE` holds the mmap lock
 /// (shared) for its whole range, so a short range keeps waits for it short.
 const PREFAULT_CHUNK: usize = 4 << 20;
@@ -253,16 +256,44 @@ impl NodeMemory {
                 | ((page_size.bytes().trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
             flags &= !libc::MAP_NORESERVE;
         }
+        // Base-page memory gets THP where the kernel gives it, which needs
+        // 2 MiB-aligned addresses (kernels before 6.7 do not align large
+        // anonymous mappings): map 2 MiB more and trim. The prefault chunks
+        // then start on 2 MiB boundaries too, so two threads never fault
+        // the same huge page (each zeroing one, one of them in vain).
+        let slack = if page_size.is_huge() || ulen < THP_ALIGN {
+            0
+        } else {
+            THP_ALIGN
+        };
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                ulen,
+                ulen + slack,
                 libc::PROT_READ | libc::PROT_WRITE,
                 flags,
                 -1,
                 0,
             )
+        };
+        let p = if p == libc::MAP_FAILED || slack == 0 {
+            p
+        } else {
+            let start = p as usize;
+            let aligned = start.next_multiple_of(THP_ALIGN);
+            // SAFETY: both ranges lie inside the mapping just made and
+            // outside the part kept; nothing refers to them.
+            unsafe {
+                if aligned > start {
+                    libc::munmap(p, aligned - start);
+                }
+                let tail = start + slack - aligned;
+                if tail > 0 {
+                    libc::munmap((aligned + ulen) as *mut libc::c_void, tail);
+                }
+            }
+            aligned as *mut libc::c_void
         };
         if p == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
@@ -622,6 +653,17 @@ mod tests {
             before,
             "prefault changed the caller's CPU affinity"
         );
+    }
+
+    #[test]
+    fn base_page_memory_is_thp_aligned() {
+        let topo = Topology::read().unwrap();
+        let node = topo.ids()[0];
+        for len in [2 << 20, 6 << 20, (4 << 20) + 4096] {
+            let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None).unwrap();
+            assert_eq!(m.addr() % THP_ALIGN, 0, "{len:#x} at {:#x}", m.addr());
+            assert_eq!(m.len(), len as usize);
+        }
     }
 
     #[test]
