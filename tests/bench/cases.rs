@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use numapin::numa::{NodeMemory, Topology};
 use numapin::{PinRequest, Pinner};
 
-use crate::raw::{IOVA_BASE, RawVfio, Uring};
+use crate::raw::{self, IOVA_BASE, RawVfio, Uring};
 use crate::{Ctx, Mode, Out, size_name};
 
 /// Repetitions: `fast` for figures of a few ioctls, `slow` for those that
@@ -272,7 +272,9 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     // first alternates, so that neither always finds the other's leftovers.
     let mut one = Vec::new();
     let mut all = Vec::new();
+    let mut split = Vec::new();
     for i in 0..reps.prefault {
+        split.push(raw::prefault_split(ctx.home, &ctx.home_cpus, len, ps)?);
         let order = if i % 2 == 0 { [1, 0] } else { [0, 1] };
         for threads in order {
             let t = Instant::now();
@@ -291,6 +293,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     }
     out.seconds(mode, size, "prefault.1-thread", &one);
     out.seconds(mode, size, "prefault.node-threads", &all);
+    out.seconds(mode, size, "prefault.raw-split", &split);
     out.measure(
         mode.name(),
         size,

@@ -126,3 +126,101 @@ impl Uring {
         Ok((register, unregister))
     }
 }
+
+/// The ceiling for parallel prefault on this VM, without numapin's
+/// prefault code: one thread per CPU in `cpus`, created and bound
+/// beforehand, each faulting an equal share of a fresh mapping bound to
+/// `node` with one `MADV_POPULATE_WRITE`. Timed from the threads' release
+/// to the last one's end; mmap, `mbind` and thread creation are left out.
+pub fn prefault_split(
+    node: numapin::NodeId,
+    cpus: &[u32],
+    len: usize,
+    page: numapin::PageSize,
+) -> Result<Duration, String> {
+    use std::sync::Barrier;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if page.is_huge() {
+        flags |=
+            libc::MAP_HUGETLB | ((page.bytes().trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
+    }
+    // 2 MiB more than needed, so the range used can start on a THP
+    // boundary, as numapin's does.
+    let slack = if page.is_huge() { 0 } else { 2 << 20 };
+    // SAFETY: a fresh anonymous mapping; unmapped below, never referenced.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len + slack,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let unmap = || {
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p, len + slack) };
+    };
+    let addr = if slack == 0 {
+        p as usize
+    } else {
+        (p as usize).next_multiple_of(slack)
+    };
+    if !page.is_huge() {
+        // SAFETY: advice on the fresh mapping (as NodeMemory gives it).
+        unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+    }
+    if let Err(err) = numapin::sys::mbind(addr, len, node, 0) {
+        unmap();
+        return Err(format!("mbind: {err}"));
+    }
+    let n = cpus.len().max(1);
+    let unit = page.bytes() as usize;
+    let share = (len / n).div_ceil(unit) * unit;
+    let start = Barrier::new(n + 1);
+    let result = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|k| {
+                let start = &start;
+                let cpu = cpus.get(k).copied();
+                s.spawn(move || {
+                    if let Some(c) = cpu {
+                        let _ = numapin::sys::set_thread_affinity(&[c]);
+                    }
+                    start.wait();
+                    let off = (k * share).min(len);
+                    let l = share.min(len - off);
+                    // SAFETY: populating part of the mapping made above.
+                    let r = unsafe {
+                        libc::madvise(
+                            (addr + off) as *mut libc::c_void,
+                            l,
+                            numapin::sys::MADV_POPULATE_WRITE,
+                        )
+                    };
+                    (r == 0).then(Instant::now).ok_or_else(|| {
+                        format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error())
+                    })
+                })
+            })
+            .collect();
+        // Let every thread reach the barrier on its own CPU first.
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        start.wait();
+        let mut end = t;
+        for h in handles {
+            end = end.max(
+                h.join()
+                    .map_err(|_| "prefault thread panicked".to_string())??,
+            );
+        }
+        Ok(end - t)
+    });
+    unmap();
+    result
+}
