@@ -360,6 +360,20 @@ pub enum Proof {
     None,
 }
 
+/// The alignment of an IOVA numapin picks for `len` bytes at `vaddr`: the
+/// page size, raised to 2 MiB when the range is that long and starts on a
+/// 2 MiB boundary. The IOMMU can use a 2 MiB superpage only where the IOVA
+/// and the physical address agree modulo 2 MiB, so THP- and hugetlb-backed
+/// memory at an IOVA that is merely 4 KiB-aligned is mapped 4 KiB at a time.
+fn iova_align(vaddr: u64, len: u64, page: u64) -> u64 {
+    const SUPERPAGE: u64 = 2 << 20;
+    if len >= SUPERPAGE && vaddr % SUPERPAGE == 0 {
+        page.max(SUPERPAGE)
+    } else {
+        page
+    }
+}
+
 /// Caller-owned memory to pin ([`Pinner::pin_user_memory`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserMemory {
@@ -548,7 +562,10 @@ impl Pinner {
         // Hugepage counts change at run time: read them now, not at open.
         Topology::read()?.check_capacity(node, size, page_size)?;
         check_memlock(self.kind(), size, self.inner.ipc_lock)?;
-        let reservation = self.reserve_iova(iova, size, page_size.bytes())?;
+        // NodeMemory puts a region of 2 MiB or more on a 2 MiB boundary
+        // (so any 2 MiB-aligned address stands for it here).
+        let align = iova_align(0, size, page_size.bytes());
+        let reservation = self.reserve_iova(iova, size, align)?;
         let mem = NodeMemory::allocate(
             &self.inner.topology,
             node,
@@ -627,7 +644,7 @@ impl Pinner {
             self.inner.topology.require(n)?;
         }
         check_memlock(self.kind(), m.len, self.inner.ipc_lock)?;
-        let reservation = self.reserve_iova(m.iova, m.len, page)?;
+        let reservation = self.reserve_iova(m.iova, m.len, iova_align(addr, m.len, page))?;
         let range = Range {
             vaddr: m.vaddr as usize,
             len: m.len,
@@ -1086,6 +1103,19 @@ pub fn get_info(container: &VfioContainer) -> Result<IommuInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iova_alignment_follows_the_memory() {
+        const M2: u64 = 2 << 20;
+        // 2 MiB-aligned memory of 2 MiB or more: a 2 MiB-aligned IOVA.
+        assert_eq!(iova_align(0x7f00_0000_0000, M2, 4096), M2);
+        assert_eq!(iova_align(0x7f00_0000_0000, 64 * M2, 4096), M2);
+        // Shorter, or not on a 2 MiB boundary: the page size is enough.
+        assert_eq!(iova_align(0x7f00_0000_0000, M2 - 4096, 4096), 4096);
+        assert_eq!(iova_align(0x7f00_0000_1000, 64 * M2, 4096), 4096);
+        // Larger pages keep their own alignment.
+        assert_eq!(iova_align(0x7f00_4000_0000, 1 << 30, 1 << 30), 1 << 30);
+    }
 
     #[test]
     fn extents_against_a_minimum() {
