@@ -396,7 +396,9 @@ pub fn markdown(p: &Page) -> String {
          - **pin only**: numapin's `Pinner::pin_user_memory` on that same memory with \
          `Proof::None` (the VMM fast path: the pin call and its bookkeeping); beside it \
          `pin_user` with the default full proof (accounting, node query, PFN snapshot), \
-         with the node to check and without one.\n\
+         with the node to check and without one. All at the floor's IOVA, as a VMM passes \
+         its guest-physical address: the IOMMU's superpages depend on the IOVA, which is \
+         not numapin's cost.\n\
          - **allocate + prefault + pin + verify**: `Pinner::pin` followed by \
          `PinnedRegion::verify`, numapin's whole path on memory of its own.\n\
          - **one `MAP_DMA` per page**: 4 KiB pages for base pages, 2 MiB for THP and \
