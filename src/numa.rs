@@ -216,8 +216,9 @@ unsafe impl Sync for NodeMemory {}
 
 /// Ranges at least this large are prefaulted by several threads.
 pub const PARALLEL_PREFAULT_MIN: u64 = 64 << 20;
-/// The PMD size on x86-64 and arm64 with 4 KiB pages: where THP starts.
-const THP_ALIGN: usize = 2 << 20;
+/// The PMD size on x86-64 and arm64 with 4 KiB pages: the THP size, and
+/// the smallest IOMMU superpage.
+pub(crate) const THP_ALIGN: usize = 2 << 20;
 
 /// What one prefault call covers. `MADV_POPULATE_WRITE` holds the mmap lock
 /// (shared) for its whole range, so a short range keeps waits for it short.

@@ -366,7 +366,7 @@ pub enum Proof {
 /// and the physical address agree modulo 2 MiB, so THP- and hugetlb-backed
 /// memory at an IOVA that is merely 4 KiB-aligned is mapped 4 KiB at a time.
 fn iova_align(vaddr: u64, len: u64, page: u64) -> u64 {
-    const SUPERPAGE: u64 = 2 << 20;
+    const SUPERPAGE: u64 = crate::numa::THP_ALIGN as u64;
     if len >= SUPERPAGE && vaddr % SUPERPAGE == 0 {
         page.max(SUPERPAGE)
     } else {

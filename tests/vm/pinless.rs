@@ -400,33 +400,24 @@ impl Drop for SplitPages {
 /// `kernel.io_uring_disabled = 2`: a clear error naming the sysctl, and
 /// nothing pinned.
 fn uring_disabled(ctx: &Ctx) -> Result<String, String> {
-    let knob = "/proc/sys/kernel/io_uring_disabled";
-    let old = e(
-        std::fs::read_to_string(knob),
-        "read kernel.io_uring_disabled",
-    )?;
-    e(std::fs::write(knob, "2"), "set kernel.io_uring_disabled=2")?;
-    let res = (|| {
-        let p = open(ctx)?;
-        let before = ctx.pinned();
-        let err = p
-            .pin(&PinRequest::new(ctx.home, LEN))
-            .err()
-            .ok_or("pinned although io_uring is disabled")?;
-        ensure!(
-            matches!(err, Error::UringDisabled { value: 2 }),
-            "wrong error: {err}"
-        );
-        ensure!(
-            err.to_string()
-                .contains("sysctl -w kernel.io_uring_disabled=0"),
-            "no remedy in: {err}"
-        );
-        ensure!(ctx.pinned() == before, "{} changed", ctx.counter());
-        Ok(err.to_string())
-    })();
-    let _ = std::fs::write(knob, old.trim());
-    res
+    let _knob = Knob::set("/proc/sys/kernel/io_uring_disabled", "2")?;
+    let p = open(ctx)?;
+    let before = ctx.pinned();
+    let err = p
+        .pin(&PinRequest::new(ctx.home, LEN))
+        .err()
+        .ok_or("pinned although io_uring is disabled")?;
+    ensure!(
+        matches!(err, Error::UringDisabled { value: 2 }),
+        "wrong error: {err}"
+    );
+    ensure!(
+        err.to_string()
+            .contains("sysctl -w kernel.io_uring_disabled=0"),
+        "no remedy in: {err}"
+    );
+    ensure!(ctx.pinned() == before, "{} changed", ctx.counter());
+    Ok(err.to_string())
 }
 
 /// A no-IOMMU device has no IOVAs: asking for one is refused.
