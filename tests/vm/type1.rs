@@ -415,24 +415,58 @@ impl Pair {
     }
 }
 
+/// move_pages is best effort: a page the kernel cannot isolate at that
+/// moment (transiently busy) stays and is reported per page. Both regions
+/// are asked up to three times; the pinned one must never move, the control
+/// must end up all on the other node.
 fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
-    let m = e(
-        numa::move_range(pr.pinned.vaddr(), PAIR as usize, 4096, ctx.away),
-        "move pinned",
-    )?;
-    ensure!(m.moved == 0, "move_pages moved {} pinned pages", m.moved);
-    let c = e(
-        numa::move_range(pr.control.addr(), PAIR as usize, 4096, ctx.away),
-        "move control",
-    )?;
-    ensure!(
-        c.moved == c.asked && c.asked > 0,
-        "control: only {} of {} moved",
-        c.moved,
-        c.asked
+    let mut control_moved = 0;
+    let mut asked = 0;
+    for attempt in 1..=3 {
+        let m = e(
+            numa::move_range(pr.pinned.vaddr(), PAIR as usize, 4096, ctx.away),
+            "move pinned",
+        )?;
+        ensure!(
+            m.moved == 0,
+            "move_pages moved {} pinned pages (attempt {attempt})",
+            m.moved
+        );
+        let c = e(
+            numa::move_range(pr.control.addr(), PAIR as usize, 4096, ctx.away),
+            "move control",
+        )?;
+        if attempt == 1 {
+            asked = c.asked;
+        }
+        control_moved += c.moved;
+        if asked > 0 && control_moved == asked {
+            let r = pr.judge("move_pages")?;
+            return Ok(format!("{r}; control moved in {attempt} ask(s)"));
+        }
+    }
+    // Ask once more page by page for the kernel's reasons (status codes).
+    let pages: Vec<usize> = (0..PAIR as usize)
+        .step_by(4096)
+        .map(|o| pr.control.addr() + o)
+        .collect();
+    let mut status = vec![0i32; pages.len()];
+    let again = sys::move_pages(
+        0,
+        &pages,
+        Some(&vec![ctx.away.0 as i32; pages.len()]),
+        &mut status,
     );
-    pr.judge("move_pages")
+    let mut counts = std::collections::BTreeMap::new();
+    for s in &status {
+        *counts.entry(*s).or_insert(0) += 1;
+    }
+    Err(format!(
+        "control: only {control_moved} of {asked} moved in 3 asks; a 4th: {again:?}, status counts {counts:?} (node, or -errno); node {} MemFree {} kB",
+        ctx.away,
+        node_mem_free_kb(ctx.away)
+    ))
 }
 
 fn c_migrate_pages(ctx: &Ctx) -> Result<String, String> {

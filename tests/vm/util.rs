@@ -562,3 +562,16 @@ impl Drop for Knob {
         let _ = std::fs::write(&self.path, &self.old);
     }
 }
+
+/// `MemFree` of a node, in kB (0 if unreadable).
+pub fn node_mem_free_kb(node: NodeId) -> u64 {
+    let path = format!("/sys/devices/system/node/node{}/meminfo", node.0);
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let rest = l.split_once("MemFree:")?.1;
+            rest.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
