@@ -29,19 +29,12 @@ const IDLE: u8 = 0;
 const TOUCH: u8 = 1;
 const STOP: u8 = 2;
 
-fn vmstat(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    s.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == field).then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0)
-}
-
 /// (hinting faults, pages migrated by NUMA balancing) so far.
 fn counters() -> [u64; 2] {
-    [vmstat("numa_hint_faults"), vmstat("numa_pages_migrated")]
+    [
+        crate::procfs::vmstat("numa_hint_faults"),
+        crate::procfs::vmstat("numa_pages_migrated"),
+    ]
 }
 
 /// Counter deltas of one idle and one touching interval.

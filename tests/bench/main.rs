@@ -23,6 +23,8 @@ mod balance;
 #[path = "../common/balancing.rs"]
 mod balancing;
 mod cases;
+#[path = "../common/procfs.rs"]
+mod procfs;
 mod raw;
 #[path = "../common/step.rs"]
 mod step;

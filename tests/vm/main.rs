@@ -11,6 +11,8 @@ mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
 mod pinless;
+#[path = "../common/procfs.rs"]
+mod procfs;
 #[path = "../common/step.rs"]
 mod step;
 mod type1;

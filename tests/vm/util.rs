@@ -152,16 +152,7 @@ pub fn meminfo(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A counter from /proc/vmstat (0 when absent).
-pub fn vmstat(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    s.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == field).then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0)
-}
+pub use crate::procfs::vmstat;
 
 /// Base-page PFNs of `[addr, addr+len)` in process `pid`, from its pagemap.
 pub fn pfns_of(pid: u32, addr: u64, len: u64) -> Result<Vec<u64>, String> {
