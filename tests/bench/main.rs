@@ -19,6 +19,8 @@
 //! in the results protocol of `xtask/src/results.rs`: a `plan` naming the
 //! phases, `measure` and `info` lines, a `result` per phase, then `done`.
 
+#[path = "../common/args.rs"]
+mod args;
 mod balance;
 #[path = "../common/balancing.rs"]
 mod balancing;
@@ -198,30 +200,11 @@ fn fits(topo: &Topology, home: NodeId, mode: Mode, size: u64) -> Result<(), Stri
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let results = arg("--results").unwrap_or_else(|| "/dev/ttyS1".into());
-    let only = arg("--only");
-    let file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&results)
-    {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("numapin-bench: cannot open results {results}: {e}");
-            std::process::exit(2);
-        }
-    };
+    let only = args::value("--only");
+    let file = args::open_results("numapin-bench");
     let mut out = Out { file };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let sizes = match arg("--sizes").map(|s| parse_sizes(&s)).transpose() {
+    let sizes = match args::value("--sizes").map(|s| parse_sizes(&s)).transpose() {
         Ok(s) => s.unwrap_or_else(|| DEFAULT_SIZES.to_vec()),
         Err(e) => {
             eprintln!("numapin-bench: {e}");

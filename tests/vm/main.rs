@@ -7,6 +7,8 @@
 //! edu device. Results go to the host as JSON lines: a `plan` naming every
 //! scenario, one `result` each, then `done`.
 
+#[path = "../common/args.rs"]
+mod args;
 mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
@@ -39,28 +41,9 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let suite_name = arg("--suite").unwrap_or_else(|| "type1".into());
-    let results = arg("--results").unwrap_or_else(|| "/dev/ttyS1".into());
-    let only = arg("--only");
-    let mut out: Box<dyn Write> = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&results)
-    {
-        Ok(f) => Box::new(f),
-        Err(e) => {
-            eprintln!("numapin-vmtest: cannot open results {results}: {e}");
-            std::process::exit(2);
-        }
-    };
+    let suite_name = args::value("--suite").unwrap_or_else(|| "type1".into());
+    let only = args::value("--only");
+    let mut out: Box<dyn Write> = Box::new(args::open_results("numapin-vmtest"));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let Some(mut scenarios) = suite(&suite_name) else {
         let _ = writeln!(
