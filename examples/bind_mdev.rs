@@ -128,7 +128,7 @@ fn run() -> Result<()> {
 
     // 1. What VFIO does on its own.
     let sysfs = numapin::vfio::resolve_device(&mdev.uuid)?;
-    let mem = NodeMemory::allocate(&topo, home, args.size, PageSize::Base, 1, None)?;
+    let mem = NodeMemory::allocate(&topo, home, args.size, PageSize::Base, 1, None, None)?;
     let lck0 = sys::locked_bytes().map_err(|e| Error::sys("read VmLck", "", e))?;
     let raw = {
         let vfio = |op: &str, e| Error::Vfio {
@@ -181,7 +181,7 @@ fn run() -> Result<()> {
         human_size(region.len()),
         region.pin_kind()
     );
-    let m = try_move(region.vaddr(), args.size, away)?;
+    let m = try_move(region.vaddr().as_usize(), args.size, away)?;
     println!(
         "numapin: VmPin +{}, VmLck +{}, {}",
         kb(pin_grew),

@@ -120,7 +120,11 @@ fn run() -> Result<()> {
         "device {} ({}), group node {}: pin by {}, DMA to physical addresses",
         device,
         pinner.kind().name(),
-        pinner.device_info().group_node.display(),
+        pinner
+            .device_info()
+            .expect("opened by numapin")
+            .group_node
+            .display(),
         region.pin_kind()
     );
     println!(
@@ -145,7 +149,7 @@ fn run() -> Result<()> {
     match topo.nodes.iter().find(|n| n.id != node.0) {
         Some(other) => {
             let m = numa::move_range(
-                region.vaddr(),
+                region.vaddr().as_usize(),
                 region.len() as usize,
                 args.page_size.bytes(),
                 NodeId(other.id),

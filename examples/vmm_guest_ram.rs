@@ -36,7 +36,7 @@ use std::process::ExitCode;
 use std::ptr::NonNull;
 
 use numapin::addr::human_size;
-use numapin::{Error, Iova, NodeId, PageSize, PinnedRegion, Pinner, Result};
+use numapin::{Error, Iova, NodeId, PageSize, PinRequest, PinnedRegion, Pinner, Result};
 
 const MIB: u64 = 1 << 20;
 
@@ -179,10 +179,11 @@ impl PinnedSlot {
         let region = unsafe {
             pinner.pin_user(
                 ram.ptr.as_ptr(),
-                slot.size,
-                Some(Iova(slot.gpa)),
-                Some(host),
-                PageSize::Base,
+                &PinRequest {
+                    iova: Some(Iova(slot.gpa)),
+                    page_size: PageSize::Base,
+                    ..PinRequest::new(host, slot.size)
+                },
             )
         }?;
         Ok(PinnedSlot {
@@ -238,7 +239,7 @@ fn run(device: &str) -> Result<()> {
 
     println!(
         "guest RAM pinned through {} ({}), {} online host node(s)",
-        pinner.device_info().name,
+        pinner.device_info().map_or("?", |d| d.name.as_str()),
         pinner.kind().name(),
         online.len()
     );
@@ -263,8 +264,9 @@ fn run(device: &str) -> Result<()> {
     for s in &slots {
         let r = s.region();
         // What the guest sees: the last page of the slot at GPA + offset.
-        let last = r.vaddr() + (r.len() - numapin::addr::base_page_size()) as usize;
-        let want = Iova(s.slot.gpa + (last - r.vaddr()) as u64);
+        let off = r.len() - numapin::addr::base_page_size();
+        let last = r.vaddr().checked_add(off).expect("inside the slot");
+        let want = Iova(s.slot.gpa + off);
         if r.iova_of(last) != Some(want) {
             return Err(Error::Invalid(format!(
                 "slot {}: vaddr {last:#x} translates to {:?}, expected IOVA {want}",

@@ -98,6 +98,53 @@ addr_newtype!(
     /// A host physical address (what `/proc/self/pagemap` reveals).
     PhysAddr
 );
+addr_newtype!(
+    /// A virtual address in this process (what `mmap` returns and what
+    /// `VFIO_IOMMU_MAP_DMA` takes as `vaddr`).
+    VirtAddr
+);
+
+impl VirtAddr {
+    /// The address of `ptr`.
+    pub fn of<T>(ptr: *const T) -> VirtAddr {
+        VirtAddr(ptr as usize as u64)
+    }
+
+    /// The address as a pointer (never dereferenced by numapin unless the
+    /// memory is its own).
+    pub fn as_mut_ptr(self) -> *mut u8 {
+        self.0 as usize as *mut u8
+    }
+
+    /// The address as `usize`, for system calls.
+    pub fn as_usize(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A page frame number: a physical address divided by the base page size,
+/// as `/proc/self/pagemap` reports it (bits 0–54).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+impl Pfn {
+    /// The raw frame number.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    /// The physical address of the frame's first byte for `page`-byte base
+    /// pages, or `None` on overflow.
+    pub fn phys_addr(self, page: u64) -> Option<PhysAddr> {
+        self.0.checked_mul(page).map(PhysAddr)
+    }
+}
+
+impl fmt::Display for Pfn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pfn {:#x}", self.0)
+    }
+}
 
 /// A NUMA node id as the kernel numbers them (`/sys/devices/system/node/nodeN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -264,8 +264,8 @@ fn contiguous_dma(region: &PinnedRegion, off: u64, count: u64) -> Result<u64> {
             "no DMA address for offset {off:#x} of the region: it has no IOVA and its PFNs are hidden (run with CAP_SYS_ADMIN)"
         ))
     };
-    let first = region.dma_addr(off).ok_or_else(missing)?;
-    let last = region.dma_addr(off + count - 1).ok_or_else(missing)?;
+    let first = region.dma_addr(off).ok_or_else(missing)?.raw();
+    let last = region.dma_addr(off + count - 1).ok_or_else(missing)?.raw();
     if last.checked_sub(first) != Some(count - 1) {
         return Err(Error::Invalid(format!(
             "offset {off:#x}+{count} of the region is not physically contiguous; keep transfers inside one page"

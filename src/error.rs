@@ -361,6 +361,22 @@ pub enum Error {
     #[error(transparent)]
     Parse(#[from] crate::addr::ParseError),
 
+    /// The caller cancelled the work ([`crate::Cancel`]); everything taken
+    /// so far was released.
+    #[error(
+        "cancelled during {step} after {} of {}; nothing is left pinned or allocated",
+        hs(done),
+        hs(len)
+    )]
+    Cancelled {
+        /// The step that was running.
+        step: &'static str,
+        /// Bytes of it done.
+        done: u64,
+        /// Bytes in all.
+        len: u64,
+    },
+
     /// Anything else that is invalid input.
     #[error("{0}")]
     Invalid(String),

@@ -11,7 +11,7 @@
 //! ```no_run
 //! use numapin::{Pinner, PinRequest, NodeId, PageSize};
 //! # fn main() -> numapin::Result<()> {
-//! let pinner = Pinner::open("0000:00:03.0")?;
+//! let pinner = Pinner::open("0000:3b:00.0")?;
 //! let region = pinner.pin(&PinRequest {
 //!     page_size: PageSize::Huge2M,
 //!     ..PinRequest::new(NodeId(1), 64 << 20)
@@ -22,30 +22,60 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules, one concept each: [`addr`] (newtypes and parsing), [`numa`]
-//! (topology, node-bound allocation, placement), [`iova`] (allocator),
-//! [`vfio`] (device, group, container, GET_INFO), [`uring`] (io_uring
-//! long-term pins for mdev and no-IOMMU devices), [`region`] (the pinned
-//! handle), [`translate`] (vaddr ↔ IOVA ↔ PA over many regions), [`phys`]
-//! (pagemap), [`bind`] (vfio-pci binding), [`edu`] (QEMU's DMA test device),
-//! [`sys`] (raw syscalls), [`error`].
+//! The front door is the names re-exported here. Behind them, one module
+//! per concept (the layout is described in `docs/design.md`): [`Pinner`]
+//! sits above two seams, who maps the IOVA ([`vfio`]'s type1 container,
+//! or nothing for a no-IOMMU device) and who holds the pin (the mapping
+//! itself, or an io_uring long-term pin), and [`PinnedRegion`] below them.
+//! Public modules: [`addr`] (newtypes and parsing), [`numa`] (topology,
+//! node-bound allocation, placement), [`iova`] (the allocator), [`vfio`]
+//! (device discovery, the container's ioctls, GET_INFO), [`phys`]
+//! (pagemap), [`translate`] (vaddr ↔ IOVA ↔ PA over many regions),
+//! [`error`].
+//!
+//! The `tools` feature (pulled in by `cli`) adds what numapin's own CLI
+//! and test runners use, with no stability promise: `bind` (vfio-pci
+//! binding), `edu` (QEMU's DMA test device), `sys` (raw syscalls) and
+//! `uring` (the io_uring pin).
+//!
+//! The library never prints: it logs through the [`log`] facade (a failed
+//! unmap on drop, a leaked region) and returns errors.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod addr;
-pub mod bind;
-pub mod edu;
 pub mod error;
 pub mod iova;
 pub mod numa;
 pub mod phys;
-pub mod region;
-pub mod sys;
 pub mod translate;
-pub mod uring;
 pub mod vfio;
 
-pub use addr::{Iova, NodeId, PageSize, PhysAddr};
+mod backend;
+mod cancel;
+mod pinner;
+mod prove;
+mod region;
+mod request;
+
+#[cfg(feature = "tools")]
+pub mod bind;
+#[cfg(feature = "tools")]
+pub mod edu;
+#[cfg(feature = "tools")]
+pub mod sys;
+#[cfg(not(feature = "tools"))]
+mod sys;
+#[cfg(feature = "tools")]
+pub mod uring;
+#[cfg(not(feature = "tools"))]
+mod uring;
+
+pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
+pub use cancel::Cancel;
 pub use error::{Error, Result};
-pub use region::{PinnedRegion, RegionSpec, Verification};
-pub use vfio::{ContainerKind, PinRequest, Pinner, Proof, UserMemory};
+pub use pinner::Pinner;
+pub use region::{PinnedRegion, Verification};
+pub use request::{PinRequest, Proof};
+pub use translate::DmaAddr;
+pub use vfio::{ContainerKind, DeviceInfo};

@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::addr::{NodeId, PageSize};
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -239,6 +240,7 @@ impl NodeMemory {
         page_size: PageSize,
         threads: usize,
         progress: Option<Progress<'_>>,
+        cancel: Option<&Cancel>,
     ) -> Result<NodeMemory> {
         let n = topo.require(node)?;
         if len == 0 {
@@ -323,11 +325,17 @@ impl NodeMemory {
         }
         sys::mbind(mem.addr(), ulen, node, sys::MPOL_MF_STRICT)
             .map_err(|e| Error::sys(format!("mbind(MPOL_BIND, node {node})"), "", e))?;
-        mem.populate(&n.cpus, threads, progress)?;
+        mem.populate(&n.cpus, threads, progress, cancel)?;
         Ok(mem)
     }
 
-    fn populate(&self, cpus: &[u32], threads: usize, progress: Option<Progress<'_>>) -> Result<()> {
+    fn populate(
+        &self,
+        cpus: &[u32],
+        threads: usize,
+        progress: Option<Progress<'_>>,
+        cancel: Option<&Cancel>,
+    ) -> Result<()> {
         let want = if threads == 0 {
             cpus.len().max(1)
         } else {
@@ -367,6 +375,9 @@ impl NodeMemory {
                 }
             }
             loop {
+                if cancel.is_some_and(Cancel::is_cancelled) {
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let off = i * PREFAULT_CHUNK;
                 if off >= len {
@@ -416,10 +427,22 @@ impl NodeMemory {
             }
             r
         });
-        result.map_err(|cause| Error::Populate {
-            node: self.node,
-            len: self.len as u64,
-            cause,
+        result.map_err(|cause| {
+            if cause.kind() == io::ErrorKind::Interrupted
+                && cancel.is_some_and(Cancel::is_cancelled)
+            {
+                Error::Cancelled {
+                    step: "prefault",
+                    done: done.load(Ordering::Relaxed),
+                    len: self.len as u64,
+                }
+            } else {
+                Error::Populate {
+                    node: self.node,
+                    len: self.len as u64,
+                    cause,
+                }
+            }
         })
     }
 
@@ -641,7 +664,8 @@ mod tests {
         let progress = |d: u64| {
             seen.fetch_max(d, Ordering::Relaxed);
         };
-        let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 2, Some(&progress)).unwrap();
+        let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 2, Some(&progress), None)
+            .unwrap();
         assert_eq!(
             seen.load(Ordering::Relaxed),
             len,
@@ -661,7 +685,7 @@ mod tests {
         let topo = Topology::read().unwrap();
         let node = topo.ids()[0];
         for len in [2 << 20, 6 << 20, (4 << 20) + 4096] {
-            let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None).unwrap();
+            let m = NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None, None).unwrap();
             assert_eq!(m.addr() % THP_ALIGN, 0, "{len:#x} at {:#x}", m.addr());
             assert_eq!(m.len(), len as usize);
         }
@@ -671,16 +695,16 @@ mod tests {
     fn allocate_on_host_node() {
         let topo = Topology::read().unwrap();
         let node = topo.ids()[0];
-        let m = NodeMemory::allocate(&topo, node, 1 << 20, PageSize::Base, 0, None).unwrap();
+        let m = NodeMemory::allocate(&topo, node, 1 << 20, PageSize::Base, 0, None, None).unwrap();
         let nodes = nodes_of(m.addr(), m.len(), 4096).unwrap();
         assert_eq!(nodes.len(), 256);
         assert!(nodes.iter().all(|&n| n == node.0 as i32), "{nodes:?}");
         assert!(matches!(
-            NodeMemory::allocate(&topo, node, 0, PageSize::Base, 0, None),
+            NodeMemory::allocate(&topo, node, 0, PageSize::Base, 0, None, None),
             Err(Error::ZeroSize)
         ));
         assert!(matches!(
-            NodeMemory::allocate(&topo, node, 4097, PageSize::Base, 0, None),
+            NodeMemory::allocate(&topo, node, 4097, PageSize::Base, 0, None, None),
             Err(Error::UnalignedSize { .. })
         ));
     }

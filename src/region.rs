@@ -1,18 +1,21 @@
-//! The pinned region handle, and the `NODE:SIZE[:PAGESIZE][@IOVA]` spec the
-//! CLI takes.
+//! The pinned region handle. It sits below the seams of
+//! [`crate::backend`]: it holds the mapper that mapped it (to unmap) and
+//! the pin source's pin (to unpin), and never calls back into
+//! [`crate::Pinner`].
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::addr::{Iova, NodeId, PageSize, ParseError, parse_size};
+use crate::addr::{Iova, NodeId, PageSize, PhysAddr, VirtAddr};
+use crate::backend::{self, IovaMapper, PinSource};
 use crate::error::{Error, Result};
 use crate::numa::NodeMemory;
 use crate::phys::{self, PhysExtent};
+use crate::translate::DmaAddr;
 use crate::uring::UringPin;
-use crate::vfio::{ContainerKind, Inner, PinRequest, Pins};
+use crate::vfio::ContainerKind;
 
 /// Pinned memory: its pages cannot migrate, and its IOVA (if the device has
 /// IOVAs) maps to them until the region is dropped or released.
@@ -23,10 +26,16 @@ use crate::vfio::{ContainerKind, Inner, PinRequest, Pins};
 /// frees the memory numapin allocated. If the unmap fails, the memory is
 /// leaked on purpose rather than freed while a device may still reach it.
 pub struct PinnedRegion {
-    pinner: Arc<Inner>,
+    mapper: Arc<dyn IovaMapper>,
+    /// Keeps the device (and so the container's domain) open while the
+    /// region lives.
+    _keep: Arc<dyn Send + Sync>,
+    kind: ContainerKind,
+    source: PinSource,
+    device: String,
     iova: Option<Iova>,
     len: u64,
-    vaddr: usize,
+    vaddr: VirtAddr,
     node: Option<NodeId>,
     page_size: PageSize,
     memory: Option<NodeMemory>,
@@ -38,11 +47,11 @@ pub struct PinnedRegion {
 impl fmt::Debug for PinnedRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PinnedRegion")
-            .field("device", &self.pinner.device_name())
+            .field("device", &self.device)
             .field("iova", &self.iova)
-            .field("kind", &self.pinner.kind())
+            .field("kind", &self.kind)
             .field("len", &format_args!("{:#x}", self.len))
-            .field("vaddr", &format_args!("{:#x}", self.vaddr))
+            .field("vaddr", &self.vaddr)
             .field("node", &self.node)
             .field("page_size", &self.page_size)
             .field("owned", &self.memory.is_some())
@@ -69,28 +78,39 @@ impl Verification {
     }
 }
 
+/// Everything a region is made of, from [`crate::Pinner`].
+pub(crate) struct RegionParts {
+    pub(crate) mapper: Arc<dyn IovaMapper>,
+    pub(crate) keep: Arc<dyn Send + Sync>,
+    pub(crate) kind: ContainerKind,
+    pub(crate) source: PinSource,
+    pub(crate) device: String,
+    pub(crate) iova: Option<Iova>,
+    pub(crate) len: u64,
+    pub(crate) vaddr: VirtAddr,
+    pub(crate) node: Option<NodeId>,
+    pub(crate) page_size: PageSize,
+    pub(crate) memory: Option<NodeMemory>,
+    pub(crate) uring: Option<UringPin>,
+    pub(crate) pfns: Option<Vec<u64>>,
+}
+
 impl PinnedRegion {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        pinner: Arc<Inner>,
-        iova: Option<Iova>,
-        len: u64,
-        vaddr: usize,
-        node: Option<NodeId>,
-        page_size: PageSize,
-        memory: Option<NodeMemory>,
-        pins: Pins,
-    ) -> PinnedRegion {
+    pub(crate) fn new(p: RegionParts) -> PinnedRegion {
         PinnedRegion {
-            pinner,
-            iova,
-            len,
-            vaddr,
-            node,
-            page_size,
-            memory,
-            uring: pins.uring,
-            pfns: pins.pfns,
+            mapper: p.mapper,
+            _keep: p.keep,
+            kind: p.kind,
+            source: p.source,
+            device: p.device,
+            iova: p.iova,
+            len: p.len,
+            vaddr: p.vaddr,
+            node: p.node,
+            page_size: p.page_size,
+            memory: p.memory,
+            uring: p.uring,
+            pfns: p.pfns,
             released: false,
         }
     }
@@ -103,17 +123,13 @@ impl PinnedRegion {
 
     /// The kind of container the region is pinned through.
     pub fn kind(&self) -> ContainerKind {
-        self.pinner.kind()
+        self.kind
     }
 
     /// What holds the pages: `"vfio-map-dma"` (IOMMU-backed type1) or
     /// `"io_uring"` (mdev-only and no-IOMMU).
     pub fn pin_kind(&self) -> &'static str {
-        if self.uring.is_some() {
-            "io_uring"
-        } else {
-            "vfio-map-dma"
-        }
+        self.source.name()
     }
 
     /// The address the device uses for byte `offset` of the region: the
@@ -124,29 +140,29 @@ impl PinnedRegion {
     /// In no-IOMMU mode nothing stands between the device and memory once
     /// the region is released: stop the device's DMA (or clear its bus
     /// master bit) before releasing or dropping the region.
-    pub fn dma_addr(&self, offset: u64) -> Option<u64> {
+    pub fn dma_addr(&self, offset: u64) -> Option<DmaAddr> {
         if offset >= self.len {
             return None;
         }
         match self.iova {
-            Some(iova) => Some(iova.raw() + offset),
+            Some(iova) => iova.checked_add(offset).map(DmaAddr::Iova),
             None => {
                 let base = crate::addr::base_page_size();
                 let pfn = *self.pfns.as_ref()?.get((offset / base) as usize)?;
-                Some(pfn * base + offset % base)
+                Some(DmaAddr::Phys(PhysAddr(pfn * base + offset % base)))
             }
         }
     }
 
     /// The process's virtual address of the first byte.
-    pub fn vaddr(&self) -> usize {
+    pub fn vaddr(&self) -> VirtAddr {
         self.vaddr
     }
 
     /// Raw pointer to the first byte. A device may write the memory at any
     /// time: use volatile or atomic accesses, never Rust references.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.vaddr as *mut u8
+        self.vaddr.as_mut_ptr()
     }
 
     /// Length in bytes.
@@ -175,16 +191,17 @@ impl PinnedRegion {
     }
 
     /// The IOVA of `vaddr`, if it lies in the region.
-    pub fn iova_of(&self, vaddr: usize) -> Option<Iova> {
-        let off = vaddr.checked_sub(self.vaddr)? as u64;
-        let base = self.iova?;
-        (off < self.len).then(|| Iova(base.raw() + off))
+    pub fn iova_of(&self, vaddr: VirtAddr) -> Option<Iova> {
+        let off = vaddr.checked_offset_from(self.vaddr)?;
+        (off < self.len).then_some(())?;
+        self.iova?.checked_add(off)
     }
 
     /// The virtual address of `iova`, if it lies in the region.
-    pub fn vaddr_of(&self, iova: Iova) -> Option<usize> {
+    pub fn vaddr_of(&self, iova: Iova) -> Option<VirtAddr> {
         let off = iova.checked_offset_from(self.iova?)?;
-        (off < self.len).then(|| self.vaddr + off as usize)
+        (off < self.len).then_some(())?;
+        self.vaddr.checked_add(off)
     }
 
     /// The region's physical memory as contiguous runs, read from
@@ -193,7 +210,7 @@ impl PinnedRegion {
     /// # Errors
     /// [`phys::PhysError::PfnHidden`] without CAP_SYS_ADMIN.
     pub fn phys_extents(&self) -> Result<Vec<PhysExtent>> {
-        Ok(phys::phys_extents(self.vaddr as u64, self.len)?)
+        Ok(phys::phys_extents(self.vaddr.raw(), self.len)?)
     }
 
     /// The region as an entry of a [`crate::translate::AddressMap`]: its
@@ -202,7 +219,7 @@ impl PinnedRegion {
     pub fn mapping(&self) -> crate::translate::Mapping {
         let base = crate::addr::base_page_size();
         crate::translate::Mapping {
-            vaddr: self.vaddr as u64,
+            vaddr: self.vaddr,
             len: self.len,
             iova: self.iova,
             extents: self
@@ -233,15 +250,19 @@ impl PinnedRegion {
     /// pin. A pinned region should never change; a report with
     /// [`Verification::is_intact`] false means the guarantee was broken.
     pub fn verify(&self) -> Result<Verification> {
-        let status = crate::numa::nodes_of(self.vaddr, self.len as usize, self.page_size.bytes())
-            .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
+        let status = crate::numa::nodes_of(
+            self.vaddr.as_usize(),
+            self.len as usize,
+            self.page_size.bytes(),
+        )
+        .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
         let off_node = match self.node {
             Some(n) => status.iter().filter(|&&s| s != n.0 as i32).count() as u64,
             None => 0,
         };
         let pfn_changed = match &self.pfns {
             Some(before) => {
-                let now = phys::pfns(self.vaddr as u64, self.len)?;
+                let now = phys::pfns(self.vaddr.raw(), self.len)?;
                 Some(before.iter().zip(&now).filter(|(a, b)| a != b).count() as u64)
             }
             None => None,
@@ -269,7 +290,10 @@ impl PinnedRegion {
     /// [`PinnedRegion::dma_addr`]).
     fn teardown(&mut self) -> Result<()> {
         if let Some(iova) = self.iova {
-            if let Err(e) = self.pinner.unmap_dma(iova, self.len) {
+            let (mapper, len) = (&self.mapper, self.len);
+            // Under the accounting lock, so that a pin in another thread
+            // never sees the counter shrink between its two reads.
+            if let Err(e) = backend::serialized(|| mapper.unmap(iova, len)) {
                 if let Some(m) = self.memory.take() {
                     m.leak();
                 }
@@ -278,10 +302,10 @@ impl PinnedRegion {
                 }
                 return Err(e);
             }
-            self.pinner.free_iova(iova);
+            self.mapper.free_iova(iova);
         }
         let unpinned = match self.uring.take() {
-            Some(u) => self.pinner.unpin_uring(u),
+            Some(u) => backend::serialized(|| u.release()),
             None => Ok(()),
         };
         drop(self.memory.take());
@@ -293,116 +317,8 @@ impl Drop for PinnedRegion {
     fn drop(&mut self) {
         if !self.released {
             if let Err(e) = self.teardown() {
-                eprintln!("numapin: releasing the region at {:#x}: {e}", self.vaddr);
+                log::error!("releasing the region at {}: {e}", self.vaddr);
             }
         }
-    }
-}
-
-/// A region as the CLI describes it: `NODE:SIZE[:PAGESIZE][@IOVA]`, e.g.
-/// `0:512M`, `1:1G:2M`, `0:64M:4K@0x100000000`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionSpec(pub PinRequest);
-
-impl FromStr for RegionSpec {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let usage = |why: String| {
-            Error::Invalid(format!(
-                "bad region `{s}`: {why}; expected NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M or 0:64M@0x100000000"
-            ))
-        };
-        let (body, iova) = match s.split_once('@') {
-            Some((b, i)) => (
-                b,
-                Some(i.parse::<Iova>().map_err(|e| usage(e.to_string()))?),
-            ),
-            None => (s, None),
-        };
-        let parts: Vec<&str> = body.split(':').collect();
-        if !(2..=3).contains(&parts.len()) {
-            return Err(usage("wrong number of `:` fields".into()));
-        }
-        let node = parts[0]
-            .trim()
-            .parse::<u32>()
-            .map(NodeId)
-            .map_err(|_| usage(format!("`{}` is not a node number", parts[0])))?;
-        let size = parse_size(parts[1]).map_err(|e: ParseError| usage(e.to_string()))?;
-        let page_size = match parts.get(2) {
-            Some(p) => p.parse::<PageSize>().map_err(|e| usage(e.to_string()))?,
-            None => PageSize::Base,
-        };
-        Ok(RegionSpec(PinRequest {
-            node,
-            size,
-            page_size,
-            iova,
-            min_extent: None,
-        }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(s: &str) -> Result<PinRequest> {
-        s.parse::<RegionSpec>().map(|r| r.0)
-    }
-
-    #[test]
-    fn region_specs() {
-        assert_eq!(
-            spec("0:512M").unwrap(),
-            PinRequest {
-                node: NodeId(0),
-                size: 512 << 20,
-                page_size: PageSize::Base,
-                iova: None,
-                min_extent: None,
-            }
-        );
-        assert_eq!(
-            spec("1:1G:2M@0x100000000").unwrap(),
-            PinRequest {
-                node: NodeId(1),
-                size: 1 << 30,
-                page_size: PageSize::Huge2M,
-                iova: Some(Iova(0x1_0000_0000)),
-                min_extent: None,
-            }
-        );
-        assert_eq!(spec("0:4096:4K").unwrap().page_size, PageSize::Base);
-        // Size 0 parses; the pinner rejects it with its own error.
-        assert_eq!(spec("0:0").unwrap().size, 0);
-        for bad in [
-            "",
-            "0",
-            "x:1M",
-            "0:1M:3M",
-            "0:1Q",
-            "0:1M@4096",
-            "0:1M:2M:x",
-            "-1:4K",
-        ] {
-            let e = spec(bad).unwrap_err().to_string();
-            assert!(
-                e.contains("expected NODE:SIZE[:PAGESIZE][@IOVA]"),
-                "{bad}: {e}"
-            );
-        }
-        assert!(
-            spec("0:1M:3M")
-                .unwrap_err()
-                .to_string()
-                .contains("use 4K, 2M or 1G")
-        );
-        assert!(
-            spec("0:1M@4096")
-                .unwrap_err()
-                .to_string()
-                .contains("0x-prefixed hex")
-        );
     }
 }

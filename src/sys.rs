@@ -1,5 +1,8 @@
 //! Thin wrappers over the memory-policy syscalls and `/proc/self` reads that
 //! libc does not wrap. Each wrapper names the kernel call it makes.
+// Without the `tools` feature this module is private and only the pin
+// path uses it: the rest is for numapin's own binaries.
+#![cfg_attr(not(feature = "tools"), allow(dead_code))]
 
 use std::io;
 

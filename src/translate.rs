@@ -42,13 +42,13 @@
 //! ```
 //! use numapin::translate::{AddressMap, DmaAddr, Mapping};
 //! use numapin::phys::PhysExtent;
-//! use numapin::{Iova, PhysAddr};
+//! use numapin::{Iova, PhysAddr, VirtAddr};
 //!
 //! let mut map = AddressMap::new();
 //! // 4 MiB at 0x7f00_0000_0000, mapped at IOVA 0x1_0000_0000, backed by two
 //! // 2 MiB physical runs.
 //! map.insert(Mapping {
-//!     vaddr: 0x7f00_0000_0000,
+//!     vaddr: VirtAddr(0x7f00_0000_0000),
 //!     len: 4 << 20,
 //!     iova: Some(Iova(0x1_0000_0000)),
 //!     extents: vec![
@@ -57,17 +57,17 @@
 //!     ],
 //! })?;
 //!
-//! let v = 0x7f00_0020_0010; // 16 bytes into the second 2 MiB
+//! let v = VirtAddr(0x7f00_0020_0010); // 16 bytes into the second 2 MiB
 //! assert_eq!(map.iova_of(v), Some(Iova(0x1_0020_0010)));
 //! assert_eq!(map.vaddr_of(Iova(0x1_0020_0010)), Some(v));
 //! assert_eq!(map.phys_of(v), Some(PhysAddr(0x9000_0010)));
 //! assert_eq!(map.dma_addr_of(v), Some(DmaAddr::Iova(Iova(0x1_0020_0010))));
 //! // One past the end is not mapped.
-//! assert_eq!(map.iova_of(0x7f00_0040_0000), None);
+//! assert_eq!(map.iova_of(VirtAddr(0x7f00_0040_0000)), None);
 //!
 //! // A second region that overlaps the first in IOVA space is refused.
 //! let clash = Mapping {
-//!     vaddr: 0x7f00_1000_0000,
+//!     vaddr: VirtAddr(0x7f00_1000_0000),
 //!     len: 2 << 20,
 //!     iova: Some(Iova(0x1_0030_0000)),
 //!     extents: vec![],
@@ -78,14 +78,14 @@
 
 use std::fmt;
 
-use crate::addr::{Iova, PhysAddr};
+use crate::addr::{Iova, PhysAddr, VirtAddr};
 use crate::phys::PhysExtent;
 
 /// One pinned region as the translation table sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Mapping {
     /// The process's virtual address of the first byte.
-    pub vaddr: u64,
+    pub vaddr: VirtAddr,
     /// The length in bytes (not zero).
     pub len: u64,
     /// The IOVA of the first byte, or `None` for a device without an IOMMU
@@ -137,7 +137,7 @@ pub enum TranslateError {
     )]
     ZeroLength {
         /// The virtual address given.
-        vaddr: u64,
+        vaddr: VirtAddr,
     },
     /// `vaddr + len` wraps past the end of the 64-bit address space.
     #[error(
@@ -146,7 +146,7 @@ pub enum TranslateError {
     )]
     VaddrWraps {
         /// The virtual address given.
-        vaddr: u64,
+        vaddr: VirtAddr,
         /// The length given.
         len: u64,
     },
@@ -169,7 +169,7 @@ pub enum TranslateError {
     )]
     NoDmaAddress {
         /// The virtual address given.
-        vaddr: u64,
+        vaddr: VirtAddr,
     },
     /// A physical extent of zero bytes.
     #[error(
@@ -178,7 +178,7 @@ pub enum TranslateError {
     )]
     EmptyExtent {
         /// The mapping's virtual address.
-        vaddr: u64,
+        vaddr: VirtAddr,
         /// The position of the extent in the list.
         index: usize,
     },
@@ -190,7 +190,7 @@ pub enum TranslateError {
     )]
     ExtentWraps {
         /// The mapping's virtual address.
-        vaddr: u64,
+        vaddr: VirtAddr,
         /// The extent's physical address.
         pa: PhysAddr,
         /// The extent's length.
@@ -204,7 +204,7 @@ pub enum TranslateError {
     )]
     ExtentsMismatch {
         /// The mapping's virtual address.
-        vaddr: u64,
+        vaddr: VirtAddr,
         /// The mapping's length.
         len: u64,
         /// What the extents add up to (saturating at `u64::MAX`).
@@ -217,11 +217,11 @@ pub enum TranslateError {
     )]
     VaddrOverlap {
         /// The virtual address given.
-        vaddr: u64,
+        vaddr: VirtAddr,
         /// The length given.
         len: u64,
         /// The virtual address of the mapping in the way.
-        other_vaddr: u64,
+        other_vaddr: VirtAddr,
         /// The length of the mapping in the way.
         other_len: u64,
     },
@@ -241,7 +241,7 @@ pub enum TranslateError {
         /// The length of the mapping in the way.
         other_len: u64,
         /// The virtual address of the mapping in the way.
-        other_vaddr: u64,
+        other_vaddr: VirtAddr,
     },
 }
 
@@ -300,7 +300,7 @@ impl Region {
             })
             .collect();
         Mapping {
-            vaddr: self.vaddr,
+            vaddr: VirtAddr(self.vaddr),
             len: self.len,
             iova: self.iova,
             extents,
@@ -340,30 +340,40 @@ fn last_at_or_below(starts: &[u64], x: u64) -> Option<usize> {
 
 /// Checks a mapping on its own and turns its extents into offsets.
 fn validate(m: &Mapping) -> Result<Box<[Ext]>, TranslateError> {
-    let vaddr = m.vaddr;
+    let vaddr = m.vaddr.raw();
     if m.len == 0 {
-        return Err(TranslateError::ZeroLength { vaddr });
+        return Err(TranslateError::ZeroLength {
+            vaddr: VirtAddr(vaddr),
+        });
     }
     let last = m.len - 1;
     if vaddr.checked_add(last).is_none() {
-        return Err(TranslateError::VaddrWraps { vaddr, len: m.len });
+        return Err(TranslateError::VaddrWraps {
+            vaddr: VirtAddr(vaddr),
+            len: m.len,
+        });
     }
     if let Some(iova) = m.iova {
         if iova.checked_add(last).is_none() {
             return Err(TranslateError::IovaWraps { iova, len: m.len });
         }
     } else if m.extents.is_empty() {
-        return Err(TranslateError::NoDmaAddress { vaddr });
+        return Err(TranslateError::NoDmaAddress {
+            vaddr: VirtAddr(vaddr),
+        });
     }
     let mut exts = Vec::with_capacity(m.extents.len());
     let mut covered = 0u64;
     for (index, e) in m.extents.iter().enumerate() {
         if e.len == 0 {
-            return Err(TranslateError::EmptyExtent { vaddr, index });
+            return Err(TranslateError::EmptyExtent {
+                vaddr: VirtAddr(vaddr),
+                index,
+            });
         }
         if e.pa.checked_add(e.len - 1).is_none() {
             return Err(TranslateError::ExtentWraps {
-                vaddr,
+                vaddr: VirtAddr(vaddr),
                 pa: e.pa,
                 len: e.len,
             });
@@ -376,7 +386,7 @@ fn validate(m: &Mapping) -> Result<Box<[Ext]>, TranslateError> {
     }
     if !m.extents.is_empty() && covered != m.len {
         return Err(TranslateError::ExtentsMismatch {
-            vaddr,
+            vaddr: VirtAddr(vaddr),
             len: m.len,
             covered,
         });
@@ -417,19 +427,20 @@ impl AddressMap {
     pub fn insert(&mut self, m: Mapping) -> Result<(), TranslateError> {
         let exts = validate(&m)?;
         let last = m.len - 1;
+        let vaddr = m.vaddr.raw();
 
         // Virtual space: only the neighbours can overlap.
-        let vpos = self.vstarts.partition_point(|&s| s <= m.vaddr);
+        let vpos = self.vstarts.partition_point(|&s| s <= vaddr);
         let vclash = vpos
             .checked_sub(1)
             .map(|i| &self.regions[i])
-            .filter(|r| r.vaddr + (r.len - 1) >= m.vaddr)
-            .or_else(|| self.regions.get(vpos).filter(|r| r.vaddr <= m.vaddr + last));
+            .filter(|r| r.vaddr + (r.len - 1) >= vaddr)
+            .or_else(|| self.regions.get(vpos).filter(|r| r.vaddr <= vaddr + last));
         if let Some(r) = vclash {
             return Err(TranslateError::VaddrOverlap {
-                vaddr: m.vaddr,
+                vaddr: VirtAddr(vaddr),
                 len: m.len,
-                other_vaddr: r.vaddr,
+                other_vaddr: VirtAddr(r.vaddr),
                 other_len: r.len,
             });
         }
@@ -453,7 +464,7 @@ impl AddressMap {
                     len: m.len,
                     other_iova: Iova(s),
                     other_len: slot.len,
-                    other_vaddr: slot.vaddr,
+                    other_vaddr: VirtAddr(slot.vaddr),
                 }),
                 None => Ok((pos, iova)),
             }
@@ -462,19 +473,13 @@ impl AddressMap {
 
         if let Some((pos, iova)) = ipos {
             self.istarts.insert(pos, iova.0);
-            self.islots.insert(
-                pos,
-                IovaSlot {
-                    len: m.len,
-                    vaddr: m.vaddr,
-                },
-            );
+            self.islots.insert(pos, IovaSlot { len: m.len, vaddr });
         }
-        self.vstarts.insert(vpos, m.vaddr);
+        self.vstarts.insert(vpos, vaddr);
         self.regions.insert(
             vpos,
             Region {
-                vaddr: m.vaddr,
+                vaddr,
                 len: m.len,
                 iova: m.iova,
                 exts,
@@ -486,8 +491,8 @@ impl AddressMap {
     /// Removes the region that starts at `vaddr` and gives it back, or
     /// `None` if no region starts there (an address inside a region does
     /// not count).
-    pub fn remove(&mut self, vaddr: u64) -> Option<Mapping> {
-        let i = self.vstarts.binary_search(&vaddr).ok()?;
+    pub fn remove(&mut self, vaddr: VirtAddr) -> Option<Mapping> {
+        let i = self.vstarts.binary_search(&vaddr.raw()).ok()?;
         self.vstarts.remove(i);
         let r = self.regions.remove(i);
         if let Some(iova) = r.iova {
@@ -510,25 +515,25 @@ impl AddressMap {
     /// The IOVA of the byte at `vaddr`, or `None` if no region holds it or
     /// its region has no IOVA.
     #[inline]
-    pub fn iova_of(&self, vaddr: u64) -> Option<Iova> {
-        let (r, off) = self.find(vaddr)?;
+    pub fn iova_of(&self, vaddr: VirtAddr) -> Option<Iova> {
+        let (r, off) = self.find(vaddr.raw())?;
         r.iova.map(|i| Iova(i.0 + off))
     }
 
     /// The virtual address of the byte the device reaches at `iova`, or
     /// `None` if no region is mapped there.
     #[inline]
-    pub fn vaddr_of(&self, iova: Iova) -> Option<u64> {
+    pub fn vaddr_of(&self, iova: Iova) -> Option<VirtAddr> {
         let i = last_at_or_below(&self.istarts, iova.0)?;
         let off = iova.0.wrapping_sub(self.istarts[i]);
         let slot = self.islots[i];
-        (off < slot.len).then(|| slot.vaddr + off)
+        (off < slot.len).then(|| VirtAddr(slot.vaddr + off))
     }
 
     /// The physical address of the byte at `vaddr`, or `None` if no region
     /// holds it or its physical addresses are unknown.
     #[inline]
-    pub fn phys_of(&self, vaddr: u64) -> Option<PhysAddr> {
+    pub fn phys_of(&self, vaddr: VirtAddr) -> Option<PhysAddr> {
         self.phys_extent_of(vaddr).map(|e| e.pa)
     }
 
@@ -537,8 +542,8 @@ impl AddressMap {
     /// end of the extent, never past the region). A driver building a
     /// scatter-gather list takes one entry per run.
     #[inline]
-    pub fn phys_extent_of(&self, vaddr: u64) -> Option<PhysExtent> {
-        let (r, off) = self.find(vaddr)?;
+    pub fn phys_extent_of(&self, vaddr: VirtAddr) -> Option<PhysExtent> {
+        let (r, off) = self.find(vaddr.raw())?;
         r.phys_run(off)
     }
 
@@ -547,8 +552,8 @@ impl AddressMap {
     /// IOMMU). `None` only if no region holds `vaddr`:
     /// [`insert`](Self::insert) refuses a region with neither.
     #[inline]
-    pub fn dma_addr_of(&self, vaddr: u64) -> Option<DmaAddr> {
-        let (r, off) = self.find(vaddr)?;
+    pub fn dma_addr_of(&self, vaddr: VirtAddr) -> Option<DmaAddr> {
+        let (r, off) = self.find(vaddr.raw())?;
         match r.iova {
             Some(i) => Some(DmaAddr::Iova(Iova(i.0 + off))),
             None => r.phys_run(off).map(|e| DmaAddr::Phys(e.pa)),
@@ -564,6 +569,28 @@ impl AddressMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lookups on raw `u64` addresses, so the tests read as arithmetic.
+    impl AddressMap {
+        fn iova_of_raw(&self, v: u64) -> Option<Iova> {
+            self.iova_of(VirtAddr(v))
+        }
+        fn vaddr_of_raw(&self, i: Iova) -> Option<u64> {
+            self.vaddr_of(i).map(VirtAddr::raw)
+        }
+        fn phys_of_raw(&self, v: u64) -> Option<PhysAddr> {
+            self.phys_of(VirtAddr(v))
+        }
+        fn phys_extent_of_raw(&self, v: u64) -> Option<PhysExtent> {
+            self.phys_extent_of(VirtAddr(v))
+        }
+        fn dma_addr_of_raw(&self, v: u64) -> Option<DmaAddr> {
+            self.dma_addr_of(VirtAddr(v))
+        }
+        fn remove_raw(&mut self, v: u64) -> Option<Mapping> {
+            self.remove(VirtAddr(v))
+        }
+    }
     use proptest::prelude::*;
 
     const MIB2: u64 = 2 << 20;
@@ -578,7 +605,7 @@ mod tests {
     /// 6 MiB at 0x7f00_0000_0000, IOVA 0x1_0000_0000, three 2 MiB runs.
     fn sample() -> Mapping {
         Mapping {
-            vaddr: 0x7f00_0000_0000,
+            vaddr: VirtAddr(0x7f00_0000_0000),
             len: 3 * MIB2,
             iova: Some(Iova(0x1_0000_0000)),
             extents: vec![
@@ -592,20 +619,20 @@ mod tests {
     // ---- the reference: a linear scan over the mappings -------------------
 
     fn naive_iova_of(ms: &[Mapping], v: u64) -> Option<Iova> {
-        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
-        m.iova.map(|i| Iova(i.0 + (v - m.vaddr)))
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr.raw()) < m.len)?;
+        m.iova.map(|i| Iova(i.0 + (v - m.vaddr.raw())))
     }
 
     fn naive_vaddr_of(ms: &[Mapping], i: Iova) -> Option<u64> {
         ms.iter().find_map(|m| {
             let off = i.0.wrapping_sub(m.iova?.0);
-            (off < m.len).then(|| m.vaddr + off)
+            (off < m.len).then(|| m.vaddr.raw() + off)
         })
     }
 
     fn naive_phys_extent_of(ms: &[Mapping], v: u64) -> Option<PhysExtent> {
-        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
-        let mut off = v - m.vaddr;
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr.raw()) < m.len)?;
+        let mut off = v - m.vaddr.raw();
         for e in &m.extents {
             if off < e.len {
                 return Some(ext(e.pa.0 + off, e.len - off));
@@ -616,7 +643,7 @@ mod tests {
     }
 
     fn naive_dma_addr_of(ms: &[Mapping], v: u64) -> Option<DmaAddr> {
-        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr) < m.len)?;
+        let m = ms.iter().find(|m| v.wrapping_sub(m.vaddr.raw()) < m.len)?;
         match m.iova {
             Some(_) => naive_iova_of(ms, v).map(DmaAddr::Iova),
             None => naive_phys_extent_of(ms, v).map(|e| DmaAddr::Phys(e.pa)),
@@ -629,7 +656,10 @@ mod tests {
 
     /// What `insert` should answer for a valid mapping `m`, by linear scan.
     fn naive_insert(ms: &mut Vec<Mapping>, m: Mapping) -> Result<(), &'static str> {
-        if ms.iter().any(|o| overlaps(o.vaddr, o.len, m.vaddr, m.len)) {
+        if ms
+            .iter()
+            .any(|o| overlaps(o.vaddr.raw(), o.len, m.vaddr.raw(), m.len))
+        {
             return Err("vaddr");
         }
         if ms.iter().any(|o| match (o.iova, m.iova) {
@@ -645,24 +675,24 @@ mod tests {
     /// Every lookup of `map` agrees with the linear scan over `ms` at `v`
     /// (as a virtual address) and at `Iova(v)`.
     fn check_probe(map: &AddressMap, ms: &[Mapping], v: u64) {
-        assert_eq!(map.iova_of(v), naive_iova_of(ms, v), "iova_of({v:#x})");
+        assert_eq!(map.iova_of_raw(v), naive_iova_of(ms, v), "iova_of({v:#x})");
         assert_eq!(
-            map.vaddr_of(Iova(v)),
+            map.vaddr_of_raw(Iova(v)),
             naive_vaddr_of(ms, Iova(v)),
             "vaddr_of({v:#x})"
         );
         assert_eq!(
-            map.phys_extent_of(v),
+            map.phys_extent_of_raw(v),
             naive_phys_extent_of(ms, v),
             "phys_extent_of({v:#x})"
         );
         assert_eq!(
-            map.phys_of(v),
+            map.phys_of_raw(v),
             naive_phys_extent_of(ms, v).map(|e| e.pa),
             "phys_of({v:#x})"
         );
         assert_eq!(
-            map.dma_addr_of(v),
+            map.dma_addr_of_raw(v),
             naive_dma_addr_of(ms, v),
             "dma_addr_of({v:#x})"
         );
@@ -684,13 +714,13 @@ mod tests {
             ]);
         };
         for m in ms {
-            around(m.vaddr, m.len);
+            around(m.vaddr.raw(), m.len);
             if let Some(i) = m.iova {
                 around(i.0, m.len);
             }
             let mut off = 0;
             for e in &m.extents {
-                around(m.vaddr + off, e.len);
+                around(m.vaddr.raw() + off, e.len);
                 off += e.len;
             }
         }
@@ -704,10 +734,10 @@ mod tests {
         let map = AddressMap::new();
         assert!(map.is_empty());
         for v in [0, 1, 0x7f00_0000_0000, u64::MAX] {
-            assert_eq!(map.iova_of(v), None);
-            assert_eq!(map.vaddr_of(Iova(v)), None);
-            assert_eq!(map.phys_of(v), None);
-            assert_eq!(map.dma_addr_of(v), None);
+            assert_eq!(map.iova_of_raw(v), None);
+            assert_eq!(map.vaddr_of_raw(Iova(v)), None);
+            assert_eq!(map.phys_of_raw(v), None);
+            assert_eq!(map.dma_addr_of_raw(v), None);
         }
     }
 
@@ -717,34 +747,37 @@ mod tests {
         let mut map = AddressMap::new();
         map.insert(m.clone()).unwrap();
         assert_eq!(map.len(), 1);
-        let (v, i) = (m.vaddr, m.iova.unwrap().0);
+        let (v, i) = (m.vaddr.raw(), m.iova.unwrap().0);
         let end = v + m.len;
 
         // First byte.
-        assert_eq!(map.iova_of(v), Some(Iova(i)));
-        assert_eq!(map.vaddr_of(Iova(i)), Some(v));
-        assert_eq!(map.phys_of(v), Some(PhysAddr(0x4000_0000)));
+        assert_eq!(map.iova_of_raw(v), Some(Iova(i)));
+        assert_eq!(map.vaddr_of_raw(Iova(i)), Some(v));
+        assert_eq!(map.phys_of_raw(v), Some(PhysAddr(0x4000_0000)));
         // Last byte: in the third extent.
-        assert_eq!(map.iova_of(end - 1), Some(Iova(i + m.len - 1)));
-        assert_eq!(map.vaddr_of(Iova(i + m.len - 1)), Some(end - 1));
-        assert_eq!(map.phys_of(end - 1), Some(PhysAddr(0x2000_0000 + MIB2 - 1)));
+        assert_eq!(map.iova_of_raw(end - 1), Some(Iova(i + m.len - 1)));
+        assert_eq!(map.vaddr_of_raw(Iova(i + m.len - 1)), Some(end - 1));
+        assert_eq!(
+            map.phys_of_raw(end - 1),
+            Some(PhysAddr(0x2000_0000 + MIB2 - 1))
+        );
         // One past the end, one before the start.
         for out in [end, v - 1] {
-            assert_eq!(map.iova_of(out), None, "{out:#x}");
-            assert_eq!(map.phys_of(out), None, "{out:#x}");
-            assert_eq!(map.dma_addr_of(out), None, "{out:#x}");
+            assert_eq!(map.iova_of_raw(out), None, "{out:#x}");
+            assert_eq!(map.phys_of_raw(out), None, "{out:#x}");
+            assert_eq!(map.dma_addr_of_raw(out), None, "{out:#x}");
         }
-        assert_eq!(map.vaddr_of(Iova(i + m.len)), None);
-        assert_eq!(map.vaddr_of(Iova(i - 1)), None);
+        assert_eq!(map.vaddr_of_raw(Iova(i + m.len)), None);
+        assert_eq!(map.vaddr_of_raw(Iova(i - 1)), None);
 
         // Extent boundaries: last byte of the first run, first of the second.
         assert_eq!(
-            map.phys_of(v + MIB2 - 1),
+            map.phys_of_raw(v + MIB2 - 1),
             Some(PhysAddr(0x4000_0000 + MIB2 - 1))
         );
-        assert_eq!(map.phys_of(v + MIB2), Some(PhysAddr(0x9000_0000)));
+        assert_eq!(map.phys_of_raw(v + MIB2), Some(PhysAddr(0x9000_0000)));
         assert_eq!(
-            map.dma_addr_of(v + MIB2),
+            map.dma_addr_of_raw(v + MIB2),
             Some(DmaAddr::Iova(Iova(i + MIB2)))
         );
     }
@@ -754,13 +787,16 @@ mod tests {
         let mut map = AddressMap::new();
         let m = sample();
         map.insert(m.clone()).unwrap();
-        assert_eq!(map.phys_extent_of(m.vaddr), Some(ext(0x4000_0000, MIB2)));
         assert_eq!(
-            map.phys_extent_of(m.vaddr + MIB2 + 0x10),
+            map.phys_extent_of_raw(m.vaddr.raw()),
+            Some(ext(0x4000_0000, MIB2))
+        );
+        assert_eq!(
+            map.phys_extent_of_raw(m.vaddr.raw() + MIB2 + 0x10),
             Some(ext(0x9000_0010, MIB2 - 0x10))
         );
         assert_eq!(
-            map.phys_extent_of(m.vaddr + m.len - 1),
+            map.phys_extent_of_raw(m.vaddr.raw() + m.len - 1),
             Some(ext(0x2000_0000 + MIB2 - 1, 1))
         );
     }
@@ -771,18 +807,18 @@ mod tests {
         let top = u64::MAX - len + 1;
         let mut map = AddressMap::new();
         map.insert(Mapping {
-            vaddr: top,
+            vaddr: VirtAddr(top),
             len,
             iova: Some(Iova(top)),
             extents: vec![ext(0x1000, 0x1000), ext(u64::MAX - 0x1fff, 0x2000)],
         })
         .unwrap();
-        assert_eq!(map.iova_of(u64::MAX), Some(Iova(u64::MAX)));
-        assert_eq!(map.vaddr_of(Iova(u64::MAX)), Some(u64::MAX));
-        assert_eq!(map.phys_of(u64::MAX), Some(PhysAddr(u64::MAX)));
-        assert_eq!(map.phys_extent_of(u64::MAX), Some(ext(u64::MAX, 1)));
-        assert_eq!(map.iova_of(top - 1), None);
-        assert_eq!(map.iova_of(0), None);
+        assert_eq!(map.iova_of_raw(u64::MAX), Some(Iova(u64::MAX)));
+        assert_eq!(map.vaddr_of_raw(Iova(u64::MAX)), Some(u64::MAX));
+        assert_eq!(map.phys_of_raw(u64::MAX), Some(PhysAddr(u64::MAX)));
+        assert_eq!(map.phys_extent_of_raw(u64::MAX), Some(ext(u64::MAX, 1)));
+        assert_eq!(map.iova_of_raw(top - 1), None);
+        assert_eq!(map.iova_of_raw(0), None);
     }
 
     #[test]
@@ -790,7 +826,7 @@ mod tests {
         let mut map = AddressMap::new();
         let a = sample();
         let b = Mapping {
-            vaddr: a.vaddr + a.len,
+            vaddr: VirtAddr(a.vaddr.raw() + a.len),
             len: MIB2,
             iova: Some(Iova(a.iova.unwrap().0 - MIB2)),
             extents: vec![ext(0x6000_0000, MIB2)],
@@ -799,14 +835,14 @@ mod tests {
         map.insert(b.clone()).unwrap();
         // The last byte of `a` and the first of `b` go to different places.
         assert_eq!(
-            map.iova_of(b.vaddr - 1),
+            map.iova_of_raw(b.vaddr.raw() - 1),
             Some(Iova(a.iova.unwrap().0 + a.len - 1))
         );
-        assert_eq!(map.iova_of(b.vaddr), b.iova);
-        assert_eq!(map.vaddr_of(a.iova.unwrap()), Some(a.vaddr));
+        assert_eq!(map.iova_of_raw(b.vaddr.raw()), b.iova);
+        assert_eq!(map.vaddr_of_raw(a.iova.unwrap()), Some(a.vaddr.raw()));
         assert_eq!(
-            map.vaddr_of(Iova(a.iova.unwrap().0 - 1)),
-            Some(b.vaddr + MIB2 - 1)
+            map.vaddr_of_raw(Iova(a.iova.unwrap().0 - 1)),
+            Some(b.vaddr.raw() + MIB2 - 1)
         );
     }
 
@@ -816,12 +852,12 @@ mod tests {
         let a = sample();
         map.insert(a.clone()).unwrap();
         let probe = |vaddr: u64, len: u64, iova: u64| Mapping {
-            vaddr,
+            vaddr: VirtAddr(vaddr),
             len,
             iova: Some(Iova(iova)),
             extents: vec![],
         };
-        let (v, i, len) = (a.vaddr, a.iova.unwrap().0, a.len);
+        let (v, i, len) = (a.vaddr.raw(), a.iova.unwrap().0, a.len);
         let far_v = v + (1 << 40);
         let far_i = i + (1 << 40);
         // Virtual overlaps: same start, inside, straddling either end, covering.
@@ -837,9 +873,9 @@ mod tests {
             assert_eq!(
                 e,
                 TranslateError::VaddrOverlap {
-                    vaddr,
+                    vaddr: VirtAddr(vaddr),
                     len: l,
-                    other_vaddr: v,
+                    other_vaddr: VirtAddr(v),
                     other_len: len
                 }
             );
@@ -854,14 +890,14 @@ mod tests {
                     len: l,
                     other_iova: Iova(i),
                     other_len: len,
-                    other_vaddr: v,
+                    other_vaddr: VirtAddr(v),
                 }
             );
         }
         assert_eq!(map.len(), 1);
         assert_eq!(map.mappings().collect::<Vec<_>>(), vec![a]);
-        assert_eq!(map.iova_of(far_v), None);
-        assert_eq!(map.vaddr_of(Iova(far_i)), None);
+        assert_eq!(map.iova_of_raw(far_v), None);
+        assert_eq!(map.vaddr_of_raw(Iova(far_i)), None);
     }
 
     #[test]
@@ -879,9 +915,9 @@ mod tests {
                 TranslateError::ZeroLength { vaddr: base.vaddr },
             ),
             (
-                with(&|m| m.vaddr = u64::MAX - MIB2),
+                with(&|m| m.vaddr = VirtAddr(u64::MAX - MIB2)),
                 TranslateError::VaddrWraps {
-                    vaddr: u64::MAX - MIB2,
+                    vaddr: VirtAddr(u64::MAX - MIB2),
                     len: base.len,
                 },
             ),
@@ -942,9 +978,9 @@ mod tests {
     #[test]
     fn messages_say_what_to_do() {
         let m = TranslateError::VaddrOverlap {
-            vaddr: 0x7f00_0000_1000,
+            vaddr: VirtAddr(0x7f00_0000_1000),
             len: 0x1000,
-            other_vaddr: 0x7f00_0000_0000,
+            other_vaddr: VirtAddr(0x7f00_0000_0000),
             other_len: 0x20_0000,
         }
         .to_string();
@@ -957,7 +993,7 @@ mod tests {
             len: 0x1000,
             other_iova: Iova(0),
             other_len: 0x2000,
-            other_vaddr: 0x7f00_0000_0000,
+            other_vaddr: VirtAddr(0x7f00_0000_0000),
         }
         .to_string();
         assert!(
@@ -966,13 +1002,16 @@ mod tests {
                 && m.contains("remove"),
             "{m}"
         );
-        let m = TranslateError::NoDmaAddress { vaddr: 0x1000 }.to_string();
+        let m = TranslateError::NoDmaAddress {
+            vaddr: VirtAddr(0x1000),
+        }
+        .to_string();
         assert!(
             m.contains("pass the IOVA") && m.contains("CAP_SYS_ADMIN"),
             "{m}"
         );
         let m = TranslateError::ExtentsMismatch {
-            vaddr: 0x1000,
+            vaddr: VirtAddr(0x1000),
             len: 0x2000,
             covered: 0x1000,
         }
@@ -988,21 +1027,24 @@ mod tests {
             ..sample()
         };
         map.insert(m.clone()).unwrap();
-        assert_eq!(map.iova_of(m.vaddr), None);
+        assert_eq!(map.iova_of_raw(m.vaddr.raw()), None);
         assert_eq!(
-            map.dma_addr_of(m.vaddr + MIB2 + 5),
+            map.dma_addr_of_raw(m.vaddr.raw() + MIB2 + 5),
             Some(DmaAddr::Phys(PhysAddr(0x9000_0005)))
         );
         // It takes no IOVA space: a region with an IOVA may sit anywhere.
         map.insert(Mapping {
-            vaddr: m.vaddr + (1 << 30),
+            vaddr: VirtAddr(m.vaddr.raw() + (1 << 30)),
             len: MIB2,
             iova: Some(Iova(0x4000_0000)),
             extents: vec![],
         })
         .unwrap();
-        assert_eq!(map.vaddr_of(Iova(0x4000_0000)), Some(m.vaddr + (1 << 30)));
-        assert_eq!(map.vaddr_of(Iova(0x9000_0005)), None);
+        assert_eq!(
+            map.vaddr_of_raw(Iova(0x4000_0000)),
+            Some(m.vaddr.raw() + (1 << 30))
+        );
+        assert_eq!(map.vaddr_of_raw(Iova(0x9000_0005)), None);
         assert_eq!(DmaAddr::Phys(PhysAddr(0x10)).raw(), 0x10);
         assert_eq!(DmaAddr::Phys(PhysAddr(0x10)).to_string(), "PA 0x10");
         assert_eq!(DmaAddr::Iova(Iova(0x10)).to_string(), "IOVA 0x10");
@@ -1016,10 +1058,10 @@ mod tests {
             ..sample()
         };
         map.insert(m.clone()).unwrap();
-        assert_eq!(map.phys_of(m.vaddr), None);
-        assert_eq!(map.phys_extent_of(m.vaddr), None);
+        assert_eq!(map.phys_of_raw(m.vaddr.raw()), None);
+        assert_eq!(map.phys_extent_of_raw(m.vaddr.raw()), None);
         assert_eq!(
-            map.dma_addr_of(m.vaddr),
+            map.dma_addr_of_raw(m.vaddr.raw()),
             Some(DmaAddr::Iova(m.iova.unwrap()))
         );
     }
@@ -1029,16 +1071,16 @@ mod tests {
         let mut map = AddressMap::new();
         let a = sample();
         map.insert(a.clone()).unwrap();
-        assert_eq!(map.remove(a.vaddr + 1), None);
-        assert_eq!(map.remove(a.vaddr - 1), None);
-        assert_eq!(map.remove(a.vaddr), Some(a.clone()));
+        assert_eq!(map.remove_raw(a.vaddr.raw() + 1), None);
+        assert_eq!(map.remove_raw(a.vaddr.raw() - 1), None);
+        assert_eq!(map.remove_raw(a.vaddr.raw()), Some(a.clone()));
         assert!(map.is_empty());
-        assert_eq!(map.remove(a.vaddr), None);
-        assert_eq!(map.iova_of(a.vaddr), None);
-        assert_eq!(map.vaddr_of(a.iova.unwrap()), None);
+        assert_eq!(map.remove_raw(a.vaddr.raw()), None);
+        assert_eq!(map.iova_of_raw(a.vaddr.raw()), None);
+        assert_eq!(map.vaddr_of_raw(a.iova.unwrap()), None);
         // Both its virtual and its IOVA range are free again.
         map.insert(a.clone()).unwrap();
-        assert_eq!(map.vaddr_of(a.iova.unwrap()), Some(a.vaddr));
+        assert_eq!(map.vaddr_of_raw(a.iova.unwrap()), Some(a.vaddr.raw()));
     }
 
     #[test]
@@ -1046,7 +1088,7 @@ mod tests {
         let mut map = AddressMap::new();
         let a = sample();
         let b = Mapping {
-            vaddr: a.vaddr - (1 << 30),
+            vaddr: VirtAddr(a.vaddr.raw() - (1 << 30)),
             len: MIB2,
             iova: None,
             extents: vec![ext(0x1000_0000, 0x1000), ext(0x3000_0000, MIB2 - 0x1000)],
@@ -1119,7 +1161,7 @@ mod tests {
                     extents.clear();
                 }
                 Mapping {
-                    vaddr,
+                    vaddr: VirtAddr(vaddr),
                     len,
                     iova: iova.map(Iova),
                     extents,
@@ -1170,22 +1212,22 @@ mod tests {
                     }
                     Op::Remove { n, exact } => {
                         if ms.is_empty() {
-                            prop_assert_eq!(map.remove(n as u64), None);
+                            prop_assert_eq!(map.remove_raw(n as u64), None);
                             continue;
                         }
                         let i = n % ms.len();
                         if exact {
                             let m = ms.remove(i);
-                            prop_assert_eq!(map.remove(m.vaddr), Some(m));
+                            prop_assert_eq!(map.remove_raw(m.vaddr.raw()), Some(m));
                         } else if ms[i].len > U {
-                            prop_assert_eq!(map.remove(ms[i].vaddr + U), None);
+                            prop_assert_eq!(map.remove_raw(ms[i].vaddr.raw() + U), None);
                         }
                     }
                 }
                 prop_assert_eq!(map.len(), ms.len());
             }
             let mut sorted = ms.clone();
-            sorted.sort_by_key(|m| m.vaddr);
+            sorted.sort_by_key(|m| m.vaddr.raw());
             prop_assert_eq!(map.mappings().collect::<Vec<_>>(), sorted);
             for v in boundary_probes(&ms).into_iter().chain(random) {
                 check_probe(&map, &ms, v);

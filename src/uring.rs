@@ -15,6 +15,9 @@
 //!   process's `VmPin` (not `VmLck`), checked against `RLIMIT_MEMLOCK`
 //!   unless the process has CAP_IPC_LOCK;
 //! - `kernel.io_uring_disabled` (6.6+) can forbid io_uring altogether.
+// Without the `tools` feature this module is private and only the pin
+// path uses it: the rest is for numapin's own binaries.
+#![cfg_attr(not(feature = "tools"), allow(dead_code))]
 
 use std::io;
 

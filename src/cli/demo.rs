@@ -104,7 +104,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
     }
     let (home, away) = (NodeId(topo.nodes[0].id), NodeId(topo.nodes[1].id));
     let pinner = Pinner::open(&device)?;
-    let edu = Edu::open(pinner.device_fd())?;
+    let edu = Edu::open(pinner.device_fd().expect("the demo opens its device"))?;
 
     println!(
         "numapin demo: two {} regions on node {home}, device {device}",
@@ -116,11 +116,11 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
         "storm: {rounds} rounds of move_pages to node {away} and back, then\nmigrate_pages {home}->{away}->{home} and compaction\n"
     );
 
-    let plain = NodeMemory::allocate(&topo, home, size, PageSize::Base, 0, None)?;
+    let plain = NodeMemory::allocate(&topo, home, size, PageSize::Base, 0, None, None)?;
     let pinned = pinner.pin(&PinRequest::new(home, size))?;
     let len = size as usize;
     let mut plain_t = Tracked::new(plain.addr(), len)?;
-    let mut pinned_t = Tracked::new(pinned.vaddr(), len)?;
+    let mut pinned_t = Tracked::new(pinned.vaddr().as_usize(), len)?;
     let half = size / 2;
     let count = numapin::edu::MAX_TRANSFER.min(half);
     let dma_before = edu.round_trip(&pinned, 0, &pinned, half, count, 1)?;
@@ -167,7 +167,7 @@ pub fn run(device: Option<&str>, size: u64, rounds: u32) -> Result<()> {
             pages,
             moved: pinned_moved,
             pfn_changed: pinned_changed,
-            node_now: node_summary(pinned.vaddr(), len)?,
+            node_now: node_summary(pinned.vaddr().as_usize(), len)?,
             dma: format!("{} / {}", dma(&dma_before), dma(&dma_after)),
         },
     ];

@@ -3,13 +3,15 @@
 mod demo;
 mod hold;
 mod output;
+mod spec;
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use numapin::numa::Topology;
-use numapin::{Pinner, RegionSpec, Result};
+use numapin::{Pinner, Result};
+use spec::RegionSpec;
 
 use output::{PinReport, RegionReport};
 
@@ -180,17 +182,19 @@ fn pin(args: PinArgs) -> Result<()> {
     let pinner = Pinner::open(&args.device)?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
-        let req = numapin::PinRequest {
-            min_extent: args.min_extent,
-            ..spec.0
-        };
-        let bar = output::prefault_progress(req.size);
+        let bar = output::prefault_progress(spec.0.size);
         let progress = |done: u64| {
             if let Some(b) = &bar {
                 b.set_position(done);
             }
         };
-        let region = pinner.pin_with(&req, args.threads, Some(&progress))?;
+        let req = numapin::PinRequest {
+            min_extent: args.min_extent,
+            threads: args.threads,
+            progress: Some(&progress),
+            ..spec.0.clone()
+        };
+        let region = pinner.pin(&req)?;
         if let Some(b) = bar {
             b.finish_and_clear();
         }

@@ -257,8 +257,8 @@ impl PinReport {
         PinReport {
             pid: std::process::id(),
             backend: p.kind().name(),
-            device: p.device_info().name.clone(),
-            group: p.device_info().group,
+            device: p.device_info().map_or_else(String::new, |d| d.name.clone()),
+            group: p.device_info().map_or(0, |d| d.group),
             regions: Vec::new(),
         }
     }
@@ -268,7 +268,7 @@ impl RegionReport {
     pub fn new(r: &PinnedRegion, extents: Option<Vec<PhysExtent>>) -> RegionReport {
         RegionReport {
             node: r.node().map(|n| n.0),
-            vaddr: hex(r.vaddr() as u64),
+            vaddr: hex(r.vaddr().raw()),
             iova: r.iova().map(|i| i.to_string()),
             len: r.len(),
             page_size: r.page_size().bytes(),

@@ -6,17 +6,11 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE, vfio_region_info};
+use vfio_bindings::bindings::vfio::vfio_region_info;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
-use vmm_sys_util::ioctl_io_nr;
 
+use super::ioctls;
 use crate::error::{Error, Result};
-
-mod ioctls {
-    #![allow(missing_docs)]
-    use super::*;
-    ioctl_io_nr!(VFIO_DEVICE_GET_REGION_INFO, VFIO_TYPE as u32, VFIO_BASE + 8);
-}
 
 /// One region of a VFIO device (`VFIO_DEVICE_GET_REGION_INFO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,30 +13,17 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_API_VERSION, VFIO_BASE, VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU, VFIO_TYPE,
-    vfio_group_status,
+    VFIO_API_VERSION, VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU, vfio_group_status,
 };
 use vmm_sys_util::ioctl::{
     ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref, ioctl_with_val,
 };
-use vmm_sys_util::ioctl_io_nr;
 
 use super::DeviceInfo;
 use super::device::DeviceFd;
+use super::ioctls::*;
 use crate::error::{Error, Result};
 use crate::sys;
-
-mod ioctls {
-    #![allow(missing_docs)]
-    use super::*;
-    ioctl_io_nr!(VFIO_GET_API_VERSION, VFIO_TYPE as u32, VFIO_BASE);
-    ioctl_io_nr!(VFIO_CHECK_EXTENSION, VFIO_TYPE as u32, VFIO_BASE + 1);
-    ioctl_io_nr!(VFIO_SET_IOMMU, VFIO_TYPE as u32, VFIO_BASE + 2);
-    ioctl_io_nr!(VFIO_GROUP_GET_STATUS, VFIO_TYPE as u32, VFIO_BASE + 3);
-    ioctl_io_nr!(VFIO_GROUP_SET_CONTAINER, VFIO_TYPE as u32, VFIO_BASE + 4);
-    ioctl_io_nr!(VFIO_GROUP_GET_DEVICE_FD, VFIO_TYPE as u32, VFIO_BASE + 6);
-}
-use ioctls::*;
 
 /// A device opened in no-IOMMU mode: its fd, its group and the container.
 /// Field order is drop order: device, then group, then container.

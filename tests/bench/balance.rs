@@ -100,14 +100,14 @@ fn measure(ctx: &Ctx, out: &mut Out) -> Result<String, String> {
         let r = pinner
             .pin(&PinRequest::new(ctx.home, LEN))
             .map_err(|e| format!("pin: {e}"))?;
-        numapin_pairs.push(interval_pair(ctx, r.vaddr(), r.len() as usize)?);
+        numapin_pairs.push(interval_pair(ctx, r.vaddr().as_usize(), r.len() as usize)?);
         let v = r.verify().map_err(|e| format!("verify: {e}"))?;
         pinned_changed.push((v.off_node + v.pfn_changed.unwrap_or(0)) as f64);
         r.release().map_err(|e| format!("release: {e}"))?;
 
         // The control: the same size on the same node, then back to the
         // default policy, so that balancing may scan and move it.
-        let c = NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None)
+        let c = NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None, None)
             .map_err(|e| format!("allocate control: {e}"))?;
         sys::mbind_default(c.addr(), c.len()).map_err(|e| format!("mbind default: {e}"))?;
         control_pairs.push(interval_pair(ctx, c.addr(), c.len())?);

@@ -61,7 +61,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     let thp0 = anon_huge_bytes();
     // The caller memory every "on prefaulted memory" figure maps.
     let mem = e(
-        NodeMemory::allocate(&topo, ctx.home, size, ps, 0, None),
+        NodeMemory::allocate(&topo, ctx.home, size, ps, 0, None, None),
         "allocate caller memory",
     )?;
     let thp = anon_huge_bytes().saturating_sub(thp0);
@@ -181,18 +181,18 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
                 1 => (Some(ctx.home), numapin::Proof::Full),
                 _ => (None, numapin::Proof::Full),
             };
-            let m = numapin::UserMemory {
+            let m = numapin::PinRequest {
                 node,
                 page_size: ps,
                 proof,
                 iova: Some(numapin::Iova(IOVA_BASE)),
-                ..numapin::UserMemory::new(mem.as_ptr(), size)
+                ..numapin::PinRequest::any_node(size)
             };
             let before = avail(&pinner)?;
             let t = Instant::now();
             // SAFETY: `mem` stays mapped until after the release below and is
             // not referenced while pinned.
-            let r = unsafe { pinner.pin_user_memory(&m) };
+            let r = unsafe { pinner.pin_user(mem.as_ptr(), &m) };
             let d = t.elapsed();
             let r = e(r, "pin_user_memory")?;
             if variant == 0 {
@@ -284,7 +284,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         for threads in order {
             let t = Instant::now();
             let m = e(
-                NodeMemory::allocate(&topo, ctx.home, size, ps, threads, None),
+                NodeMemory::allocate(&topo, ctx.home, size, ps, threads, None, None),
                 "allocate",
             )?;
             let d = t.elapsed();

@@ -36,7 +36,8 @@ impl RawVfio {
             _device: device,
             container,
         };
-        let info = numapin::vfio::get_info(&raw.container).map_err(|e| e.to_string())?;
+        let info = numapin::vfio::container::get_info(numapin_fd(&raw.container))
+            .map_err(|e| e.to_string())?;
         let fits = info.iova_ranges.as_ref().is_none_or(|ranges| {
             ranges
                 .iter()
@@ -53,7 +54,7 @@ impl RawVfio {
 
     /// DMA mappings left in the container (the DMA_AVAIL capability).
     pub fn dma_avail(&self) -> Result<u32, String> {
-        numapin::vfio::get_info(&self.container)
+        numapin::vfio::container::get_info(numapin_fd(&self.container))
             .map_err(|e| e.to_string())?
             .dma_avail
             .ok_or_else(|| "the kernel reports no DMA_AVAIL capability (5.10+)".to_string())
@@ -223,4 +224,11 @@ pub fn prefault_split(
     });
     unmap();
     result
+}
+
+/// The container's fd, borrowed for numapin's fd-level wrappers.
+fn numapin_fd(c: &VfioContainer) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the VfioContainer owns the fd and outlives the borrow.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(c.as_raw_fd()) }
 }

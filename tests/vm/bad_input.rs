@@ -215,11 +215,9 @@ fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
     let avail0 = avail(&p);
     ensure!(avail0.is_some(), "kernel reports no DMA_AVAIL capability");
     let req = |node: u32, size: u64, page_size: PageSize, iova: Option<u64>| PinRequest {
-        node: NodeId(node),
-        size,
         page_size,
         iova: iova.map(Iova),
-        min_extent: None,
+        ..PinRequest::new(NodeId(node), size)
     };
     let free2m = numapin::numa::Topology::read()
         .ok()
@@ -229,7 +227,7 @@ fn g_lib_nothing_left(ctx: &Ctx) -> Result<String, String> {
                 .map(|p| p.free)
         })
         .unwrap_or(0);
-    type Case = (&'static str, PinRequest, fn(&Error) -> bool);
+    type Case = (&'static str, PinRequest<'static>, fn(&Error) -> bool);
     let cases: Vec<Case> = vec![
         ("zero", req(0, 0, PageSize::Base, None), |e| {
             matches!(e, Error::ZeroSize)

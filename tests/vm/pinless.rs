@@ -55,7 +55,7 @@ const LEN: u64 = 8 << 20;
 fn map_dma_alone(ctx: &Ctx) -> Result<String, String> {
     let topo = e(Topology::read(), "topology")?;
     let mem = e(
-        NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None),
+        NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None, None),
         "allocate",
     )?;
     let sysfs = e(numapin::vfio::resolve_device(&ctx.device), "resolve")?;
@@ -91,7 +91,7 @@ fn map_dma_alone(ctx: &Ctx) -> Result<String, String> {
     let p = open(ctx)?;
     let r = pin(&p, ctx.home, LEN, PageSize::Base)?;
     let m = e(
-        numa::move_range(r.vaddr(), LEN as usize, 4096, ctx.away),
+        numa::move_range(r.vaddr().as_usize(), LEN as usize, 4096, ctx.away),
         "move numapin region",
     )?;
     ensure!(
@@ -264,8 +264,8 @@ fn dma_huge_extents(ctx: &Ctx) -> Result<String, String> {
     ensure!(c.ok(), "{} of {} bytes differ", c.mismatches, c.bytes);
     Ok(format!(
         "2048 bytes at PA {:#x} -> edu -> PA {:#x}, each crossing a 4K boundary; min extent {:?}",
-        r.dma_addr(0x1_0c00).unwrap_or(0),
-        r.dma_addr(0x2_0f00).unwrap_or(0),
+        r.dma_addr(0x1_0c00).map_or(0, |d| d.raw()),
+        r.dma_addr(0x2_0f00).map_or(0, |d| d.raw()),
         r.min_extent()
     ))
 }
@@ -290,12 +290,12 @@ fn min_extent(ctx: &Ctx) -> Result<String, String> {
     let before = ctx.pinned();
     let avail = |p: &Pinner| p.refresh_info().ok().flatten().and_then(|i| i.dma_avail);
     let avail0 = avail(&p);
-    let m = numapin::UserMemory {
+    let m = numapin::PinRequest {
         min_extent: Some(8192),
-        ..numapin::UserMemory::new(split.base, 8192)
+        ..numapin::PinRequest::any_node(8192)
     };
     // SAFETY: `split` keeps both pages mapped until after the region is gone.
-    let err = unsafe { p.pin_user_memory(&m) }
+    let err = unsafe { p.pin_user(split.base, &m) }
         .err()
         .ok_or("two physically apart pages were accepted as one 8 KiB extent")?;
     ensure!(

@@ -106,7 +106,7 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
         "{counter} grew by {grew:#x}, expected {size:#x}"
     );
     let nodes = e(
-        numa::nodes_of(r.vaddr(), size as usize, ps.bytes()),
+        numa::nodes_of(r.vaddr().as_usize(), size as usize, ps.bytes()),
         "query nodes",
     )?;
     ensure!(
@@ -132,20 +132,20 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
     let mut map = numapin::translate::AddressMap::new();
     e(map.insert(r.mapping()), "address map")?;
     let off = size / 2 + 123;
-    let probe = r.vaddr() as u64 + off;
-    let pa = pfns(r.vaddr(), size)?[(off / 4096) as usize] * 4096 + off % 4096;
+    let probe = r.vaddr().checked_add(off).ok_or("probe overflows")?;
+    let pa = pfns(r.vaddr().as_usize(), size)?[(off / 4096) as usize] * 4096 + off % 4096;
     ensure!(
-        map.iova_of(probe) == r.iova_of(probe as usize)
+        map.iova_of(probe) == r.iova_of(probe)
             && map.phys_of(probe).map(|p| p.raw()) == Some(pa)
-            && map.dma_addr_of(probe).map(|d| d.raw()) == r.dma_addr(off),
+            && map.dma_addr_of(probe) == r.dma_addr(off),
         "address map disagrees at +{off:#x}: iova {:?}/{:?}, pa {:?}/{pa:#x}",
         map.iova_of(probe),
-        r.iova_of(probe as usize),
+        r.iova_of(probe),
         map.phys_of(probe)
     );
     let addr = match r.iova() {
         Some(i) => format!("IOVA {i}"),
-        None => format!("DMA at PA {:#x}", r.dma_addr(0).ok_or("no DMA address")?),
+        None => format!("DMA at {}", r.dma_addr(0).ok_or("no DMA address")?),
     };
     ensure!(
         (r.iova().is_none()) == (ctx.kind == ContainerKind::NoIommu),
@@ -353,7 +353,9 @@ pub(crate) fn dma(ctx: &Ctx) -> Result<String, String> {
     );
     let via = |r: &numapin::PinnedRegion| match r.iova() {
         Some(i) => format!("IOVA {i}"),
-        None => format!("PA {:#x}", r.dma_addr(0).unwrap_or(0)),
+        None => r
+            .dma_addr(0)
+            .map_or("no DMA address".into(), |d| d.to_string()),
     };
     Ok(format!(
         "{} + {} bytes via {} and {}",
@@ -379,7 +381,7 @@ fn pair(ctx: &Ctx) -> Result<Pair, String> {
     let p = open(ctx)?;
     let pinned = pin(&p, ctx.home, PAIR, PageSize::Base)?;
     let control = control_region(ctx.home, PAIR)?;
-    let pinned_pfns = pfns(pinned.vaddr(), PAIR)?;
+    let pinned_pfns = pfns(pinned.vaddr().as_usize(), PAIR)?;
     let control_pfns = pfns(control.addr(), PAIR)?;
     Ok(Pair {
         _p: p,
@@ -394,7 +396,7 @@ impl Pair {
     /// Fails unless the pinned region is untouched and the control moved;
     /// returns the control's PFN change count.
     fn judge(&self, what: &str) -> Result<String, String> {
-        let pinned_now = pfns(self.pinned.vaddr(), PAIR)?;
+        let pinned_now = pfns(self.pinned.vaddr().as_usize(), PAIR)?;
         let control_now = pfns(self.control.addr(), PAIR)?;
         let pc = changed(&self.pinned_pfns, &pinned_now);
         let cc = changed(&self.control_pfns, &control_now);
@@ -425,7 +427,7 @@ fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     let mut asked = 0;
     for attempt in 1..=3 {
         let m = e(
-            numa::move_range(pr.pinned.vaddr(), PAIR as usize, 4096, ctx.away),
+            numa::move_range(pr.pinned.vaddr().as_usize(), PAIR as usize, 4096, ctx.away),
             "move pinned",
         )?;
         ensure!(
@@ -477,7 +479,7 @@ fn c_migrate_pages(ctx: &Ctx) -> Result<String, String> {
         "query control",
     )?;
     let pn = e(
-        numa::nodes_of(pr.pinned.vaddr(), PAIR as usize, 4096),
+        numa::nodes_of(pr.pinned.vaddr().as_usize(), PAIR as usize, 4096),
         "query pinned",
     )?;
     ensure!(
@@ -499,7 +501,7 @@ fn c_migrate_pages(ctx: &Ctx) -> Result<String, String> {
 fn c_mbind_move(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
     let flags = sys::MPOL_MF_MOVE | sys::MPOL_MF_STRICT;
-    let pinned = sys::mbind(pr.pinned.vaddr(), PAIR as usize, ctx.away, flags);
+    let pinned = sys::mbind(pr.pinned.vaddr().as_usize(), PAIR as usize, ctx.away, flags);
     let control = sys::mbind(pr.control.addr(), PAIR as usize, ctx.away, flags);
     ensure!(
         control.is_ok(),
@@ -577,13 +579,13 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
         let p = open(ctx)?;
         let pinned = pin(&p, ctx.home, LEN, PageSize::Base)?;
         let control = control_region(ctx.home, LEN)?;
-        let pinned_before = pfns(pinned.vaddr(), LEN)?;
+        let pinned_before = pfns(pinned.vaddr().as_usize(), LEN)?;
         let control_before = pfns(control.addr(), LEN)?;
         let (faults0, migrated0) = (vmstat("numa_hint_faults"), vmstat("numa_pages_migrated"));
         let stop = Arc::new(AtomicBool::new(false));
         let h = toucher(
             vec![
-                (pinned.vaddr(), LEN as usize),
+                (pinned.vaddr().as_usize(), LEN as usize),
                 (control.addr(), LEN as usize),
             ],
             ctx.away_cpus.clone(),
@@ -607,7 +609,7 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
         let secs = t.elapsed().as_secs_f64();
         let faults = vmstat("numa_hint_faults") - faults0;
         let migrated = vmstat("numa_pages_migrated") - migrated0;
-        let pinned_after = pfns(pinned.vaddr(), LEN)?;
+        let pinned_after = pfns(pinned.vaddr().as_usize(), LEN)?;
         let control_after = pfns(control.addr(), LEN)?;
         let pc = changed(&pinned_before, &pinned_after);
         let cc = changed(&control_before, &control_after);
@@ -620,7 +622,7 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
             "control did not migrate (numa_pages_migrated +{migrated}, {cc} PFNs changed, {faults} hinting faults in {secs:.0}s, {passes} passes)"
         );
         let pn = e(
-            numa::nodes_of(pinned.vaddr(), LEN as usize, 4096),
+            numa::nodes_of(pinned.vaddr().as_usize(), LEN as usize, 4096),
             "query pinned",
         )?;
         ensure!(
@@ -680,13 +682,13 @@ fn e_compaction(ctx: &Ctx) -> Result<String, String> {
             .map(|&i| unsafe { filler.as_ptr().add(i * 4096) })
             .collect::<Vec<_>>(),
     )?;
-    let m = numapin::UserMemory {
-        node: Some(ctx.home),
-        ..numapin::UserMemory::new(gathered.base, PIN as u64)
-    };
+    let m = numapin::PinRequest::new(ctx.home, PIN as u64);
     // SAFETY: `gathered` stays mapped until after `pinned` is dropped.
-    let pinned = e(unsafe { p.pin_user_memory(&m) }, "pin the gathered pages")?;
-    let pinned_before = pfns(pinned.vaddr(), PIN as u64)?;
+    let pinned = e(
+        unsafe { p.pin_user(gathered.base, &m) },
+        "pin the gathered pages",
+    )?;
+    let pinned_before = pfns(pinned.vaddr().as_usize(), PIN as u64)?;
     let top = pinned_before.iter().copied().max().unwrap_or(0);
     // Above the pinned pages, the filler is cut by PFN into runs of 32
     // frames; three runs in four are freed, the fourth kept as the control.
@@ -729,7 +731,10 @@ fn e_compaction(ctx: &Ctx) -> Result<String, String> {
     e(std::fs::write(&knob, "1"), &format!("write 1 to {knob}"))?;
     let migrated = vmstat("pgmigrate_success") - m0;
     let scanned = vmstat("compact_migrate_scanned") - s0;
-    let pc = changed(&pinned_before, &pfns(pinned.vaddr(), PIN as u64)?);
+    let pc = changed(
+        &pinned_before,
+        &pfns(pinned.vaddr().as_usize(), PIN as u64)?,
+    );
     ensure!(pc == 0, "{pc} pinned PFNs changed under compaction");
     let after = pfns_or_holes(filler.addr(), FILL)?;
     let moved: Vec<u64> = control
@@ -759,7 +764,7 @@ fn f_release_drop(ctx: &Ctx) -> Result<String, String> {
     let p = open(ctx)?;
     let topo = e(Topology::read(), "topology")?;
     let mem = e(
-        numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None),
+        numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None, None),
         "allocate",
     )?;
     let counter = ctx.counter();
@@ -767,7 +772,7 @@ fn f_release_drop(ctx: &Ctx) -> Result<String, String> {
     // SAFETY: `mem` outlives the region (dropped after release below) and is
     // only touched through raw pointers by the kernel.
     let r = e(
-        unsafe { p.pin_user(mem.as_ptr(), LEN, None, Some(ctx.home), PageSize::Base) },
+        unsafe { p.pin_user(mem.as_ptr(), &PinRequest::new(ctx.home, LEN)) },
         "pin_user",
     )?;
     ensure!(
@@ -868,17 +873,16 @@ fn proof_levels(ctx: &Ctx) -> Result<String, String> {
     let mut out = Vec::new();
     for proof in [numapin::Proof::Accounting, numapin::Proof::None] {
         let mem = e(
-            numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None),
+            numa::NodeMemory::allocate(&topo, ctx.home, LEN, PageSize::Base, 1, None, None),
             "allocate",
         )?;
         let before = ctx.pinned();
-        let m = numapin::UserMemory {
-            node: Some(ctx.home),
+        let m = numapin::PinRequest {
             proof,
-            ..numapin::UserMemory::new(mem.as_ptr(), LEN)
+            ..numapin::PinRequest::new(ctx.home, LEN)
         };
         // SAFETY: `mem` outlives the region, dropped at the end of the loop body.
-        let r = e(unsafe { p.pin_user_memory(&m) }, "pin_user_memory")?;
+        let r = e(unsafe { p.pin_user(mem.as_ptr(), &m) }, "pin_user")?;
         let grew = ctx.pinned() - before;
         ensure!(
             grew == LEN,

@@ -126,7 +126,8 @@ pub fn create_mtty(uuid: &str) -> Result<String, String> {
 
 /// The edu device behind `p`, taking the 40-bit DMA mask xtask gives it.
 pub fn edu(p: &Pinner) -> Result<Edu<'_>, String> {
-    Ok(e(Edu::open(p.device_fd()), "open edu")?.with_dma_limit(1 << 40))
+    let fd = p.device_fd().ok_or("the pinner has no device of its own")?;
+    Ok(e(Edu::open(fd), "open edu")?.with_dma_limit(1 << 40))
 }
 
 /// Turns any displayable error into the scenario's failure text.
@@ -220,7 +221,7 @@ pub fn on_node(status: &[i32], node: NodeId) -> usize {
 pub fn control_region(node: NodeId, len: u64) -> Result<NodeMemory, String> {
     let topo = e(Topology::read(), "topology")?;
     let m = e(
-        NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None),
+        NodeMemory::allocate(&topo, node, len, PageSize::Base, 1, None, None),
         "allocate control",
     )?;
     // No THP: the control should move page by page, like the pinned side is

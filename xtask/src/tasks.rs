@@ -13,7 +13,8 @@ use crate::results::{Outcome as ScenarioOutcome, Report};
 use crate::vmconfig::{self, VmConfig};
 use crate::{cmd, deps, initramfs, layout};
 
-/// The guest binaries, built with `--features vmtest`.
+/// The guest binaries: the CLI (package `numapin`, feature `cli`) and the
+/// two guest runners (workspace members `numapin-vmtest`, `numapin-bench`).
 const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest", "numapin-bench"];
 /// Examples the suite runs in the guest (installed in /bin next to the runner).
 const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram", "bind_noiommu", "bind_mdev"];
@@ -51,9 +52,10 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
     ensure_packages(configs.iter().map(|c| c.kernel))?;
 
     let host_ok = if host_tests {
-        let ok = cmd::timed("host tests: cargo test --workspace", || {
+        let ok = cmd::timed("host tests: cargo test --workspace --all-features", || {
             let mut c = Command::new(layout::cargo());
-            c.current_dir(layout::root()).args(["test", "--workspace"]);
+            c.current_dir(layout::root())
+                .args(["test", "--workspace", "--all-features"]);
             Ok(cmd::run(&mut c).map_err(|e| eprintln!("{e:#}")).is_ok())
         })?;
         if !ok {
@@ -379,11 +381,11 @@ fn guest_binary_paths() -> Vec<PathBuf> {
     bins.chain(examples).collect()
 }
 
-/// `cargo build --release --features vmtest --bin numapin --bin numapin-vmtest
-/// --bin numapin-bench --example vmm_guest_ram`.
+/// `cargo build --release --features numapin/cli -p numapin -p numapin-vmtest
+/// -p numapin-bench --bin ... --example ...`.
 pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
     cmd::timed(
-        "guest binaries: cargo build --release --features vmtest",
+        "guest binaries: cargo build --release --features numapin/cli",
         || {
             let mut c = Command::new(layout::cargo());
             c.current_dir(layout::root()).args([
@@ -391,8 +393,12 @@ pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
                 "--release",
                 "--package",
                 "numapin",
+                "--package",
+                "numapin-vmtest",
+                "--package",
+                "numapin-bench",
                 "--features",
-                "vmtest",
+                "numapin/cli",
             ]);
             for b in GUEST_BINARIES {
                 c.args(["--bin", b]);

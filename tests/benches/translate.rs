@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use numapin::phys::PhysExtent;
 use numapin::translate::{AddressMap, Mapping};
-use numapin::{Iova, PhysAddr};
+use numapin::{Iova, PhysAddr, VirtAddr};
 
 /// Lookups per second each kind must reach.
 const TARGET: f64 = 20_000_000.0;
@@ -107,7 +107,7 @@ fn regions(rng: &mut Rng) -> Vec<Mapping> {
                 })
                 .collect();
             let m = Mapping {
-                vaddr,
+                vaddr: VirtAddr(vaddr),
                 len,
                 iova: Some(Iova(iova)),
                 extents,
@@ -121,7 +121,7 @@ fn regions(rng: &mut Rng) -> Vec<Mapping> {
 /// What the lookups run over.
 struct Setup {
     map: AddressMap,
-    vaddrs: Vec<u64>,
+    vaddrs: Vec<VirtAddr>,
     iovas: Vec<Iova>,
 }
 
@@ -138,7 +138,7 @@ fn setup() -> Setup {
     for _ in 0..STREAM {
         let m = &ms[rng.below(REGIONS as u64) as usize];
         let off = rng.below(m.len);
-        vaddrs.push(m.vaddr + off);
+        vaddrs.push(VirtAddr(m.vaddr.raw() + off));
         iovas.push(Iova(m.iova.expect("every region has an IOVA").0 + off));
     }
     // Every lookup must hit, or the benchmark would time the miss path.
@@ -162,7 +162,7 @@ fn pass_iova_of(s: &Setup) -> u64 {
 
 fn pass_vaddr_of(s: &Setup) -> u64 {
     s.iovas.iter().fold(0, |acc, &i| {
-        acc.wrapping_add(s.map.vaddr_of(black_box(i)).unwrap_or(0))
+        acc.wrapping_add(s.map.vaddr_of(black_box(i)).map_or(0, VirtAddr::raw))
     })
 }
 

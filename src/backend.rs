@@ -1,0 +1,204 @@
+//! The two seams every pin goes through.
+//!
+//! 1. **Who maps the IOVA**: an [`IovaMapper`]. A VFIO type1 container
+//!    ([`crate::vfio::container::Type1Container`]), or [`NoMapper`] for a
+//!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical.
+//!    (An iommufd IOAS is the next mapper.) A mapper may sit on a container
+//!    numapin opened itself or on one the caller owns: it holds a file
+//!    descriptor and its own IOVA allocator, never the device.
+//! 2. **Who holds the pin**: a [`PinSource`]. The mapping itself where the
+//!    kernel pins at map time (type1 with an IOMMU-backed domain:
+//!    `vfio_pin_pages_remote` with FOLL_LONGTERM), or an io_uring
+//!    long-term pin ([`crate::uring`]) where it does not (an mdev-only
+//!    container records the mapping without pinning, a no-IOMMU container
+//!    has no mapping at all).
+//!
+//! Each pin source owns its accounting rule ([`Accounting`]): which
+//! counter of `/proc/self/status` grows, and whose `RLIMIT_MEMLOCK` it is
+//! checked against. [`crate::Pinner`] sits above both seams and
+//! [`crate::PinnedRegion`] below them; neither calls into the other's
+//! internals.
+//!
+//! The seam is also what host unit tests stand on: a fake mapper returns
+//! chosen errnos and records unmaps, so the pin path's undo logic runs on a
+//! machine without an IOMMU.
+
+use std::io;
+use std::sync::Mutex;
+
+use crate::addr::{Iova, VirtAddr};
+use crate::error::{Error, Result};
+use crate::iova::IovaAllocator;
+use crate::sys;
+use crate::vfio::info::IommuInfo;
+
+/// Where a mapper's IOVAs come from, as [`crate::Pinner`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaAddressing {
+    /// The device uses IOVAs that the mapper programs into an IOMMU (or,
+    /// for an mdev, that the vendor driver translates).
+    Iova,
+    /// The device uses physical addresses (no-IOMMU): nothing to map.
+    Physical,
+}
+
+/// Who maps IOVAs for a device: the first seam.
+///
+/// Implementations hold the container (or IOAS) fd and an IOVA allocator
+/// over its usable ranges. They never own the memory they map.
+pub(crate) trait IovaMapper: Send + Sync {
+    /// Whether the device uses IOVAs or physical addresses.
+    fn addressing(&self) -> DmaAddressing;
+
+    /// Whether a successful [`IovaMapper::map`] takes the long-term pin
+    /// itself (type1 with an IOMMU-backed domain). When false, the pin
+    /// comes from io_uring.
+    fn pins_on_map(&self) -> bool;
+
+    /// `VFIO_IOMMU_GET_INFO` (or the IOAS's equivalent) as read at open.
+    fn info(&self) -> Option<&IommuInfo>;
+
+    /// The same, read now (e.g. for the current DMA_AVAIL).
+    fn refresh_info(&self) -> Result<Option<IommuInfo>>;
+
+    /// The allocator over the usable IOVA ranges (`None` without IOVAs).
+    fn allocator(&self) -> Option<&Mutex<IovaAllocator>>;
+
+    /// Maps `[vaddr, vaddr+len)` at `iova`.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`IovaMapper::unmap`] of the same
+    /// range returns success: the IOMMU (and, where the mapping pins, the
+    /// kernel's page references) point at it until then.
+    unsafe fn map(&self, vaddr: VirtAddr, len: u64, iova: Iova) -> Result<()>;
+
+    /// Unmaps what [`IovaMapper::map`] mapped at `iova`.
+    fn unmap(&self, iova: Iova, len: u64) -> Result<()>;
+
+    /// Returns an IOVA to the allocator.
+    fn free_iova(&self, iova: Iova) {
+        if let Some(a) = self.allocator() {
+            let _ = a.lock().unwrap_or_else(|p| p.into_inner()).free(iova);
+        }
+    }
+}
+
+/// The mapper of a device in VFIO no-IOMMU mode: it has no IOVAs, the
+/// device DMAs to the physical addresses of the pinned pages.
+pub(crate) struct NoMapper {
+    /// The device's name, for the error when an IOVA is asked for.
+    pub(crate) device: String,
+}
+
+impl IovaMapper for NoMapper {
+    fn addressing(&self) -> DmaAddressing {
+        DmaAddressing::Physical
+    }
+    fn pins_on_map(&self) -> bool {
+        false
+    }
+    fn info(&self) -> Option<&IommuInfo> {
+        None
+    }
+    fn refresh_info(&self) -> Result<Option<IommuInfo>> {
+        Ok(None)
+    }
+    fn allocator(&self) -> Option<&Mutex<IovaAllocator>> {
+        None
+    }
+    unsafe fn map(&self, _: VirtAddr, _: u64, _: Iova) -> Result<()> {
+        Err(Error::IovaWithoutIommu {
+            device: self.device.clone(),
+        })
+    }
+    fn unmap(&self, _: Iova, _: u64) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Which counter a pin grows, and whose limit it is charged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accounting {
+    /// `mm->locked_vm` (`VmLck`), checked against this process's
+    /// `RLIMIT_MEMLOCK` unless it has CAP_IPC_LOCK: VFIO type1
+    /// (`vfio_lock_acct`).
+    VmLck,
+    /// `mm->pinned_vm` (`VmPin`) and the user's `locked_vm`, checked
+    /// against `RLIMIT_MEMLOCK` summed over the user's processes unless
+    /// the process has CAP_IPC_LOCK: io_uring registered buffers
+    /// (`io_account_mem`).
+    VmPin,
+}
+
+impl Accounting {
+    /// The `/proc/self/status` field.
+    pub fn counter(self) -> &'static str {
+        match self {
+            Accounting::VmLck => "VmLck",
+            Accounting::VmPin => "VmPin",
+        }
+    }
+
+    /// Reads the counter for this process, in bytes.
+    pub(crate) fn read(self) -> io::Result<u64> {
+        match self {
+            Accounting::VmLck => sys::locked_bytes(),
+            Accounting::VmPin => sys::pinned_bytes(),
+        }
+    }
+}
+
+/// Who holds the pages: the second seam.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PinSource {
+    /// The IOVA mapping pins (type1 with an IOMMU-backed domain).
+    Mapping,
+    /// An io_uring registered-buffer pin taken before the mapping (if any).
+    Uring,
+}
+
+impl PinSource {
+    /// The pin source a mapper needs.
+    pub(crate) fn for_mapper(m: &dyn IovaMapper) -> PinSource {
+        if m.pins_on_map() {
+            PinSource::Mapping
+        } else {
+            PinSource::Uring
+        }
+    }
+
+    /// How the pin is accounted.
+    pub(crate) fn accounting(self) -> Accounting {
+        match self {
+            PinSource::Mapping => Accounting::VmLck,
+            PinSource::Uring => Accounting::VmPin,
+        }
+    }
+
+    /// The kernel call that takes the pin, for messages.
+    pub(crate) fn call(self) -> &'static str {
+        match self {
+            PinSource::Mapping => "VFIO_IOMMU_MAP_DMA",
+            PinSource::Uring => "IORING_REGISTER_BUFFERS",
+        }
+    }
+
+    /// What holds the pages, as JSON and tables name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            PinSource::Mapping => "vfio-map-dma",
+            PinSource::Uring => "io_uring",
+        }
+    }
+}
+
+/// Serialises each pin with its accounting check, and every unpin, so that
+/// concurrent pins in one process do not blur each other's before/after
+/// reading of the counter.
+static ACCOUNTING_LOCK: Mutex<()> = Mutex::new(());
+
+/// Runs `f` with the accounting lock held.
+pub(crate) fn serialized<R>(f: impl FnOnce() -> R) -> R {
+    let _guard = ACCOUNTING_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    f()
+}

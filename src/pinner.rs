@@ -1,0 +1,539 @@
+//! [`Pinner`]: the service object above the two seams of
+//! [`crate::backend`]. It opens a device (or takes a container
+//! someone else owns), and for each request checks what it can before
+//! touching the kernel, allocates and prefaults on the node, takes the pin
+//! through the pin source and the mapping through the mapper, proves both,
+//! and hands out a [`PinnedRegion`]. On any failure it undoes what it did.
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use vfio_ioctls::VfioDevice;
+
+use crate::addr::{Iova, VirtAddr};
+use crate::backend::{self, Accounting, DmaAddressing, IovaMapper, NoMapper, PinSource};
+use crate::error::{Error, Result};
+use crate::numa::{NodeMemory, Topology};
+use crate::prove::{self, Range, check_memlock};
+use crate::region::{PinnedRegion, RegionParts};
+use crate::request::{PinRequest, iova_align};
+use crate::sys;
+use crate::uring::UringPin;
+use crate::vfio::info::IommuInfo;
+use crate::vfio::sysfs::{DeviceInfo, describe};
+use crate::vfio::{ContainerKind, DeviceFd, container::Type1Container, noiommu, open};
+
+/// The device numapin opened, kept open as long as any region lives: its
+/// group keeps the container's IOMMU domain (and so every mapping) alive.
+enum OpenDevice {
+    Type1(VfioDevice),
+    NoIommu(noiommu::NoIommuDevice),
+}
+
+/// What a [`Pinner`] and its regions share.
+struct Shared {
+    // Field order is drop order: the device (and with it the group) goes
+    // before the container the mapper holds.
+    /// `None` on a container someone else owns.
+    device: Option<OpenDevice>,
+    mapper: Arc<dyn IovaMapper>,
+    source: PinSource,
+    /// The device numapin opened (`None` on a container someone else owns).
+    dev: Option<DeviceInfo>,
+    kind: ContainerKind,
+    /// For messages: the device's name, or "the caller's container".
+    name: String,
+    topology: Topology,
+    /// CAP_IPC_LOCK at open time (RLIMIT_MEMLOCK does not apply with it).
+    ipc_lock: bool,
+    /// The kernel seam for the accounting counter (tests replace it).
+    read_counter: fn(Accounting) -> Result<u64>,
+}
+
+/// The service handle: a VFIO device, its group and container, the
+/// container's IOMMU info, and an IOVA allocator over its usable ranges.
+///
+/// How a region is pinned depends on the [`ContainerKind`]:
+/// - IOMMU-backed type1: one `VFIO_IOMMU_MAP_DMA`, which pins every page
+///   long-term and maps it at the region's IOVA;
+/// - mdev-only type1: an io_uring long-term pin (registered buffers), then
+///   MAP_DMA, which there only records the IOVA for the vendor driver;
+/// - no-IOMMU: the io_uring pin alone; the device uses physical addresses.
+///
+/// Cloning is cheap and shares the container.
+#[derive(Clone)]
+pub struct Pinner {
+    inner: Arc<Shared>,
+}
+
+impl fmt::Debug for Pinner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pinner")
+            .field("device", &self.inner.name)
+            .field("group", &self.inner.dev.as_ref().map(|d| d.group))
+            .field("kind", &self.inner.kind)
+            .finish()
+    }
+}
+
+impl Pinner {
+    /// Opens `spec` (a PCI address such as `0000:3b:00.0`, an mdev UUID, or
+    /// a sysfs path): in a new type1v2 container through vfio-ioctls, or,
+    /// for a no-IOMMU group, in a no-IOMMU container; then reads the
+    /// container's `VFIO_IOMMU_GET_INFO` (type1).
+    ///
+    /// # Errors
+    /// [`Error::DeviceNotFound`], [`Error::NotBoundToVfio`],
+    /// [`Error::NoIommuGroup`], [`Error::GroupNotViable`],
+    /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and for no-IOMMU
+    /// groups [`Error::NoIommuNeedsRawio`] and [`Error::NoIommuModeOff`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// # fn main() -> numapin::Result<()> {
+    /// let pinner = numapin::Pinner::open("0000:3b:00.0")?;
+    /// println!("{} in group {:?}", pinner.kind().name(), pinner.device_info().map(|d| d.group));
+    /// # Ok(()) }
+    /// ```
+    pub fn open(spec: &str) -> Result<Pinner> {
+        let dev = describe(spec)?;
+        dev.check_openable()?;
+        let topology = Topology::read()?;
+        let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let (device, mapper): (OpenDevice, Arc<dyn IovaMapper>) = match dev.kind {
+            ContainerKind::NoIommu => (
+                OpenDevice::NoIommu(noiommu::open(&dev)?),
+                Arc::new(NoMapper {
+                    device: dev.name.clone(),
+                }),
+            ),
+            kind => {
+                let (device, container) = open::open_type1(&dev)?;
+                let pins = kind == ContainerKind::Type1Iommu;
+                let mapper = Type1Container::opened(container, pins, dev.name.clone(), ipc_lock)?;
+                (OpenDevice::Type1(device), Arc::new(mapper))
+            }
+        };
+        let source = PinSource::for_mapper(mapper.as_ref());
+        log::debug!(
+            "opened {} (group {}, {}): pins with {}",
+            dev.name,
+            dev.group,
+            dev.kind.name(),
+            source.call()
+        );
+        Ok(Pinner {
+            inner: Arc::new(Shared {
+                device: Some(device),
+                mapper,
+                source,
+                kind: dev.kind,
+                name: dev.name.clone(),
+                dev: Some(dev),
+                topology,
+                ipc_lock,
+                read_counter: prove::read_counter,
+            }),
+        })
+    }
+
+    /// A pinner on a VFIO type1 container that the caller owns, with any
+    /// number of groups already in it (a VMM's container). numapin then only
+    /// maps, proves, translates and unmaps: it never opens, resets or closes
+    /// a device. It keeps a duplicate of the fd (`F_DUPFD_CLOEXEC`), so the
+    /// container lives as long as the pinner or any of its regions; the
+    /// mappings live as long as a group stays in the container, which is the
+    /// caller's to keep.
+    ///
+    /// `kind` says what the container holds: [`ContainerKind::Type1Iommu`]
+    /// when an IOMMU-backed group is in it (MAP_DMA pins), or
+    /// [`ContainerKind::MdevOnly`] when only mdev groups are (numapin takes
+    /// an io_uring pin before each mapping).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for [`ContainerKind::NoIommu`] (a no-IOMMU
+    /// container has no mappings: open the device with [`Pinner::open`]),
+    /// [`Error::Sys`] when the fd cannot be duplicated or is not a container
+    /// with an IOMMU set (`VFIO_IOMMU_GET_INFO` fails).
+    pub fn with_type1_container(container: BorrowedFd<'_>, kind: ContainerKind) -> Result<Pinner> {
+        if kind == ContainerKind::NoIommu {
+            return Err(Error::Invalid(
+                "a no-IOMMU container has no DMA mappings to share; open the device with Pinner::open".into(),
+            ));
+        }
+        let fd = container
+            .try_clone_to_owned()
+            .map_err(|e| Error::sys("dup the container fd", "", e))?;
+        let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let name = "the caller's container".to_string();
+        let pins = kind == ContainerKind::Type1Iommu;
+        let mapper: Arc<dyn IovaMapper> =
+            Arc::new(Type1Container::given(fd, pins, name.clone(), ipc_lock)?);
+        let source = PinSource::for_mapper(mapper.as_ref());
+        Ok(Pinner {
+            inner: Arc::new(Shared {
+                device: None,
+                mapper,
+                source,
+                dev: None,
+                kind,
+                name,
+                topology: Topology::read()?,
+                ipc_lock,
+                read_counter: prove::read_counter,
+            }),
+        })
+    }
+
+    /// The device as sysfs described it when it was opened (`None` on a
+    /// container the caller owns).
+    pub fn device_info(&self) -> Option<&DeviceInfo> {
+        self.inner.dev.as_ref()
+    }
+
+    /// The container kind.
+    pub fn kind(&self) -> ContainerKind {
+        self.inner.kind
+    }
+
+    /// The container's `VFIO_IOMMU_GET_INFO` as read at open time (`None`
+    /// in no-IOMMU mode, which has no IOMMU to describe).
+    pub fn iommu_info(&self) -> Option<&IommuInfo> {
+        self.inner.mapper.info()
+    }
+
+    /// Reads `VFIO_IOMMU_GET_INFO` again (e.g. for a current DMA_AVAIL);
+    /// `None` in no-IOMMU mode.
+    ///
+    /// # Errors
+    /// [`Error::Sys`] if the ioctl fails, [`Error::Info`] if its reply
+    /// cannot be parsed.
+    pub fn refresh_info(&self) -> Result<Option<IommuInfo>> {
+        self.inner.mapper.refresh_info()
+    }
+
+    /// The NUMA topology read at open time.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// The opened VFIO device fd, for register and config-space access
+    /// (`None` on a container the caller owns: use the caller's device).
+    pub fn device_fd(&self) -> Option<DeviceFd<'_>> {
+        Some(match self.inner.device.as_ref()? {
+            OpenDevice::Type1(d) => {
+                use std::os::fd::AsRawFd;
+                let raw = d.as_raw_fd();
+                // SAFETY: the fd is the VfioDevice's VFIO device fd, and the
+                // device lives as long as `self`, so it outlives the borrow.
+                unsafe { DeviceFd::new(BorrowedFd::borrow_raw(raw)) }
+            }
+            OpenDevice::NoIommu(d) => d.fd(),
+        })
+    }
+
+    /// Allocates `req.size` bytes on `req.node`, faults them in there, pins
+    /// them (see [`Pinner`] for how, per container kind), and proves the pin
+    /// as `req.proof` asks (by default: the accounting grew by the size,
+    /// every page is on the node, and a PFN snapshot is kept).
+    ///
+    /// On error nothing is left behind: no mapping, no pinned or locked
+    /// memory, no allocation, no IOVA reservation.
+    ///
+    /// # Errors
+    /// Before anything is allocated: [`Error::ZeroSize`],
+    /// [`Error::UnalignedSize`], [`Error::UnalignedIova`],
+    /// [`Error::UnalignedForIommu`], [`Error::NodeNotOnline`],
+    /// [`Error::NotEnoughHugepages`], [`Error::MemlockLimit`],
+    /// [`Error::Iova`], [`Error::IovaWithoutIommu`]. While allocating:
+    /// [`Error::Populate`], [`Error::Cancelled`]. While pinning and proving:
+    /// the pin source's and mapper's errors ([`Error::PinNoMemory`],
+    /// [`Error::DmaEntriesExhausted`], [`Error::IovaOverlap`], io_uring's
+    /// errors), [`Error::NotAccounted`], [`Error::Misplaced`],
+    /// [`Error::ExtentTooSmall`].
+    ///
+    /// # Example
+    /// ```no_run
+    /// use numapin::{NodeId, PageSize, PinRequest, Pinner};
+    /// # fn main() -> numapin::Result<()> {
+    /// let pinner = Pinner::open("0000:3b:00.0")?;
+    /// let region = pinner.pin(&PinRequest {
+    ///     page_size: PageSize::Huge2M,
+    ///     ..PinRequest::new(NodeId(1), 64 << 20)
+    /// })?;
+    /// assert!(region.verify()?.is_intact());
+    /// # Ok(()) }
+    /// ```
+    pub fn pin(&self, req: &PinRequest<'_>) -> Result<PinnedRegion> {
+        req.validate()?;
+        let node = req.node.ok_or_else(|| {
+            Error::Invalid(
+                "memory numapin allocates needs a node; set PinRequest::node (see `numapin topology`)".into(),
+            )
+        })?;
+        let (size, page_size) = (req.size, req.page_size);
+        self.check_iommu_alignment(size)?;
+        self.inner.topology.require(node)?;
+        // Hugepage counts change at run time: read them now, not at open.
+        Topology::read()?.check_capacity(node, size, page_size)?;
+        check_memlock(self.inner.source.accounting(), size, self.inner.ipc_lock)?;
+        // NodeMemory puts a region of 2 MiB or more on a 2 MiB boundary
+        // (so any 2 MiB-aligned address stands for it here).
+        let align = iova_align(0, size, page_size.bytes());
+        let reservation = self.reserve_iova(req.iova, size, align)?;
+        let mem = NodeMemory::allocate(
+            &self.inner.topology,
+            node,
+            size,
+            page_size,
+            req.threads,
+            req.progress,
+            req.cancel.as_ref(),
+        )?;
+        let range = Range {
+            vaddr: VirtAddr(mem.addr() as u64),
+            len: size,
+            node: Some(node),
+            page_size,
+            min_extent: req.min_extent,
+            proof: req.proof,
+        };
+        self.pin_range(reservation, range, Some(mem))
+    }
+
+    /// Pins caller-owned memory: `req.size` bytes at `vaddr`, at `req.iova`
+    /// (or at an IOVA numapin picks) — the VMM case, guest RAM pinned at
+    /// IOVA = guest-physical address. `req.page_size` says what backs the
+    /// memory (it sets the placement-check stride); if `req.node` is given,
+    /// every page must be on it after pinning. The region does not own the
+    /// memory and never unmaps it; `req.threads`, `progress` and `cancel`
+    /// do not apply (nothing is prefaulted).
+    ///
+    /// # Safety
+    /// The memory must stay mapped (not `munmap`ed or replaced) until the
+    /// returned region is dropped or released: the device keeps DMA access
+    /// to the pinned pages until then. While pinned, a device may read and
+    /// write it at any time, so the caller must not hold Rust references to
+    /// it — only raw pointers with volatile or atomic access, or system
+    /// calls.
+    ///
+    /// # Errors
+    /// [`Error::UnalignedUserMemory`] for an address or length off the page
+    /// size, and the errors of [`Pinner::pin`] from the IOMMU alignment on
+    /// (nothing is allocated here).
+    pub unsafe fn pin_user(&self, vaddr: *mut u8, req: &PinRequest<'_>) -> Result<PinnedRegion> {
+        let addr = VirtAddr::of(vaddr);
+        let len = req.size;
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        let page = req.page_size.bytes().max(crate::addr::base_page_size());
+        if !addr.is_aligned(page) || len % page != 0 {
+            return Err(Error::UnalignedUserMemory {
+                vaddr: addr.raw(),
+                len,
+                page,
+            });
+        }
+        req.validate()?;
+        self.check_iommu_alignment(len)?;
+        if let Some(n) = req.node {
+            self.inner.topology.require(n)?;
+        }
+        check_memlock(self.inner.source.accounting(), len, self.inner.ipc_lock)?;
+        let reservation = self.reserve_iova(req.iova, len, iova_align(addr.raw(), len, page))?;
+        let range = Range {
+            vaddr: addr,
+            len,
+            node: req.node,
+            page_size: req.page_size,
+            min_extent: req.min_extent,
+            proof: req.proof,
+        };
+        self.pin_range(reservation, range, None)
+    }
+
+    /// Pins and checks the range at the reserved IOVA and wraps it in a
+    /// region (owning `mem`, if given). If a mapping could not be undone
+    /// after a failed check, neither the IOVA nor the memory is ever
+    /// reused: a device may still reach it.
+    fn pin_range(
+        &self,
+        reservation: Option<IovaReservation<'_>>,
+        range: Range,
+        mem: Option<NodeMemory>,
+    ) -> Result<PinnedRegion> {
+        let iova = reservation.as_ref().map(|r| r.iova);
+        let (uring, pfns) = match self.pin_checked(&range, iova) {
+            Ok(p) => p,
+            Err(MapFailure {
+                error,
+                still_mapped,
+            }) => {
+                if still_mapped {
+                    reservation.map(IovaReservation::keep);
+                    if let Some(m) = mem {
+                        m.leak();
+                    }
+                }
+                return Err(error);
+            }
+        };
+        let iova = reservation.map(IovaReservation::keep);
+        let shared: Arc<dyn Send + Sync> = self.inner.clone();
+        Ok(PinnedRegion::new(RegionParts {
+            mapper: self.inner.mapper.clone(),
+            keep: shared,
+            kind: self.inner.kind,
+            source: self.inner.source,
+            device: self.inner.name.clone(),
+            iova,
+            len: range.len,
+            vaddr: range.vaddr,
+            node: range.node,
+            page_size: range.page_size,
+            memory: mem,
+            uring,
+            pfns,
+        }))
+    }
+
+    fn check_iommu_alignment(&self, size: u64) -> Result<()> {
+        let min_page = self
+            .iommu_info()
+            .map_or(crate::addr::base_page_size(), IommuInfo::min_page_size);
+        if size % min_page != 0 {
+            return Err(Error::UnalignedForIommu { size, min_page });
+        }
+        Ok(())
+    }
+
+    /// Reserves the IOVA range (or refuses one for a no-IOMMU device, which
+    /// has none: `Ok(None)` when none was asked for).
+    fn reserve_iova(
+        &self,
+        iova: Option<Iova>,
+        len: u64,
+        align: u64,
+    ) -> Result<Option<IovaReservation<'_>>> {
+        let mapper = self.inner.mapper.as_ref();
+        let Some(alloc) = mapper.allocator() else {
+            return match iova {
+                Some(_) => Err(Error::IovaWithoutIommu {
+                    device: self.inner.name.clone(),
+                }),
+                None => Ok(None),
+            };
+        };
+        let mut alloc = alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let iova = match iova {
+            Some(i) => {
+                alloc.reserve(i, len)?;
+                i
+            }
+            None => alloc.allocate(len, align)?,
+        };
+        Ok(Some(IovaReservation {
+            mapper,
+            iova,
+            armed: true,
+        }))
+    }
+
+    /// Takes the pin for this container kind, then proves it. Undoes
+    /// everything on failure. Runs under the accounting lock.
+    fn pin_checked(
+        &self,
+        r: &Range,
+        iova: Option<Iova>,
+    ) -> std::result::Result<Pinned, MapFailure> {
+        backend::serialized(|| {
+            let unmapped = |error: Error| MapFailure {
+                error,
+                still_mapped: false,
+            };
+            let s = &self.inner;
+            let acct = s.source.accounting();
+            let read = || (s.read_counter)(acct);
+            let before = match r.proof {
+                crate::Proof::None => 0,
+                _ => read().map_err(unmapped)?,
+            };
+            let uring = match s.source {
+                PinSource::Mapping => None,
+                // SAFETY: the region keeps the memory mapped until it
+                // releases the pin (owned NodeMemory, or caller memory under
+                // pin_user's contract); on failure below the pin is dropped
+                // first.
+                PinSource::Uring => {
+                    Some(unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) }.map_err(unmapped)?)
+                }
+            };
+            if let Some(iova) = iova {
+                // SAFETY: as above; a failure drops `uring`, which
+                // unregisters the buffers.
+                unsafe { s.mapper.map(r.vaddr, r.len, iova) }.map_err(unmapped)?;
+            }
+            let physical = s.mapper.addressing() == DmaAddressing::Physical;
+            match prove::prove(r, s.source, before, &read, physical) {
+                Ok(pfns) => Ok((uring, pfns)),
+                Err(error) => {
+                    let still_mapped = match iova {
+                        Some(iova) => match s.mapper.unmap(iova, r.len) {
+                            Ok(()) => false,
+                            Err(e) => {
+                                log::error!(
+                                    "could not undo the mapping at {iova} ({e}); leaking it and its memory"
+                                );
+                                true
+                            }
+                        },
+                        None => false,
+                    };
+                    if still_mapped {
+                        // The IOVA stays recorded: keep the pages pinned too.
+                        std::mem::forget(uring);
+                    }
+                    Err(MapFailure {
+                        error,
+                        still_mapped,
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// A successful pin: the io_uring pin (if that is the source) and the PFN
+/// snapshot (when readable).
+type Pinned = (Option<UringPin>, Option<Vec<u64>>);
+
+/// A failed map: the error, and whether the range could not be unmapped
+/// again (then its memory and IOVA must never be reused).
+struct MapFailure {
+    error: Error,
+    still_mapped: bool,
+}
+
+/// An IOVA reservation that is returned to the allocator unless kept.
+struct IovaReservation<'a> {
+    mapper: &'a dyn IovaMapper,
+    iova: Iova,
+    armed: bool,
+}
+
+impl IovaReservation<'_> {
+    fn keep(mut self) -> Iova {
+        self.armed = false;
+        self.iova
+    }
+}
+
+impl Drop for IovaReservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.mapper.free_iova(self.iova);
+        }
+    }
+}

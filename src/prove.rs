@@ -1,0 +1,172 @@
+//! The checks around a pin: the memlock limit before it, and after it the
+//! accounting, the placement, the PFN snapshot and the minimum extent.
+//!
+//! Each check reads the kernel's own view: `/proc/self/status` for the
+//! accounting, `move_pages(2)` with a null node list for placement
+//! (`do_pages_stat`), `/proc/self/pagemap` for the frames.
+
+use std::io;
+
+use crate::addr::{NodeId, PageSize, VirtAddr};
+use crate::backend::{Accounting, PinSource};
+use crate::error::{Error, Result};
+use crate::request::{Proof, validate_min_extent};
+use crate::sys;
+
+/// The memlock error for pinning `len` more bytes under `acct`, if the
+/// limit forbids it. VFIO type1 counts against `VmLck`; io_uring against
+/// the user's locked memory, of which this process's share is `VmPin`
+/// (other processes of the same user may hold more: the kernel's refusal
+/// is the final word).
+pub(crate) fn memlock_error(acct: Accounting, len: u64, ipc_lock: bool) -> Option<Error> {
+    if ipc_lock {
+        return None;
+    }
+    let limit = sys::memlock_limit().ok()?;
+    let locked = acct.read().ok()?;
+    (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
+}
+
+/// Fails with [`Error::MemlockLimit`] when the pin would exceed the limit.
+pub(crate) fn check_memlock(acct: Accounting, len: u64, ipc_lock: bool) -> Result<()> {
+    memlock_error(acct, len, ipc_lock).map_or(Ok(()), Err)
+}
+
+/// A range to pin, as the pin path passes it around.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Range {
+    pub(crate) vaddr: VirtAddr,
+    pub(crate) len: u64,
+    pub(crate) node: Option<NodeId>,
+    pub(crate) page_size: PageSize,
+    pub(crate) min_extent: Option<u64>,
+    pub(crate) proof: Proof,
+}
+
+/// Reads the counter the pin source grows, for the before/after check.
+pub(crate) fn read_counter(acct: Accounting) -> Result<u64> {
+    acct.read()
+        .map_err(|e| Error::sys(format!("read {}", acct.counter()), "", e))
+}
+
+/// The checks after the pin: accounting (against `before`), placement,
+/// PFN snapshot, minimum extent. Returns the snapshot, if taken.
+///
+/// `needs_pfns`: the device DMAs to physical addresses, so the frames are
+/// required, not a bonus.
+pub(crate) fn prove(
+    r: &Range,
+    source: PinSource,
+    before: u64,
+    read: &dyn Fn() -> Result<u64>,
+    needs_pfns: bool,
+) -> Result<Option<Vec<u64>>> {
+    if r.proof != Proof::None {
+        let after = read()?;
+        let grew = after.saturating_sub(before);
+        if grew < r.len {
+            return Err(Error::NotAccounted {
+                counter: source.accounting().counter(),
+                by: source.call(),
+                grew,
+                len: r.len,
+            });
+        }
+    }
+    let needs_pfns = needs_pfns || r.min_extent.is_some();
+    if r.proof != Proof::Full && !needs_pfns {
+        return Ok(None);
+    }
+    if let (Some(node), Proof::Full) = (r.node, r.proof) {
+        check_placement(r.vaddr, r.len, node, r.page_size)?;
+    }
+    // A no-IOMMU device needs the physical addresses; elsewhere they are
+    // a bonus (hidden without CAP_SYS_ADMIN).
+    let pfns = match crate::phys::pfns(r.vaddr.raw(), r.len) {
+        Ok(p) => Some(p),
+        Err(e) if needs_pfns => return Err(e.into()),
+        Err(_) => None,
+    };
+    if let (Some(min), Some(p)) = (r.min_extent, &pfns) {
+        check_extents(p, min)?;
+    }
+    Ok(pfns)
+}
+
+/// Checks that every page of the range is on `node`.
+pub(crate) fn check_placement(
+    vaddr: VirtAddr,
+    len: u64,
+    node: NodeId,
+    page_size: PageSize,
+) -> Result<()> {
+    let status = crate::numa::nodes_of(vaddr.as_usize(), len as usize, page_size.bytes())
+        .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
+    let off: Vec<(usize, i32)> = status
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|&(_, s)| s != node.0 as i32)
+        .collect();
+    if let Some(&(i, s)) = off.first() {
+        return Err(Error::Misplaced {
+            node,
+            pages: status.len() as u64,
+            off_node: off.len() as u64,
+            first_offset: i as u64 * page_size.bytes(),
+            first_node: if s >= 0 {
+                format!("node {s}")
+            } else {
+                io::Error::from_raw_os_error(-s).to_string()
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Fails unless every physically contiguous run of `pfns` (the last one
+/// included) is at least `min` bytes long (or, for a region shorter than
+/// `min`, unless it is one run).
+pub(crate) fn check_extents(pfns: &[u64], min: u64) -> Result<()> {
+    validate_min_extent(min)?;
+    let base = crate::addr::base_page_size();
+    let extents = crate::phys::merge_extents(pfns.iter().copied(), base);
+    let total = pfns.len() as u64 * base;
+    let smallest = extents.iter().map(|e| e.len).min().unwrap_or(0);
+    if smallest < min.min(total) {
+        return Err(Error::ExtentTooSmall {
+            min,
+            smallest,
+            count: extents.len(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_against_a_minimum() {
+        let page = crate::addr::base_page_size();
+        // One run of four pages, then a gap, then two.
+        let pfns = [10, 11, 12, 13, 20, 21];
+        assert!(check_extents(&pfns, 2 * page).is_ok());
+        match check_extents(&pfns, 4 * page) {
+            Err(Error::ExtentTooSmall {
+                min,
+                smallest,
+                count,
+            }) => {
+                assert_eq!((min, smallest, count), (4 * page, 2 * page, 2));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A region shorter than the minimum passes only as one run.
+        assert!(check_extents(&[5, 6], 64 * page).is_ok());
+        assert!(check_extents(&[5, 7], 64 * page).is_err());
+        // Descending frames are not contiguous.
+        assert!(check_extents(&[9, 8], 2 * page).is_err());
+    }
+}
