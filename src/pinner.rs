@@ -537,3 +537,264 @@ impl Drop for IovaReservation<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pin path's error handling on any host, through the mapper seam:
+    //! a fake mapper that fails on command and records what was undone,
+    //! and a fake accounting counter.
+    use std::cell::Cell;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::addr::NodeId;
+    use crate::iova::{IovaAllocator, IovaRange};
+    use crate::request::Proof;
+
+    thread_local! {
+        /// What the fake kernel's `VmLck` reads on this test's thread.
+        static LOCKED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn fake_counter(_: Accounting) -> Result<u64> {
+        Ok(LOCKED.with(Cell::get))
+    }
+
+    #[derive(Default)]
+    struct Behaviour {
+        /// The error MAP_DMA returns, if any.
+        map_fails: Option<fn() -> Error>,
+        /// MAP_DMA succeeds but the counter does not grow.
+        no_accounting: bool,
+        /// UNMAP_DMA fails.
+        unmap_fails: bool,
+    }
+
+    struct FakeMapper {
+        alloc: Mutex<IovaAllocator>,
+        how: Behaviour,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeMapper {
+        fn new(how: Behaviour) -> Arc<FakeMapper> {
+            let ranges = vec![IovaRange::new(Iova(0x10_0000), Iova(0xffff_ffff)).unwrap()];
+            Arc::new(FakeMapper {
+                alloc: Mutex::new(IovaAllocator::new(ranges, 4096).unwrap()),
+                how,
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+
+        fn allocated(&self) -> usize {
+            self.alloc.lock().unwrap().allocations().count()
+        }
+    }
+
+    impl IovaMapper for FakeMapper {
+        fn addressing(&self) -> DmaAddressing {
+            DmaAddressing::Iova
+        }
+        fn pins_on_map(&self) -> bool {
+            true
+        }
+        fn info(&self) -> Option<&IommuInfo> {
+            None
+        }
+        fn refresh_info(&self) -> Result<Option<IommuInfo>> {
+            Ok(None)
+        }
+        fn allocator(&self) -> Option<&Mutex<IovaAllocator>> {
+            Some(&self.alloc)
+        }
+        unsafe fn map(&self, _: VirtAddr, len: u64, iova: Iova) -> Result<()> {
+            if let Some(e) = self.how.map_fails {
+                self.calls.lock().unwrap().push(format!("map {iova} failed"));
+                return Err(e());
+            }
+            if !self.how.no_accounting {
+                LOCKED.with(|c| c.set(c.get() + len));
+            }
+            self.calls.lock().unwrap().push(format!("map {iova}"));
+            Ok(())
+        }
+        fn unmap(&self, iova: Iova, len: u64) -> Result<()> {
+            if self.how.unmap_fails {
+                self.calls.lock().unwrap().push(format!("unmap {iova} failed"));
+                return Err(Error::sys("VFIO_IOMMU_UNMAP_DMA", "", std::io::Error::from_raw_os_error(libc::EIO)));
+            }
+            if !self.how.no_accounting {
+                LOCKED.with(|c| c.set(c.get() - len));
+            }
+            self.calls.lock().unwrap().push(format!("unmap {iova}"));
+            Ok(())
+        }
+    }
+
+    fn pinner_on(mapper: Arc<FakeMapper>) -> Pinner {
+        Pinner {
+            inner: Arc::new(Shared {
+                device: None,
+                mapper,
+                source: PinSource::Mapping,
+                dev: None,
+                kind: ContainerKind::Type1Iommu,
+                name: "fake".into(),
+                topology: Topology { nodes: Vec::new() },
+                ipc_lock: true,
+                read_counter: fake_counter,
+            }),
+        }
+    }
+
+    /// Two pages of anonymous memory the test owns.
+    struct Pages(*mut u8);
+    const LEN: u64 = 2 * 4096;
+    impl Pages {
+        fn new() -> Pages {
+            // SAFETY: a fresh anonymous mapping aliases nothing.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    LEN as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            Pages(p.cast())
+        }
+    }
+    impl Drop for Pages {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping, no references into it remain.
+            unsafe { libc::munmap(self.0.cast(), LEN as usize) };
+        }
+    }
+
+    fn req() -> PinRequest<'static> {
+        PinRequest {
+            proof: Proof::Accounting,
+            ..PinRequest::any_node(LEN)
+        }
+    }
+
+    #[test]
+    fn a_failed_map_leaves_no_iova_and_no_mapping() {
+        let fake = FakeMapper::new(Behaviour {
+            map_fails: Some(|| Error::DmaEntriesExhausted { avail: 0 }),
+            ..Behaviour::default()
+        });
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        // SAFETY: `mem` outlives every region of this test.
+        let e = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
+        assert!(matches!(e, Error::DmaEntriesExhausted { .. }), "{e}");
+        assert_eq!(fake.allocated(), 0, "the IOVA went back to the allocator");
+        assert_eq!(fake.calls(), ["map 0x100000 failed"]);
+    }
+
+    #[test]
+    fn a_pin_the_counter_does_not_show_is_undone() {
+        let fake = FakeMapper::new(Behaviour {
+            no_accounting: true,
+            ..Behaviour::default()
+        });
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        // SAFETY: as above.
+        let e = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
+        match e {
+            Error::NotAccounted { counter, grew, len, .. } => {
+                assert_eq!((counter, grew, len), ("VmLck", 0, LEN));
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(fake.calls(), ["map 0x100000", "unmap 0x100000"]);
+        assert_eq!(fake.allocated(), 0);
+    }
+
+    #[test]
+    fn an_undo_that_fails_keeps_the_iova_reserved() {
+        let fake = FakeMapper::new(Behaviour {
+            no_accounting: true,
+            unmap_fails: true,
+            ..Behaviour::default()
+        });
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        // SAFETY: as above.
+        let e = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
+        assert!(matches!(e, Error::NotAccounted { .. }), "{e}");
+        // The device may still reach the range: its IOVA is never reused.
+        assert_eq!(fake.allocated(), 1);
+        // SAFETY: as above.
+        let again = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
+        assert!(matches!(again, Error::NotAccounted { .. }));
+        assert_eq!(
+            fake.calls(),
+            ["map 0x100000", "unmap 0x100000 failed", "map 0x102000", "unmap 0x102000 failed"]
+        );
+    }
+
+    #[test]
+    fn release_unmaps_and_frees_the_iova() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        // SAFETY: as above.
+        let r = unsafe { p.pin_user(mem.0, &req()) }.unwrap();
+        assert_eq!(r.iova(), Some(Iova(0x10_0000)));
+        assert_eq!(r.pin_kind(), "vfio-map-dma");
+        assert_eq!(LOCKED.with(Cell::get), LEN);
+        drop(p); // the region keeps what it needs
+        r.release().unwrap();
+        assert_eq!(LOCKED.with(Cell::get), 0);
+        assert_eq!(fake.allocated(), 0);
+        assert_eq!(fake.calls(), ["map 0x100000", "unmap 0x100000"]);
+    }
+
+    #[test]
+    fn a_region_whose_unmap_fails_on_drop_keeps_its_iova() {
+        let fake = FakeMapper::new(Behaviour {
+            unmap_fails: true,
+            ..Behaviour::default()
+        });
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        // SAFETY: as above.
+        let r = unsafe { p.pin_user(mem.0, &req()) }.unwrap();
+        assert!(r.release().is_err());
+        assert_eq!(fake.allocated(), 1);
+    }
+
+    #[test]
+    fn requests_fail_before_the_kernel_is_asked() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        let mem = Pages::new();
+        let misaligned = mem.0.wrapping_add(8);
+        // SAFETY: the pin is refused before anything is mapped.
+        let e = unsafe { p.pin_user(misaligned, &req()) }.unwrap_err();
+        assert!(matches!(e, Error::UnalignedUserMemory { .. }), "{e}");
+        // A node the topology does not have.
+        let on_node = PinRequest {
+            node: Some(NodeId(7)),
+            ..req()
+        };
+        // SAFETY: as above.
+        let e = unsafe { p.pin_user(mem.0, &on_node) }.unwrap_err();
+        assert!(matches!(e, Error::NodeNotOnline { .. }), "{e}");
+        // Memory numapin allocates needs a node.
+        let e = p.pin(&PinRequest::any_node(LEN)).unwrap_err();
+        assert!(e.to_string().contains("needs a node"), "{e}");
+        assert!(fake.calls().is_empty());
+        assert_eq!(fake.allocated(), 0);
+    }
+}

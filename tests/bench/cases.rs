@@ -194,7 +194,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
             // not referenced while pinned.
             let r = unsafe { pinner.pin_user(mem.as_ptr(), &m) };
             let d = t.elapsed();
-            let r = e(r, "pin_user_memory")?;
+            let r = e(r, "pin_user")?;
             if variant == 0 {
                 entries = before - avail(&pinner)?;
             }

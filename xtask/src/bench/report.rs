@@ -15,7 +15,7 @@ pub const ROWS: &[(&str, &str)] = &[
     ("floor.unmap", "**floor**: its `VFIO_IOMMU_UNMAP_DMA`"),
     (
         "numapin.pin-only",
-        "numapin `pin_user_memory`, `Proof::None`: pin only",
+        "numapin `pin_user`, `Proof::None`: pin only",
     ),
     (
         "numapin.pin-proved",
@@ -332,7 +332,7 @@ pub fn markdown(p: &Page) -> String {
     }
     let _ = write!(
         out,
-        "\nThe targets: pin-only (`pin_user_memory` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
+        "\nThe targets: pin-only (`pin_user` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
          the raw ioctl; one DMA mapping per region whatever its size; prefault with the \
          node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread for \
          {} or more; no hinting faults or migrations attributable to numapin regions. \
@@ -393,7 +393,7 @@ pub fn markdown(p: &Page) -> String {
         "- **floor**: one `VFIO_IOMMU_MAP_DMA` of the whole region on memory bound to \
          node 0 and faulted in, through a type1v2 container opened with vfio-ioctls \
          (no numapin), then its `UNMAP_DMA`.\n\
-         - **pin only**: numapin's `Pinner::pin_user_memory` on that same memory with \
+         - **pin only**: numapin's `Pinner::pin_user` on that same memory with \
          `Proof::None` (the VMM fast path: the pin call and its bookkeeping); beside it \
          `pin_user` with the default full proof (accounting, node query, PFN snapshot), \
          with the node to check and without one. All at the floor's IOVA, as a VMM passes \
@@ -508,7 +508,7 @@ mod tests {
             "node 0: vCPUs 0–1, 5632 MiB",
             "![time relative to one raw MAP_DMA",
             "(benchmarks/bench.svg)",
-            "| numapin `pin_user_memory`, `Proof::None`: pin only | 12.50 ms (1.25×) |",
+            "| numapin `pin_user`, `Proof::None`: pin only | 12.50 ms (1.25×) |",
             "| prefault speedup, node threads vs 1 | 2.00× (2 threads) |",
             "65535 × 2 MiB = 128.0 GiB",
             "| numapin (`mbind(MPOL_BIND)`, pinned) | 6 | 6 | -1 |",
