@@ -73,7 +73,7 @@ mod uring;
 
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
 pub use cancel::Cancel;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use pinner::Pinner;
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};

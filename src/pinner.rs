@@ -291,6 +291,15 @@ impl Pinner {
             req.progress,
             req.cancel.as_ref(),
         )?;
+        if req.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
+            // Prefault finished as the cancel came: pin nothing. `mem` is
+            // freed and the IOVA returned as they drop.
+            return Err(Error::Cancelled {
+                step: "pin",
+                done: 0,
+                len: size,
+            });
+        }
         let range = Range {
             vaddr: VirtAddr(mem.addr() as u64),
             len: size,
@@ -462,12 +471,13 @@ impl Pinner {
             };
             let uring = match s.source {
                 PinSource::Mapping => None,
-                // SAFETY: the region keeps the memory mapped until it
-                // releases the pin (owned NodeMemory, or caller memory under
-                // pin_user's contract); on failure below the pin is dropped
-                // first.
                 PinSource::Uring => {
-                    Some(unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) }.map_err(unmapped)?)
+                    // SAFETY: the region keeps the memory mapped until it
+                    // releases the pin (owned NodeMemory, or caller memory
+                    // under pin_user's contract); on failure below the pin
+                    // is dropped first.
+                    let pin = unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) };
+                    Some(pin.map_err(unmapped)?)
                 }
             };
             if let Some(iova) = iova {
@@ -613,7 +623,10 @@ mod tests {
         }
         unsafe fn map(&self, _: VirtAddr, len: u64, iova: Iova) -> Result<()> {
             if let Some(e) = self.how.map_fails {
-                self.calls.lock().unwrap().push(format!("map {iova} failed"));
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("map {iova} failed"));
                 return Err(e());
             }
             if !self.how.no_accounting {
@@ -624,8 +637,15 @@ mod tests {
         }
         fn unmap(&self, iova: Iova, len: u64) -> Result<()> {
             if self.how.unmap_fails {
-                self.calls.lock().unwrap().push(format!("unmap {iova} failed"));
-                return Err(Error::sys("VFIO_IOMMU_UNMAP_DMA", "", std::io::Error::from_raw_os_error(libc::EIO)));
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("unmap {iova} failed"));
+                return Err(Error::sys(
+                    "VFIO_IOMMU_UNMAP_DMA",
+                    "",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
             }
             if !self.how.no_accounting {
                 LOCKED.with(|c| c.set(c.get() - len));
@@ -711,7 +731,9 @@ mod tests {
         // SAFETY: as above.
         let e = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
         match e {
-            Error::NotAccounted { counter, grew, len, .. } => {
+            Error::NotAccounted {
+                counter, grew, len, ..
+            } => {
                 assert_eq!((counter, grew, len), ("VmLck", 0, LEN));
             }
             other => panic!("{other}"),
@@ -739,7 +761,12 @@ mod tests {
         assert!(matches!(again, Error::NotAccounted { .. }));
         assert_eq!(
             fake.calls(),
-            ["map 0x100000", "unmap 0x100000 failed", "map 0x102000", "unmap 0x102000 failed"]
+            [
+                "map 0x100000",
+                "unmap 0x100000 failed",
+                "map 0x102000",
+                "unmap 0x102000 failed"
+            ]
         );
     }
 

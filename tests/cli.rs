@@ -47,17 +47,28 @@ fn assert_usage_error(args: &[&str], needles: &[&str]) {
     }
 }
 
-/// Asserts a runtime failure: exit 1, nothing on stdout, exactly one stderr
-/// line that starts with `numapin: error: ` and contains every needle.
+/// Asserts a failure of the usage class (a device that does not exist, a
+/// missing edu device): exit 2, exactly one stderr line that starts with
+/// `numapin: error: ` and contains every needle, and on stdout nothing —
+/// or, with `--json`, the error object `{"error": {"kind": "usage", ..}}`.
 fn assert_one_line_error(args: &[&str], needles: &[&str]) -> String {
     let out = numapin(args);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    assert!(
-        stdout(&out).is_empty(),
-        "{args:?} printed on stdout: {}",
-        stdout(&out)
-    );
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    if args.contains(&"--json") {
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {}", stdout(&out)));
+        assert_eq!(doc["error"]["kind"], "usage", "{args:?}: {doc}");
+        let message = doc["error"]["message"].as_str().unwrap_or_default();
+        assert!(err.contains(message), "{args:?}: {doc} vs {err}");
+        assert!(doc["error"]["hint"].is_string(), "{args:?}: {doc}");
+    } else {
+        assert!(
+            stdout(&out).is_empty(),
+            "{args:?} printed on stdout: {}",
+            stdout(&out)
+        );
+    }
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(
         lines.len(),
@@ -152,7 +163,7 @@ fn bad_page_size_lists_the_supported_ones() {
 
 #[test]
 fn good_region_specs_pass_parsing_and_fail_only_on_the_device() {
-    // These parse, so the failure must come from the missing device (exit 1),
+    // These parse, so the failure must come from the missing device (exit 2),
     // never from argument handling (exit 2). Size 0 parses too: the pinner,
     // not the parser, rejects it.
     for spec in [

@@ -1,10 +1,15 @@
-//! Holding pins until SIGINT/SIGTERM or a timeout, without signal handlers:
-//! the signals are blocked in every thread and taken with `sigtimedwait`.
+//! Cancelling and holding on SIGINT/SIGTERM, without signal handlers: the
+//! signals are blocked in every thread and taken with `sigtimedwait` by one
+//! watcher thread. While numapin pins, the first signal cancels the work
+//! (the CLI then exits 128 + the signal); once the pins are held, it ends
+//! the hold (the pins are released and the CLI exits 0).
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
-use numapin::{Error, Result};
+use numapin::{Cancel, Error, Result};
 
 /// SIGINT and SIGTERM, blocked in the calling thread (and every thread it
 /// starts afterwards).
@@ -31,32 +36,98 @@ impl SignalSet {
         }
         Ok(SignalSet(set))
     }
+}
 
-    /// Waits for one of the signals, or until `timeout` passes (`None`: forever).
-    pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(l) if !l.is_zero() => l,
-                    _ => return Ok(()),
-                },
-                None => Duration::from_secs(3600),
-            };
-            let ts = libc::timespec {
-                tv_sec: left.as_secs() as libc::time_t,
-                tv_nsec: left.subsec_nanos() as libc::c_long,
-            };
-            // SAFETY: valid set and timespec; siginfo may be null.
-            let r = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
-            if r > 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                _ => return Err(Error::sys("sigtimedwait", "", e)),
-            }
+/// The signal that cancelled the run, if one did (0: none).
+static CANCELLED_BY: AtomicI32 = AtomicI32::new(0);
+
+/// The signal that cancelled the run, if any.
+pub fn cancelling_signal() -> Option<i32> {
+    match CANCELLED_BY.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// `SIGINT` or `SIGTERM`, for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// A thread that takes SIGINT/SIGTERM while numapin works: the first one
+/// cancels the work (through [`Watcher::cancel`]) and is handed to
+/// [`Watcher::wait`].
+pub struct Watcher {
+    /// Cancelled by the first signal.
+    pub cancel: Cancel,
+    signals: mpsc::Receiver<i32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SignalSet {
+    /// Starts the watcher thread. The signals stay blocked in every thread,
+    /// so only its `sigtimedwait` takes them.
+    pub fn watch(self) -> Watcher {
+        let cancel = Cancel::new();
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (cancel.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("numapin-signals".into())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    let ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 100_000_000,
+                    };
+                    // SAFETY: valid set and timespec; siginfo may be null.
+                    let sig = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
+                    if sig > 0 {
+                        let _ = CANCELLED_BY.compare_exchange(
+                            0,
+                            sig,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                        c.cancel();
+                        let _ = tx.send(sig);
+                    }
+                }
+            })
+            .ok();
+        Watcher {
+            cancel,
+            signals: rx,
+            stop,
+            thread,
+        }
+    }
+}
+
+impl Watcher {
+    /// Waits for a signal, or until `timeout` passes (`None`: forever).
+    /// Returns at once if one already came.
+    pub fn wait(&self, timeout: Option<Duration>) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let _ = match timeout {
+            Some(t) => self.signals.recv_timeout(t).ok(),
+            None => self.signals.recv().ok(),
+        };
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

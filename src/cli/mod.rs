@@ -2,6 +2,7 @@
 
 mod demo;
 mod hold;
+pub use hold::{cancelling_signal, signal_name};
 mod output;
 mod spec;
 
@@ -178,10 +179,18 @@ fn info(device: &str, json: bool) -> Result<()> {
 fn pin(args: PinArgs) -> Result<()> {
     // Block SIGINT/SIGTERM before any thread starts so that they are
     // delivered to sigtimedwait, and a signal during pinning still releases.
-    let signals = hold::SignalSet::block_termination()?;
+    let signals = hold::SignalSet::block_termination()?.watch();
     let pinner = Pinner::open(&args.device)?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
+        if signals.cancel.is_cancelled() {
+            // The regions pinned so far are released as they drop.
+            return Err(numapin::Error::Cancelled {
+                step: "pin",
+                done: 0,
+                len: spec.0.size,
+            });
+        }
         let bar = output::prefault_progress(spec.0.size);
         let progress = |done: u64| {
             if let Some(b) = &bar {
@@ -192,6 +201,7 @@ fn pin(args: PinArgs) -> Result<()> {
             min_extent: args.min_extent,
             threads: args.threads,
             progress: Some(&progress),
+            cancel: Some(signals.cancel.clone()),
             ..spec.0.clone()
         };
         let region = pinner.pin(&req)?;
@@ -222,7 +232,7 @@ fn pin(args: PinArgs) -> Result<()> {
         _ => None,
     };
     if timeout != Some(Duration::ZERO) {
-        signals.wait(timeout)?;
+        signals.wait(timeout);
     }
     for r in regions {
         r.release()?;

@@ -56,21 +56,35 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
     ]
 }
 
-/// Runs `numapin pin --device BDF ARGS`; wants exit 1, one stderr line
+/// The CLI's exit codes per error class (`numapin::ErrorKind::exit_code`).
+pub(crate) const USAGE: i32 = 2;
+pub(crate) const RESOURCE: i32 = 4;
+pub(crate) const DEVICE_STATE: i32 = 5;
+
+/// Runs `numapin pin --device BDF ARGS`; wants the usage exit code, one stderr line
 /// containing `want`, and no locked memory left in this process.
 fn cli_err(ctx: &Ctx, args: &[&str], want: &str) -> Result<String, String> {
     let mut full = vec!["pin", "--device", ctx.bdf.as_str(), "--hold", "0"];
     full.extend_from_slice(args);
     let (code, out, err) = run_cli(&full)?;
-    check_err(code, &out, &err, want)?;
+    check_err(code, USAGE, &out, &err, want)?;
     // The group must be free again: a pin right after works.
     let p = e(Pinner::open(&ctx.bdf), "reopen after error")?;
     drop(p);
     Ok(err.trim().to_string())
 }
 
-fn check_err(code: i32, out: &str, err: &str, want: &str) -> Result<(), String> {
-    ensure!(code == 1, "exit code {code}, expected 1; stderr: {err}");
+pub(crate) fn check_err(
+    code: i32,
+    expected: i32,
+    out: &str,
+    err: &str,
+    want: &str,
+) -> Result<(), String> {
+    ensure!(
+        code == expected,
+        "exit code {code}, expected {expected}; stderr: {err}"
+    );
     ensure!(out.is_empty(), "stdout not empty on error: {out}");
     let lines: Vec<&str> = err.lines().collect();
     ensure!(
@@ -144,6 +158,7 @@ pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
         let (code, out, err) = as_pinner(ctx, 1 << 20, "0:8M")?;
         check_err(
             code,
+            RESOURCE,
             &out,
             &err,
             "RLIMIT_MEMLOCK is 1 MiB but pinning needs 8 MiB",
@@ -168,6 +183,7 @@ fn g_not_bound(ctx: &Ctx) -> Result<String, String> {
         ])?;
         check_err(
             code,
+            DEVICE_STATE,
             &out,
             &err,
             &format!(
@@ -201,7 +217,7 @@ fn g_missing(_: &Ctx) -> Result<String, String> {
         "--hold",
         "0",
     ])?;
-    check_err(code, &out, &err, "no device `0000:00:1f.7`")?;
+    check_err(code, USAGE, &out, &err, "no device `0000:00:1f.7`")?;
     ensure!(err.contains("lspci -D"), "no remedy: {err}");
     Ok(err.trim().to_string())
 }
