@@ -325,6 +325,36 @@ pub fn parse_addr(s: &str) -> Result<u64, ParseError> {
 }
 
 /// Formats a byte count the way people read it: `4 KiB`, `1.5 GiB`.
+/// Two sizes for a message that compares them, each as [`human_size`]
+/// unless that would print them alike although they differ (`8 MiB` against
+/// `8.0 MiB`): then both in the largest unit that shows them exactly.
+///
+/// ```
+/// use numapin::addr::human_sizes;
+/// assert_eq!(human_sizes(8 << 20, 16 << 20), ["8 MiB".to_string(), "16 MiB".to_string()]);
+/// assert_eq!(human_sizes(8 << 20, (8 << 20) + 4096), ["8192 KiB".to_string(), "8196 KiB".to_string()]);
+/// assert_eq!(human_sizes(1000, 1001), ["1000 B".to_string(), "1001 B".to_string()]);
+/// ```
+pub fn human_sizes(a: u64, b: u64) -> [String; 2] {
+    let (ha, hb) = (human_size(a), human_size(b));
+    let alike = ha.replace(".0 ", " ") == hb.replace(".0 ", " ");
+    if a == b || !alike {
+        return [ha, hb];
+    }
+    for (unit, scale) in [("MiB", 1u64 << 20), ("KiB", 1 << 10)] {
+        if a % scale == 0 && b % scale == 0 {
+            return [
+                format!("{} {unit}", a / scale),
+                format!("{} {unit}", b / scale),
+            ];
+        }
+    }
+    [format!("{a} B"), format!("{b} B")]
+}
+
+/// A byte count for messages: exact in the largest unit that divides it,
+/// else to one decimal (`8 MiB`, `1.5 GiB`, `512 B`). Compare two sizes
+/// with [`human_sizes`].
 pub fn human_size(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [
         ("TiB", 1 << 40),

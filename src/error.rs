@@ -23,6 +23,68 @@ fn hs(b: &u64) -> String {
     human_size(*b)
 }
 
+fn pair(a: u64, b: u64) -> [String; 2] {
+    crate::addr::human_sizes(a, b)
+}
+
+/// Why pages ended up off their node, as far as numapin can tell from the
+/// memory policy at the page and the node's zones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MisplacedCause {
+    /// The memory's policy does not bind it to the node: its pages are where
+    /// they were first touched (or where that policy put them).
+    NotBound {
+        /// The policy at the first misplaced page (`get_mempolicy`).
+        policy: String,
+    },
+    /// The memory is bound to the node and the node has memory a long-term
+    /// pin migrates away (ZONE_MOVABLE, CMA): the pin may have moved the
+    /// pages, or something else did before it.
+    MovableMemory {
+        /// What the node has (`/proc/zoneinfo`).
+        zones: Vec<String>,
+    },
+    /// The memory is bound to the node and the node has nothing a pin would
+    /// migrate: something moved the pages before the pin, and numapin
+    /// cannot tell what.
+    Unknown,
+    /// The policy at the page could not be read, so numapin cannot tell.
+    PolicyUnreadable {
+        /// The `get_mempolicy` error.
+        error: String,
+    },
+}
+
+impl std::fmt::Display for MisplacedCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MisplacedCause::NotBound { policy } => write!(
+                f,
+                "the memory is not bound to that node (its policy is {policy}), so its pages stayed where they were \
+                 placed: bind it with mbind(MPOL_BIND) before faulting it in, or pin without a node"
+            ),
+            MisplacedCause::MovableMemory { zones } => write!(
+                f,
+                "the memory is bound to the node, which has memory a long-term pin migrates away ({}): the pin may \
+                 have moved the pages, or another process did before it (numapin cannot tell which); free \
+                 unmovable memory on the node, or boot without movable_node/kernelcore/movablecore",
+                zones.join(", ")
+            ),
+            MisplacedCause::Unknown => f.write_str(
+                "the memory is bound to the node and the node has no ZONE_MOVABLE or CMA a pin would migrate from, \
+                 so something moved the pages before the pin (another process's migrate_pages/move_pages, a cpuset \
+                 change); the cause is unknown to numapin: retry, and look for other tools moving memory",
+            ),
+            MisplacedCause::PolicyUnreadable { error } => write!(
+                f,
+                "numapin could not read the memory policy at that page ({error}), so the cause is unknown: check \
+                 that the memory is bound to the node (mbind MPOL_BIND) before it is faulted in"
+            ),
+        }
+    }
+}
+
 /// Everything that can go wrong while opening a device or pinning memory.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -80,6 +142,17 @@ pub enum Error {
         online: Vec<NodeId>,
     },
 
+    /// The node is outside this process's cpuset.
+    #[error(
+        "node {node} is not in this process's cpuset (Mems_allowed_list: {allowed}); run numapin in a cpuset \
+         that includes node {node} (cgroup cpuset.mems, `numactl`/`taskset` do not widen it) or pick an allowed node"
+    )]
+    NodeNotAllowed {
+        /// Node asked for.
+        node: NodeId,
+        /// The cpuset's nodes.
+        allowed: String,
+    },
     /// The node's hugetlb pool has too few free pages.
     #[error(
         "node {node} has {free} free {page_size} hugepages but the region needs {needed}; reserve more with \
@@ -103,7 +176,7 @@ pub enum Error {
     #[error(
         "RLIMIT_MEMLOCK is {} but pinning needs {} ({} already locked + {} for this region); raise it \
          (`ulimit -l {}` in kB, LimitMEMLOCK= in systemd, /etc/security/limits.conf) or grant CAP_IPC_LOCK",
-        hs(limit), hs(&(locked + len)), hs(locked), hs(len), (locked + len).div_ceil(1024)
+        pair(*limit, locked + len)[0], pair(*limit, locked + len)[1], hs(locked), hs(len), (locked + len).div_ceil(1024)
     )]
     MemlockLimit {
         /// The soft limit in bytes.
@@ -253,8 +326,8 @@ pub enum Error {
     #[error(
         "the region's smallest physically contiguous extent is {} ({count} extents) but {} was asked for; \
          back it with larger pages (`:2M` or `:1G` hugepages give extents of at least that size) or ask for less",
-        hs(smallest),
-        hs(min)
+        pair(*smallest, *min)[0],
+        pair(*smallest, *min)[1]
     )]
     ExtentTooSmall {
         /// The minimum extent asked for.
@@ -265,10 +338,10 @@ pub enum Error {
         count: usize,
     },
 
-    /// After pinning, some pages are not on the requested node.
+    /// After pinning, some pages are not on the requested node. The cause
+    /// is what numapin could establish, or says it could not.
     #[error(
-        "{off_node} of {pages} pages are not on node {node} after pinning (first at offset {first_offset:#x}, on {first_node}); \
-         the kernel moved them out of ZONE_MOVABLE/CMA while pinning: free memory on node {node} or disable movable_node/kernelcore"
+        "{off_node} of {pages} pages are not on node {node} after pinning (first at offset {first_offset:#x}, on {first_node}); {cause}"
     )]
     Misplaced {
         /// Node asked for.
@@ -281,14 +354,16 @@ pub enum Error {
         first_offset: u64,
         /// Where the first misplaced page is (a node, or an errno).
         first_node: String,
+        /// What the evidence says about why.
+        cause: MisplacedCause,
     },
 
     /// The pinned-memory accounting did not grow by the region's size.
     #[error(
         "{counter} grew by {} instead of {} after {by}: the kernel did not pin the region; \
          check the device kind with `numapin info`",
-        hs(grew),
-        hs(len)
+        pair(*grew, *len)[0],
+        pair(*grew, *len)[1]
     )]
     NotAccounted {
         /// The counter read (`VmLck` for VFIO type1, `VmPin` for io_uring).
@@ -371,6 +446,100 @@ pub enum Error {
     /// Bad value parsed from text.
     #[error(transparent)]
     Parse(#[from] crate::addr::ParseError),
+
+    /// The kernel refused to pin the memory (`EFAULT`): what
+    /// `/proc/self/maps` says about it.
+    #[error("{call} could not pin {vaddr:#x}+{len:#x}: {why}")]
+    NotPinnable {
+        /// The pinning call.
+        call: &'static str,
+        /// First byte.
+        vaddr: u64,
+        /// Length.
+        len: u64,
+        /// What the memory is, and what to do.
+        why: String,
+    },
+    /// The node cannot give the region without falling below its
+    /// watermarks: the OOM killer would act instead of an error.
+    #[error(
+        "node {node} cannot give {} more of {} without the OOM killer: {} free + {} reclaimable, {} kept back by the \
+         watermarks; free memory on node {node}, pick another node (see `numapin topology`), or pin less",
+        hs(&(len - done)), hs(len), hs(free), hs(reclaimable), hs(watermark)
+    )]
+    NodeMemoryShort {
+        /// Node asked for.
+        node: NodeId,
+        /// Region size.
+        len: u64,
+        /// Bytes already faulted in when the shortage was seen (0 before).
+        done: u64,
+        /// `MemFree` of the node.
+        free: u64,
+        /// Half the node's file pages and reclaimable slab.
+        reclaimable: u64,
+        /// The node's zones' high watermarks.
+        watermark: u64,
+    },
+    /// The memory cgroup's `memory.max` does not leave room for the region.
+    #[error(
+        "the memory cgroup {cgroup} allows {} and uses {}, so {} more would end in its OOM killer; raise memory.max \
+         (MemoryMax= in systemd, the container's memory limit) or pin less",
+        hs(max),
+        hs(current),
+        hs(len)
+    )]
+    CgroupMemoryLimit {
+        /// The cgroup (v2) path.
+        cgroup: String,
+        /// `memory.max` in bytes.
+        max: u64,
+        /// `memory.current` in bytes.
+        current: u64,
+        /// Bytes the region needs.
+        len: u64,
+    },
+    /// Free hugepages exist but other mappings have reserved them.
+    #[error(
+        "{needed} {page_size} hugepages are needed and {free} are free, but {reserved} of those are reserved by other \
+         mappings (HugePages_Rsvd); reserve more (`numapin topology` shows the pools) or stop the process holding them"
+    )]
+    HugepagesReserved {
+        /// Hugepage size.
+        page_size: PageSize,
+        /// Pages the region needs.
+        needed: u64,
+        /// Free pages (all nodes).
+        free: u64,
+        /// Reserved pages (all nodes).
+        reserved: u64,
+    },
+    /// The process (or the system) ran out of file descriptors.
+    #[error(
+        "{op} failed: {}; each io_uring-pinned region keeps one ring fd open: raise the limit (`ulimit -n`, \
+         LimitNOFILE= in systemd){}",
+        match (system, limit) {
+            (true, _) => "the system's file table is full (ENFILE, fs.file-max)".to_string(),
+            (false, Some(l)) => match open {
+                Some(o) => format!("too many open files ({o} open, RLIMIT_NOFILE {l}, {needed} more needed)"),
+                None => format!("too many open files (EMFILE, RLIMIT_NOFILE {l})"),
+            },
+            (false, None) => "too many open files (EMFILE)".to_string(),
+        },
+        if *system { " or fs.file-max" } else { " or release regions" }
+    )]
+    OutOfFds {
+        /// The call that needed a descriptor.
+        op: String,
+        /// ENFILE (system-wide) rather than EMFILE (this process).
+        system: bool,
+        /// Descriptors open, when numapin could count them.
+        open: Option<u64>,
+        /// The soft RLIMIT_NOFILE, when known.
+        limit: Option<u64>,
+        /// Descriptors the step needs.
+        needed: u64,
+    },
 
     /// The caller cancelled the work ([`crate::Cancel`]); everything taken
     /// so far was released.
@@ -465,6 +634,42 @@ fn errno_kind(e: &io::Error) -> ErrorKind {
 }
 
 impl Error {
+    /// [`Error::NotPinnable`] with the cause `maps` shows (`None`: maps
+    /// could not be read).
+    pub fn not_pinnable(
+        call: &'static str,
+        vaddr: u64,
+        len: u64,
+        maps: Option<crate::sys::RangeMapping>,
+    ) -> Error {
+        use crate::sys::RangeMapping as M;
+        let why = match maps {
+            Some(M::Unmapped(at)) => format!(
+                "nothing is mapped at {at:#x}; pin only memory that stays mapped for the region's life"
+            ),
+            Some(M::NotWritable { start, perms, path }) => format!(
+                "the mapping at {start:#x} ({perms}{}{path}) is not writable, and a device that writes needs a \
+                 writable pin; map it PROT_READ|PROT_WRITE",
+                if path.is_empty() { "" } else { " " }
+            ),
+            Some(M::Writable { path }) => format!(
+                "it is mapped writable ({}) but the kernel refused a long-term pin: file mappings that need dirty \
+                 tracking, device memory (VM_IO/VM_PFNMAP) and secretmem cannot be pinned; use anonymous memory, \
+                 memfd/shmem or hugetlbfs",
+                if path.is_empty() { "anonymous" } else { &path }
+            ),
+            None => "the range is not mapped, not writable, or cannot be pinned long-term (EFAULT; /proc/self/maps \
+                     could not be read to tell which); pin writable anonymous, memfd or hugetlbfs memory"
+                .to_string(),
+        };
+        Error::NotPinnable {
+            call,
+            vaddr,
+            len,
+            why,
+        }
+    }
+
     /// The error's class.
     pub fn kind(&self) -> ErrorKind {
         use ErrorKind as K;
@@ -479,17 +684,24 @@ impl Error {
             | Error::NotADevice { .. }
             | Error::IovaWithoutIommu { .. }
             | Error::UnalignedUserMemory { .. }
+            | Error::NotPinnable { .. }
             | Error::Parse(_)
             | Error::Invalid(_) => K::Usage,
             Error::Iova(e) => match e {
                 crate::iova::IovaError::Exhausted { .. } => K::ResourceLimit,
                 _ => K::Usage,
             },
-            Error::PermissionDenied { .. } | Error::NoIommuNeedsRawio { .. } => K::Permission,
+            Error::PermissionDenied { .. }
+            | Error::NoIommuNeedsRawio { .. }
+            | Error::NodeNotAllowed { .. } => K::Permission,
             Error::NotEnoughHugepages { .. }
             | Error::MemlockLimit { .. }
             | Error::DmaEntriesExhausted { .. }
             | Error::PinNoMemory { .. }
+            | Error::OutOfFds { .. }
+            | Error::NodeMemoryShort { .. }
+            | Error::CgroupMemoryLimit { .. }
+            | Error::HugepagesReserved { .. }
             | Error::Populate { .. }
             | Error::ExtentTooSmall { .. } => K::ResourceLimit,
             Error::NotBoundToVfio { .. }
@@ -521,12 +733,22 @@ impl Error {
         }
     }
 
-    /// Wraps the last OS error for the call `op`.
+    /// Wraps the OS error of the call `op`. Running out of file descriptors
+    /// (EMFILE, ENFILE) becomes [`Error::OutOfFds`] whatever the call was.
     pub fn sys(op: impl Into<String>, hint: &'static str, source: io::Error) -> Error {
-        Error::Sys {
-            op: op.into(),
-            hint,
-            cause: source,
+        match source.raw_os_error() {
+            Some(e @ (libc::EMFILE | libc::ENFILE)) => Error::OutOfFds {
+                op: op.into(),
+                system: e == libc::ENFILE,
+                open: None,
+                limit: crate::sys::nofile_limit().ok(),
+                needed: 1,
+            },
+            _ => Error::Sys {
+                op: op.into(),
+                hint,
+                cause: source,
+            },
         }
     }
 }

@@ -54,6 +54,7 @@ pub mod vfio;
 mod backend;
 mod cancel;
 mod pinner;
+mod precheck;
 mod prove;
 mod region;
 mod request;
@@ -73,7 +74,7 @@ mod uring;
 
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
 pub use cancel::Cancel;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, MisplacedCause, Result};
 pub use pinner::Pinner;
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};

@@ -184,20 +184,56 @@ pub fn parse_cpulist(s: &str) -> std::result::Result<Vec<u32>, String> {
     Ok(out)
 }
 
-/// Reads `Node N FIELD:  X kB` from a node's `meminfo`, in bytes.
-pub fn parse_node_meminfo(text: &str, field: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        (it.next()? == "Node").then_some(())?;
-        it.next()?;
-        (it.next()?.strip_suffix(':')? == field).then_some(())?;
-        let v: u64 = it.next()?.parse().ok()?;
-        Some(if it.next() == Some("kB") { v * 1024 } else { v })
-    })
-}
+pub use crate::sys::parse_node_meminfo;
 
 /// Progress callback: called with the number of bytes faulted in so far.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// What in `node` a long-term pin would migrate away: the pages of its
+/// ZONE_MOVABLE and its CMA areas, from `/proc/zoneinfo` (`present` of zone
+/// `Movable`, `cma` of every zone), e.g. `["ZONE_MOVABLE (262144 pages)"]`.
+/// Empty when the node has neither (or zoneinfo cannot be read).
+pub fn movable_memory(node: NodeId) -> Vec<String> {
+    std::fs::read_to_string("/proc/zoneinfo")
+        .map(|t| parse_movable(&t, node))
+        .unwrap_or_default()
+}
+
+/// [`movable_memory`] on zoneinfo text.
+pub fn parse_movable(zoneinfo: &str, node: NodeId) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut zone: Option<String> = None;
+    let mut cma = 0u64;
+    let flush = |zone: &Option<String>, cma: u64, out: &mut Vec<String>| {
+        if cma > 0 {
+            out.push(format!(
+                "CMA in zone {} ({cma} pages)",
+                zone.as_deref().unwrap_or("?")
+            ));
+        }
+    };
+    for line in zoneinfo.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("Node ") {
+            flush(&zone, cma, &mut out);
+            cma = 0;
+            let (n, z) = rest.split_once(", zone").unwrap_or((rest, ""));
+            zone = (n.trim().parse::<u32>().ok() == Some(node.0)).then(|| z.trim().to_string());
+            continue;
+        }
+        let Some(z) = &zone else { continue };
+        let mut it = t.split_whitespace();
+        match (it.next(), it.next().and_then(|v| v.parse::<u64>().ok())) {
+            (Some("present"), Some(n)) if z == "Movable" && n > 0 => {
+                out.push(format!("ZONE_MOVABLE ({n} pages)"));
+            }
+            (Some("cma"), Some(n)) => cma = n,
+            _ => {}
+        }
+    }
+    flush(&zone, cma, &mut out);
+    out
+}
 
 /// Anonymous (or hugetlb) memory numapin mapped, bound to one node and faulted
 /// in. Unmapped on drop.
@@ -224,6 +260,10 @@ pub(crate) const THP_ALIGN: usize = 2 << 20;
 /// What one prefault call covers. `MADV_POPULATE_WRITE` holds the mmap lock
 /// (shared) for its whole range, so a short range keeps waits for it short.
 const PREFAULT_CHUNK: usize = 4 << 20;
+
+/// Chunks between two re-checks of the node's free memory (64 MiB): often
+/// enough to stop before the node runs dry, rare enough to cost nothing.
+const RECHECK_CHUNKS: usize = 16;
 
 impl NodeMemory {
     /// Maps `len` bytes of `page_size` pages, binds them to `node` with
@@ -300,12 +340,19 @@ impl NodeMemory {
         };
         if p == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
+            let strict = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+                .is_ok_and(|v| v.trim() == "2");
             return Err(Error::sys(
                 format!("mmap of {len:#x} bytes with {page_size} pages"),
-                if page_size.is_huge() {
-                    "reserve hugepages (see `numapin topology`) or use 4K pages"
-                } else {
-                    "free memory or lower the size"
+                match (page_size.is_huge(), e.raw_os_error(), strict) {
+                    (true, _, _) => "reserve hugepages (see `numapin topology`) or use 4K pages",
+                    (false, Some(libc::ENOMEM), true) => {
+                        "strict overcommit (vm.overcommit_memory = 2) refused the mapping: Committed_AS would pass \
+                         CommitLimit (/proc/meminfo); raise vm.overcommit_ratio or pin less"
+                    }
+                    _ => {
+                        "the address space or memory ran out; lower the size (RLIMIT_AS, `ulimit -v`)"
+                    }
                 },
                 e,
             ));
@@ -324,7 +371,7 @@ impl NodeMemory {
             unsafe { libc::madvise(p, ulen, libc::MADV_HUGEPAGE) };
         }
         sys::mbind(mem.addr(), ulen, node, sys::MPOL_MF_STRICT)
-            .map_err(|e| Error::sys(format!("mbind(MPOL_BIND, node {node})"), "", e))?;
+            .map_err(|e| mbind_error(node, e))?;
         mem.populate(&n.cpus, threads, progress, cancel)?;
         Ok(mem)
     }
@@ -349,6 +396,8 @@ impl NodeMemory {
         };
         let next = AtomicUsize::new(0);
         let done = AtomicU64::new(0);
+        // Set when a re-check of the node found it running dry.
+        let short: Mutex<Option<Error>> = Mutex::new(None);
         // No thread faults until all exist and sit on their CPUs. Creating a
         // thread maps its stack, which takes the mmap lock exclusively and so
         // waits for a sibling's prefault call to end (measured: the second of
@@ -382,6 +431,18 @@ impl NodeMemory {
                 let off = i * PREFAULT_CHUNK;
                 if off >= len {
                     return Ok(());
+                }
+                // Every 64 MiB, ask the node again: memory taken by others
+                // since the pre-check must end in an error, not the OOM killer.
+                if i > 0 && i % RECHECK_CHUNKS == 0 && !self.page_size.is_huge() {
+                    if let Some(h) = crate::precheck::node_headroom(self.node) {
+                        if h.available() < (len - off) as u64 {
+                            let d = done.load(Ordering::Relaxed);
+                            let e = crate::precheck::short(self.node, len as u64, d, h);
+                            *short.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            return Err(io::ErrorKind::OutOfMemory.into());
+                        }
+                    }
                 }
                 let n = PREFAULT_CHUNK.min(len - off);
                 populate_write(base + off, n)?;
@@ -488,6 +549,29 @@ impl Drop for NodeMemory {
         // SAFETY: we own the mapping; no reference into it outlives self.
         let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         debug_assert_eq!(r, 0, "munmap of owned NodeMemory failed");
+    }
+}
+
+/// What a failed `mbind(MPOL_BIND)` of fresh memory means: a node outside
+/// this process's cpuset (`Mems_allowed_list`) gives EINVAL.
+fn mbind_error(node: NodeId, e: io::Error) -> Error {
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Mems_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        });
+    match (e.raw_os_error(), allowed) {
+        (Some(libc::EINVAL), Some(list))
+            if parse_cpulist(&list).is_ok_and(|ns| !ns.contains(&node.0)) =>
+        {
+            Error::NodeNotAllowed {
+                node,
+                allowed: list,
+            }
+        }
+        _ => Error::sys(format!("mbind(MPOL_BIND, node {node})"), "", e),
     }
 }
 
@@ -707,5 +791,22 @@ mod tests {
             NodeMemory::allocate(&topo, node, 4097, PageSize::Base, 0, None, None),
             Err(Error::UnalignedSize { .. })
         ));
+    }
+
+    #[test]
+    fn movable_memory_from_zoneinfo() {
+        let zi = "Node 0, zone      DMA\n  pages free 3840\n        present  3998\n        cma      0\n\
+                  Node 0, zone   Normal\n        present  500000\n        cma      2048\n\
+                  Node 1, zone   Normal\n        present  400000\n        cma      0\n\
+                  Node 1, zone  Movable\n        present  262144\n        cma      0\n";
+        assert_eq!(
+            parse_movable(zi, NodeId(0)),
+            ["CMA in zone Normal (2048 pages)"]
+        );
+        assert_eq!(
+            parse_movable(zi, NodeId(1)),
+            ["ZONE_MOVABLE (262144 pages)"]
+        );
+        assert!(parse_movable(zi, NodeId(2)).is_empty());
     }
 }

@@ -15,7 +15,8 @@ use crate::addr::{Iova, VirtAddr};
 use crate::backend::{self, Accounting, DmaAddressing, IovaMapper, NoMapper, PinSource};
 use crate::error::{Error, Result};
 use crate::numa::{NodeMemory, Topology};
-use crate::prove::{self, Range, check_memlock};
+use crate::precheck::{self, OomGuard, check_memlock};
+use crate::prove::{self, Range};
 use crate::region::{PinnedRegion, RegionParts};
 use crate::request::{PinRequest, iova_align};
 use crate::sys;
@@ -277,11 +278,17 @@ impl Pinner {
         self.inner.topology.require(node)?;
         // Hugepage counts change at run time: read them now, not at open.
         Topology::read()?.check_capacity(node, size, page_size)?;
-        check_memlock(self.inner.source.accounting(), size, self.inner.ipc_lock)?;
+        precheck::check_hugepage_reservations(size, page_size)?;
+        precheck::check_node_memory(node, size, page_size)?;
+        precheck::check_memcg(size, page_size)?;
+        self.check_pin_resources(size)?;
         // NodeMemory puts a region of 2 MiB or more on a 2 MiB boundary
         // (so any 2 MiB-aligned address stands for it here).
         let align = iova_align(0, size, page_size.bytes());
         let reservation = self.reserve_iova(req.iova, size, align)?;
+        // If the node still runs dry, the OOM killer takes numapin, not a
+        // bystander.
+        let oom = OomGuard::new();
         let mem = NodeMemory::allocate(
             &self.inner.topology,
             node,
@@ -291,6 +298,7 @@ impl Pinner {
             req.progress,
             req.cancel.as_ref(),
         )?;
+        drop(oom);
         if req.cancel.as_ref().is_some_and(crate::Cancel::is_cancelled) {
             // Prefault finished as the cancel came: pin nothing. `mem` is
             // freed and the IOVA returned as they drop.
@@ -350,7 +358,7 @@ impl Pinner {
         if let Some(n) = req.node {
             self.inner.topology.require(n)?;
         }
-        check_memlock(self.inner.source.accounting(), len, self.inner.ipc_lock)?;
+        self.check_pin_resources(len)?;
         let reservation = self.reserve_iova(req.iova, len, iova_align(addr.raw(), len, page))?;
         let range = Range {
             vaddr: addr,
@@ -406,6 +414,28 @@ impl Pinner {
             uring,
             pfns,
         }))
+    }
+
+    /// What the pin itself consumes: memlock (by the pin source's rule),
+    /// the ring descriptors of an io_uring pin, a DMA mapping entry.
+    fn check_pin_resources(&self, len: u64) -> Result<()> {
+        let s = &self.inner;
+        check_memlock(s.source.accounting(), len, s.ipc_lock)?;
+        if s.source == PinSource::Uring {
+            precheck::check_fds(crate::uring::rings_for(len))?;
+        }
+        if s.mapper.addressing() == DmaAddressing::Iova {
+            if let Some(0) = s
+                .mapper
+                .refresh_info()
+                .ok()
+                .flatten()
+                .and_then(|i| i.dma_avail)
+            {
+                return Err(Error::DmaEntriesExhausted { avail: 0 });
+            }
+        }
+        Ok(())
     }
 
     fn check_iommu_alignment(&self, size: u64) -> Result<()> {

@@ -9,28 +9,9 @@ use std::io;
 
 use crate::addr::{NodeId, PageSize, VirtAddr};
 use crate::backend::{Accounting, PinSource};
-use crate::error::{Error, Result};
+use crate::error::{Error, MisplacedCause, Result};
 use crate::request::{Proof, validate_min_extent};
 use crate::sys;
-
-/// The memlock error for pinning `len` more bytes under `acct`, if the
-/// limit forbids it. VFIO type1 counts against `VmLck`; io_uring against
-/// the user's locked memory, of which this process's share is `VmPin`
-/// (other processes of the same user may hold more: the kernel's refusal
-/// is the final word).
-pub(crate) fn memlock_error(acct: Accounting, len: u64, ipc_lock: bool) -> Option<Error> {
-    if ipc_lock {
-        return None;
-    }
-    let limit = sys::memlock_limit().ok()?;
-    let locked = acct.read().ok()?;
-    (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
-}
-
-/// Fails with [`Error::MemlockLimit`] when the pin would exceed the limit.
-pub(crate) fn check_memlock(acct: Accounting, len: u64, ipc_lock: bool) -> Result<()> {
-    memlock_error(acct, len, ipc_lock).map_or(Ok(()), Err)
-}
 
 /// A range to pin, as the pin path passes it around.
 #[derive(Debug, Clone, Copy)]
@@ -109,19 +90,45 @@ pub(crate) fn check_placement(
         .filter(|&(_, s)| s != node.0 as i32)
         .collect();
     if let Some(&(i, s)) = off.first() {
+        let first_offset = i as u64 * page_size.bytes();
         return Err(Error::Misplaced {
             node,
             pages: status.len() as u64,
             off_node: off.len() as u64,
-            first_offset: i as u64 * page_size.bytes(),
+            first_offset,
             first_node: if s >= 0 {
                 format!("node {s}")
             } else {
                 io::Error::from_raw_os_error(-s).to_string()
             },
+            cause: misplaced_cause(vaddr.as_usize() + first_offset as usize, node),
         });
     }
     Ok(())
+}
+
+/// Why the page at `addr` is off `node`, from evidence: the policy at the
+/// page, then the node's zones.
+fn misplaced_cause(addr: usize, node: NodeId) -> MisplacedCause {
+    match sys::policy_of(addr) {
+        Ok(p) if !p.binds_to(node) => {
+            return MisplacedCause::NotBound {
+                policy: p.to_string(),
+            };
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return MisplacedCause::PolicyUnreadable {
+                error: e.to_string(),
+            };
+        }
+    }
+    let zones = crate::numa::movable_memory(node);
+    if zones.is_empty() {
+        MisplacedCause::Unknown
+    } else {
+        MisplacedCause::MovableMemory { zones }
+    }
 }
 
 /// Fails unless every physically contiguous run of `pfns` (the last one

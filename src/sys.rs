@@ -256,6 +256,216 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
     })
 }
 
+/// A memory policy as `get_mempolicy(2)` reports it for one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// `MPOL_DEFAULT` (0), `MPOL_PREFERRED` (1), `MPOL_BIND` (2),
+    /// `MPOL_INTERLEAVE` (3), `MPOL_LOCAL` (4), `MPOL_PREFERRED_MANY` (5),
+    /// `MPOL_WEIGHTED_INTERLEAVE` (6), with the mode flags masked off.
+    pub mode: i32,
+    /// The nodes of the policy's mask.
+    pub nodes: Vec<NodeId>,
+}
+
+impl Policy {
+    /// Whether the policy confines the page to exactly `node`.
+    pub fn binds_to(&self, node: NodeId) -> bool {
+        self.mode == MPOL_BIND && self.nodes == [node]
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.mode {
+            0 => "default (first touch)",
+            1 => "preferred",
+            MPOL_BIND => "bind",
+            3 => "interleave",
+            4 => "local",
+            5 => "preferred-many",
+            6 => "weighted-interleave",
+            _ => "unknown",
+        };
+        f.write_str(name)?;
+        if !self.nodes.is_empty() {
+            let n: Vec<String> = self.nodes.iter().map(|n| n.0.to_string()).collect();
+            write!(f, " to node {}", n.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// `get_mempolicy(&mode, mask, MAX_NODES, addr, MPOL_F_ADDR)`: the policy of
+/// the VMA (or shared object) at `addr`.
+///
+/// # Errors
+/// `EFAULT` when `addr` is not mapped.
+pub fn policy_of(addr: usize) -> io::Result<Policy> {
+    let mut mode: libc::c_int = 0;
+    let mut mask = NodeMask([0; MAX_NODES / 64]);
+    // SAFETY: the kernel writes one int to `mode` and at most MAX_NODES bits
+    // to `mask`, which has room for them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            mask.0.as_mut_ptr(),
+            MAX_NODES as libc::c_ulong,
+            addr,
+            MPOL_F_ADDR,
+        )
+    };
+    last_err(ret, ())?;
+    let nodes = (0..MAX_NODES)
+        .filter(|&i| mask.0[i / 64] & (1 << (i % 64)) != 0)
+        .map(|i| NodeId(i as u32))
+        .collect();
+    // Mode flags (MPOL_F_STATIC_NODES, ...) sit in the high bits.
+    Ok(Policy {
+        mode: mode & 0xff,
+        nodes,
+    })
+}
+
+/// The soft `RLIMIT_NOFILE`.
+///
+/// # Errors
+/// The `getrlimit` errno (none expected).
+pub fn nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r.rlim_cur)
+}
+
+/// The descriptors this process has open (`/proc/self/fd`, counted with
+/// one more open for the directory itself, which is not counted).
+///
+/// # Errors
+/// Reading `/proc/self/fd` fails (EMFILE among others).
+pub fn open_fds() -> io::Result<u64> {
+    // The directory's own fd shows up in the listing.
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1) as u64)
+}
+
+/// Reads `Node N FIELD:  X kB` from a node's `meminfo`, in bytes.
+pub fn parse_node_meminfo(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == "Node").then_some(())?;
+        it.next()?;
+        (it.next()?.strip_suffix(':')? == field).then_some(())?;
+        let v: u64 = it.next()?.parse().ok()?;
+        Some(if it.next() == Some("kB") { v * 1024 } else { v })
+    })
+}
+
+/// What `/proc/self/maps` says about `[addr, addr+len)`: the first byte
+/// that is not mapped, or the first mapping that is not writable, or that
+/// all of it is mapped writable (and what backs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeMapping {
+    /// No mapping holds the byte at this address.
+    Unmapped(u64),
+    /// The mapping at this address lacks write permission (`perms` as
+    /// maps shows them, e.g. `r--p`; `path` empty for anonymous memory).
+    NotWritable {
+        /// First byte of the mapping.
+        start: u64,
+        /// Its permissions.
+        perms: String,
+        /// What backs it.
+        path: String,
+    },
+    /// Every byte is mapped writable; the backing of the first mapping.
+    Writable {
+        /// What backs the first mapping (`""` anonymous, `[heap]`, a file).
+        path: String,
+    },
+}
+
+/// Reads `/proc/self/maps` for the range.
+///
+/// # Errors
+/// Reading the file fails.
+pub fn range_mapping(addr: u64, len: u64) -> io::Result<RangeMapping> {
+    Ok(parse_range_mapping(
+        &std::fs::read_to_string("/proc/self/maps")?,
+        addr,
+        len,
+    ))
+}
+
+/// [`range_mapping`] on the text of a maps file.
+pub fn parse_range_mapping(maps: &str, addr: u64, len: u64) -> RangeMapping {
+    let end = addr.saturating_add(len);
+    let mut at = addr;
+    let mut first_path = None;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let path = f.nth(3).unwrap_or("").to_string();
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+            continue;
+        };
+        if e <= at {
+            continue;
+        }
+        if s > at {
+            return RangeMapping::Unmapped(at);
+        }
+        if !perms.contains('w') {
+            return RangeMapping::NotWritable {
+                start: s,
+                perms: perms.to_string(),
+                path,
+            };
+        }
+        first_path.get_or_insert(path);
+        at = e;
+        if at >= end {
+            return RangeMapping::Writable {
+                path: first_path.unwrap_or_default(),
+            };
+        }
+    }
+    RangeMapping::Unmapped(at)
+}
+
+/// The running kernel's version as `(major, minor)`, from `uname(2)`'s
+/// release (`6.12.95-amd64` → `(6, 12)`); `None` if it cannot be parsed.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: utsname is plain data, filled in by uname.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid utsname to write into.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
+    }
+    // SAFETY: uname NUL-terminates the release field.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    parse_kernel_version(&release.to_string_lossy())
+}
+
+/// `6.12.95-amd64` → `(6, 12)`.
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +500,49 @@ mod tests {
         let page = (v.as_ptr() as usize) & !4095;
         move_pages(0, &[page], None, &mut status).expect("move_pages query");
         assert_eq!(status[0] as u32, node.0);
+    }
+
+    #[test]
+    fn kernel_versions_from_releases() {
+        assert_eq!(parse_kernel_version("6.12.95-amd64"), Some((6, 12)));
+        assert_eq!(parse_kernel_version("6.1.0-57-amd64"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("7.3.0"), Some((7, 3)));
+        assert_eq!(parse_kernel_version("5.4"), Some((5, 4)));
+        assert_eq!(parse_kernel_version("linux"), None);
+    }
+
+    #[test]
+    fn what_maps_says_about_a_range() {
+        let maps = "7f0000000000-7f0000002000 rw-p 00000000 00:00 0 \n\
+                    7f0000002000-7f0000003000 r--p 00000000 00:00 0 \n\
+                    7f0000004000-7f0000006000 rw-s 00000000 00:05 12 /memfd:x (deleted)\n";
+        assert_eq!(
+            parse_range_mapping(maps, 0x7f00_0000_0000, 0x2000),
+            RangeMapping::Writable {
+                path: String::new()
+            }
+        );
+        assert_eq!(
+            parse_range_mapping(maps, 0x7f00_0000_1000, 0x2000),
+            RangeMapping::NotWritable {
+                start: 0x7f00_0000_2000,
+                perms: "r--p".into(),
+                path: String::new()
+            }
+        );
+        assert_eq!(
+            parse_range_mapping(maps, 0x7f00_0000_3000, 0x2000),
+            RangeMapping::Unmapped(0x7f00_0000_3000)
+        );
+        assert_eq!(
+            parse_range_mapping(maps, 0x7f00_0000_5000, 0x2000),
+            RangeMapping::Unmapped(0x7f00_0000_6000)
+        );
+        assert_eq!(
+            parse_range_mapping(maps, 0x7f00_0000_4000, 0x1000),
+            RangeMapping::Writable {
+                path: "/memfd:x".into()
+            }
+        );
     }
 }

@@ -69,6 +69,12 @@ pub fn plan(vaddr: usize, len: u64) -> Vec<Vec<(usize, u64)>> {
         .collect()
 }
 
+/// How many rings (each one fd) an io_uring pin of `len` bytes keeps open.
+pub fn rings_for(len: u64) -> u64 {
+    len.div_ceil(MAX_BUFFER)
+        .div_ceil(MAX_BUFFERS_PER_RING as u64)
+}
+
 impl UringPin {
     /// Registers `[vaddr, vaddr+len)` as io_uring fixed buffers, pinning
     /// every page long-term. On error nothing stays registered.
@@ -99,7 +105,7 @@ impl UringPin {
             // SAFETY: the caller keeps the range mapped until this pin is
             // released or dropped, which unregisters (and closes) the ring.
             unsafe { ring.submitter().register_buffers(&iov) }
-                .map_err(|e| register_error(e, len))?;
+                .map_err(|e| register_error(e, vaddr, len))?;
             // On a later failure, `pin`'s drop unregisters what is already
             // registered.
             pin.rings.push(ring);
@@ -208,7 +214,7 @@ fn setup_error(e: io::Error) -> Error {
     }
 }
 
-fn register_error(e: io::Error, len: u64) -> Error {
+fn register_error(e: io::Error, vaddr: usize, len: u64) -> Error {
     match e.raw_os_error() {
         Some(libc::ENOMEM) if !sys::has_cap(sys::Cap::IpcLock) => {
             let limit = sys::memlock_limit().unwrap_or(u64::MAX);
@@ -229,7 +235,13 @@ fn register_error(e: io::Error, len: u64) -> Error {
                 )
             }
         }
-        Some(libc::EFAULT) | Some(libc::EOPNOTSUPP) => Error::sys(
+        Some(libc::EFAULT) => Error::not_pinnable(
+            "IORING_REGISTER_BUFFERS",
+            vaddr as u64,
+            len,
+            sys::range_mapping(vaddr as u64, len).ok(),
+        ),
+        Some(libc::EOPNOTSUPP) => Error::sys(
             "IORING_REGISTER_BUFFERS",
             "the memory cannot be pinned long-term (file-backed, device or secret memory); use anonymous memory \
              or hugetlbfs (memfd/shmem only since Linux 5.14)",

@@ -112,7 +112,12 @@ fn dma_addresses(kind: ContainerKind) -> &'static str {
 
 #[derive(Serialize)]
 struct IommuReport {
-    page_sizes: Vec<u64>,
+    /// Whether an IOMMU-backed domain translates for the container. An
+    /// mdev-only container has none: the vendor driver translates, and the
+    /// kernel's page sizes and (missing) IOVA ranges describe no IOMMU.
+    domain: bool,
+    /// `None` without a domain (the kernel reports every size from 4K).
+    page_sizes: Option<Vec<u64>>,
     iova_ranges: Option<Vec<RangeReport>>,
     dma_mappings_available: Option<u32>,
 }
@@ -140,7 +145,8 @@ impl InfoReport {
                 _ => numapin::uring::disabled_sysctl(),
             },
             iommu: info.map(|i| IommuReport {
-                page_sizes: i.page_sizes(),
+                domain: d.kind == ContainerKind::Type1Iommu,
+                page_sizes: (d.kind == ContainerKind::Type1Iommu).then(|| i.page_sizes()),
                 iova_ranges: i.iova_ranges.as_ref().map(|rs| {
                     rs.iter()
                         .map(|r| RangeReport {
@@ -193,8 +199,17 @@ pub fn print_info(r: &InfoReport) {
             println!("iommu       none: the device DMAs to physical addresses")
         }
         None => println!("iommu       not opened"),
+        Some(i) if !i.domain => {
+            println!(
+                "iommu       no IOMMU domain: the mdev's vendor driver translates IOVAs \
+                 (page sizes and IOVA ranges do not apply; numapin picks IOVAs below 2^48)"
+            );
+            if let Some(n) = i.dma_mappings_available {
+                println!("dma avail   {n} mappings");
+            }
+        }
         Some(i) => {
-            let ps: Vec<String> = i.page_sizes.iter().map(|&p| short(p)).collect();
+            let ps: Vec<String> = i.page_sizes.iter().flatten().map(|&p| short(p)).collect();
             println!("page sizes  {}", ps.join(" "));
             match &i.iova_ranges {
                 Some(rs) => {
@@ -207,13 +222,26 @@ pub fn print_info(r: &InfoReport) {
                         );
                     }
                 }
-                None => println!("iova ranges not reported (kernel before 5.4)"),
+                None => println!("iova ranges not reported{}", older_than(5, 4)),
             }
             match i.dma_mappings_available {
                 Some(n) => println!("dma avail   {n} mappings"),
-                None => println!("dma avail   not reported (kernel before 5.10)"),
+                None => println!("dma avail   not reported{}", older_than(5, 10)),
             }
         }
+    }
+}
+
+/// ` (kernel X.Y, before A.B)` when the running kernel is older than
+/// `A.B`, else ` by this kernel (X.Y)`: blame the version only when it is
+/// the reason.
+fn older_than(major: u32, minor: u32) -> String {
+    match numapin::sys::kernel_version() {
+        Some(v) if v < (major, minor) => {
+            format!(" (kernel {}.{}, before {major}.{minor})", v.0, v.1)
+        }
+        Some(v) => format!(" by this kernel ({}.{})", v.0, v.1),
+        None => String::new(),
     }
 }
 

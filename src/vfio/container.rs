@@ -145,6 +145,8 @@ pub fn unmap_dma(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<u64> {
 ///   migrate, or memory ran out);
 /// - `ENOSPC`: no DMA entries left (`dma_entry_limit`);
 /// - `EEXIST`: the IOVA range overlaps a mapping;
+/// - `EFAULT`: the memory is not mapped, not writable, or not pinnable
+///   long-term (`/proc/self/maps`, read at the failure, tells which);
 /// - anything else: the errno as is, with the call and its arguments.
 pub(crate) fn map_error(ctx: MapContext<'_>, err: io::Error) -> Error {
     let (iova, len) = (ctx.iova, ctx.len);
@@ -157,6 +159,9 @@ pub(crate) fn map_error(ctx: MapContext<'_>, err: io::Error) -> Error {
             avail: ctx.dma_avail.unwrap_or(0),
         },
         Some(libc::EEXIST) => Error::IovaOverlap { iova, len },
+        Some(libc::EFAULT) => {
+            Error::not_pinnable("VFIO_IOMMU_MAP_DMA", ctx.vaddr.raw(), len, ctx.maps)
+        }
         _ => Error::sys(
             format!(
                 "VFIO_IOMMU_MAP_DMA of {} at {iova} for {}",
@@ -172,12 +177,15 @@ pub(crate) fn map_error(ctx: MapContext<'_>, err: io::Error) -> Error {
 /// What [`map_error`] knows about the failed call.
 pub(crate) struct MapContext<'a> {
     pub(crate) device: &'a str,
+    pub(crate) vaddr: VirtAddr,
     pub(crate) iova: Iova,
     pub(crate) len: u64,
     /// The memlock error, if the limit explains an ENOMEM.
     pub(crate) memlock: Option<Error>,
     /// DMA_AVAIL read after the failure.
     pub(crate) dma_avail: Option<u32>,
+    /// What `/proc/self/maps` says about the range, read after an EFAULT.
+    pub(crate) maps: Option<crate::sys::RangeMapping>,
 }
 
 /// The container fd, owned by numapin or handed over by its owner.
@@ -284,13 +292,15 @@ impl IovaMapper for Type1Container {
         unsafe { map_dma(self.fd.fd(), vaddr, len, iova) }.map_err(|e| {
             let enomem = e.raw_os_error() == Some(libc::ENOMEM);
             let enospc = e.raw_os_error() == Some(libc::ENOSPC);
+            let efault = e.raw_os_error() == Some(libc::EFAULT);
             let ctx = MapContext {
                 device: &self.device,
+                vaddr,
                 iova,
                 len,
                 memlock: enomem
                     .then(|| {
-                        crate::prove::memlock_error(
+                        crate::precheck::memlock_error(
                             crate::backend::Accounting::VmLck,
                             len,
                             self.ipc_lock,
@@ -302,6 +312,9 @@ impl IovaMapper for Type1Container {
                 } else {
                     None
                 },
+                maps: efault
+                    .then(|| crate::sys::range_mapping(vaddr.raw(), len).ok())
+                    .flatten(),
             };
             map_error(ctx, e)
         })
@@ -341,10 +354,12 @@ mod tests {
     fn ctx(memlock: Option<Error>, dma_avail: Option<u32>) -> MapContext<'static> {
         MapContext {
             device: "0000:3b:00.0",
+            vaddr: VirtAddr(0x7f00_0000_0000),
             iova: Iova(0x10_0000),
             len: 2 << 20,
             memlock,
             dma_avail,
+            maps: None,
         }
     }
 
@@ -375,6 +390,19 @@ mod tests {
                 ..
             }
         ));
+        let ro = MapContext {
+            maps: Some(crate::sys::RangeMapping::NotWritable {
+                start: 0x7f00_0000_0000,
+                perms: "r--p".into(),
+                path: String::new(),
+            }),
+            ..ctx(None, None)
+        };
+        let msg = map_error(ro, e(libc::EFAULT)).to_string();
+        assert!(
+            msg.contains("(r--p) is not writable") && msg.contains("PROT_READ|PROT_WRITE"),
+            "{msg}"
+        );
         let other = map_error(ctx(None, None), e(libc::EIO)).to_string();
         assert!(
             other.contains("VFIO_IOMMU_MAP_DMA of 2 MiB at 0x100000 for 0000:3b:00.0"),
