@@ -97,18 +97,18 @@ pub(crate) fn check_err(
     Ok(())
 }
 
-/// An unprivileged user (no CAP_IPC_LOCK) with RLIMIT_MEMLOCK = `limit`.
-fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String), String> {
+/// An unprivileged user (no CAP_IPC_LOCK) with RLIMIT_MEMLOCK = `limit`
+/// pinning `regions` (the group node must be owned by uid 1000).
+pub(crate) fn as_pinner(
+    ctx: &Ctx,
+    limit: u64,
+    regions: &[&str],
+) -> Result<(i32, String, String), String> {
     let mut cmd = numapin();
-    cmd.args([
-        "pin",
-        "--device",
-        &ctx.device,
-        "--hold",
-        "0",
-        "--region",
-        region,
-    ]);
+    cmd.args(["pin", "--device", &ctx.device, "--hold", "0"]);
+    for r in regions {
+        cmd.args(["--region", r]);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls run. The
     // limit is set while still root (raising the hard limit needs
     // CAP_SYS_RESOURCE), then the child drops to uid/gid 1000.
@@ -136,7 +136,12 @@ fn as_pinner(ctx: &Ctx, limit: u64, region: &str) -> Result<(i32, String, String
     ))
 }
 
-pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
+/// Runs `f` with the device's group node owned by uid 1000, then gives it
+/// back to root.
+pub(crate) fn as_user_1000<T>(
+    ctx: &Ctx,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
     let node = format!("/dev/vfio/{}", ctx.group);
     let chown = |uid: u32| {
         let c = std::ffi::CString::new(node.clone()).expect("path");
@@ -148,14 +153,20 @@ pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
         "chown {node}: {}",
         std::io::Error::last_os_error()
     );
-    let res = (|| {
+    let res = f();
+    chown(0);
+    res
+}
+
+pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
+    as_user_1000(ctx, || {
         // Control: the same user under a limit that fits succeeds.
-        let (code, _, err) = as_pinner(ctx, 16 << 20, "0:8M")?;
+        let (code, _, err) = as_pinner(ctx, 16 << 20, &["0:8M"])?;
         ensure!(
             code == 0,
             "uid 1000 with a 16 MiB limit could not pin 8 MiB: {err}"
         );
-        let (code, out, err) = as_pinner(ctx, 1 << 20, "0:8M")?;
+        let (code, out, err) = as_pinner(ctx, 1 << 20, &["0:8M"])?;
         check_err(
             code,
             RESOURCE,
@@ -168,9 +179,7 @@ pub(crate) fn g_memlock(ctx: &Ctx) -> Result<String, String> {
             "no remedy in: {err}"
         );
         Ok(err.trim().to_string())
-    })();
-    chown(0);
-    res
+    })
 }
 
 fn g_not_bound(ctx: &Ctx) -> Result<String, String> {

@@ -10,6 +10,7 @@
 #[path = "../common/args.rs"]
 mod args;
 mod bad_input;
+mod errors;
 #[path = "../common/balancing.rs"]
 mod balancing;
 mod pinless;
@@ -32,10 +33,22 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
         "type1" => {
             let mut v = type1::scenarios();
             v.extend(bad_input::scenarios());
+            v.extend(errors::type1());
             Some(v)
         }
-        "mdev" => Some(pinless::mdev()),
-        "noiommu" => Some(pinless::noiommu()),
+        "mdev" => {
+            let mut v = pinless::mdev();
+            v.extend(errors::common());
+            v.extend(errors::uring());
+            v.push(("h.cli.mdev-info", errors::mdev_info));
+            Some(v)
+        }
+        "noiommu" => {
+            let mut v = pinless::noiommu();
+            v.extend(errors::common());
+            v.extend(errors::uring());
+            Some(v)
+        }
         _ => None,
     }
 }
