@@ -432,8 +432,9 @@ mod tests {
     use super::*;
 
     /// `apt-get install -s --no-install-recommends qemu-utils/bookworm-backports`
-    /// on this kind of machine with bookworm's QEMU 7.2 installed (captured
-    /// 2026-12-01): the 10.0 `qemu-utils` breaks `qemu-system-common` 7.2.
+    /// with bookworm's QEMU 7.2 installed (captured 2026-12-01, the
+    /// autoremove list shortened): the 10.0 `qemu-utils` breaks
+    /// `qemu-system-common` 7.2.
     const SIM_REMOVES: &str = "\
 Reading package lists...
 Building dependency tree...
@@ -455,7 +456,8 @@ Inst qemu-utils (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backpo
 Conf qemu-utils (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
 ";
 
-    /// The same machine, both from bookworm-backports: upgrades, no removal.
+    /// The same machine, both from bookworm-backports (captured, shortened):
+    /// upgrades, no removal.
     const SIM_UPGRADES: &str = "\
 Reading package lists...
 Building dependency tree...
@@ -469,8 +471,37 @@ Conf qemu-system-x86 (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-b
 Conf qemu-utils (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:oldstable-backports [amd64])
 ";
 
-    /// `apt-cache policy qemu-utils qemu-system-x86 busybox-static` with
-    /// bookworm-backports in the sources, `qemu-utils` installed from there.
+    /// `apt-get install -s --no-install-recommends` of bookworm's QEMU 7.2
+    /// (`qemu-system-x86`, `-common`, `-data`, `seabios` at their bookworm
+    /// versions) on this kind of machine, where `qemu-utils` 10.0 from
+    /// bookworm-backports is installed (captured 2026-12-01): the plan removes
+    /// `qemu-utils`, as the real install of `qemu-system-x86` did that day.
+    const SIM_REMOVES_QEMU_UTILS: &str = "\
+Reading package lists...
+Building dependency tree...
+Reading state information...
+Suggested packages:
+  samba vde2
+Recommended packages:
+  qemu-system-gui qemu-utils ovmf qemu-block-extra
+The following packages will be REMOVED:
+  qemu-utils
+The following packages will be DOWNGRADED:
+  qemu-system-common qemu-system-data qemu-system-x86 seabios
+0 upgraded, 0 newly installed, 4 downgraded, 1 to remove and 139 not upgraded.
+Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]
+Inst qemu-system-x86 [1:10.0.2+ds-2+deb13u1~bpo12+1] (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64]) []
+Inst seabios [1.16.3-2~bpo12+1] (1.16.2-1 Debian:12.15/oldstable [all]) []
+Inst qemu-system-data [1:10.0.2+ds-2+deb13u1~bpo12+1] (1:7.2+dfsg-7+deb12u18 Debian:12.15/oldstable [all]) []
+Inst qemu-system-common [1:10.0.2+ds-2+deb13u1~bpo12+1] (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+Conf qemu-system-x86 (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+Conf seabios (1.16.2-1 Debian:12.15/oldstable [all])
+Conf qemu-system-data (1:7.2+dfsg-7+deb12u18 Debian:12.15/oldstable [all])
+Conf qemu-system-common (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64])
+";
+
+    /// `apt-cache policy qemu-utils qemu-block-extra busybox-static` with
+    /// bookworm-backports in the sources (captured 2026-12-01).
     const POLICY: &str = "\
 qemu-utils:
   Installed: 1:10.0.2+ds-2+deb13u1~bpo12+1
@@ -481,7 +512,9 @@ qemu-utils:
         100 /var/lib/dpkg/status
      1:7.2+dfsg-7+deb12u18+b3 500
         500 http://deb.debian.org/debian bookworm/main amd64 Packages
-qemu-system-x86:
+     1:7.2+dfsg-7+deb12u15 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+qemu-block-extra:
   Installed: (none)
   Candidate: 1:7.2+dfsg-7+deb12u18+b3
   Version table:
@@ -515,6 +548,13 @@ busybox-static:
                 },
             ]
         );
+        assert_eq!(
+            parse_removals(SIM_REMOVES_QEMU_UTILS),
+            vec![Removal {
+                package: "qemu-utils".into(),
+                version: "1:10.0.2+ds-2+deb13u1~bpo12+1".into()
+            }]
+        );
         // The "will be REMOVED:" summary and the autoremove hint are not removals.
         assert!(parse_removals(SIM_UPGRADES).is_empty());
         assert!(parse_removals("0 upgraded, 0 newly installed, 0 to remove").is_empty());
@@ -527,9 +567,9 @@ busybox-static:
     fn policy_blocks_split_by_package() {
         let utils = policy_block(POLICY, "qemu-utils").unwrap();
         assert!(utils.starts_with("qemu-utils:") && utils.contains("bookworm/main"));
-        assert!(!utils.contains("qemu-system-x86"));
-        let qsx = policy_block(POLICY, "qemu-system-x86").unwrap();
-        assert!(qsx.contains("bookworm-security") && !qsx.contains("busybox"));
+        assert!(!utils.contains("qemu-block-extra"));
+        let extra = policy_block(POLICY, "qemu-block-extra").unwrap();
+        assert!(extra.contains("bookworm-security") && !extra.contains("busybox"));
         assert!(
             policy_block(POLICY, "busybox-static")
                 .unwrap()
@@ -544,17 +584,20 @@ busybox-static:
         assert_eq!(suites("qemu-utils"), vec!["bookworm-backports"]);
         assert_eq!(suites("busybox-static"), vec!["bookworm"]);
         // Not installed: no `***` line, no suite.
-        assert!(suites("qemu-system-x86").is_empty());
+        assert!(suites("qemu-block-extra").is_empty());
     }
 
     #[test]
     fn which_suites_offer_a_package() {
         let block = |p| policy_block(POLICY, p).unwrap();
         assert!(offers_suite(
-            &block("qemu-system-x86"),
+            &block("qemu-block-extra"),
             "bookworm-backports"
         ));
-        assert!(offers_suite(&block("qemu-system-x86"), "bookworm-security"));
+        assert!(offers_suite(
+            &block("qemu-block-extra"),
+            "bookworm-security"
+        ));
         assert!(!offers_suite(
             &block("busybox-static"),
             "bookworm-backports"
