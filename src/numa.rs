@@ -300,7 +300,7 @@ impl NodeMemory {
             flags &= !libc::MAP_NORESERVE;
         }
         // Base-page memory gets THP where the kernel gives it, which needs
-        // 2 MiB-aligned addresses (kernels before 6.7 do not align large
+        // 2 MiB-aligned addresses (kernels before 6.8 do not align large
         // anonymous mappings): map 2 MiB more and trim. The prefault chunks
         // then start on 2 MiB boundaries too, so two threads never fault
         // the same huge page (each zeroing one, one of them in vain).

@@ -8,11 +8,12 @@
 //! | 63    | page present in RAM                                  |
 //! | 62    | page swapped out                                     |
 //! | 61    | file page or shared anonymous page                   |
-//! | 56    | page exclusively mapped (4.2+)                       |
+//! | 56    | page exclusively mapped (4.3+)                       |
 //! | 55    | PTE soft-dirty                                       |
 //! | 0–54  | page frame number (PFN), when present and not swapped |
 //!
-//! Since Linux 4.2 the PFN reads as 0 unless the *opener* of the file has
+//! Since Linux 4.3 (commit 1c90308e7a77; 4.0–4.2 refuse the open without
+//! CAP_SYS_ADMIN) the PFN reads as 0 unless the *opener* of the file has
 //! CAP_SYS_ADMIN (the check is made at `open`), so a privileged helper may
 //! open it and pass the file on: hence the `*_from(&File, ..)` variants.
 //!
@@ -41,7 +42,7 @@ pub enum PhysError {
     #[error(
         "/proc/self/pagemap reports PFN 0 for all {pages} pages at {vaddr:#x}: physical addresses \
          are hidden from this process; run as root or grant CAP_SYS_ADMIN; without it \
-         /proc/self/pagemap reports PFN 0 since Linux 4.2"
+         /proc/self/pagemap reports PFN 0 since Linux 4.3"
     )]
     PfnHidden {
         /// First virtual address of the range.
@@ -440,7 +441,7 @@ mod tests {
         }
         .to_string();
         assert!(
-            m.contains("CAP_SYS_ADMIN") && m.contains("run as root") && m.contains("Linux 4.2"),
+            m.contains("CAP_SYS_ADMIN") && m.contains("run as root") && m.contains("Linux 4.3"),
             "{m}"
         );
         let m = PhysError::NotPresent {

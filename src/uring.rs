@@ -244,12 +244,12 @@ fn register_error(e: io::Error, vaddr: usize, len: u64) -> Error {
         Some(libc::EOPNOTSUPP) => Error::sys(
             "IORING_REGISTER_BUFFERS",
             "the memory cannot be pinned long-term (file-backed, device or secret memory); use anonymous memory \
-             or hugetlbfs (memfd/shmem only since Linux 5.14)",
+             or hugetlbfs (older kernels also refuse memfd/shmem)",
             e,
         ),
         Some(libc::EINVAL) => Error::sys(
             "IORING_REGISTER_BUFFERS",
-            "the kernel refused the buffer table; before Linux 5.13 a ring takes at most 1024 buffers (1 TiB): \
+            "the kernel refused the buffer table; before Linux 5.14 a ring takes at most 1024 buffers (1 TiB): \
              pin smaller regions",
             e,
         ),
