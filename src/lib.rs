@@ -53,6 +53,7 @@ pub mod vfio;
 
 mod backend;
 mod cancel;
+pub mod memfd;
 mod pinner;
 mod precheck;
 mod prove;
@@ -75,6 +76,7 @@ mod uring;
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
 pub use cancel::Cancel;
 pub use error::{Error, ErrorKind, MisplacedCause, Result};
+pub use numa::Backing;
 pub use pinner::Pinner;
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};

@@ -9,6 +9,7 @@
 //! after pinning ([`nodes_of`]).
 
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -243,6 +244,21 @@ pub struct NodeMemory {
     len: usize,
     node: NodeId,
     page_size: PageSize,
+    /// The sealed memfd behind a [`Backing::Memfd`] mapping.
+    fd: Option<OwnedFd>,
+}
+
+/// What backs memory numapin allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory (THP where the kernel gives it), or
+    /// hugetlb for 2 MiB and 1 GiB pages.
+    #[default]
+    Anonymous,
+    /// A memfd (shmem, or hugetlbfs for 2 MiB and 1 GiB pages) with its
+    /// size sealed, mapped shared: another process that maps the fd sees
+    /// the same frames, and `IOMMU_IOAS_MAP_FILE` can map it by file.
+    Memfd,
 }
 
 // SAFETY: NodeMemory owns a private mapping; the raw pointer is not aliased by
@@ -266,18 +282,56 @@ const PREFAULT_CHUNK: usize = 4 << 20;
 const RECHECK_CHUNKS: usize = 16;
 
 impl NodeMemory {
-    /// Maps `len` bytes of `page_size` pages, binds them to `node` with
-    /// `mbind(MPOL_BIND)` and faults every page in, on that node.
+    /// Maps `len` bytes of `page_size` pages (private anonymous memory, or
+    /// hugetlb), binds them to `node` with `mbind(MPOL_BIND)` and faults
+    /// every page in, on that node.
     ///
     /// `len` must be a non-zero multiple of `page_size`; capacity (node online,
     /// hugepages free) should be checked by the caller with
     /// [`Topology::check_capacity`]. `threads` caps the prefault threads
-    /// (0 = one per CPU of the node); they run on the node's CPUs.
+    /// (0 = one per CPU of the node); they run on the node's CPUs. `cancel`
+    /// stops the prefault at its next 4 MiB chunk.
+    ///
+    /// # Errors
+    /// [`Error::ZeroSize`], [`Error::UnalignedSize`], [`Error::Sys`] for the
+    /// `mmap` (with what to do), [`Error::NodeNotAllowed`] for a node outside
+    /// the cpuset, [`Error::NodeMemoryShort`], [`Error::CgroupMemoryLimit`],
+    /// [`Error::Populate`], [`Error::Cancelled`].
     pub fn allocate(
         topo: &Topology,
         node: NodeId,
         len: u64,
         page_size: PageSize,
+        threads: usize,
+        progress: Option<Progress<'_>>,
+        cancel: Option<&Cancel>,
+    ) -> Result<NodeMemory> {
+        Self::allocate_backed(
+            topo,
+            node,
+            len,
+            page_size,
+            Backing::Anonymous,
+            threads,
+            progress,
+            cancel,
+        )
+    }
+
+    /// [`NodeMemory::allocate`] with a choice of backing: a sealed memfd
+    /// ([`Backing::Memfd`]) gives memory another process can map (the fd
+    /// from [`NodeMemory::memfd`]) and still see the same frames.
+    ///
+    /// # Errors
+    /// As [`NodeMemory::allocate`], and [`Error::Sys`] for `memfd_create`,
+    /// `ftruncate` and `F_ADD_SEALS`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn allocate_backed(
+        topo: &Topology,
+        node: NodeId,
+        len: u64,
+        page_size: PageSize,
+        backing: Backing,
         threads: usize,
         progress: Option<Progress<'_>>,
         cancel: Option<&Cancel>,
@@ -293,83 +347,30 @@ impl NodeMemory {
             });
         }
         let ulen = usize::try_from(len).map_err(|_| Error::Invalid("size too large".into()))?;
-        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        if page_size.is_huge() {
-            flags |= libc::MAP_HUGETLB
-                | ((page_size.bytes().trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
-            flags &= !libc::MAP_NORESERVE;
-        }
-        // Base-page memory gets THP where the kernel gives it, which needs
-        // 2 MiB-aligned addresses (kernels before 6.8 do not align large
-        // anonymous mappings): map 2 MiB more and trim. The prefault chunks
-        // then start on 2 MiB boundaries too, so two threads never fault
-        // the same huge page (each zeroing one, one of them in vain).
-        let slack = if page_size.is_huge() || ulen < THP_ALIGN {
-            0
-        } else {
-            THP_ALIGN
-        };
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ulen + slack,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        let p = if p == libc::MAP_FAILED || slack == 0 {
-            p
-        } else {
-            let start = p as usize;
-            let aligned = start.next_multiple_of(THP_ALIGN);
-            // SAFETY: both ranges lie inside the mapping just made and
-            // outside the part kept; nothing refers to them.
-            unsafe {
-                if aligned > start {
-                    libc::munmap(p, aligned - start);
-                }
-                let tail = start + slack - aligned;
-                if tail > 0 {
-                    libc::munmap((aligned + ulen) as *mut libc::c_void, tail);
-                }
+        let (p, fd) = match backing {
+            Backing::Anonymous => (map_anonymous(ulen, page_size)?, None),
+            Backing::Memfd => {
+                let (p, fd) = crate::memfd::map_sealed(ulen, page_size)?;
+                (p, Some(fd))
             }
-            aligned as *mut libc::c_void
         };
-        if p == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            let strict = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
-                .is_ok_and(|v| v.trim() == "2");
-            return Err(Error::sys(
-                format!("mmap of {len:#x} bytes with {page_size} pages"),
-                match (page_size.is_huge(), e.raw_os_error(), strict) {
-                    (true, _, _) => "reserve hugepages (see `numapin topology`) or use 4K pages",
-                    (false, Some(libc::ENOMEM), true) => {
-                        "strict overcommit (vm.overcommit_memory = 2) refused the mapping: Committed_AS would pass \
-                         CommitLimit (/proc/meminfo); raise vm.overcommit_ratio or pin less"
-                    }
-                    _ => {
-                        "the address space or memory ran out; lower the size (RLIMIT_AS, `ulimit -v`)"
-                    }
-                },
-                e,
-            ));
-        }
         let mem = NodeMemory {
             ptr: NonNull::new(p.cast()).expect("mmap returned null"),
             len: ulen,
             node,
             page_size,
+            fd,
         };
         // A pinned page must stay with this process on fork(); don't copy it to children.
         // SAFETY: the range is our own fresh mapping.
         unsafe { libc::madvise(p, ulen, libc::MADV_DONTFORK) };
-        if !page_size.is_huge() {
+        if !page_size.is_huge() && backing == Backing::Anonymous {
             // SAFETY: as above. THP is fine for pinning; this only hints.
             unsafe { libc::madvise(p, ulen, libc::MADV_HUGEPAGE) };
         }
+        // For a shmem memfd the policy is the file's (shared by every
+        // mapping of it); hugetlb has no shared policy, so its pages go where
+        // this mapping's policy puts this process's faults.
         sys::mbind(mem.addr(), ulen, node, sys::MPOL_MF_STRICT)
             .map_err(|e| mbind_error(node, e))?;
         mem.populate(&n.cpus, threads, progress, cancel)?;
@@ -537,6 +538,12 @@ impl NodeMemory {
         self.page_size
     }
 
+    /// The memfd behind the memory ([`Backing::Memfd`]); offset 0 is the
+    /// first byte.
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(AsFd::as_fd)
+    }
+
     /// Gives up ownership without unmapping (used when the memory may still be
     /// reachable by a device: leaking is safer than reuse).
     pub fn leak(self) {
@@ -550,6 +557,74 @@ impl Drop for NodeMemory {
         let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         debug_assert_eq!(r, 0, "munmap of owned NodeMemory failed");
     }
+}
+
+/// Maps `ulen` bytes of private anonymous memory (hugetlb for huge pages),
+/// on a 2 MiB boundary for base pages of 2 MiB or more.
+fn map_anonymous(ulen: usize, page_size: PageSize) -> Result<*mut libc::c_void> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if page_size.is_huge() {
+        flags |= libc::MAP_HUGETLB
+            | ((page_size.bytes().trailing_zeros() as i32) << libc::MAP_HUGE_SHIFT);
+        flags &= !libc::MAP_NORESERVE;
+    }
+    // Base-page memory gets THP where the kernel gives it, which needs
+    // 2 MiB-aligned addresses (kernels before 6.8 do not align large
+    // anonymous mappings): map 2 MiB more and trim. The prefault chunks
+    // then start on 2 MiB boundaries too, so two threads never fault
+    // the same huge page (each zeroing one, one of them in vain).
+    let slack = if page_size.is_huge() || ulen < THP_ALIGN {
+        0
+    } else {
+        THP_ALIGN
+    };
+    // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ulen + slack,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    let p = if p == libc::MAP_FAILED || slack == 0 {
+        p
+    } else {
+        let start = p as usize;
+        let aligned = start.next_multiple_of(THP_ALIGN);
+        // SAFETY: both ranges lie inside the mapping just made and
+        // outside the part kept; nothing refers to them.
+        unsafe {
+            if aligned > start {
+                libc::munmap(p, aligned - start);
+            }
+            let tail = start + slack - aligned;
+            if tail > 0 {
+                libc::munmap((aligned + ulen) as *mut libc::c_void, tail);
+            }
+        }
+        aligned as *mut libc::c_void
+    };
+    if p == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        let strict = std::fs::read_to_string("/proc/sys/vm/overcommit_memory")
+            .is_ok_and(|v| v.trim() == "2");
+        return Err(Error::sys(
+            format!("mmap of {ulen:#x} bytes with {page_size} pages"),
+            match (page_size.is_huge(), e.raw_os_error(), strict) {
+                (true, _, _) => "reserve hugepages (see `numapin topology`) or use 4K pages",
+                (false, Some(libc::ENOMEM), true) => {
+                    "strict overcommit (vm.overcommit_memory = 2) refused the mapping: Committed_AS would pass \
+                     CommitLimit (/proc/meminfo); raise vm.overcommit_ratio or pin less"
+                }
+                _ => "the address space or memory ran out; lower the size (RLIMIT_AS, `ulimit -v`)",
+            },
+            e,
+        ));
+    }
+    Ok(p)
 }
 
 /// What a failed `mbind(MPOL_BIND)` of fresh memory means: a node outside

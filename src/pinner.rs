@@ -289,11 +289,12 @@ impl Pinner {
         // If the node still runs dry, the OOM killer takes numapin, not a
         // bystander.
         let oom = OomGuard::new();
-        let mem = NodeMemory::allocate(
+        let mem = NodeMemory::allocate_backed(
             &self.inner.topology,
             node,
             size,
             page_size,
+            req.backing,
             req.threads,
             req.progress,
             req.cancel.as_ref(),

@@ -185,6 +185,13 @@ impl PinnedRegion {
         self.page_size
     }
 
+    /// The sealed memfd behind memory numapin allocated with
+    /// [`crate::Backing::Memfd`] (offset 0 is the region's first byte):
+    /// another process that maps it shares the pinned frames.
+    pub fn memfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.memory.as_ref()?.memfd()
+    }
+
     /// Whether numapin allocated the memory (and frees it on drop).
     pub fn owns_memory(&self) -> bool {
         self.memory.is_some()

@@ -6,7 +6,7 @@
 use crate::addr::{Iova, NodeId, PageSize};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::numa::Progress;
+use crate::numa::{Backing, Progress};
 
 /// How much of the pin numapin proves before returning the region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +58,9 @@ pub struct PinRequest<'a> {
     pub min_extent: Option<u64>,
     /// How much to prove before returning.
     pub proof: Proof,
+    /// What backs memory numapin allocates: private anonymous memory, or a
+    /// sealed memfd another process can map ([`crate::PinnedRegion::memfd`]).
+    pub backing: Backing,
     /// Prefault threads for memory numapin allocates (0: one per CPU of
     /// the node).
     pub threads: usize,
@@ -76,6 +79,7 @@ impl std::fmt::Debug for PinRequest<'_> {
             .field("iova", &self.iova)
             .field("min_extent", &self.min_extent)
             .field("proof", &self.proof)
+            .field("backing", &self.backing)
             .field("threads", &self.threads)
             .field("cancellable", &self.cancel.is_some())
             .finish()
@@ -93,7 +97,7 @@ impl PartialEq for PinRequest<'_> {
             self.iova,
             self.min_extent,
         ) == (o.node, o.size, o.page_size, o.iova, o.min_extent)
-            && (self.proof, self.threads) == (o.proof, o.threads)
+            && (self.proof, self.threads, self.backing) == (o.proof, o.threads, o.backing)
     }
 }
 

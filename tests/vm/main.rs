@@ -10,9 +10,9 @@
 #[path = "../common/args.rs"]
 mod args;
 mod bad_input;
-mod errors;
 #[path = "../common/balancing.rs"]
 mod balancing;
+mod errors;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
