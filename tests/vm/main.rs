@@ -12,6 +12,7 @@ mod args;
 mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
+mod demo;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
@@ -32,10 +33,15 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
         "type1" => {
             let mut v = type1::scenarios();
             v.extend(bad_input::scenarios());
+            v.extend(demo::scenarios());
             Some(v)
         }
         "mdev" => Some(pinless::mdev()),
-        "noiommu" => Some(pinless::noiommu()),
+        "noiommu" => {
+            let mut v = pinless::noiommu();
+            v.extend(demo::scenarios());
+            Some(v)
+        }
         _ => None,
     }
 }
