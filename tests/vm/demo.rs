@@ -3,7 +3,9 @@
 //! the device read every sampled page of it correctly, and (no-IOMMU) the
 //! device's reads through the stale physical addresses of moved pages are
 //! not the new data. The mlocked region is reported as measured; what is
-//! asserted of it is what the kernel does consistently (see `demo`).
+//! asserted of it is what the kernel does consistently (see `demo`). The
+//! demo starts with balancing off, so its switching balancing on (and back)
+//! is checked too.
 
 use serde_json::Value;
 
@@ -20,7 +22,14 @@ fn u(v: &Value, what: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("demo JSON: `{what}` is not a number: {v}"))
 }
 
+const SYSCTL: &str = "/proc/sys/kernel/numa_balancing";
+const SCAN_DELAY: &str = "/sys/kernel/debug/sched/numa_balancing/scan_delay_ms";
+
 fn demo(ctx: &Ctx) -> Result<String, String> {
+    // Balancing off first: the demo must switch it on, say so, and put it
+    // back (and its scanner knobs) when it ends.
+    let off = Knob::set(SYSCTL, "0")?;
+    let delay_before = std::fs::read_to_string(SCAN_DELAY).ok();
     // 40 bits: xtask starts edu with dma_mask=0xffffffffff (no-IOMMU DMA
     // goes to physical addresses above 256 MiB).
     let (code, out, err) = run_cli(&[
@@ -31,8 +40,23 @@ fn demo(ctx: &Ctx) -> Result<String, String> {
         "--dma-mask-bits",
         "40",
     ])?;
+    let sysctl_after = std::fs::read_to_string(SYSCTL).unwrap_or_default();
+    let delay_after = std::fs::read_to_string(SCAN_DELAY).ok();
+    drop(off);
     let doc: Value = serde_json::from_str(&out)
         .map_err(|e| format!("demo printed no JSON ({e}); exit {code}: {out}{err}"))?;
+    ensure!(
+        doc["balancing"]["was"] == "0" && doc["balancing"]["switched_on"] == true,
+        "with kernel.numa_balancing=0 the demo did not report switching it on: {}",
+        doc["balancing"]
+    );
+    ensure!(
+        sysctl_after.trim() == "0" && delay_after == delay_before,
+        "the demo did not restore balancing: kernel.numa_balancing {:?} (was 0), scan_delay_ms {:?} (was {:?})",
+        sysctl_after.trim(),
+        delay_after,
+        delay_before
+    );
     ensure!(
         code == 0 && doc["ok"] == Value::Bool(true),
         "demo exit {code}: {}; stderr {err}",
@@ -157,7 +181,7 @@ fn demo(ctx: &Ctx) -> Result<String, String> {
         ))
     };
     Ok(format!(
-        "moved locked/plain/numapin of {pages}: balancing {} in {}s, storm {}, compaction {}; device {} of {} pages ok; {stale_detail}",
+        "balancing switched on from 0 and restored; moved locked/plain/numapin of {pages}: balancing {} in {}s, storm {}, compaction {}; device {} of {} pages ok; {stale_detail}",
         row(0)?,
         phases[0]["secs"],
         row(1)?,

@@ -170,9 +170,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     check_dma_reach(&pinned, &samples, mailbox, dma_limit, args.dma_mask_bits)?;
 
     let dma_name = match pinned.iova() {
-        Some(i) => format!("IOVA {:#x}", i.raw()),
+        Some(i) => format!(
+            "IOVA {:#x} (an I/O virtual address, which the IOMMU translates)",
+            i.raw()
+        ),
         None => format!(
-            "physical address {:#x} (no IOMMU)",
+            "physical address {:#x} (no IOMMU: the device uses physical addresses)",
             pinned.dma_addr(0).unwrap_or(0)
         ),
     };
@@ -187,6 +190,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         dma_name,
         &bal,
     );
+    report.numapin_iova = pinned.iova().map(|i| i.raw());
     say!(args, "{}", report.setup_text());
 
     // Phase 1: NUMA balancing.
@@ -261,8 +265,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         on_away_node: after_move,
         counters: Counters::read().since(c0),
         note: format!(
-            "after move_pages, pages on node {away_id}: locked {}, plain {}, numapin {}; migrate_pages then reported {refused} pages of the process it could not move back",
-            after_move.locked, after_move.plain, after_move.numapin
+            "after move_pages, pages on node {away_id}: locked {}, plain {}, numapin {}; migrate_pages then reported {} pages of the process it could not move back",
+            report::n(after_move.locked),
+            report::n(after_move.plain),
+            report::n(after_move.numapin),
+            report::n(refused as u64)
         ),
     });
 

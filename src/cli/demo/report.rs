@@ -111,6 +111,8 @@ pub struct Report {
     pub away_node: u32,
     pub worker_cpus: Vec<u32>,
     pub numapin_dma: String,
+    /// numapin's IOVA (`None` in no-IOMMU mode).
+    pub numapin_iova: Option<u64>,
     pub balancing: BalancingSetup,
     pub phases: Vec<Phase>,
     /// numapin's pages on another frame than before phase 1.
@@ -128,7 +130,7 @@ pub struct Report {
 }
 
 /// `2048` as `2,048`.
-fn n(v: u64) -> String {
+pub fn n(v: u64) -> String {
     let s = v.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -248,6 +250,7 @@ impl Report {
             away_node: away,
             worker_cpus,
             numapin_dma,
+            numapin_iova: None,
             balancing: BalancingSetup {
                 was: bal.was.clone(),
                 switched_on: bal.switched_on,
@@ -396,12 +399,10 @@ impl Report {
              \x20        resident, but not pinned"
                 .into(),
             "  plain    ordinary memory with the default policy: the control, free to move".into(),
-            wrap(
-                &format!(
-                    "numapin  pinned by numapin through VFIO; the device reaches it at {}",
-                    self.numapin_dma
-                ),
-                "  ",
+            format!(
+                "  numapin  pinned by numapin through VFIO (a long-term pin); the device\n  \
+                 \x20        reaches it at {}",
+                self.numapin_dma
             ),
             wrap(&format!("{bal} {scan}"), ""),
             wrap(
@@ -446,8 +447,9 @@ impl Report {
         if let Some(p) = self.phases.first() {
             s += &wrap(
                 &format!(
-                    "Phase 1: {}. Balancing took {} NUMA hinting faults; at the end node {} \
-                     held locked {}, plain {}, numapin {} pages.",
+                    "Phase 1: {}. Balancing took {} NUMA hinting faults (the faults it \
+                     plants to learn which node touches a page); at the end node {} held \
+                     locked {}, plain {}, numapin {} pages.",
                     p.note,
                     n(p.counters.numa_hint_faults),
                     self.away_node,
@@ -461,6 +463,18 @@ impl Report {
         }
         if let Some(p) = self.phases.get(1) {
             s += &wrap(&format!("Phase 2: {}.", p.note), "  ");
+            s.push('\n');
+        }
+        if self.phases.len() == 3
+            && self.phases[1..]
+                .iter()
+                .all(|p| p.counters.numa_pages_migrated == 0)
+        {
+            s += &wrap(
+                "In phases 2 and 3 the balancing counter stayed at +0: those moves are the \
+                 storm's and compaction's own.",
+                "  ",
+            );
             s.push('\n');
         }
         if let Some(p) = self.phases.get(2) {
