@@ -150,18 +150,26 @@ fn cpus(c: &[u32]) -> String {
 /// Greedy word wrap of one paragraph at 80 columns; every line starts
 /// with `indent`.
 pub fn wrap(text: &str, indent: &str) -> String {
+    wrap_hanging(text, indent, indent)
+}
+
+/// As [`wrap`], the first line starting with `first`, the others with `rest`.
+pub fn wrap_hanging(text: &str, first: &str, rest: &str) -> String {
     let mut out = String::new();
-    let mut line = String::from(indent);
+    let mut line = String::from(first);
+    let mut empty = true;
     for w in text.split_whitespace() {
-        if line.len() > indent.len() && line.len() + 1 + w.len() > 80 {
+        if !empty && line.len() + 1 + w.len() > 80 {
             out += line.trim_end();
             out.push('\n');
-            line = String::from(indent);
+            line = String::from(rest);
+            empty = true;
         }
-        if line.len() > indent.len() {
+        if !empty {
             line.push(' ');
         }
         line += w;
+        empty = false;
     }
     out += line.trim_end();
     out
@@ -399,10 +407,14 @@ impl Report {
              \x20        resident, but not pinned"
                 .into(),
             "  plain    ordinary memory with the default policy: the control, free to move".into(),
-            format!(
-                "  numapin  pinned by numapin through VFIO (a long-term pin); the device\n  \
-                 \x20        reaches it at {}",
-                self.numapin_dma
+            wrap_hanging(
+                &format!(
+                    "pinned by numapin through VFIO (a long-term pin); the device reaches \
+                     it at {}",
+                    self.numapin_dma
+                ),
+                "  numapin  ",
+                "           ",
             ),
             wrap(&format!("{bal} {scan}"), ""),
             wrap(
@@ -628,5 +640,8 @@ mod tests {
         let w = wrap(&"word ".repeat(40), "  ");
         assert!(w.lines().all(|l| l.len() <= 80 && l.starts_with("  word")));
         assert_eq!(w.split_whitespace().count(), 40);
+        let h = wrap_hanging(&"word ".repeat(40), "  label  ", "         ");
+        assert!(h.starts_with("  label  word "));
+        assert!(h.lines().skip(1).all(|l| l.starts_with("         word")));
     }
 }
