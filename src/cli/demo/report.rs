@@ -490,15 +490,20 @@ impl Report {
             s.push('\n');
         }
         if let Some(p) = self.phases.get(2) {
+            let zero = p.moved.locked == 0 || p.moved.plain == 0;
             s += &wrap(
                 &format!(
                     "Phase 3: {}; its scanners looked at {} pages. Compaction migrates only \
                      the pages it meets on its way up from the bottom of a memory zone \
-                     before it meets its free-page scanner coming down from the top, so a 0 \
-                     here means these pages were out of its way this time, not that it \
-                     could not move them.",
+                     before it meets its free-page scanner coming down from the top{}",
                     p.note,
                     n(p.counters.compact_migrate_scanned + p.counters.compact_free_scanned),
+                    if zero {
+                        ", so a 0 here means those pages were out of its way this time, not \
+                         beyond its reach."
+                    } else {
+                        "."
+                    }
                 ),
                 "  ",
             );
