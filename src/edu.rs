@@ -256,6 +256,84 @@ impl<'a> Edu<'a> {
     }
 }
 
+/// Size of the device's DMA buffer (device addresses `BUFFER..BUFFER + BUFFER_LEN`).
+pub const BUFFER_LEN: u64 = 4096;
+
+impl Edu<'_> {
+    fn check_buffer_range(buf_off: u64, count: u64) -> Result<()> {
+        // End strictly before the buffer's end: QEMU 7.2 rejects a transfer
+        // that ends exactly there with a fatal error.
+        if count == 0 || count > MAX_TRANSFER || buf_off.saturating_add(count) >= BUFFER_LEN {
+            return Err(Error::Invalid(format!(
+                "edu buffer range {buf_off:#x}+{count}: use 1..={MAX_TRANSFER} bytes ending before {BUFFER_LEN:#x}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `count` bytes from DMA address `src` into the device buffer at
+    /// offset `buf_off`. A read: the device never writes to `src`.
+    pub fn dma_to_buffer(&self, src: u64, buf_off: u64, count: u64) -> Result<()> {
+        Self::check_buffer_range(buf_off, count)?;
+        self.transfer(src, BUFFER + buf_off, count, false)
+    }
+
+    /// Copies `count` bytes of the device buffer from offset `buf_off` to DMA
+    /// address `dst`.
+    pub fn dma_from_buffer(&self, buf_off: u64, dst: u64, count: u64) -> Result<()> {
+        Self::check_buffer_range(buf_off, count)?;
+        self.transfer(BUFFER + buf_off, dst, count, true)
+    }
+
+    /// What the device reads at many DMA addresses, with one write-back:
+    /// `into[off..off + n * slot]` (a pinned region) is zeroed and copied
+    /// into the device buffer, then the device reads `slot` bytes from each
+    /// of the `n` `sources` into consecutive slots of its buffer and writes
+    /// all slots back into `into[off..]` with one transfer. Returns, slot by
+    /// slot, the bytes the CPU then finds there. A slot whose read did not
+    /// happen reads as zeros.
+    ///
+    /// Every source is only read. The cost is `n + 2` transfers, each of
+    /// which edu starts from a 100 ms timer.
+    pub fn gather(
+        &self,
+        sources: &[u64],
+        slot: u64,
+        into: &PinnedRegion,
+        off: u64,
+    ) -> Result<Vec<Vec<u8>>> {
+        let total = slot.saturating_mul(sources.len() as u64);
+        Self::check_buffer_range(0, total)?;
+        if off.checked_add(total).is_none_or(|end| end > into.len()) {
+            return Err(Error::Invalid("gather beyond the region".into()));
+        }
+        let dst = contiguous_dma(into, off, total)?;
+        let p = into.as_ptr();
+        for i in 0..total {
+            // SAFETY: inside the pinned region (checked above); volatile because
+            // the device accesses it; no Rust reference is created.
+            unsafe { std::ptr::write_volatile(p.add((off + i) as usize), 0) };
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.dma_to_buffer(dst, 0, total)?;
+        for (i, &src) in sources.iter().enumerate() {
+            self.dma_to_buffer(src, i as u64 * slot, slot)?;
+        }
+        self.dma_from_buffer(0, dst, total)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok((0..sources.len() as u64)
+            .map(|i| {
+                (0..slot)
+                    // SAFETY: as above.
+                    .map(|j| unsafe {
+                        std::ptr::read_volatile(p.add((off + i * slot + j) as usize))
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
 /// The DMA address of `region[off..off+count]`, if the device sees that
 /// range as one contiguous run.
 fn contiguous_dma(region: &PinnedRegion, off: u64, count: u64) -> Result<u64> {

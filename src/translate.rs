@@ -117,6 +117,13 @@ impl DmaAddr {
     }
 }
 
+impl fmt::LowerHex for DmaAddr {
+    /// The raw bus address in hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.raw(), f)
+    }
+}
+
 impl fmt::Display for DmaAddr {
     /// `IOVA 0x100000000` or `PA 0x40000000`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -56,19 +56,10 @@ enum Command {
     /// Allocate node-local memory, pin it through the device's container,
     /// print where it is, and hold the pins until a signal or timeout.
     Pin(PinArgs),
-    /// Side by side: an unpinned region and a pinned one through a
-    /// migration storm, with a device DMA check (needs QEMU's edu device).
-    Demo {
-        /// The edu device (default: the first 1234:11e8 device).
-        #[arg(long, short)]
-        device: Option<String>,
-        /// Size of each region.
-        #[arg(long, default_value = "8M", value_parser = parse_size_arg)]
-        size: u64,
-        /// Rounds of the migration storm.
-        #[arg(long, default_value_t = 3)]
-        rounds: u32,
-    },
+    /// The original failure re-enacted: mlocked, plain and numapin-pinned
+    /// memory through NUMA balancing, a migration storm and compaction, with
+    /// device DMA checks (needs QEMU's edu device: `cargo xtask demo`).
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -135,11 +126,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Info { device, json } => info(&device, json),
         Command::Pin(args) => pin(args),
-        Command::Demo {
-            device,
-            size,
-            rounds,
-        } => demo::run(device.as_deref(), size, rounds),
+        Command::Demo(args) => demo::run(&args),
     }
 }
 

@@ -12,6 +12,7 @@ mod args;
 mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
+mod demo;
 mod errors;
 mod pinless;
 #[path = "../common/procfs.rs"]
@@ -34,6 +35,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             let mut v = type1::scenarios();
             v.extend(bad_input::scenarios());
             v.extend(errors::type1());
+            v.extend(demo::scenarios());
             Some(v)
         }
         "mdev" => {
@@ -47,6 +49,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             let mut v = pinless::noiommu();
             v.extend(errors::common());
             v.extend(errors::uring());
+            v.extend(demo::scenarios());
             Some(v)
         }
         _ => None,
