@@ -169,7 +169,7 @@ pub fn print_bind(r: &BindReport, verb: &str) {
                 println!("    {} ({}): {}", m.device, name(&m.driver), m.effect);
             }
         }
-        None => println!("  no IOMMU group (no-IOMMU mode)"),
+        None => println!("  no IOMMU group yet (no-IOMMU mode: vfio-pci makes one)"),
     }
 }
 
@@ -281,9 +281,12 @@ pub fn print_info(r: &InfoReport) {
             cpulist(&l.local_cpus)
         }
     );
-    for m in &l.memory {
+    if l.numa_node < 0 && !l.memory.is_empty() {
+        println!("memory      locality unknown on every node (the device has no node)");
+    }
+    for m in l.memory.iter().filter(|_| l.numa_node >= 0) {
         let how = match (m.local, m.distance) {
-            (None, _) => "locality unknown (the device has no node)".to_string(),
+            (None, _) => "locality unknown".to_string(),
             (Some(true), d) => format!(
                 "local{}",
                 d.map_or(String::new(), |d| format!(" (distance {d})"))
