@@ -541,6 +541,21 @@ pub enum Error {
         needed: u64,
     },
 
+    /// `numapin check` found checks that failed; each one's fix is in its
+    /// report.
+    #[error(
+        "{} check{} failed ({}); apply the fix{} shown with {}",
+        failed.len(),
+        if failed.len() == 1 { "" } else { "s" },
+        failed.join(", "),
+        if failed.len() == 1 { "" } else { "es" },
+        if failed.len() == 1 { "it" } else { "them" }
+    )]
+    ChecksFailed {
+        /// The names of the failed checks.
+        failed: Vec<String>,
+    },
+
     /// The caller cancelled the work ([`crate::Cancel`]); everything taken
     /// so far was released.
     #[error(
@@ -710,7 +725,8 @@ impl Error {
             | Error::GroupBusy { .. }
             | Error::NoIommuModeOff { .. }
             | Error::UringDisabled { .. }
-            | Error::UringUnsupported => K::DeviceState,
+            | Error::UringUnsupported
+            | Error::ChecksFailed { .. } => K::DeviceState,
             Error::Misplaced { .. } | Error::NotAccounted { .. } => K::GuaranteeBroken,
             Error::Cancelled { .. } => K::Cancelled,
             Error::Phys(e) => match e {

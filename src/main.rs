@@ -39,7 +39,8 @@ fn main() -> ExitCode {
                     kind.exit_code()
                 }
             };
-            if json {
+            // `check --json` already printed its document, failures included.
+            if json && !matches!(e, numapin::Error::ChecksFailed { .. }) {
                 let (message, hint) = match line.split_once("; ") {
                     Some((m, h)) => (m.to_string(), Some(h.to_string())),
                     None => (line.clone(), None),

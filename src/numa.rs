@@ -885,3 +885,124 @@ mod tests {
         assert!(parse_movable(zi, NodeId(2)).is_empty());
     }
 }
+
+/// Where PCI devices are listed in sysfs.
+const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// The distances from `node` to every online node (`nodeN/distance`), in the
+/// order of [`Topology::nodes`]: the firmware's ACPI SLIT figures, where 10
+/// means local and, say, 21 means about 2.1 times the local latency.
+///
+/// # Errors
+/// [`Error::Sys`] when the file cannot be read (a kernel without
+/// `CONFIG_NUMA` has none); [`Error::Invalid`] when it is not a list of
+/// numbers.
+pub fn distances(node: NodeId) -> Result<Vec<u32>> {
+    distances_in(Path::new(NODE_ROOT), node)
+}
+
+fn distances_in(root: &Path, node: NodeId) -> Result<Vec<u32>> {
+    let path = root.join(format!("node{}/distance", node.0));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::sys(
+            format!("read {}", path.display()),
+            "the kernel reports node distances only with CONFIG_NUMA",
+            e,
+        )
+    })?;
+    text.split_whitespace()
+        .map(|d| {
+            d.parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "{} holds `{}`, not a list of distances",
+                    path.display(),
+                    text.trim()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The NUMA node a device's sysfs directory reports (`numa_node`; -1, or no
+/// such file, is `None`). An mdev device has no `numa_node` of its own; its
+/// parent's is used.
+pub fn device_node(sysfs: &Path) -> Option<NodeId> {
+    let read = |dir: &Path| {
+        std::fs::read_to_string(dir.join("numa_node"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+    };
+    let raw = read(sysfs).or_else(|| {
+        std::fs::canonicalize(sysfs)
+            .ok()
+            .and_then(|p| p.parent().and_then(read))
+    })?;
+    u32::try_from(raw).ok().map(NodeId)
+}
+
+/// Every PCI device and the node it reports, sorted by address.
+pub fn pci_device_nodes() -> Vec<(String, Option<NodeId>)> {
+    pci_device_nodes_in(Path::new(PCI_DEVICES))
+}
+
+fn pci_device_nodes_in(root: &Path) -> Vec<(String, Option<NodeId>)> {
+    let mut out: Vec<(String, Option<NodeId>)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                device_node(&e.path()),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn distances_are_read_per_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        write(&tmp.path().join("node0/distance"), "10 21\n");
+        write(&tmp.path().join("node1/distance"), "21 10\n");
+        assert_eq!(distances_in(tmp.path(), NodeId(0)).unwrap(), [10, 21]);
+        assert_eq!(distances_in(tmp.path(), NodeId(1)).unwrap(), [21, 10]);
+        assert!(distances_in(tmp.path(), NodeId(2)).is_err());
+        write(&tmp.path().join("node2/distance"), "10 x\n");
+        let e = distances_in(tmp.path(), NodeId(2)).unwrap_err().to_string();
+        assert!(e.contains("not a list of distances"), "{e}");
+    }
+
+    #[test]
+    fn devices_report_their_node_and_minus_one_is_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pci = tmp.path().join("pci");
+        write(&pci.join("0000:00:03.0/numa_node"), "-1\n");
+        write(&pci.join("0000:3b:00.0/numa_node"), "1\n");
+        std::fs::create_dir_all(pci.join("0000:00:1f.0")).unwrap();
+        // An mdev under its parent takes the parent's node.
+        write(&pci.join("0000:3b:00.0/8a1c-mdev/mdev_type"), "");
+        assert_eq!(
+            pci_device_nodes_in(&pci),
+            vec![
+                ("0000:00:03.0".to_string(), None),
+                ("0000:00:1f.0".to_string(), None),
+                ("0000:3b:00.0".to_string(), Some(NodeId(1))),
+            ]
+        );
+        assert_eq!(
+            device_node(&pci.join("0000:3b:00.0/8a1c-mdev")),
+            Some(NodeId(1))
+        );
+    }
+}

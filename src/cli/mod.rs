@@ -1,20 +1,25 @@
 //! Command-line parsing and the commands.
 
+mod check;
 mod demo;
+mod dist;
 mod hold;
 pub use hold::{cancelling_signal, signal_name};
+mod locality;
 mod output;
+mod regions;
 mod spec;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use numapin::numa::Topology;
-use numapin::{Pinner, Result};
-use spec::RegionSpec;
+use numapin::{NodeId, Pinner, Result};
 
 use output::{PinReport, RegionReport};
+use regions::RegionArg;
 
 /// Node-local memory pinned long-term through Linux VFIO, with fixed IOVAs
 /// and physical addresses.
@@ -22,44 +27,102 @@ use output::{PinReport, RegionReport};
 #[command(name = "numapin", version, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
-    cmd: Command,
+    cmd: Top,
+}
+
+/// The commands, and the hidden generator beside them (kept out of
+/// [`Command`] so that completions and man pages never mention it).
+#[derive(Debug, Subcommand)]
+enum Top {
+    #[command(flatten)]
+    User(Command),
+    /// Write shell completions and man pages into DIR (what `cargo xtask
+    /// dist` runs).
+    #[command(name = "__generate", hide = true)]
+    Generate {
+        /// Where completions/ and man/ go.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Online NUMA nodes: CPUs, memory, hugepage pools.
+    /// Online NUMA nodes: CPUs, memory, hugepage pools, distances between
+    /// nodes, and the PCI devices local to each.
     Topology {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Bind a PCI device to vfio-pci (driver_override), remembering its driver.
-    Bind {
-        /// PCI address, e.g. 0000:00:03.0.
-        device: String,
-    },
+    /// Bind a PCI device to vfio-pci (driver_override), remembering its
+    /// driver. Refuses a device the host is using (an interface that is up
+    /// or routed, a mounted, held or swap block device, the boot display)
+    /// unless --force; rolls back to the old driver if a step fails.
+    Bind(BindArgs),
     /// Give a PCI device back to the driver it had before `numapin bind`.
-    Unbind {
-        /// PCI address, e.g. 0000:00:03.0.
-        device: String,
-    },
-    /// The device's IOMMU group, container kind, IOVA ranges, page sizes and
-    /// DMA mappings available.
+    /// Refuses while a process holds its VFIO group open, unless --force.
+    Unbind(BindArgs),
+    /// The device's NUMA node and local CPUs, how near each node's memory is,
+    /// its IOMMU group, container kind, IOVA ranges, page sizes and DMA
+    /// mappings available.
     Info {
         /// PCI address, mdev UUID, or sysfs path.
         #[arg(long, short)]
         device: String,
+        /// Say whether memory on this node would be local to the device
+        /// (repeatable; default: every online node).
+        #[arg(long, value_name = "NODE")]
+        node: Vec<u32>,
+        /// Say whether these regions' memory would be local to the device.
+        #[arg(long = "region", short, value_name = "NODE:SIZE[:PAGESIZE][@IOVA]")]
+        regions: Vec<RegionArg>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// Preflight: IOMMU, vfio-pci, the device's group, the regions against
+    /// the topology, memlock, hugepages, io_uring, NUMA balancing; each with
+    /// a fix. Exits 5 (device state) when a check fails.
+    Check {
+        /// The device to check (PCI address, mdev UUID, or sysfs path).
+        #[arg(long, short)]
+        device: Option<String>,
+        /// Regions to check memlock and hugepages against (repeatable).
+        #[arg(long = "region", short, value_name = "NODE:SIZE[:PAGESIZE][@IOVA]")]
+        regions: Vec<RegionArg>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Allocate node-local memory, pin it through the device's container,
-    /// print where it is, and hold the pins until a signal or timeout.
+    /// print where it is, and hold the pins until a signal or timeout: a
+    /// check and a reservation tool (programs use the library).
     Pin(PinArgs),
     /// The original failure re-enacted: mlocked, plain and numapin-pinned
     /// memory through NUMA balancing, a migration storm and compaction, with
     /// device DMA checks (needs QEMU's edu device: `cargo xtask demo`).
     Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct BindArgs {
+    /// PCI address, e.g. 0000:3b:00.0 (find yours with `lspci -nn -D`).
+    device: String,
+    /// Go ahead although the host is using the device.
+    #[arg(long)]
+    force: bool,
+    /// Show the checks and every sysfs write, in order, without writing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl BindArgs {
+    fn options(&self) -> numapin::bind::Options {
+        numapin::bind::Options {
+            force: self.force,
+            dry_run: self.dry_run,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -77,7 +140,7 @@ struct PinArgs {
         value_name = "NODE:SIZE[:PAGESIZE][@IOVA]",
         allow_hyphen_values = true
     )]
-    regions: Vec<RegionSpec>,
+    regions: Vec<RegionArg>,
     /// Also print each region's physical extents (needs CAP_SYS_ADMIN;
     /// always printed for a no-IOMMU device, whose DMA addresses they are).
     #[arg(long)]
@@ -106,9 +169,14 @@ fn parse_size_arg(s: &str) -> std::result::Result<u64, String> {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+    let cmd = match cli.cmd {
+        Top::User(c) => c,
+        Top::Generate { dir } => return dist::generate(&dir),
+    };
+    match cmd {
         Command::Topology { json } => {
-            let t = Topology::read()?;
+            let t =
+                locality::TopologyReport::new(Topology::read()?, numapin::numa::pci_device_nodes());
             if json {
                 output::print_json(&t)
             } else {
@@ -116,33 +184,67 @@ pub fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
         }
-        Command::Bind { device } => {
-            print_bind(&numapin::bind::bind(&device)?);
+        Command::Bind(a) => {
+            let r =
+                numapin::bind::bind_with(&numapin::bind::Roots::system(), &a.device, a.options())?;
+            output::print_bind(&r, "bind");
             Ok(())
         }
-        Command::Unbind { device } => {
-            print_bind(&numapin::bind::unbind(&device)?);
+        Command::Unbind(a) => {
+            let r = numapin::bind::unbind_with(
+                &numapin::bind::Roots::system(),
+                &a.device,
+                a.options(),
+            )?;
+            output::print_bind(&r, "unbind");
             Ok(())
         }
-        Command::Info { device, json } => info(&device, json),
+        Command::Info {
+            device,
+            node,
+            regions,
+            json,
+        } => info(&device, &node, &regions, json),
+        Command::Check {
+            device,
+            regions,
+            json,
+        } => {
+            let r = check::run(&check::Host::system(), device.as_deref(), &regions)?;
+            if json {
+                output::print_json(&r)?;
+            } else {
+                check::print(&r);
+            }
+            match check::failure(&r) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
         Command::Pin(args) => pin(args),
         Command::Demo(args) => demo::run(&args),
     }
 }
 
-/// `BDF: old driver -> new driver`.
-fn print_bind(o: &numapin::bind::BindOutcome) {
-    let name = |d: &Option<String>| d.clone().unwrap_or_else(|| "no driver".into());
-    println!(
-        "{}: {} -> {}",
-        o.device,
-        name(&o.previous),
-        name(&o.current)
-    );
-}
-
-fn info(device: &str, json: bool) -> Result<()> {
+fn info(device: &str, nodes: &[u32], regions: &[RegionArg], json: bool) -> Result<()> {
+    let topo = Topology::read()?;
+    regions::validate_shape(&topo, regions)?;
+    let mut asked: Vec<NodeId> = Vec::new();
+    for n in nodes
+        .iter()
+        .map(|&n| NodeId(n))
+        .chain(regions.iter().map(|r| r.node()))
+    {
+        topo.require(n)?;
+        if !asked.contains(&n) {
+            asked.push(n);
+        }
+    }
+    if asked.is_empty() {
+        asked = topo.ids();
+    }
     let desc = numapin::vfio::describe(device)?;
+    let place = locality::device(&desc.sysfs, &topo, &asked);
     // Opening needs the device on vfio-pci; report sysfs facts either way.
     // A no-IOMMU device has no IOMMU to describe, and opening it would need
     // CAP_SYS_RAWIO and reset it: sysfs is the whole answer there.
@@ -154,7 +256,7 @@ fn info(device: &str, json: bool) -> Result<()> {
             .map(Some),
     };
     let pinner = opened.as_ref().ok().and_then(Option::as_ref);
-    let report = output::InfoReport::new(&desc, pinner.and_then(|p| p.iommu_info()));
+    let report = output::InfoReport::new(&desc, place, pinner.and_then(|p| p.iommu_info()));
     if json {
         output::print_json(&report)?;
     } else {
@@ -164,6 +266,9 @@ fn info(device: &str, json: bool) -> Result<()> {
 }
 
 fn pin(args: PinArgs) -> Result<()> {
+    // Every region is checked against the machine before the device is
+    // touched: a typo fails here, not after opening and resetting it.
+    regions::validate(&Topology::read()?, &args.regions)?;
     // Block SIGINT/SIGTERM before any thread starts so that they are
     // delivered to sigtimedwait, and a signal during pinning still releases.
     let signals = hold::SignalSet::block_termination()?.watch();
@@ -175,10 +280,10 @@ fn pin(args: PinArgs) -> Result<()> {
             return Err(numapin::Error::Cancelled {
                 step: "pin",
                 done: 0,
-                len: spec.0.size,
+                len: spec.req.size,
             });
         }
-        let bar = output::prefault_progress(spec.0.size);
+        let bar = output::prefault_progress(spec.req.size);
         let progress = |done: u64| {
             if let Some(b) = &bar {
                 b.set_position(done);
@@ -189,7 +294,7 @@ fn pin(args: PinArgs) -> Result<()> {
             threads: args.threads,
             progress: Some(&progress),
             cancel: Some(signals.cancel.clone()),
-            ..spec.0.clone()
+            ..spec.req.clone()
         };
         let region = pinner.pin(&req)?;
         if let Some(b) = bar {

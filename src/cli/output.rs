@@ -5,12 +5,14 @@ use std::io::Write;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use numapin::addr::human_size;
-use numapin::numa::Topology;
+use numapin::bind::BindReport;
 use numapin::phys::PhysExtent;
 use numapin::vfio::DeviceInfo;
 use numapin::vfio::info::IommuInfo;
 use numapin::{ContainerKind, Error, PinnedRegion, Pinner, Result};
 use serde::Serialize;
+
+use super::locality::{DeviceLocality, TopologyReport};
 
 /// Prints `v` as one pretty JSON document on stdout.
 pub fn print_json<T: Serialize>(v: &T) -> Result<()> {
@@ -41,6 +43,25 @@ fn pools(n: &numapin::numa::Node) -> String {
     }
 }
 
+/// CPUs as the kernel writes them: `0-3,8`.
+fn cpulist(cpus: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i {
+            format!("{}-{}", cpus[i], cpus[j])
+        } else {
+            cpus[i].to_string()
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
 fn short(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
@@ -49,27 +70,106 @@ fn short(bytes: u64) -> String {
     }
 }
 
-/// The `topology` table.
-pub fn print_topology(t: &Topology) {
-    println!(
-        "{:<5} {:<10} {:>10} {:>10}  hugepages",
-        "node", "cpus", "total", "free"
+/// The `topology` table: one row per node, then the PCI devices by node.
+pub fn print_topology(t: &TopologyReport) {
+    let ids: Vec<u32> = t.nodes.iter().map(|n| n.node.id).collect();
+    let dist_head = format!(
+        "distance to {}",
+        ids.iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    for n in &t.nodes {
+    println!(
+        "{:<5} {:<10} {:>10} {:>10}  {:<14}  hugepages",
+        "node", "cpus", "total", "free", "distances"
+    );
+    for r in &t.nodes {
+        let n = &r.node;
         let cpus = n
             .cpus
             .iter()
             .map(|c| c.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        let dist = if r.distances.is_empty() {
+            "-".to_string()
+        } else {
+            r.distances
+                .values()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         println!(
-            "{:<5} {:<10} {:>10} {:>10}  {}",
+            "{:<5} {:<10} {:>10} {:>10}  {:<14}  {}",
             n.id,
             if cpus.is_empty() { "-".into() } else { cpus },
             human_size(n.mem_total),
             human_size(n.mem_free),
+            dist,
             pools(n)
         );
+    }
+    println!();
+    println!("distances: {dist_head} (firmware SLIT units: 10 = local, 20 = twice as far)");
+    for r in &t.nodes {
+        println!(
+            "node {} PCI devices: {}",
+            r.node.id,
+            if r.pci_devices.is_empty() {
+                "-".to_string()
+            } else {
+                r.pci_devices.join(" ")
+            }
+        );
+    }
+    println!(
+        "no node (numa_node -1): {} PCI device{} (`numapin topology --json` lists them)",
+        t.devices_without_node.len(),
+        if t.devices_without_node.len() == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+}
+
+/// `bind` and `unbind`: `BDF: old -> new`, the uses overridden by --force,
+/// the group's other members, and (for a dry run) every planned write.
+pub fn print_bind(r: &BindReport, verb: &str) {
+    let name = |d: &Option<String>| d.clone().unwrap_or_else(|| "no driver".into());
+    println!(
+        "{}: {} -> {}{}",
+        r.device,
+        name(&r.previous),
+        name(&r.current),
+        if r.dry_run {
+            " (dry run: nothing written)"
+        } else {
+            ""
+        }
+    );
+    for u in &r.in_use {
+        println!("  in use (--force): {u}");
+    }
+    if r.dry_run && r.steps.is_empty() {
+        println!("  nothing to {verb}");
+    }
+    if r.dry_run {
+        for (i, s) in r.steps.iter().enumerate() {
+            println!("  {}. {s}", i + 1);
+        }
+    }
+    match r.group {
+        Some(g) if r.members.is_empty() => println!("  IOMMU group {g}: no other device"),
+        Some(g) => {
+            println!("  IOMMU group {g} also holds:");
+            for m in &r.members {
+                println!("    {} ({}): {}", m.device, name(&m.driver), m.effect);
+            }
+        }
+        None => println!("  no IOMMU group yet (no-IOMMU mode: vfio-pci makes one)"),
     }
 }
 
@@ -79,6 +179,9 @@ pub struct InfoReport {
     device: String,
     sysfs: String,
     driver: Option<String>,
+    /// NUMA placement: `numa_node` (-1 = none), `local_cpus`, `memory`.
+    #[serde(flatten)]
+    locality: DeviceLocality,
     group: u32,
     group_node: String,
     members: Vec<numapin::vfio::GroupMember>,
@@ -129,11 +232,12 @@ struct RangeReport {
 }
 
 impl InfoReport {
-    pub fn new(d: &DeviceInfo, info: Option<&IommuInfo>) -> InfoReport {
+    pub fn new(d: &DeviceInfo, locality: DeviceLocality, info: Option<&IommuInfo>) -> InfoReport {
         InfoReport {
             device: d.name.clone(),
             sysfs: d.sysfs.display().to_string(),
             driver: d.driver.clone(),
+            locality,
             group: d.group,
             group_node: d.group_node.display().to_string(),
             members: d.members.clone(),
@@ -169,6 +273,37 @@ pub fn print_info(r: &InfoReport) {
         r.driver.as_deref().unwrap_or("no driver")
     );
     println!("sysfs       {}", r.sysfs);
+    let l = &r.locality;
+    if l.numa_node < 0 {
+        println!("numa node   none (numa_node -1: the firmware gives this device no node)");
+    } else {
+        println!("numa node   {}", l.numa_node);
+    }
+    println!(
+        "local cpus  {}",
+        if l.local_cpus.is_empty() {
+            "-".to_string()
+        } else {
+            cpulist(&l.local_cpus)
+        }
+    );
+    if l.numa_node < 0 && !l.memory.is_empty() {
+        println!("memory      locality unknown on every node (the device has no node)");
+    }
+    for m in l.memory.iter().filter(|_| l.numa_node >= 0) {
+        let how = match (m.local, m.distance) {
+            (None, _) => "locality unknown".to_string(),
+            (Some(true), d) => format!(
+                "local{}",
+                d.map_or(String::new(), |d| format!(" (distance {d})"))
+            ),
+            (Some(false), d) => format!(
+                "remote{}",
+                d.map_or(String::new(), |d| format!(" (distance {d}, local is 10)"))
+            ),
+        };
+        println!("memory      node {}: {how}", m.node);
+    }
     println!("group       {} ({})", r.group, r.group_node);
     for m in &r.members {
         println!(

@@ -21,6 +21,7 @@
 mod bench;
 mod cmd;
 mod deps;
+mod dist;
 mod initramfs;
 mod kernel;
 mod layout;
@@ -113,6 +114,9 @@ enum Task {
     },
     /// List the VM configurations.
     Configs,
+    /// Write shell completions and man pages into dist/ (from the CLI's
+    /// clap definitions).
+    Dist,
 }
 
 fn main() -> ExitCode {
@@ -159,6 +163,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
             };
             tasks::vm(&config, mode, !no_build)
         }
+        Task::Dist => dist::dist(),
         Task::Configs => {
             tasks::print_configs();
             Ok(ExitCode::SUCCESS)
