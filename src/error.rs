@@ -541,6 +541,28 @@ pub enum Error {
         needed: u64,
     },
 
+    /// The host uses the device (or something holds it open).
+    #[error(
+        "{device} is in use: {}{}; {action}: stop its users first (`numapin unbind --wait SECS` waits for \
+         holders to close it), or pass --force if you are sure",
+        if uses.is_empty() { "no holder numapin can see".to_string() } else { uses.join(", ") },
+        if *unseen > 0 {
+            format!(" (and numapin could not read the open files of {unseen} process{}, so a holder may be hidden: run as root)", if *unseen == 1 { "" } else { "es" })
+        } else {
+            String::new()
+        }
+    )]
+    DeviceInUse {
+        /// The device.
+        device: String,
+        /// What the refused step would do.
+        action: String,
+        /// What uses it.
+        uses: Vec<String>,
+        /// Processes whose open files could not be read.
+        unseen: usize,
+    },
+
     /// `numapin check` found checks that failed; each one's fix is in its
     /// report.
     #[error(
@@ -726,7 +748,8 @@ impl Error {
             | Error::NoIommuModeOff { .. }
             | Error::UringDisabled { .. }
             | Error::UringUnsupported
-            | Error::ChecksFailed { .. } => K::DeviceState,
+            | Error::ChecksFailed { .. }
+            | Error::DeviceInUse { .. } => K::DeviceState,
             Error::Misplaced { .. } | Error::NotAccounted { .. } => K::GuaranteeBroken,
             Error::Cancelled { .. } => K::Cancelled,
             Error::Phys(e) => match e {

@@ -387,12 +387,16 @@ _numapin() {
             return 0
             ;;
         numapin__subcmd__unbind)
-            opts="-h --force --dry-run --help"
+            opts="-h --force --dry-run --wait --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                --wait)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

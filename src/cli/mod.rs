@@ -60,8 +60,10 @@ enum Command {
     /// unless --force; rolls back to the old driver if a step fails.
     Bind(BindArgs),
     /// Give a PCI device back to the driver it had before `numapin bind`.
-    /// Refuses while a process holds its VFIO group open, unless --force.
-    Unbind(BindArgs),
+    /// Refuses while a process holds its VFIO group or cdev open (the
+    /// kernel would block the unbind until it lets go), unless --force;
+    /// --wait polls for the holders to go before writing anything.
+    Unbind(UnbindArgs),
     /// The device's NUMA node and local CPUs, how near each node's memory is,
     /// its IOMMU group, container kind, IOVA ranges, page sizes and DMA
     /// mappings available.
@@ -114,6 +116,16 @@ struct BindArgs {
     /// Show the checks and every sysfs write, in order, without writing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct UnbindArgs {
+    #[command(flatten)]
+    common: BindArgs,
+    /// Wait up to SECS seconds for the processes holding the device to close
+    /// it (checked before any write), saying what it waits for.
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
 }
 
 impl BindArgs {
@@ -191,11 +203,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Unbind(a) => {
-            let r = numapin::bind::unbind_with(
-                &numapin::bind::Roots::system(),
-                &a.device,
-                a.options(),
-            )?;
+            let roots = numapin::bind::Roots::system();
+            if let Some(secs) = a.wait {
+                wait_for_holders(&roots, &a.common.device, Duration::from_secs(secs))?;
+            }
+            let r = numapin::bind::unbind_with(&roots, &a.common.device, a.common.options())?;
             output::print_bind(&r, "unbind");
             Ok(())
         }
@@ -223,6 +235,41 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Pin(args) => pin(args),
         Command::Demo(args) => demo::run(&args),
+    }
+}
+
+/// Polls the device's holders until none is left or `limit` passes; tells
+/// once, on stderr, what it waits for. Nothing is written meanwhile, so an
+/// interrupt leaves the device as it was.
+fn wait_for_holders(roots: &numapin::bind::Roots, device: &str, limit: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        // An unseen holder is left for the unbind to refuse, with the count.
+        let (held, _unseen) = numapin::bind::unbind_holders(roots, device)?;
+        if held.is_empty() {
+            if told {
+                eprintln!(
+                    "numapin: {device} is free after {:.1} s",
+                    start.elapsed().as_secs_f64()
+                );
+            }
+            return Ok(());
+        }
+        if !told {
+            let what: Vec<String> = held.iter().map(|u| u.to_string()).collect();
+            eprintln!(
+                "numapin: waiting up to {} s for {} to close {device}",
+                limit.as_secs(),
+                what.join(", ")
+            );
+            told = true;
+        }
+        if start.elapsed() >= limit {
+            // Let the unbind refuse with the holders it sees now.
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

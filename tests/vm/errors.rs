@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use numapin::{Cancel, Error, MisplacedCause, NodeId, PageSize, PinRequest, Pinner, Proof};
 
 use crate::Scenario;
-use crate::bad_input::{RESOURCE, USAGE, as_pinner, as_user_1000, check_err};
+use crate::bad_input::{DEVICE_STATE, RESOURCE, USAGE, as_pinner, as_user_1000, check_err};
 use crate::ensure;
 use crate::util::*;
 
@@ -24,6 +24,7 @@ pub fn type1() -> Vec<(&'static str, Scenario)> {
         ("h.lib.misplaced-moved-before-pin", misplaced_moved),
         ("h.lib.dma-entries", dma_entries),
         ("h.cli.numbers-that-differ", numbers_differ),
+        ("h.cli.unbind-held", unbind_held),
     ];
     v.extend(common());
     v
@@ -676,4 +677,81 @@ pub fn mdev_info(ctx: &Ctx) -> Result<String, String> {
         .unwrap_or("")
         .trim()
         .to_string())
+}
+
+/// `unbind` while another process holds the device: refused at once with
+/// the holder's pid (the kernel would sleep until it lets go); `--wait`
+/// polls before writing and goes ahead once the holder is gone.
+fn unbind_held(ctx: &Ctx) -> Result<String, String> {
+    let holder = PinChild::spawn(ctx, &["--region", &format!("{}:2M", ctx.home.0)])?;
+    let pid = holder.pid();
+    let mut holder = Some(holder);
+    let res = (|| {
+        let t = Instant::now();
+        let (code, out, err) = run_cli(&["unbind", &ctx.bdf])?;
+        check_err(
+            code,
+            DEVICE_STATE,
+            &out,
+            &err,
+            &format!("is open in process {pid}"),
+        )?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "the refusal took {:?}",
+            t.elapsed()
+        );
+        ensure!(err.contains("would block in the kernel"), "{err}");
+        // --wait with the holder still there: it says what it waits for,
+        // then refuses as before, still bound to vfio-pci.
+        let (code, out, err) = run_cli(&["unbind", &ctx.bdf, "--wait", "1"])?;
+        ensure!(code == DEVICE_STATE, "exit {code}: {err}");
+        ensure!(
+            err.lines().next().is_some_and(
+                |l| l.contains("waiting up to 1 s for") && l.contains(&pid.to_string())
+            ),
+            "{err}"
+        );
+        ensure!(out.is_empty(), "{out}");
+        let driver = std::fs::read_link(format!("/sys/bus/pci/devices/{}/driver", ctx.bdf))
+            .map(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        ensure!(
+            driver == "vfio-pci",
+            "driver after a refused unbind: {driver}"
+        );
+        // The holder goes while --wait polls: the unbind then goes ahead.
+        let waiter = e(
+            numapin()
+                .args(["unbind", &ctx.bdf, "--wait", "20"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn(),
+            "spawn unbind --wait",
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(mut h) = holder.take() {
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+        }
+        let out = e(waiter.wait_with_output(), "wait for unbind")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(0), "unbind --wait: {err}");
+        ensure!(err.contains(&format!("{} is free after", ctx.bdf)), "{err}");
+        Ok(format!(
+            "refused while pid {pid} held it; --wait went ahead once it closed"
+        ))
+    })();
+    if let Some(mut h) = holder {
+        let _ = h.child.kill();
+        let _ = h.child.wait();
+    }
+    // Back to vfio-pci for the scenarios after this one.
+    let (code, out, err) = run_cli(&["bind", &ctx.bdf])?;
+    ensure!(code == 0, "rebind: {out} {err}");
+    res
 }

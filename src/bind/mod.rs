@@ -17,12 +17,19 @@
 //! directory), so the checks and the rollback run on a fake tree in tests.
 
 use std::fmt;
-use std::io;
+
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+
+mod apply;
+mod in_use;
+
+use apply::{Apply, Files, execute};
+pub use in_use::InUse;
+use in_use::{holders, refuse_in_use, uses};
 
 const VFIO_PCI: &str = "vfio-pci";
 
@@ -110,98 +117,6 @@ impl fmt::Display for Step {
     }
 }
 
-/// A reason the host is using the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum InUse {
-    /// A network interface of the device is up (`operstate` or `IFF_UP`).
-    InterfaceUp {
-        /// Interface name.
-        iface: String,
-        /// Its `operstate`.
-        operstate: String,
-        /// Its `flags`.
-        flags: u32,
-    },
-    /// Routes go through a network interface of the device.
-    Routes {
-        /// Interface name.
-        iface: String,
-        /// IPv4 and IPv6 routes through it.
-        routes: usize,
-    },
-    /// A block device of the device (or a partition) is mounted.
-    Mounted {
-        /// Block device name.
-        dev: String,
-        /// Where.
-        mountpoint: String,
-    },
-    /// Another block device (device-mapper, md, bcache) is built on it.
-    Held {
-        /// Block device name.
-        dev: String,
-        /// The holder.
-        holder: String,
-    },
-    /// A block device of the device is active swap.
-    Swap {
-        /// Block device name.
-        dev: String,
-    },
-    /// The firmware's boot display (`boot_vga` = 1).
-    BootDisplay,
-    /// Processes hold the device's VFIO group open (for [`unbind`]: the
-    /// kernel would block the unbind until they let go).
-    GroupOpen {
-        /// The group node.
-        node: String,
-        /// Their process ids.
-        pids: Vec<u32>,
-    },
-}
-
-impl fmt::Display for InUse {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            InUse::InterfaceUp {
-                iface,
-                operstate,
-                flags,
-            } => write!(
-                f,
-                "network interface {iface} is up (operstate {operstate}, flags {flags:#x})"
-            ),
-            InUse::Routes { iface, routes } => write!(
-                f,
-                "{routes} {} through {iface}",
-                if *routes == 1 {
-                    "route goes"
-                } else {
-                    "routes go"
-                }
-            ),
-            InUse::Mounted { dev, mountpoint } => {
-                write!(f, "block device {dev} is mounted at {mountpoint}")
-            }
-            InUse::Held { dev, holder } => {
-                write!(f, "block device {dev} is held by {holder}")
-            }
-            InUse::Swap { dev } => write!(f, "block device {dev} is active swap"),
-            InUse::BootDisplay => write!(f, "it is the boot display (boot_vga = 1)"),
-            InUse::GroupOpen { node, pids } => write!(
-                f,
-                "{node} is open in process{} {}",
-                if pids.len() == 1 { "" } else { "es" },
-                pids.iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-}
-
 /// Another device of the same IOMMU group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Member {
@@ -232,32 +147,6 @@ pub struct BindReport {
     pub group: Option<u32>,
     /// The other devices of the group.
     pub members: Vec<Member>,
-}
-
-/// Applies steps: the real system, or a fake kernel in tests.
-trait Apply {
-    fn apply(&mut self, step: &Step) -> io::Result<()>;
-}
-
-/// Writes to the files named by the steps.
-struct Files;
-
-impl Apply for Files {
-    fn apply(&mut self, step: &Step) -> io::Result<()> {
-        match step {
-            Step::Write { path, value } => std::fs::write(path, value),
-            Step::Record { path, driver } => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::write(path, driver)
-            }
-            Step::Forget { path } => match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            },
-        }
-    }
 }
 
 fn read_trim(path: &Path) -> Option<String> {
@@ -313,138 +202,6 @@ fn pci_device(roots: &Roots, spec: &str) -> Result<Device> {
     }
     let real = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     Ok(Device { name, dir, real })
-}
-
-/// Entries of `class_dir` (`/sys/class/net`, `/sys/class/block`) whose
-/// device lives under `dev`.
-fn class_members(class_dir: &Path, dev: &Path) -> Vec<(String, PathBuf)> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(class_dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        if let Ok(real) = std::fs::canonicalize(e.path()) {
-            if real.starts_with(dev) && real != dev {
-                out.push((e.file_name().to_string_lossy().into_owned(), real));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Routes in `/proc/net/route` and `/proc/net/ipv6_route` through `iface`.
-fn routes_through(proc: &Path, iface: &str) -> usize {
-    let v4 = std::fs::read_to_string(proc.join("net/route")).unwrap_or_default();
-    let v6 = std::fs::read_to_string(proc.join("net/ipv6_route")).unwrap_or_default();
-    let n4 = v4
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().next() == Some(iface))
-        .count();
-    // ipv6_route has no header; the interface is the last column. `lo`
-    // carries the kernel's own entries for every address.
-    let n6 = v6
-        .lines()
-        .filter(|l| l.split_whitespace().last() == Some(iface))
-        .count();
-    n4 + n6
-}
-
-/// Where a block device (`maj:min`, `/dev/NAME`) is mounted, from
-/// `/proc/self/mountinfo`.
-fn mountpoints(proc: &Path, majmin: Option<&str>, name: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(proc.join("self/mountinfo")).unwrap_or_default();
-    let source = format!("/dev/{name}");
-    let mut out = Vec::new();
-    for l in text.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() < 5 {
-            continue;
-        }
-        // Optional fields end at `-`; then fstype and source.
-        let src = f
-            .iter()
-            .position(|&x| x == "-")
-            .and_then(|i| f.get(i + 2))
-            .copied();
-        if majmin.is_some_and(|m| m == f[2]) || src == Some(source.as_str()) {
-            out.push(f[4].to_string());
-        }
-    }
-    out
-}
-
-/// What the host is using the device for: its network interfaces, its block
-/// devices, the boot display.
-fn uses(roots: &Roots, dev: &Device) -> Vec<InUse> {
-    let mut found = Vec::new();
-    if read_trim(&dev.dir.join("boot_vga")).as_deref() == Some("1") {
-        found.push(InUse::BootDisplay);
-    }
-    let mut ifaces = class_members(&roots.sys.join("class/net"), &dev.real);
-    // Also the device's own net/ directory, where class/net is missing.
-    if let Ok(rd) = std::fs::read_dir(dev.dir.join("net")) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if !ifaces.iter().any(|(m, _)| *m == n) {
-                ifaces.push((n, e.path()));
-            }
-        }
-    }
-    for (iface, dir) in &ifaces {
-        let operstate = read_trim(&dir.join("operstate")).unwrap_or_default();
-        let flags = read_trim(&dir.join("flags"))
-            .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0);
-        const IFF_UP: u32 = 0x1;
-        if operstate == "up" || flags & IFF_UP != 0 {
-            found.push(InUse::InterfaceUp {
-                iface: iface.clone(),
-                operstate,
-                flags,
-            });
-        }
-        let routes = routes_through(&roots.proc, iface);
-        if routes > 0 {
-            found.push(InUse::Routes {
-                iface: iface.clone(),
-                routes,
-            });
-        }
-    }
-    let swaps = std::fs::read_to_string(roots.proc.join("swaps")).unwrap_or_default();
-    for (name, dir) in class_members(&roots.sys.join("class/block"), &dev.real) {
-        let majmin = read_trim(&dir.join("dev"));
-        for m in mountpoints(&roots.proc, majmin.as_deref(), &name) {
-            found.push(InUse::Mounted {
-                dev: name.clone(),
-                mountpoint: m,
-            });
-        }
-        if let Ok(rd) = std::fs::read_dir(dir.join("holders")) {
-            let mut holders: Vec<String> = rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            holders.sort();
-            for h in holders {
-                found.push(InUse::Held {
-                    dev: name.clone(),
-                    holder: h,
-                });
-            }
-        }
-        let path = format!("/dev/{name}");
-        if swaps
-            .lines()
-            .skip(1)
-            .any(|l| l.split_whitespace().next() == Some(path.as_str()))
-        {
-            found.push(InUse::Swap { dev: name.clone() });
-        }
-    }
-    found
 }
 
 /// The device's IOMMU group number.
@@ -503,155 +260,8 @@ fn noiommu_mode(roots: &Roots) -> bool {
     )
 }
 
-fn refuse_in_use(name: &str, what: &str, found: &[InUse]) -> Error {
-    Error::Invalid(format!(
-        "{name} is in use: {}; {what} would take it from its users: stop using it first, \
-         or pass --force if you are sure",
-        found
-            .iter()
-            .map(|u| u.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-}
-
-/// The state to return to if a step fails: the device's driver and
-/// `driver_override` before the first step.
-struct Before {
-    driver: Option<String>,
-    override_: Option<String>,
-}
-
-/// Puts `dev` back on `before.driver` with `before.override_`, from
-/// whatever state the failed steps left. Returns the steps it took.
-fn roll_back(
-    roots: &Roots,
-    dev: &Device,
-    before: &Before,
-    state: &Path,
-    recorded: bool,
-    w: &mut dyn Apply,
-) -> std::result::Result<Vec<Step>, (Step, io::Error)> {
-    let mut done = Vec::new();
-    let mut run = |s: Step, w: &mut dyn Apply| match w.apply(&s) {
-        Ok(()) => {
-            done.push(s);
-            Ok(())
-        }
-        Err(e) => Err((s, e)),
-    };
-    let now = driver(&dev.dir);
-    if now != before.driver {
-        if let Some(cur) = &now {
-            run(
-                Step::Write {
-                    path: roots.driver_dir(cur).join("unbind"),
-                    value: dev.name.clone(),
-                },
-                w,
-            )?;
-        }
-    }
-    // The override goes back before the old driver binds: with it set to
-    // vfio-pci, the kernel would not match the old driver.
-    if driver_override(&dev.dir) != before.override_ {
-        run(
-            Step::Write {
-                path: dev.dir.join("driver_override"),
-                value: before.override_.clone().unwrap_or_else(|| "\n".into()),
-            },
-            w,
-        )?;
-    }
-    if now != before.driver {
-        if let Some(prev) = &before.driver {
-            run(
-                Step::Write {
-                    path: roots.driver_dir(prev).join("bind"),
-                    value: dev.name.clone(),
-                },
-                w,
-            )?;
-        }
-    }
-    if recorded {
-        run(
-            Step::Forget {
-                path: state.to_path_buf(),
-            },
-            w,
-        )?;
-    }
-    Ok(done)
-}
-
 fn driver_name(d: &Option<String>) -> &str {
     d.as_deref().unwrap_or("no driver")
-}
-
-/// Runs `steps`, then `verify`; on a failure rolls back and says how it
-/// ended.
-fn execute(
-    roots: &Roots,
-    dev: &Device,
-    what: &str,
-    steps: &[Step],
-    state: &Path,
-    verify: impl Fn(&Device) -> std::result::Result<(), String>,
-    w: &mut dyn Apply,
-) -> Result<()> {
-    let before = Before {
-        driver: driver(&dev.dir),
-        override_: driver_override(&dev.dir),
-    };
-    let mut recorded = false;
-    let mut failure = None;
-    for s in steps {
-        if let Err(e) = w.apply(s) {
-            let hint = match e.raw_os_error() {
-                Some(libc::EACCES) | Some(libc::EPERM) => {
-                    " (run as root: drivers are the whole machine's)"
-                }
-                _ => "",
-            };
-            failure = Some(format!("{s} failed: {e}{hint}"));
-            break;
-        }
-        recorded |= matches!(s, Step::Record { .. });
-    }
-    if failure.is_none() {
-        failure = verify(dev).err();
-    }
-    let Some(failure) = failure else {
-        return Ok(());
-    };
-    let back = |d: &Option<String>| match d {
-        Some(d) => format!("echo {} > /sys/bus/pci/drivers/{d}/bind", dev.name),
-        None => format!("echo {} > /sys/bus/pci/drivers_probe", dev.name),
-    };
-    match roll_back(roots, dev, &before, state, recorded, w) {
-        Ok(_) if driver(&dev.dir) == before.driver => Err(Error::Invalid(format!(
-            "{what} {} failed: {failure}; rolled back, it is on {} again: check `dmesg` for the \
-             kernel's reason",
-            dev.name,
-            driver_name(&before.driver)
-        ))),
-        Ok(_) => Err(Error::Invalid(format!(
-            "{what} {} failed: {failure}; rolling back left it on {} instead of {}: \
-             give it back with `{}`",
-            dev.name,
-            driver_name(&driver(&dev.dir)),
-            driver_name(&before.driver),
-            back(&before.driver)
-        ))),
-        Err((s, e)) => Err(Error::Invalid(format!(
-            "{what} {} failed: {failure}; rolling back failed too ({s}: {e}), it is now on {}: \
-             give it back with `{}`",
-            dev.name,
-            driver_name(&driver(&dev.dir)),
-            back(&before.driver)
-        ))),
-    }
 }
 
 /// Binds `spec` (a PCI address) to vfio-pci on the running system; see
@@ -705,8 +315,12 @@ fn bind_on(roots: &Roots, spec: &str, opts: Options, w: &mut dyn Apply) -> Resul
         if !report.in_use.is_empty() && !opts.force {
             return Err(refuse_in_use(
                 &dev.name,
-                &format!("unbinding {}", driver_name(&previous)),
+                format!(
+                    "unbinding {} would take it from its users",
+                    driver_name(&previous)
+                ),
                 &report.in_use,
+                0,
             ));
         }
     }
@@ -750,56 +364,21 @@ fn bind_on(roots: &Roots, spec: &str, opts: Options, w: &mut dyn Apply) -> Resul
     Ok(report)
 }
 
+/// Who holds `spec`'s VFIO group or cdev open, as [`unbind_with`] checks
+/// before writing, and how many processes' open files numapin could not
+/// read. For a `--wait` that polls before writing.
+///
+/// # Errors
+/// [`Error::DeviceNotFound`] and the errors of finding the device.
+pub fn unbind_holders(roots: &Roots, spec: &str) -> Result<(Vec<InUse>, usize)> {
+    let dev = pci_device(roots, spec)?;
+    let group = group_of(&dev);
+    Ok(holders(roots, &dev, group))
+}
+
 /// Gives `spec` back on the running system; see [`unbind_with`].
 pub fn unbind(spec: &str) -> Result<BindReport> {
     unbind_with(&Roots::system(), spec, Options::default())
-}
-
-/// Processes with `/dev/vfio/<group>` (or `noiommu-<group>`) open.
-fn group_holders(roots: &Roots, group: u32) -> Vec<InUse> {
-    let nodes = [
-        format!("/dev/vfio/{group}"),
-        format!("/dev/vfio/noiommu-{group}"),
-    ];
-    let mut found: Vec<(String, u32)> = Vec::new();
-    for p in std::fs::read_dir(&roots.proc)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        for fd in std::fs::read_dir(p.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(t) = std::fs::read_link(fd.path()) {
-                let t = t.to_string_lossy();
-                if let Some(n) = nodes.iter().find(|n| **n == t) {
-                    if !found.iter().any(|(m, q)| m == n && *q == pid) {
-                        found.push((n.clone(), pid));
-                    }
-                }
-            }
-        }
-    }
-    found.sort_by_key(|(n, pid)| (n.clone(), *pid));
-    let mut out: Vec<InUse> = Vec::new();
-    for (node, pid) in found {
-        match out
-            .iter_mut()
-            .find(|u| matches!(u, InUse::GroupOpen { node: n, .. } if *n == node))
-        {
-            Some(InUse::GroupOpen { pids, .. }) => pids.push(pid),
-            _ => out.push(InUse::GroupOpen {
-                node,
-                pids: vec![pid],
-            }),
-        }
-    }
-    out
 }
 
 /// Unbinds `spec` from vfio-pci, clears `driver_override`, and rebinds the
@@ -831,15 +410,21 @@ fn unbind_on(roots: &Roots, spec: &str, opts: Options, w: &mut dyn Apply) -> Res
         current: previous.clone(),
         dry_run: opts.dry_run,
         steps: Vec::new(),
-        in_use: group.map(|g| group_holders(roots, g)).unwrap_or_default(),
+        in_use: Vec::new(),
         group,
         members: members(roots, &dev, group),
     };
-    if !report.in_use.is_empty() && !opts.force {
+    // Before any write: the kernel's unbind waits, uninterruptibly after a
+    // first signal, until every open fd of the device is closed.
+    let (held, unseen) = holders(roots, &dev, group);
+    report.in_use = held;
+    if (!report.in_use.is_empty() || unseen > 0) && !opts.force {
         return Err(refuse_in_use(
             &dev.name,
-            "unbinding vfio-pci",
+            "unbinding vfio-pci now would block in the kernel until every holder closes the device"
+                .into(),
             &report.in_use,
+            unseen,
         ));
     }
     let state = roots.state.join(&dev.name);
@@ -908,6 +493,7 @@ mod tests {
     //! `drivers_probe` create it while respecting `driver_override`.
 
     use super::*;
+    use std::io;
     use std::os::unix::fs::symlink;
 
     const BDF: &str = "0000:3b:00.0";
