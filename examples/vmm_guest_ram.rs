@@ -1,364 +1,362 @@
-//! Guest RAM laid out the way a VMM lays it out, pinned at IOVA = GPA.
+//! A VMM's guest RAM, pinned by numapin in the VMM's own VFIO container.
 //!
-//! A VMM that passes a device through to its guest lets the guest program
-//! guest-physical addresses (GPAs) into the device, so the IOMMU must map
-//! IOVA = GPA onto the host memory that backs guest RAM, and that memory must
-//! never move. This example plays such a VMM for a small two-node guest:
+//! The VMM here owns everything VFIO: one type1 container, and every
+//! passthrough device (QEMU's edu devices) opened into it with vfio-ioctls.
+//! Guest RAM is vm-memory's `GuestMemoryMmap`, two memfd-backed slots the
+//! way vhost-user VMMs have it:
 //!
-//! | slot | GPA = IOVA      | size   | guest node | host node            |
-//! |------|-----------------|--------|------------|----------------------|
-//! | low  | `0x0`           | 64 MiB | 0          | first online node    |
-//! | high | `0x1_0000_0000` | 64 MiB | 1          | second online node (or the first) |
+//! | slot | GPA = IOVA      | size   | backing             | host node |
+//! |------|-----------------|--------|---------------------|-----------|
+//! | low  | `0x0`           | 64 MiB | memfd (shmem)       | first     |
+//! | high | `0x1_0000_0000` | 64 MiB | memfd (hugetlb 2M)  | second    |
 //!
-//! The low slot stands for the RAM below the 32-bit PCI hole (a real VMM maps
-//! up to 3 GiB there, `0 .. 0xC000_0000`); the high slot for the RAM above
-//! 4 GiB. Neither touches the x86 MSI window `0xfee00000-0xfeefffff`, which
-//! the IOMMU reserves: an IOVA there is refused.
+//! The VMM binds each slot to its host node (`mbind`) and faults it in; then
+//! [`numapin::guest::GuestRam`] pins every slot at IOVA = GPA, one mapping
+//! each, through [`Pinner::with_type1_container`]: numapin maps, proves and
+//! unmaps; it never opens a device. Guest RAM is charged to memlock once,
+//! however many devices share the container.
 //!
-//! The VMM owns the memory: it maps it (anonymous, `MAP_NORESERVE`), binds it
-//! to the host node with `mbind(MPOL_BIND)` before the first touch, faults it
-//! in, and only then hands it to [`Pinner::pin_user`], which takes the
-//! long-term pin with one `VFIO_IOMMU_MAP_DMA` per slot and checks that every
-//! page is on the node. At the end it verifies each slot, releases the pins
-//! and unmaps.
+//! Then, as a guest would: every device copies bytes between GPAs of the two
+//! slots; a slot is hot-added and a device writes into it, then it is
+//! removed; a page is discarded through numapin (unmap, discard, pin again)
+//! and the device reads the same zeroes as the CPU; the VMM forks and execs
+//! a helper, and the device's view stays intact. Run it in the VM (`cargo
+//! xtask test` does; `cargo xtask vm --config type1-stock --shell` gives a
+//! shell).
 //!
 //! ```text
-//! cargo run --example vmm_guest_ram -- [--device DEV]
+//! cargo run --example vmm_guest_ram --features tools,vm-memory -- [--device DEV]...
 //! ```
-//!
-//! `DEV` is a PCI address (or sysfs path) of a device bound to vfio-pci; the
-//! default is QEMU's edu device. Run it in the VM: `cargo xtask demo` boots
-//! one with a vIOMMU, the edu device and two NUMA nodes.
 
-use std::ffi::c_void;
+use std::ffi::CStr;
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::path::Path;
 use std::process::ExitCode;
-use std::ptr::NonNull;
+use std::sync::Arc;
 
 use numapin::addr::human_size;
-use numapin::{Error, Iova, NodeId, PageSize, PinRequest, PinnedRegion, Pinner, Result};
+use numapin::edu::Edu;
+use numapin::guest::{Discard, GuestRam};
+use numapin::vfio::DeviceFd;
+use numapin::{Error, NodeId, Pinner, Proof, Result};
+use vfio_ioctls::{VfioContainer, VfioDevice};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 const MIB: u64 = 1 << 20;
+const LOW: u64 = 0;
+const HIGH: u64 = 0x1_0000_0000;
+const HOT: u64 = 0x2_0000_0000;
 
-/// One guest memory slot.
-struct Slot {
-    name: &'static str,
-    /// Guest-physical address of the first byte; also its IOVA.
-    gpa: u64,
-    size: u64,
-    /// The guest's (virtual) NUMA node.
-    vnode: usize,
-}
-
-const SLOTS: [Slot; 2] = [
-    Slot {
-        name: "low",
-        gpa: 0,
-        size: 64 * MIB,
-        vnode: 0,
-    },
-    Slot {
-        name: "high",
-        gpa: 0x1_0000_0000,
-        size: 64 * MIB,
-        vnode: 1,
-    },
-];
-
-/// Anonymous memory the VMM mapped itself. Unmapped on drop.
-struct GuestRam {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl GuestRam {
-    /// Maps `len` bytes, binds them to `node` and faults every page in there.
-    fn new(len: u64, node: NodeId) -> Result<GuestRam> {
-        let len = usize::try_from(len).map_err(|_| Error::Invalid("slot too large".into()))?;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel
-        // picks overlaps nothing else in the process.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+/// A memfd of `len` bytes (hugetlb 2 MiB when asked), as vm-memory's file.
+fn memfd(name: &CStr, len: u64, huge: bool) -> Result<FileOffset> {
+    let flags = libc::MFD_CLOEXEC
+        | if huge {
+            libc::MFD_HUGETLB | (21 << libc::MFD_HUGE_SHIFT)
+        } else {
+            0
         };
-        if p == libc::MAP_FAILED {
-            return Err(Error::sys(
-                format!("mmap of {len:#x} bytes of guest RAM"),
-                "free memory or use smaller slots",
-                io::Error::last_os_error(),
-            ));
-        }
-        let ram = GuestRam {
-            ptr: NonNull::new(p.cast()).expect("mmap returned a null mapping"),
-            len,
-        };
-        // Like QEMU with VFIO: a fork()ed helper must not get copies of guest RAM.
-        // SAFETY: advice on our own fresh mapping; it changes no contents.
-        unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
-        // Bind before the first touch, so that every page is allocated on the node.
-        numapin::sys::mbind(ram.addr(), len, node, 0).map_err(|e| {
-            Error::sys(format!("mbind(MPOL_BIND, node {node}) of guest RAM"), "", e)
-        })?;
-        ram.fault_in().map_err(|e| {
-            Error::sys(
-                format!("faulting in guest RAM on node {node}"),
-                "free memory on that node",
-                e,
-            )
-        })?;
-        Ok(ram)
+    // SAFETY: a valid C string; a new fd comes back.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(Error::sys("memfd_create", "", io::Error::last_os_error()));
     }
-
-    /// Writes every page once (`MADV_POPULATE_WRITE`, Linux 5.14+; touching
-    /// each page on older kernels).
-    fn fault_in(&self) -> io::Result<()> {
-        let p = self.ptr.as_ptr().cast::<c_void>();
-        // SAFETY: populating our own mapping only allocates zeroed pages.
-        if unsafe { libc::madvise(p, self.len, numapin::sys::MADV_POPULATE_WRITE) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) {
-            return Err(e);
-        }
-        let page = numapin::addr::base_page_size() as usize;
-        for off in (0..self.len).step_by(page) {
-            // SAFETY: the byte is inside our mapping, no Rust reference covers
-            // it, and writing 0 to fresh anonymous memory changes nothing.
-            unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
-        }
-        Ok(())
-    }
-
-    fn addr(&self) -> usize {
-        self.ptr.as_ptr() as usize
-    }
-
-    /// Gives up the mapping without unmapping it.
-    fn leak(self) {
-        std::mem::forget(self);
-    }
+    // SAFETY: `fd` is new and ours.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len)
+        .map_err(|e| Error::sys("ftruncate the memfd", "reserve 2 MiB hugepages", e))?;
+    Ok(FileOffset::new(file, 0))
 }
 
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping and nothing refers into it any more.
-        if unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) } != 0 {
-            eprintln!(
-                "vmm_guest_ram: munmap of guest RAM failed: {}",
-                io::Error::last_os_error()
-            );
+/// What the VMM does to a slot before handing it to numapin: bind to the
+/// host node, keep it from fork's children, fault it in.
+fn prepare(region: &impl GuestMemoryRegion, node: NodeId) -> Result<()> {
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|e| Error::Invalid(format!("no host address: {e}")))?;
+    let len = region.len() as usize;
+    numapin::sys::mbind(host as usize, len, node, 0)
+        .map_err(|e| Error::sys(format!("mbind guest RAM to node {node}"), "", e))?;
+    // SAFETY: advice on the VMM's own mapping of guest RAM.
+    unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTFORK) };
+    // SAFETY: populating the mapping allocates its pages; nothing reads them.
+    if unsafe { libc::madvise(host.cast(), len, numapin::sys::MADV_POPULATE_WRITE) } != 0 {
+        return Err(Error::sys(
+            format!("faulting in guest RAM on node {node}"),
+            "free memory or hugepages on that node",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// The device copies `len` bytes from GPA `from` to GPA `to`; the CPU checks
+/// them at `to`'s host address.
+fn copy_check(edu: &Edu, ram: &GuestRam, from: u64, to: u64, len: u64, seed: u8) -> Result<()> {
+    let (src, dst) = match (
+        ram.gpa_to_host(GuestAddress(from)),
+        ram.gpa_to_host(GuestAddress(to)),
+    ) {
+        (Some(s), Some(d)) => (s, d),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "GPA {from:#x} or {to:#x} is not guest RAM"
+            )));
+        }
+    };
+    for i in 0..len {
+        // SAFETY: inside pinned guest RAM; raw volatile accesses only.
+        unsafe {
+            std::ptr::write_volatile(src.as_mut_ptr().add(i as usize), seed.wrapping_add(i as u8));
+            std::ptr::write_volatile(dst.as_mut_ptr().add(i as usize), 0);
         }
     }
+    edu.dma_to_device(from, len)?;
+    edu.dma_from_device(to, len)?;
+    // SAFETY: as above.
+    let bad = (0..len)
+        .filter(|&i| unsafe { std::ptr::read_volatile(dst.as_mut_ptr().add(i as usize)) } != seed.wrapping_add(i as u8))
+        .count();
+    if bad > 0 {
+        return Err(Error::Invalid(format!(
+            "{bad} of {len} bytes wrong after GPA {from:#x} -> {to:#x}"
+        )));
+    }
+    Ok(())
 }
 
-/// A slot's memory and its pin. The pin always goes first: the memory is
-/// unmapped only after the pin is released, and leaked if the release fails
-/// (the device could still reach it).
-struct PinnedSlot {
-    slot: &'static Slot,
-    host: NodeId,
-    region: Option<PinnedRegion>,
-    ram: Option<GuestRam>,
+/// `len` bytes at GPA `gpa`, as the CPU reads them.
+fn read(ram: &GuestRam, gpa: u64, len: u64) -> Result<Vec<u8>> {
+    let at = ram
+        .gpa_to_host(GuestAddress(gpa))
+        .ok_or_else(|| Error::Invalid(format!("GPA {gpa:#x} is not guest RAM")))?;
+    // SAFETY: inside pinned guest RAM; raw volatile reads only.
+    Ok((0..len)
+        .map(|i| unsafe { std::ptr::read_volatile(at.as_mut_ptr().add(i as usize)) })
+        .collect())
 }
 
-impl PinnedSlot {
-    fn new(pinner: &Pinner, slot: &'static Slot, host: NodeId) -> Result<PinnedSlot> {
-        let ram = GuestRam::new(slot.size, host)?;
-        // SAFETY: `ram` is a mapping this process made and owns. It stays
-        // mapped until the region is released: `PinnedSlot::teardown` releases
-        // the region before it drops `ram`, and leaks `ram` if the release
-        // fails. No Rust reference to the memory is ever created; the example
-        // only passes its address to system calls.
-        let region = unsafe {
-            pinner.pin_user(
-                ram.ptr.as_ptr(),
-                &PinRequest {
-                    iova: Some(Iova(slot.gpa)),
-                    page_size: PageSize::Base,
-                    ..PinRequest::new(host, slot.size)
-                },
-            )
-        }?;
-        Ok(PinnedSlot {
-            slot,
-            host,
-            region: Some(region),
-            ram: Some(ram),
-        })
+/// What the device reads at GPA `from`: it copies `len` bytes to GPA `to`
+/// (first filled with 0xaa), where the CPU reads them back.
+fn device_reads(edu: &Edu, ram: &GuestRam, from: u64, to: u64, len: u64) -> Result<Vec<u8>> {
+    let dst = ram
+        .gpa_to_host(GuestAddress(to))
+        .ok_or_else(|| Error::Invalid(format!("GPA {to:#x} is not guest RAM")))?;
+    for i in 0..len {
+        // SAFETY: inside pinned guest RAM; raw volatile writes only.
+        unsafe { std::ptr::write_volatile(dst.as_mut_ptr().add(i as usize), 0xaa) };
     }
-
-    fn region(&self) -> &PinnedRegion {
-        self.region.as_ref().expect("region present until teardown")
-    }
-
-    fn release(mut self) -> Result<()> {
-        self.teardown()
-    }
-
-    fn teardown(&mut self) -> Result<()> {
-        if let Some(region) = self.region.take() {
-            if let Err(e) = region.release() {
-                if let Some(ram) = self.ram.take() {
-                    ram.leak();
-                }
-                return Err(e);
-            }
-        }
-        drop(self.ram.take());
-        Ok(())
-    }
+    edu.dma_to_device(from, len)?;
+    edu.dma_from_device(to, len)?;
+    read(ram, to, len)
 }
 
-impl Drop for PinnedSlot {
-    fn drop(&mut self) {
-        if let Err(e) = self.teardown() {
-            eprintln!("vmm_guest_ram: slot {} leaked: {e}", self.slot.name);
-        }
-    }
+fn vmlck() -> u64 {
+    numapin::sys::locked_bytes().unwrap_or(0)
 }
 
-fn run(device: &str) -> Result<()> {
-    let pinner = Pinner::open(device)?;
-    let online = pinner.topology().ids();
-    let first = *online
+fn run(devices: &[String]) -> Result<()> {
+    // The VMM's container, every device in it.
+    let container = Arc::new(
+        VfioContainer::new(None)
+            .map_err(|e| Error::Invalid(format!("open /dev/vfio/vfio: {e}")))?,
+    );
+    let mut opened = Vec::new();
+    for d in devices {
+        let sysfs = numapin::vfio::resolve_device(d)?;
+        let dev = VfioDevice::new(&sysfs, container.clone(), false)
+            .map_err(|e| Error::Invalid(format!("open {d} into the VMM's container: {e}")))?;
+        opened.push((d.clone(), dev));
+    }
+    // SAFETY: the container fd stays open (this Arc) while it is borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(container.as_raw_fd()) };
+    let pinner = Pinner::with_type1_container(fd, None)?;
+    let nodes = pinner.topology().ids();
+    let first = *nodes
         .first()
-        .ok_or_else(|| Error::Invalid("no online NUMA node".into()))?;
-    let mut slots = Vec::with_capacity(SLOTS.len());
-    for slot in &SLOTS {
-        // Guest node n lives on the n-th online host node, or on the first.
-        let host = online.get(slot.vnode).copied().unwrap_or(first);
-        slots.push(PinnedSlot::new(&pinner, slot, host)?);
+        .ok_or_else(|| Error::Invalid("no online node".into()))?;
+    let second = nodes.get(1).copied().unwrap_or(first);
+    println!(
+        "VMM container: {} device(s) ({}), kind {} (found from VFIO_IOMMU_GET_INFO)",
+        opened.len(),
+        devices.join(", "),
+        pinner.kind().name()
+    );
+
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([
+        (
+            GuestAddress(LOW),
+            (64 * MIB) as usize,
+            Some(memfd(c"guest-low", 64 * MIB, false)?),
+        ),
+        (
+            GuestAddress(HIGH),
+            (64 * MIB) as usize,
+            Some(memfd(c"guest-high", 64 * MIB, true)?),
+        ),
+    ])
+    .map_err(|e| Error::Invalid(format!("guest memory: {e}")))?;
+    let node_of = |gpa: GuestAddress| Some(if gpa.0 == LOW { first } else { second });
+    for r in mem.iter() {
+        prepare(r, node_of(r.start_addr()).expect("every slot has a node"))?;
     }
 
+    let lck0 = vmlck();
+    let mut ram = GuestRam::new(pinner, Proof::Full);
+    // SAFETY: `mem` outlives `ram` (released below before `mem` drops), and
+    // guest RAM is only touched through raw pointers and the device.
+    unsafe { ram.pin_all(&mem, node_of) }?;
+    let grew = vmlck() - lck0;
     println!(
-        "guest RAM pinned through {} ({}), {} online host node(s)",
-        pinner.device_info().map_or("?", |d| d.name.as_str()),
-        pinner.kind().name(),
-        online.len()
+        "pinned {} slots at IOVA = GPA; VmLck +{} for {} device(s): guest RAM charged once",
+        ram.slots().len(),
+        human_size(grew),
+        opened.len()
     );
-    println!(
-        "{:<5} {:<14} {:>8} {:>5} {:>5}  vaddr",
-        "slot", "GPA = IOVA", "size", "vnode", "host"
-    );
-    for s in &slots {
-        let r = s.region();
+    if grew != 128 * MIB {
+        return Err(Error::Invalid(format!(
+            "VmLck grew by {grew:#x}, not by the 128 MiB of guest RAM"
+        )));
+    }
+    for s in ram.slots() {
         println!(
-            "{:<5} {:<14} {:>8} {:>5} {:>5}  {:#018x}",
-            s.slot.name,
-            r.iova().map_or("-".into(), |i| i.to_string()),
-            human_size(r.len()),
-            s.slot.vnode,
-            s.host.to_string(),
-            r.vaddr()
+            "  slot GPA {:#x}: {} of {} pages on node {}, {}",
+            s.gpa().0,
+            human_size(s.len()),
+            s.page_size(),
+            s.node().map_or("-".into(), |n| n.to_string()),
+            if s.file().is_some() {
+                "memfd-backed"
+            } else {
+                "anonymous"
+            }
         );
     }
 
+    let edus: Vec<Edu> = opened
+        .iter()
+        .map(|(_, d)| {
+            // SAFETY: the VMM's VfioDevice fd, open for as long as `opened`.
+            let fd = unsafe { DeviceFd::new(BorrowedFd::borrow_raw(d.as_raw_fd())) };
+            Edu::open(fd).map(|e| e.with_dma_limit(1 << 40))
+        })
+        .collect::<Result<_>>()?;
+    for (i, edu) in edus.iter().enumerate() {
+        copy_check(edu, &ram, LOW + 0x1000, HIGH + 0x2000, 256, 7 + i as u8)?;
+        copy_check(edu, &ram, HIGH + 0x3000, LOW + 0x4000, 256, 9 + i as u8)?;
+        println!(
+            "device {}: DMA between GPAs {:#x} and {:#x}: bytes equal",
+            opened[i].0, LOW, HIGH
+        );
+    }
+
+    // Hot-add a 32 MiB anonymous slot, DMA into it, remove it.
+    let hot: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(HOT), (32 * MIB) as usize)])
+            .map_err(|e| Error::Invalid(format!("hot slot: {e}")))?;
+    let hot_region = hot.iter().next().expect("one region");
+    prepare(hot_region, first)?;
+    // SAFETY: `hot` outlives the slot, which is removed below.
+    unsafe { ram.add(hot_region, Some(first)) }?;
+    copy_check(&edus[0], &ram, LOW + 0x5000, HOT + 0x1000, 512, 3)?;
+    ram.remove(GuestAddress(HOT))?;
+    println!(
+        "hot-added slot GPA {HOT:#x} (32 MiB), device wrote into it, removed it: {} slots, VmLck +{}",
+        ram.slots().len(),
+        human_size(vmlck() - lck0)
+    );
+
+    // Discard a page through numapin: the device then reads the zeroes the
+    // CPU reads, not the old page the IOMMU would still point at.
+    let page = LOW + 0x10000;
+    copy_check(&edus[0], &ram, HIGH + 0x6000, page, 256, 5)?;
+    ram.discard(GuestAddress(page), 0x1000, Discard::Remove)?;
+    let cpu = read(&ram, page, 256)?;
+    let dev = device_reads(&edus[0], &ram, page, HIGH + 0x7000, 256)?;
+    if cpu.iter().any(|&b| b != 0) || dev != cpu {
+        return Err(Error::Invalid(format!(
+            "after the discard the CPU reads {:?}.. and the device {:?}..",
+            &cpu[..8],
+            &dev[..8]
+        )));
+    }
+    println!(
+        "discarded GPA {page:#x} (4 KiB) through numapin (unmap, discard, pin again): CPU and device both read zeroes"
+    );
+
+    // Fork and exec a helper, as a VMM does: the device's view stays.
+    let child = std::process::Command::new("/bin/true")
+        .status()
+        .map_err(|e| Error::sys("fork+exec /bin/true", "", e))?;
+    if !child.success() {
+        return Err(Error::Invalid("/bin/true failed".into()));
+    }
+    copy_check(&edus[0], &ram, LOW + 0x8000, HIGH + 0x9000, 256, 11)?;
+    println!("forked and exec'd a helper: DMA between the slots still lands where the CPU reads");
+
     println!("verify:");
-    for s in &slots {
-        let r = s.region();
-        // What the guest sees: the last page of the slot at GPA + offset.
-        let off = r.len() - numapin::addr::base_page_size();
-        let last = r.vaddr().checked_add(off).expect("inside the slot");
-        let want = Iova(s.slot.gpa + off);
-        if r.iova_of(last) != Some(want) {
-            return Err(Error::Invalid(format!(
-                "slot {}: vaddr {last:#x} translates to {:?}, expected IOVA {want}",
-                s.slot.name,
-                r.iova_of(last)
-            )));
-        }
-        let v = r.verify()?;
+    for (gpa, v) in ram.verify()? {
         let pfns = match v.pfn_changed {
             Some(0) => "PFNs unchanged".to_string(),
             Some(n) => format!("{n} PFNs CHANGED"),
-            None => "PFNs hidden (no CAP_SYS_ADMIN)".to_string(),
+            None => "PFNs hidden".to_string(),
         };
         println!(
-            "{:<5} {} pages, {} off node {}, {pfns}: {}",
-            s.slot.name,
+            "  GPA {:#x}: {} pages, {} off node, {pfns}: {}",
+            gpa.0,
             v.pages,
             v.off_node,
-            s.host,
             if v.is_intact() { "intact" } else { "BROKEN" }
         );
         if !v.is_intact() {
             return Err(Error::Invalid(format!(
-                "slot {} moved while pinned: {} pages off node {}, {pfns}",
-                s.slot.name, v.off_node, s.host
+                "slot at GPA {:#x} moved while pinned",
+                gpa.0
             )));
         }
     }
-
-    for s in slots {
-        s.release()?;
+    ram.release()?;
+    println!("released all slots: VmLck back to {}", human_size(vmlck()));
+    if vmlck() != lck0 {
+        return Err(Error::Invalid("VmLck did not come back".into()));
     }
-    println!("released both slots");
+    drop(edus);
+    drop(opened);
     Ok(())
 }
 
-fn usage() -> &'static str {
-    "usage: vmm_guest_ram [--device DEV]  (default: QEMU's edu device, 1234:11e8)"
-}
-
-/// `Ok(Some(dev))`, `Ok(None)` for the default, or `Err(message)`.
-fn parse_args() -> std::result::Result<Option<String>, String> {
+fn main() -> ExitCode {
+    let mut devices = Vec::new();
     let mut args = std::env::args().skip(1);
-    let mut device = None;
     while let Some(a) = args.next() {
-        match a.as_str() {
-            "--device" | "-d" => {
-                device = Some(args.next().ok_or("--device needs a value")?);
+        match (a.as_str(), args.next()) {
+            ("--device" | "-d", Some(d)) => devices.push(d),
+            _ => {
+                eprintln!(
+                    "usage: vmm_guest_ram [--device DEV]...  (default: every QEMU edu device)"
+                );
+                return ExitCode::from(2);
             }
-            "--help" | "-h" => return Err(String::new()),
-            _ => match a.strip_prefix("--device=") {
-                Some(d) => device = Some(d.to_string()),
-                None => return Err(format!("unexpected argument `{a}`")),
-            },
         }
     }
-    Ok(device)
-}
-
-fn main() -> ExitCode {
-    let device = match parse_args() {
-        Ok(Some(d)) => d,
-        Ok(None) => match numapin::edu::find() {
-            Some(d) => d,
-            None => {
-                eprintln!(
-                    "vmm_guest_ram: error: no QEMU edu device (1234:11e8) found; pass --device DEV \
-                     (a device bound to vfio-pci) or run it in the VM (`cargo xtask demo`)"
-                );
-                return ExitCode::FAILURE;
-            }
-        },
-        Err(msg) if msg.is_empty() => {
-            println!("{}", usage());
-            return ExitCode::SUCCESS;
-        }
-        Err(msg) => {
-            eprintln!("vmm_guest_ram: error: {msg}; {}", usage());
-            return ExitCode::from(2);
-        }
-    };
-    match run(&device) {
+    if devices.is_empty() {
+        devices = numapin::edu::find_all();
+    }
+    if devices.is_empty() || !Path::new("/dev/vfio/vfio").exists() {
+        eprintln!(
+            "vmm_guest_ram: error: no QEMU edu device bound to vfio-pci; run it in the VM (`cargo xtask test`)"
+        );
+        return ExitCode::from(2);
+    }
+    match run(&devices) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut line = e.to_string();
-            let mut cause = std::error::Error::source(&e);
-            while let Some(c) = cause {
-                line.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            eprintln!("vmm_guest_ram: error: {line}");
-            ExitCode::FAILURE
+            eprintln!("vmm_guest_ram: error: {e}");
+            ExitCode::from(e.kind().exit_code())
         }
     }
 }

@@ -72,8 +72,15 @@ impl DmaCheck {
 
 /// Finds the first PCI device with the edu ids in sysfs, as a PCI address.
 pub fn find() -> Option<String> {
-    let mut found: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
-        .ok()?
+    find_all().into_iter().next()
+}
+
+/// Every edu device (vendor 1234, device 11e8), by PCI address.
+pub fn find_all() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/bus/pci/devices") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = rd
         .flatten()
         .filter(|e| {
             let id = |f: &str| {
@@ -86,7 +93,7 @@ pub fn find() -> Option<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     found.sort();
-    found.into_iter().next()
+    found
 }
 
 impl<'a> Edu<'a> {

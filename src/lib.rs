@@ -64,6 +64,8 @@ mod request;
 pub mod bind;
 #[cfg(feature = "tools")]
 pub mod edu;
+#[cfg(feature = "vm-memory")]
+pub mod guest;
 #[cfg(feature = "tools")]
 pub mod sys;
 #[cfg(not(feature = "tools"))]

@@ -147,22 +147,49 @@ impl Pinner {
     /// mappings live as long as a group stays in the container, which is the
     /// caller's to keep.
     ///
-    /// `kind` says what the container holds: [`ContainerKind::Type1Iommu`]
-    /// when an IOMMU-backed group is in it (MAP_DMA pins), or
-    /// [`ContainerKind::MdevOnly`] when only mdev groups are (numapin takes
-    /// an io_uring pin before each mapping).
+    /// `kind` says what the container holds, or `None` to find out from
+    /// `VFIO_IOMMU_GET_INFO` ([`IommuInfo::has_iommu_domain`]):
+    /// [`ContainerKind::Type1Iommu`] when an IOMMU-backed group is in it
+    /// (MAP_DMA pins), [`ContainerKind::MdevOnly`] when only mdev groups are
+    /// (numapin takes an io_uring pin before each mapping). A kind that
+    /// contradicts what the kernel reports is refused.
+    ///
+    /// If the caller later attaches an IOMMU-backed group to an mdev-only
+    /// container, the kernel pins and maps every existing mapping into the
+    /// new domain (`vfio_iommu_replay`): the regions stay pinned, now twice
+    /// (their io_uring pin, `VmPin`, and VFIO's, `VmLck`) until released.
     ///
     /// # Errors
     /// [`Error::Invalid`] for [`ContainerKind::NoIommu`] (a no-IOMMU
-    /// container has no mappings: open the device with [`Pinner::open`]),
-    /// [`Error::Sys`] when the fd cannot be duplicated or is not a container
-    /// with an IOMMU set (`VFIO_IOMMU_GET_INFO` fails).
-    pub fn with_type1_container(container: BorrowedFd<'_>, kind: ContainerKind) -> Result<Pinner> {
-        if kind == ContainerKind::NoIommu {
+    /// container has no mappings: open the device with [`Pinner::open`]) or
+    /// a kind the kernel's report contradicts, [`Error::Sys`] when the fd
+    /// cannot be duplicated or is not a container with an IOMMU set
+    /// (`VFIO_IOMMU_GET_INFO` fails).
+    pub fn with_type1_container(
+        container: BorrowedFd<'_>,
+        kind: Option<ContainerKind>,
+    ) -> Result<Pinner> {
+        if kind == Some(ContainerKind::NoIommu) {
             return Err(Error::Invalid(
                 "a no-IOMMU container has no DMA mappings to share; open the device with Pinner::open".into(),
             ));
         }
+        let info = crate::vfio::container::get_info(container)?;
+        let found = if info.has_iommu_domain() {
+            ContainerKind::Type1Iommu
+        } else {
+            ContainerKind::MdevOnly
+        };
+        if let Some(k) = kind.filter(|&k| k != found) {
+            return Err(Error::Invalid(format!(
+                "the container was given as {} but VFIO_IOMMU_GET_INFO reports it {found} \
+                 (page sizes {:#x}, {} IOVA ranges); pass None to use what the kernel reports",
+                k,
+                info.iova_pgsizes,
+                info.iova_ranges.as_ref().map_or(0, Vec::len)
+            )));
+        }
+        let kind = found;
         let fd = container
             .try_clone_to_owned()
             .map_err(|e| Error::sys("dup the container fd", "", e))?;

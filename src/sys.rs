@@ -444,6 +444,38 @@ pub fn parse_range_mapping(maps: &str, addr: u64, len: u64) -> RangeMapping {
     RangeMapping::Unmapped(at)
 }
 
+/// The page size the kernel uses for the mapping that holds `addr`
+/// (`KernelPageSize` in `/proc/self/smaps`), in bytes.
+///
+/// # Errors
+/// Reading smaps fails, or no mapping holds `addr` (`ENOENT`).
+pub fn kernel_page_size(addr: u64) -> io::Result<u64> {
+    parse_kernel_page_size(&std::fs::read_to_string("/proc/self/smaps")?, addr)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// [`kernel_page_size`] on smaps text.
+pub fn parse_kernel_page_size(smaps: &str, addr: u64) -> Option<u64> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    inside = (s..e).contains(&addr);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("KernelPageSize:") {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().ok()?;
+                return Some(kb * 1024);
+            }
+        }
+    }
+    None
+}
+
 /// The running kernel's version as `(major, minor)`, from `uname(2)`'s
 /// release (`6.12.95-amd64` → `(6, 12)`); `None` if it cannot be parsed.
 pub fn kernel_version() -> Option<(u32, u32)> {
@@ -544,5 +576,21 @@ mod tests {
                 path: "/memfd:x".into()
             }
         );
+    }
+
+    #[test]
+    fn kernel_page_size_from_smaps() {
+        let smaps = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0 \n\
+                     Size:               2048 kB\n\
+                     KernelPageSize:        4 kB\n\
+                     7f4000000000-7f4040000000 rw-s 00000000 00:0f 7 /memfd:g (deleted)\n\
+                     Size:            1048576 kB\n\
+                     KernelPageSize:  1048576 kB\n";
+        assert_eq!(parse_kernel_page_size(smaps, 0x7f00_0000_1000), Some(4096));
+        assert_eq!(
+            parse_kernel_page_size(smaps, 0x7f40_0000_0000),
+            Some(1 << 30)
+        );
+        assert_eq!(parse_kernel_page_size(smaps, 0x7f20_0000_0000), None);
     }
 }

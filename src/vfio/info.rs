@@ -249,6 +249,19 @@ pub fn needed_argsz(buf: &[u8]) -> Option<u32> {
 }
 
 impl IommuInfo {
+    /// Whether an IOMMU-backed domain translates for the container, from
+    /// what the kernel reports: a type1 container starts with
+    /// `pgsize_bitmap = PAGE_MASK` (every size from the base page up) and
+    /// an empty IOVA list, and only an IOMMU domain narrows the first and
+    /// fills the second (`vfio_iommu_type1_open`, `vfio_iommu_iova_build_caps`
+    /// in `drivers/vfio/vfio_iommu_type1.c`). A container holding only mdev
+    /// groups keeps both: its `MAP_DMA` pins nothing.
+    pub fn has_iommu_domain(&self) -> bool {
+        let page = crate::addr::base_page_size();
+        let page_mask = !(page - 1);
+        !(self.iova_pgsizes == page_mask && self.iova_ranges.is_none())
+    }
+
     /// The smallest IOMMU page size (the lowest set bit of `iova_pgsizes`):
     /// every IOVA and length given to `VFIO_IOMMU_MAP_DMA` must be a multiple
     /// of it. 0 only if `iova_pgsizes` is 0, which `parse` never returns.
@@ -553,6 +566,28 @@ mod tests {
         let info = IommuInfo::parse(&b).unwrap();
         assert_eq!(info.iova_ranges, Some(ranges(&MSI_SPLIT)));
         assert_eq!(info.dma_avail, None);
+    }
+
+    #[test]
+    fn an_mdev_only_container_has_no_iommu_domain() {
+        // What an mdev-only container reports (seen on 6.12): every page
+        // size from 4K up, a DMA_AVAIL, no IOVA ranges.
+        let page_mask = !(crate::addr::base_page_size() - 1);
+        let mdev =
+            IommuInfo::parse(&Fixture::new(ALL_FLAGS, page_mask).dma_avail(65535).bytes()).unwrap();
+        assert!(!mdev.has_iommu_domain());
+        // An IOMMU domain narrows the sizes and brings the ranges.
+        let b = Fixture::new(ALL_FLAGS, PGSIZES)
+            .iova_ranges(&MSI_SPLIT)
+            .bytes();
+        assert!(IommuInfo::parse(&b).unwrap().has_iommu_domain());
+        // A kernel before the range capability (5.4) with a domain: the page
+        // sizes alone tell.
+        assert!(
+            IommuInfo::parse(&Fixture::new(ALL_FLAGS, PGSIZES).bytes())
+                .unwrap()
+                .has_iommu_domain()
+        );
     }
 
     #[test]

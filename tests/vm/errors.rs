@@ -663,7 +663,9 @@ pub fn mdev_info(ctx: &Ctx) -> Result<String, String> {
     ensure!(code == 0, "info failed: {err}");
     ensure!(out.contains("no IOMMU domain"), "{out}");
     ensure!(
-        !out.contains("page sizes") && !out.contains("before 5.4") && !out.contains("8589934592G"),
+        !out.lines().any(|l| l.starts_with("page sizes"))
+            && !out.contains("before 5.4")
+            && !out.contains("8589934592G"),
         "{out}"
     );
     let (code, json, err) = run_cli(&["info", "--device", &ctx.device, "--json"])?;

@@ -381,11 +381,11 @@ fn guest_binary_paths() -> Vec<PathBuf> {
     bins.chain(examples).collect()
 }
 
-/// `cargo build --release --features numapin/cli -p numapin -p numapin-vmtest
+/// `cargo build --release --features numapin/cli,numapin/vm-memory -p numapin -p numapin-vmtest
 /// -p numapin-bench --bin ... --example ...`.
 pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
     cmd::timed(
-        "guest binaries: cargo build --release --features numapin/cli",
+        "guest binaries: cargo build --release --features numapin/cli,numapin/vm-memory",
         || {
             let mut c = Command::new(layout::cargo());
             c.current_dir(layout::root()).args([
@@ -398,7 +398,7 @@ pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
                 "--package",
                 "numapin-bench",
                 "--features",
-                "numapin/cli",
+                "numapin/cli,numapin/vm-memory",
             ]);
             for b in GUEST_BINARIES {
                 c.args(["--bin", b]);

@@ -90,9 +90,13 @@ impl Drop for Balancing {
 
 /// A thread on the other node's CPUs that writes one byte in every page of
 /// every range, over and over, as a guest's vCPU running there would.
+///
+/// Dropping it stops and joins the thread, so that an early return (an
+/// error between start and stop) never leaves it writing to ranges that are
+/// unmapped next.
 pub struct Worker {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<u64>,
+    handle: Option<JoinHandle<u64>>,
 }
 
 impl Worker {
@@ -123,7 +127,10 @@ impl Worker {
             passes
         });
         match rx.recv() {
-            Ok(Ok(())) => Ok(Worker { stop, handle }),
+            Ok(Ok(())) => Ok(Worker {
+                stop,
+                handle: Some(handle),
+            }),
             Ok(Err(e)) => {
                 let _ = handle.join();
                 Err(Error::sys("sched_setaffinity (worker thread)", "", e))
@@ -133,11 +140,22 @@ impl Worker {
     }
 
     /// Stops the worker; returns how many passes over all ranges it made.
-    pub fn stop(self) -> Result<u64> {
+    pub fn stop(mut self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
+            .take()
+            .expect("joined once")
             .join()
             .map_err(|_| Error::Invalid("the worker thread panicked".into()))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
     }
 }
 
