@@ -2,8 +2,9 @@
 //!
 //! 1. **Who maps the IOVA**: an [`IovaMapper`]. A VFIO type1 container
 //!    ([`crate::vfio::container::Type1Container`]), or [`NoMapper`] for a
-//!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical.
-//!    (An iommufd IOAS is the next mapper.) A mapper may sit on a container
+//!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical, or
+//!    an iommufd IOAS with the device attached through its VFIO cdev
+//!    ([`crate::iommufd`]). A mapper may sit on a container
 //!    numapin opened itself or on one the caller owns: it holds a file
 //!    descriptor and its own IOVA allocator, never the device.
 //! 2. **Who holds the pin**: a [`PinSource`]. The mapping itself where the
@@ -15,7 +16,8 @@
 //!
 //! Each pin source owns its accounting rule ([`Accounting`]): which
 //! counter of `/proc/self/status` grows, and whose `RLIMIT_MEMLOCK` it is
-//! checked against. [`crate::Pinner`] sits above both seams and
+//! checked against. Where the mapping pins, the rule is the mapper's
+//! ([`IovaMapper::map_pin`]): type1 charges `VmLck`, iommufd `VmPin`. [`crate::Pinner`] sits above both seams and
 //! [`crate::PinnedRegion`] below them; neither calls into the other's
 //! internals.
 //!
@@ -75,6 +77,18 @@ pub(crate) trait IovaMapper: Send + Sync {
     /// Unmaps what [`IovaMapper::map`] mapped at `iova`.
     fn unmap(&self, iova: Iova, len: u64) -> Result<()>;
 
+    /// How a pinning map is accounted and named: type1's MAP_DMA unless
+    /// the mapper says otherwise. Only asked when
+    /// [`IovaMapper::pins_on_map`] is true.
+    fn map_pin(&self) -> MapPin {
+        MapPin::TYPE1
+    }
+
+    /// What the mapper knows about an iommufd context (`None` elsewhere).
+    fn iommufd(&self) -> Option<&crate::iommufd::IommufdInfo> {
+        None
+    }
+
     /// Returns an IOVA to the allocator.
     fn free_iova(&self, iova: Iova) {
         if let Some(a) = self.allocator() {
@@ -118,6 +132,8 @@ impl IovaMapper for NoMapper {
 
 /// Which counter a pin grows, and whose limit it is charged against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The names are the `/proc/self/status` fields.
+#[allow(clippy::enum_variant_names)]
 pub enum Accounting {
     /// `mm->locked_vm` (`VmLck`), checked against this process's
     /// `RLIMIT_MEMLOCK` unless it has CAP_IPC_LOCK: VFIO type1
@@ -127,32 +143,69 @@ pub enum Accounting {
     /// against `RLIMIT_MEMLOCK` summed over the user's processes unless
     /// the process has CAP_IPC_LOCK: io_uring registered buffers
     /// (`io_account_mem`).
+    /// Also iommufd's default (`IOPT_PAGES_ACCOUNT_USER`): `pinned_vm`
+    /// and the user's `locked_vm`.
     VmPin,
+    /// `mm->pinned_vm` (`VmPin`, the counter that proves the pin) and
+    /// `mm->locked_vm` (`VmLck`, checked against this process's
+    /// `RLIMIT_MEMLOCK`): iommufd in `IOMMU_OPTION_RLIMIT_MODE` 1
+    /// (`IOPT_PAGES_ACCOUNT_MM`, `update_mm_locked_vm`).
+    VmPinAndVmLck,
 }
 
 impl Accounting {
-    /// The `/proc/self/status` field.
+    /// The `/proc/self/status` field that proves the pin.
     pub fn counter(self) -> &'static str {
         match self {
             Accounting::VmLck => "VmLck",
-            Accounting::VmPin => "VmPin",
+            Accounting::VmPin | Accounting::VmPinAndVmLck => "VmPin",
         }
     }
 
-    /// Reads the counter for this process, in bytes.
+    /// Reads the proving counter for this process, in bytes.
     pub(crate) fn read(self) -> io::Result<u64> {
         match self {
             Accounting::VmLck => sys::locked_bytes(),
+            Accounting::VmPin | Accounting::VmPinAndVmLck => sys::pinned_bytes(),
+        }
+    }
+
+    /// Reads what this process has charged against `RLIMIT_MEMLOCK`, in
+    /// bytes (for a per-user charge, this process's share of it).
+    pub(crate) fn read_limited(self) -> io::Result<u64> {
+        match self {
+            Accounting::VmLck | Accounting::VmPinAndVmLck => sys::locked_bytes(),
             Accounting::VmPin => sys::pinned_bytes(),
         }
     }
 }
 
+/// How a mapping that pins is accounted and named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapPin {
+    /// The accounting rule.
+    pub(crate) accounting: Accounting,
+    /// The kernel call, for messages.
+    pub(crate) call: &'static str,
+    /// What holds the pages, as JSON and tables name it.
+    pub(crate) name: &'static str,
+}
+
+impl MapPin {
+    /// VFIO type1 `VFIO_IOMMU_MAP_DMA` (`vfio_lock_acct`).
+    pub(crate) const TYPE1: MapPin = MapPin {
+        accounting: Accounting::VmLck,
+        call: "VFIO_IOMMU_MAP_DMA",
+        name: "vfio-map-dma",
+    };
+}
+
 /// Who holds the pages: the second seam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PinSource {
-    /// The IOVA mapping pins (type1 with an IOMMU-backed domain).
-    Mapping,
+    /// The IOVA mapping pins (type1 with an IOMMU-backed domain, an IOAS
+    /// with an attached domain), accounted as the mapper says.
+    Mapping(MapPin),
     /// An io_uring registered-buffer pin taken before the mapping (if any).
     Uring,
 }
@@ -161,7 +214,7 @@ impl PinSource {
     /// The pin source a mapper needs.
     pub(crate) fn for_mapper(m: &dyn IovaMapper) -> PinSource {
         if m.pins_on_map() {
-            PinSource::Mapping
+            PinSource::Mapping(m.map_pin())
         } else {
             PinSource::Uring
         }
@@ -170,7 +223,7 @@ impl PinSource {
     /// How the pin is accounted.
     pub(crate) fn accounting(self) -> Accounting {
         match self {
-            PinSource::Mapping => Accounting::VmLck,
+            PinSource::Mapping(m) => m.accounting,
             PinSource::Uring => Accounting::VmPin,
         }
     }
@@ -178,7 +231,7 @@ impl PinSource {
     /// The kernel call that takes the pin, for messages.
     pub(crate) fn call(self) -> &'static str {
         match self {
-            PinSource::Mapping => "VFIO_IOMMU_MAP_DMA",
+            PinSource::Mapping(m) => m.call,
             PinSource::Uring => "IORING_REGISTER_BUFFERS",
         }
     }
@@ -186,7 +239,7 @@ impl PinSource {
     /// What holds the pages, as JSON and tables name it.
     pub(crate) fn name(self) -> &'static str {
         match self {
-            PinSource::Mapping => "vfio-map-dma",
+            PinSource::Mapping(m) => m.name,
             PinSource::Uring => "io_uring",
         }
     }

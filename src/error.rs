@@ -380,6 +380,18 @@ pub enum Error {
     /// Anything else that is invalid input.
     #[error("{0}")]
     Invalid(String),
+
+    /// The iommufd backend was asked for but cannot serve this device.
+    #[error(
+        "cannot use iommufd for {device}: {reason}; use the type1 backend (Backend::Type1, \
+         --backend type1) or Backend::Auto, which falls back to it"
+    )]
+    IommufdUnavailable {
+        /// The device.
+        device: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 impl Error {

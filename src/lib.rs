@@ -45,6 +45,7 @@
 
 pub mod addr;
 pub mod error;
+pub mod iommufd;
 pub mod iova;
 pub mod numa;
 pub mod phys;
@@ -72,9 +73,10 @@ pub mod uring;
 mod uring;
 
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
+pub use backend::Accounting;
 pub use cancel::Cancel;
 pub use error::{Error, Result};
-pub use pinner::Pinner;
+pub use pinner::{Backend, Pinner};
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};
 pub use translate::DmaAddr;

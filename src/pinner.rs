@@ -29,6 +29,75 @@ use crate::vfio::{ContainerKind, DeviceFd, container::Type1Container, noiommu, o
 enum OpenDevice {
     Type1(VfioDevice),
     NoIommu(noiommu::NoIommuDevice),
+    Cdev(crate::iommufd::CdevDevice),
+}
+
+/// Which kernel interface maps and pins for a device numapin opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// iommufd when the kernel has `/dev/iommu` and the device (behind an
+    /// IOMMU) has a VFIO cdev, else type1.
+    Auto,
+    /// The VFIO group in a `/dev/vfio/vfio` container (type1, or the
+    /// no-IOMMU and mdev variants).
+    Type1,
+    /// The device's VFIO cdev bound to `/dev/iommu`, mapping into an IOAS.
+    Iommufd,
+}
+
+impl Backend {
+    /// Short name used in JSON, tables and `NUMAPIN_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Type1 => "type1",
+            Backend::Iommufd => "iommufd",
+        }
+    }
+
+    /// Parses `auto`, `type1` or `iommufd`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for anything else.
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "type1" => Ok(Backend::Type1),
+            "iommufd" => Ok(Backend::Iommufd),
+            other => Err(Error::Invalid(format!(
+                "unknown backend {other:?}: give auto, type1 or iommufd"
+            ))),
+        }
+    }
+
+    /// The backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] when unset.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when it names none.
+    pub fn from_env() -> Result<Backend> {
+        match std::env::var("NUMAPIN_BACKEND") {
+            Ok(v) if !v.is_empty() => Backend::parse(&v),
+            _ => Ok(Backend::Auto),
+        }
+    }
+
+    /// What `Auto` resolves to for `dev`: iommufd only for a device behind
+    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`. mdev and
+    /// no-IOMMU devices stay on their container (their pin is io_uring's).
+    fn resolve(self, dev: &DeviceInfo) -> Backend {
+        match self {
+            Backend::Auto
+                if dev.kind == ContainerKind::Type1Iommu
+                    && dev.cdev.is_some()
+                    && crate::iommufd::available() =>
+            {
+                Backend::Iommufd
+            }
+            Backend::Auto => Backend::Type1,
+            b => b,
+        }
+    }
 }
 
 /// What a [`Pinner`] and its regions share.
@@ -42,6 +111,8 @@ struct Shared {
     /// The device numapin opened (`None` on a container someone else owns).
     dev: Option<DeviceInfo>,
     kind: ContainerKind,
+    /// The interface in use (never `Auto`).
+    backend: Backend,
     /// For messages: the device's name, or "the caller's container".
     name: String,
     topology: Topology,
@@ -97,11 +168,39 @@ impl Pinner {
     /// # Ok(()) }
     /// ```
     pub fn open(spec: &str) -> Result<Pinner> {
+        Pinner::open_with(spec, Backend::from_env()?)
+    }
+
+    /// Opens `spec` through the chosen backend. [`Pinner::open`] is this
+    /// with the backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] by
+    /// default. With iommufd the device is opened through its VFIO cdev,
+    /// bound to a new `/dev/iommu` context and attached to an IOAS before
+    /// the IOAS's IOVA ranges are read (see [`crate::iommufd`]); every pin
+    /// then grows `VmPin`.
+    ///
+    /// # Errors
+    /// Those of [`Pinner::open`], and [`Error::IommufdUnavailable`] when
+    /// [`Backend::Iommufd`] is asked for a device or kernel that lacks it.
+    pub fn open_with(spec: &str, backend: Backend) -> Result<Pinner> {
         let dev = describe(spec)?;
         dev.check_openable()?;
         let topology = Topology::read()?;
         let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let backend = backend.resolve(&dev);
+        if backend == Backend::Iommufd && dev.kind != ContainerKind::Type1Iommu {
+            return Err(Error::IommufdUnavailable {
+                device: dev.name.clone(),
+                reason: format!(
+                    "it is {}, which numapin pins through io_uring in a VFIO container",
+                    dev.kind
+                ),
+            });
+        }
         let (device, mapper): (OpenDevice, Arc<dyn IovaMapper>) = match dev.kind {
+            _ if backend == Backend::Iommufd => {
+                let (device, mapper) = crate::iommufd::open(&dev, ipc_lock)?;
+                (OpenDevice::Cdev(device), Arc::new(mapper))
+            }
             ContainerKind::NoIommu => (
                 OpenDevice::NoIommu(noiommu::open(&dev)?),
                 Arc::new(NoMapper {
@@ -117,10 +216,11 @@ impl Pinner {
         };
         let source = PinSource::for_mapper(mapper.as_ref());
         log::debug!(
-            "opened {} (group {}, {}): pins with {}",
+            "opened {} (group {}, {}, {}): pins with {}",
             dev.name,
             dev.group,
             dev.kind.name(),
+            backend.name(),
             source.call()
         );
         Ok(Pinner {
@@ -129,6 +229,7 @@ impl Pinner {
                 mapper,
                 source,
                 kind: dev.kind,
+                backend,
                 name: dev.name.clone(),
                 dev: Some(dev),
                 topology,
@@ -178,6 +279,7 @@ impl Pinner {
                 source,
                 dev: None,
                 kind,
+                backend: Backend::Type1,
                 name,
                 topology: Topology::read()?,
                 ipc_lock,
@@ -195,6 +297,47 @@ impl Pinner {
     /// The container kind.
     pub fn kind(&self) -> ContainerKind {
         self.inner.kind
+    }
+
+    /// The backend in use: [`Backend::Type1`] or [`Backend::Iommufd`].
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// What the iommufd backend set up: cdev, ids, accounting mode, IOVA
+    /// ranges read after the attach (`None` on type1).
+    pub fn iommufd_info(&self) -> Option<&crate::iommufd::IommufdInfo> {
+        self.inner.mapper.iommufd()
+    }
+
+    /// How a pin through this pinner is accounted: the `/proc/self/status`
+    /// counter that grows by each region's size (`VmLck` on type1,
+    /// `VmPin` on iommufd and io_uring).
+    pub fn accounting(&self) -> Accounting {
+        self.inner.source.accounting()
+    }
+
+    /// Limits every IOVA numapin hands out (or accepts) from now on to the
+    /// lowest `2^bits` bytes: the device's DMA mask (32 for a device that
+    /// drives 32 address bits). Applies to every clone of this pinner.
+    ///
+    /// # Errors
+    /// [`Error::IovaWithoutIommu`] for a device without IOVAs, and
+    /// [`Error::Iova`] for a width outside 12..=64 or a live region above
+    /// the new ceiling.
+    pub fn set_dma_mask(&self, bits: u32) -> Result<()> {
+        let alloc = self
+            .inner
+            .mapper
+            .allocator()
+            .ok_or_else(|| Error::IovaWithoutIommu {
+                device: self.inner.name.clone(),
+            })?;
+        alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_dma_mask(bits)?;
+        Ok(())
     }
 
     /// The container's `VFIO_IOMMU_GET_INFO` as read at open time (`None`
@@ -230,6 +373,9 @@ impl Pinner {
                 unsafe { DeviceFd::new(BorrowedFd::borrow_raw(raw)) }
             }
             OpenDevice::NoIommu(d) => d.fd(),
+            // SAFETY: the cdev fd is the device fd and lives as long as
+            // `self`, so it outlives the borrow.
+            OpenDevice::Cdev(d) => unsafe { DeviceFd::new(d.fd()) },
         })
     }
 
@@ -461,13 +607,14 @@ impl Pinner {
                 _ => read().map_err(unmapped)?,
             };
             let uring = match s.source {
-                PinSource::Mapping => None,
-                // SAFETY: the region keeps the memory mapped until it
-                // releases the pin (owned NodeMemory, or caller memory under
-                // pin_user's contract); on failure below the pin is dropped
-                // first.
+                PinSource::Mapping(_) => None,
                 PinSource::Uring => {
-                    Some(unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) }.map_err(unmapped)?)
+                    // SAFETY: the region keeps the memory mapped until it
+                    // releases the pin (owned NodeMemory, or caller memory
+                    // under pin_user's contract); on failure below the pin
+                    // is dropped first.
+                    let pin = unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) };
+                    Some(pin.map_err(unmapped)?)
                 }
             };
             if let Some(iova) = iova {
@@ -548,6 +695,7 @@ mod tests {
 
     use super::*;
     use crate::addr::NodeId;
+    use crate::backend::MapPin;
     use crate::iova::{IovaAllocator, IovaRange};
     use crate::request::Proof;
 
@@ -613,7 +761,10 @@ mod tests {
         }
         unsafe fn map(&self, _: VirtAddr, len: u64, iova: Iova) -> Result<()> {
             if let Some(e) = self.how.map_fails {
-                self.calls.lock().unwrap().push(format!("map {iova} failed"));
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("map {iova} failed"));
                 return Err(e());
             }
             if !self.how.no_accounting {
@@ -624,8 +775,15 @@ mod tests {
         }
         fn unmap(&self, iova: Iova, len: u64) -> Result<()> {
             if self.how.unmap_fails {
-                self.calls.lock().unwrap().push(format!("unmap {iova} failed"));
-                return Err(Error::sys("VFIO_IOMMU_UNMAP_DMA", "", std::io::Error::from_raw_os_error(libc::EIO)));
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push(format!("unmap {iova} failed"));
+                return Err(Error::sys(
+                    "VFIO_IOMMU_UNMAP_DMA",
+                    "",
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
             }
             if !self.how.no_accounting {
                 LOCKED.with(|c| c.set(c.get() - len));
@@ -640,9 +798,10 @@ mod tests {
             inner: Arc::new(Shared {
                 device: None,
                 mapper,
-                source: PinSource::Mapping,
+                source: PinSource::Mapping(MapPin::TYPE1),
                 dev: None,
                 kind: ContainerKind::Type1Iommu,
+                backend: Backend::Type1,
                 name: "fake".into(),
                 topology: Topology { nodes: Vec::new() },
                 ipc_lock: true,
@@ -711,7 +870,9 @@ mod tests {
         // SAFETY: as above.
         let e = unsafe { p.pin_user(mem.0, &req()) }.unwrap_err();
         match e {
-            Error::NotAccounted { counter, grew, len, .. } => {
+            Error::NotAccounted {
+                counter, grew, len, ..
+            } => {
                 assert_eq!((counter, grew, len), ("VmLck", 0, LEN));
             }
             other => panic!("{other}"),
@@ -739,7 +900,12 @@ mod tests {
         assert!(matches!(again, Error::NotAccounted { .. }));
         assert_eq!(
             fake.calls(),
-            ["map 0x100000", "unmap 0x100000 failed", "map 0x102000", "unmap 0x102000 failed"]
+            [
+                "map 0x100000",
+                "unmap 0x100000 failed",
+                "map 0x102000",
+                "unmap 0x102000 failed"
+            ]
         );
     }
 

@@ -35,6 +35,28 @@ pub struct DeviceInfo {
     pub members: Vec<GroupMember>,
     /// The kind of container the device goes into.
     pub kind: ContainerKind,
+    /// The device's VFIO cdev (`/dev/vfio/devices/vfioN`, Linux 6.6+ with
+    /// `CONFIG_VFIO_DEVICE_CDEV`), found through `<sysfs>/vfio-dev/vfioN`;
+    /// `None` when the kernel made none.
+    pub cdev: Option<PathBuf>,
+    /// Who provides `/dev/vfio/vfio`: VFIO itself, or iommufd's
+    /// compatibility container.
+    pub vfio_container: crate::iommufd::VfioContainerProvider,
+}
+
+/// The device's VFIO cdev: `<sysfs>/vfio-dev/vfioN` names
+/// `/dev/vfio/devices/vfioN` (`vfio_device_add` in
+/// drivers/vfio/vfio_main.c, Linux 6.6+).
+pub fn cdev_of(sysfs: &Path) -> Option<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(sysfs.join("vfio-dev"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vfio") && n[4..].bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    names.sort();
+    let node = Path::new("/dev/vfio/devices").join(names.first()?);
+    node.exists().then_some(node)
 }
 
 fn driver_of(sysfs: &Path) -> Option<String> {
@@ -118,6 +140,8 @@ pub fn describe(spec: &str) -> Result<DeviceInfo> {
         PathBuf::from(format!("/dev/vfio/{group}"))
     };
     Ok(DeviceInfo {
+        cdev: cdev_of(&sysfs),
+        vfio_container: crate::iommufd::vfio_container_provider(),
         name,
         sysfs,
         driver,
