@@ -12,6 +12,7 @@ mod args;
 mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
+mod iommufd;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
@@ -34,6 +35,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(bad_input::scenarios());
             Some(v)
         }
+        "iommufd" => Some(iommufd::scenarios()),
         "mdev" => Some(pinless::mdev()),
         "noiommu" => Some(pinless::noiommu()),
         _ => None,
@@ -42,6 +44,13 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
 
 fn main() {
     let suite_name = args::value("--suite").unwrap_or_else(|| "type1".into());
+    if suite_name == "type1" {
+        // On a kernel with iommufd, Pinner::open (and the CLI) would choose
+        // it: the type1 suite pins through type1, in this process and in
+        // the CLI children that inherit the variable.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("NUMAPIN_BACKEND", "type1") };
+    }
     let only = args::value("--only");
     let mut out: Box<dyn Write> = Box::new(args::open_results("numapin-vmtest"));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

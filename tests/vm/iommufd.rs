@@ -1,0 +1,305 @@
+//! Suite `iommufd`: the edu device opened through its VFIO cdev and bound
+//! to `/dev/iommu`, regions mapped into an IOAS. Proves that the backend is
+//! chosen automatically, that the IOVA ranges are the attached device's
+//! (narrower than a fresh IOAS's), that every pin grows `VmPin` by the
+//! region's size and release returns it, placement on both nodes for 4K,
+//! THP and 2M hugetlb memory, the DMA-mask ceiling, and (reusing the type1
+//! scenarios, which open with `Pinner::open` and so get iommufd here) an edu
+//! DMA round trip and move_pages against a moving control.
+
+use numapin::numa;
+use numapin::{Accounting, Backend, Error, Iova, NodeId, PageSize, PinRequest, Pinner, sys};
+
+use crate::Scenario;
+use crate::ensure;
+use crate::util::*;
+
+pub fn scenarios() -> Vec<(&'static str, Scenario)> {
+    let mut v: Vec<(&'static str, Scenario)> = vec![
+        ("i.auto-backend", auto_backend),
+        ("i.ranges-after-attach", ranges_after_attach),
+        ("i.node0-4K", |c| placement(c, c.home, Kind::Small)),
+        ("i.node1-4K", |c| placement(c, c.away, Kind::Small)),
+        ("i.node0-THP", |c| placement(c, c.home, Kind::Thp)),
+        ("i.node1-THP", |c| placement(c, c.away, Kind::Thp)),
+        ("i.node0-2M", |c| placement(c, c.home, Kind::Huge)),
+        ("i.node1-2M", |c| placement(c, c.away, Kind::Huge)),
+        ("i.dma-mask-32", dma_mask_32),
+    ];
+    // The type1 scenarios that hold for any mapper that pins, run here
+    // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
+    v.extend(
+        crate::type1::scenarios()
+            .into_iter()
+            .filter(|(n, _)| ["b.dma.edu", "c.move_pages"].contains(n)),
+    );
+    v
+}
+
+fn open(ctx: &Ctx) -> Result<Pinner, String> {
+    let p = e(
+        Pinner::open_with(&ctx.device, Backend::Iommufd),
+        "open via iommufd",
+    )?;
+    ensure!(p.backend() == Backend::Iommufd, "backend {:?}", p.backend());
+    Ok(p)
+}
+
+fn vmpin() -> u64 {
+    sys::pinned_bytes().expect("VmPin")
+}
+
+/// Auto picks iommufd on this kernel; the pinner reports the cdev, the
+/// accounting mode and the counter; /dev/vfio/vfio is VFIO's own.
+fn auto_backend(ctx: &Ctx) -> Result<String, String> {
+    let p = e(Pinner::open(&ctx.device), "open (auto)")?;
+    ensure!(
+        p.backend() == Backend::Iommufd,
+        "Auto chose {:?} with /dev/iommu present",
+        p.backend()
+    );
+    let info = p.iommufd_info().ok_or("no iommufd info")?;
+    let dev = p.device_info().ok_or("no device info")?;
+    ensure!(
+        dev.cdev.as_deref() == Some(info.cdev.as_path()),
+        "cdev {:?} vs {:?}",
+        dev.cdev,
+        info.cdev
+    );
+    ensure!(
+        p.accounting() == Accounting::VmPin,
+        "accounting {:?}",
+        p.accounting()
+    );
+    // The edu registers answer through the cdev's device fd.
+    edu(&p)?;
+    Ok(format!(
+        "{}: dev {}, IOAS {}, hwpt {}, {:?} accounting (counter {}), /dev/vfio/vfio by {:?}",
+        info.cdev.display(),
+        info.dev_id,
+        info.ioas_id,
+        info.hwpt_id,
+        info.rlimit_mode,
+        p.accounting().counter(),
+        dev.vfio_container
+    ))
+}
+
+/// The allocator's ranges are the attached IOAS's: a fresh IOAS in another
+/// context (no device) spans everything, the attached one excludes the x86
+/// MSI window and ends at the IOMMU's aperture.
+fn ranges_after_attach(ctx: &Ctx) -> Result<String, String> {
+    let p = open(ctx)?;
+    let info = p.iommufd_info().ok_or("no iommufd info")?;
+    let fresh_ctx = std::sync::Arc::new(e(iommufd_ioctls::IommuFd::new(), "open /dev/iommu")?);
+    let fresh = e(
+        iommufd_ioctls::IommufdIoas::new(fresh_ctx.clone()),
+        "IOAS alloc",
+    )?;
+    let fd = {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: fresh_ctx owns the fd and outlives this borrow.
+        unsafe { BorrowedFd::borrow_raw(fresh_ctx.as_raw_fd()) }
+    };
+    let (empty, _) = e(
+        numapin::iommufd::iova_ranges(fd, fresh.id()),
+        "ranges of a fresh IOAS",
+    )?;
+    let msi = Iova(0xfee0_0000);
+    let covers = |rs: &[numapin::iova::IovaRange], a: Iova| rs.iter().any(|r| r.contains(a));
+    ensure!(
+        covers(&empty, msi),
+        "a fresh IOAS already excludes the MSI window: {empty:?}"
+    );
+    ensure!(
+        !covers(&info.iova_ranges, msi),
+        "the attached IOAS still covers {msi}: {:?}",
+        info.iova_ranges
+    );
+    let top = |rs: &[numapin::iova::IovaRange]| rs.iter().map(|r| r.end).max();
+    ensure!(
+        top(&info.iova_ranges) < top(&empty),
+        "the attached ranges end no lower than a fresh IOAS's"
+    );
+    let r = e(
+        p.pin(&PinRequest::new(ctx.home, 2 << 20)),
+        "pin in the attached ranges",
+    )?;
+    let iova = r.iova().ok_or("no IOVA")?;
+    ensure!(
+        covers(&info.iova_ranges, iova),
+        "IOVA {iova} outside the ranges"
+    );
+    Ok(format!(
+        "fresh IOAS {:?}; attached {:?} (alignment {:#x}); region at {iova}",
+        empty, info.iova_ranges, info.iova_alignment
+    ))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    /// 4 KiB pages: caller memory with THP off (pin_user).
+    Small,
+    /// Anonymous memory numapin allocates with MADV_HUGEPAGE.
+    Thp,
+    /// 2 MiB hugetlb.
+    Huge,
+}
+
+/// AnonHugePages of this process's mappings overlapping `[addr, addr+len)`.
+fn anon_huge_in(addr: u64, len: u64) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut inside, mut total) = (false, 0);
+    for l in s.lines() {
+        if let Some((range, _)) = l.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    inside = a < addr + len && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = l.strip_prefix("AnonHugePages:") {
+                total += v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    << 10;
+            }
+        }
+    }
+    total
+}
+
+/// Every page on the node, VmPin +size (VmLck unchanged: as root the pages
+/// are not charged to the memlock limit), verify intact, release returns
+/// VmPin.
+fn placement(ctx: &Ctx, node: NodeId, kind: Kind) -> Result<String, String> {
+    let p = open(ctx)?;
+    let (size, ps) = match kind {
+        Kind::Small => (4 << 20, PageSize::Base),
+        Kind::Thp => (16 << 20, PageSize::Base),
+        Kind::Huge => (16 << 20, PageSize::Huge2M),
+    };
+    let control = match kind {
+        Kind::Small => Some(control_region(node, size)?),
+        _ => None,
+    };
+    let (pin0, lck0) = (vmpin(), vmlck());
+    let r = match &control {
+        // SAFETY: `control` outlives the region (dropped after it below).
+        Some(m) => e(
+            unsafe {
+                p.pin_user(
+                    m.as_ptr(),
+                    &PinRequest {
+                        page_size: ps,
+                        ..PinRequest::new(node, size)
+                    },
+                )
+            },
+            "pin_user",
+        )?,
+        None => e(
+            p.pin(&PinRequest {
+                page_size: ps,
+                ..PinRequest::new(node, size)
+            }),
+            "pin",
+        )?,
+    };
+    let (grew, lck) = (vmpin() - pin0, vmlck() - lck0);
+    ensure!(grew == size, "VmPin grew by {grew:#x}, expected {size:#x}");
+    ensure!(lck == 0, "VmLck grew by {lck:#x} with CAP_IPC_LOCK");
+    ensure!(
+        r.pin_kind() == "iommufd-ioas-map",
+        "pin kind {}",
+        r.pin_kind()
+    );
+    let nodes = e(
+        numa::nodes_of(r.vaddr().as_usize(), size as usize, ps.bytes()),
+        "query nodes",
+    )?;
+    ensure!(
+        on_node(&nodes, node) == nodes.len(),
+        "{} of {} pages not on node {node}",
+        nodes.len() - on_node(&nodes, node),
+        nodes.len()
+    );
+    let v = e(r.verify(), "verify")?;
+    ensure!(v.is_intact(), "verify: {v:?}");
+    let thp = anon_huge_in(r.vaddr().raw(), size);
+    match kind {
+        Kind::Thp => ensure!(thp > 0, "no THP in the region (AnonHugePages 0)"),
+        Kind::Small => ensure!(thp == 0, "THP in a 4K region: {thp:#x}"),
+        Kind::Huge => {}
+    }
+    let iova = r.iova().ok_or("no IOVA")?;
+    e(r.release(), "release")?;
+    ensure!(
+        vmpin() == pin0,
+        "VmPin {:#x} after release, expected {pin0:#x}",
+        vmpin()
+    );
+    drop(control);
+    Ok(format!(
+        "{} pages on node {node} at IOVA {iova}, VmPin +{size:#x} and back, VmLck +0, AnonHugePages {thp:#x}",
+        nodes.len()
+    ))
+}
+
+/// With a 32-bit mask every IOVA ends below 4 GiB and a fixed IOVA at 4 GiB
+/// is refused; widening the mask again accepts that same IOVA (so the
+/// refusal was the mask's), and the device reaches the top region by DMA.
+fn dma_mask_32(ctx: &Ctx) -> Result<String, String> {
+    let p = open(ctx)?;
+    e(p.set_dma_mask(32), "set_dma_mask(32)")?;
+    let four_g = Iova(1 << 32);
+    let at = |iova: Iova| PinRequest {
+        iova: Some(iova),
+        ..PinRequest::new(ctx.home, 2 << 20)
+    };
+    match p.pin(&at(four_g)) {
+        Err(Error::Iova(numapin::iova::IovaError::AboveDmaMask { bits: 32, .. })) => {}
+        Err(other) => return Err(format!("IOVA 4 GiB with a 32-bit mask: {other}")),
+        Ok(r) => {
+            return Err(format!(
+                "IOVA 4 GiB accepted at {:?} with a 32-bit mask",
+                r.iova()
+            ));
+        }
+    }
+    let top = e(p.pin(&at(Iova(0xffe0_0000))), "pin at 0xffe00000")?;
+    let mut regions = vec![];
+    for _ in 0..4 {
+        regions.push(e(p.pin(&PinRequest::new(ctx.away, 8 << 20)), "pin")?);
+    }
+    regions.push(top);
+    for r in &regions {
+        let i = r.iova().ok_or("no IOVA")?;
+        ensure!(
+            i.raw() + r.len() - 1 <= 0xffff_ffff,
+            "region at {i}+{:#x} ends above 4 GiB",
+            r.len()
+        );
+    }
+    let edu = edu(&p)?;
+    let top = regions.last().expect("five regions");
+    let c = e(
+        edu.round_trip(&regions[0], 0x1000, top, 0x1f_0000, 4096, 3),
+        "DMA to 0xffe00000",
+    )?;
+    ensure!(c.ok(), "DMA: {} of {} bytes differ", c.mismatches, c.bytes);
+    e(p.set_dma_mask(64), "set_dma_mask(64)")?;
+    let above = e(p.pin(&at(four_g)), "pin at 4 GiB without the mask")?;
+    Ok(format!(
+        "IOVAs {:?} all below 4 GiB; 4 GiB refused under the mask, accepted without it ({:?}); {} bytes DMA'd to {}",
+        regions.iter().filter_map(|r| r.iova()).collect::<Vec<_>>(),
+        above.iova(),
+        c.bytes,
+        top.iova().map_or("?".into(), |i| i.to_string())
+    ))
+}
