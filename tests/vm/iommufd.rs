@@ -25,6 +25,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.node0-2M", |c| placement(c, c.home, Kind::Huge)),
         ("i.node1-2M", |c| placement(c, c.away, Kind::Huge)),
         ("i.dma-mask-32", dma_mask_32),
+        ("i.accounting-modes", accounting_modes),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -289,7 +290,7 @@ fn dma_mask_32(ctx: &Ctx) -> Result<String, String> {
     let edu = edu(&p)?;
     let top = regions.last().expect("five regions");
     let c = e(
-        edu.round_trip(&regions[0], 0x1000, top, 0x1f_0000, 4096, 3),
+        edu.round_trip(&regions[0], 0x1000, top, 0x1f_0000, 2048, 3),
         "DMA to 0xffe00000",
     )?;
     ensure!(c.ok(), "DMA: {} of {} bytes differ", c.mismatches, c.bytes);
@@ -301,5 +302,130 @@ fn dma_mask_32(ctx: &Ctx) -> Result<String, String> {
         above.iova(),
         c.bytes,
         top.iova().map_or("?".into(), |i| i.to_string())
+    ))
+}
+
+/// This thread's effective capabilities, lowered for a scenario and raised
+/// again on drop (they stay permitted, so raising them back is allowed).
+struct Effective {
+    saved: [u32; 2],
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_V3: u32 = 0x2008_0522;
+
+fn capget() -> Result<[CapData; 2], String> {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: a v3 header and two data structs, as capget(2) takes.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    ensure!(r == 0, "capget: {}", std::io::Error::last_os_error());
+    Ok(d)
+}
+
+fn capset(d: &[CapData; 2]) -> Result<(), String> {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    // SAFETY: as in capget; the kernel only reads the data.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+    ensure!(r == 0, "capset: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+impl Effective {
+    fn lower(caps: &[u32]) -> Result<Effective, String> {
+        let mut d = capget()?;
+        let saved = [d[0].effective, d[1].effective];
+        for &c in caps {
+            d[(c / 32) as usize].effective &= !(1 << (c % 32));
+        }
+        capset(&d)?;
+        Ok(Effective { saved })
+    }
+}
+
+impl Drop for Effective {
+    fn drop(&mut self) {
+        if let Ok(mut d) = capget() {
+            d[0].effective = self.saved[0];
+            d[1].effective = self.saved[1];
+            let _ = capset(&d);
+        }
+    }
+}
+
+const CAP_IPC_LOCK: u32 = 14;
+const CAP_SYS_RESOURCE: u32 = 24;
+
+/// The three accounting cases of iommufd (pages.c, ioas.c in 6.12): with
+/// CAP_IPC_LOCK nothing but VmPin; without it but with CAP_SYS_RESOURCE
+/// numapin gets process mode, VmPin and VmLck; without either the per-user
+/// default, VmPin only (the user's locked_vm is not in /proc/self/status).
+fn accounting_modes(ctx: &Ctx) -> Result<String, String> {
+    use numapin::iommufd::RlimitMode;
+    let len = 1 << 20;
+    let limit = e(sys::memlock_limit(), "RLIMIT_MEMLOCK")?;
+    ensure!(
+        limit >= 2 * len,
+        "RLIMIT_MEMLOCK {limit:#x} is too low for the scenario"
+    );
+    let case = |lower: &[u32], mode: RlimitMode, acct: Accounting, lck_grows: bool| {
+        let _caps = Effective::lower(lower)?;
+        let p = open(ctx)?;
+        let info = p.iommufd_info().ok_or("no iommufd info")?;
+        ensure!(
+            info.rlimit_mode == mode,
+            "mode {:?}, expected {mode:?}",
+            info.rlimit_mode
+        );
+        ensure!(p.accounting() == acct, "accounting {:?}", p.accounting());
+        let (pin0, lck0) = (vmpin(), vmlck());
+        let r = e(p.pin(&PinRequest::new(ctx.home, len)), "pin")?;
+        let (pin, lck) = (vmpin() - pin0, vmlck() - lck0);
+        ensure!(pin == len, "{mode:?}: VmPin +{pin:#x}, expected {len:#x}");
+        let want = if lck_grows { len } else { 0 };
+        ensure!(lck == want, "{mode:?}: VmLck +{lck:#x}, expected {want:#x}");
+        e(r.release(), "release")?;
+        ensure!(
+            vmpin() == pin0 && vmlck() == lck0,
+            "{mode:?}: VmPin {:#x}/VmLck {:#x} after release, expected {pin0:#x}/{lck0:#x}",
+            vmpin(),
+            vmlck()
+        );
+        Ok::<String, String>(format!("{mode:?}: VmPin +{pin:#x}, VmLck +{lck:#x}"))
+    };
+    let a = case(&[], RlimitMode::NotCharged, Accounting::VmPin, false)?;
+    let b = case(
+        &[CAP_IPC_LOCK],
+        RlimitMode::Process,
+        Accounting::VmPinAndVmLck,
+        true,
+    )?;
+    let c = case(
+        &[CAP_IPC_LOCK, CAP_SYS_RESOURCE],
+        RlimitMode::User,
+        Accounting::VmPin,
+        false,
+    )?;
+    Ok(format!(
+        "{a}; {b}; {c} (1 MiB each, back to 0 after release)"
     ))
 }
