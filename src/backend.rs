@@ -198,6 +198,15 @@ impl MapPin {
         call: "VFIO_IOMMU_MAP_DMA",
         name: "vfio-map-dma",
     };
+
+    /// `VFIO_IOMMU_MAP_DMA` on iommufd's `/dev/vfio/vfio`: an iommufd
+    /// context in process mode (6.12.95 `iommufd/main.c` 266-269), so
+    /// `VmPin` always grows and `VmLck` too without CAP_IPC_LOCK.
+    pub(crate) const IOMMUFD_COMPAT: MapPin = MapPin {
+        accounting: Accounting::VmPinAndVmLck,
+        call: "VFIO_IOMMU_MAP_DMA",
+        name: "vfio-map-dma",
+    };
 }
 
 /// Who holds the pages: the second seam.
