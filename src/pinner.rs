@@ -83,14 +83,13 @@ impl Backend {
     }
 
     /// What `Auto` resolves to for `dev`: iommufd only for a device behind
-    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`. mdev and
-    /// no-IOMMU devices stay on their container (their pin is io_uring's).
-    fn resolve(self, dev: &DeviceInfo) -> Backend {
+    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`
+    /// (`have_iommufd`). mdev and no-IOMMU devices stay on their container
+    /// (their pin is io_uring's).
+    fn resolve(self, dev: &DeviceInfo, have_iommufd: bool) -> Backend {
         match self {
             Backend::Auto
-                if dev.kind == ContainerKind::Type1Iommu
-                    && dev.cdev.is_some()
-                    && crate::iommufd::available() =>
+                if dev.kind == ContainerKind::Type1Iommu && dev.cdev.is_some() && have_iommufd =>
             {
                 Backend::Iommufd
             }
@@ -150,11 +149,16 @@ impl fmt::Debug for Pinner {
 
 impl Pinner {
     /// Opens `spec` (a PCI address such as `0000:3b:00.0`, an mdev UUID, or
-    /// a sysfs path): in a new type1v2 container through vfio-ioctls, or,
-    /// for a no-IOMMU group, in a no-IOMMU container; then reads the
-    /// container's `VFIO_IOMMU_GET_INFO` (type1).
+    /// a sysfs path) through the backend the environment variable
+    /// `NUMAPIN_BACKEND` names (`auto`, `type1`, `iommufd`), [`Backend::Auto`]
+    /// when it is unset: through the device's VFIO cdev into an iommufd IOAS
+    /// where the kernel and device offer it, else in a new type1v2 container
+    /// through vfio-ioctls, or, for a no-IOMMU group, in a no-IOMMU
+    /// container; then reads the usable IOVA ranges (`VFIO_IOMMU_GET_INFO`
+    /// on type1, `IOMMU_IOAS_IOVA_RANGES` on iommufd).
     ///
     /// # Errors
+    /// [`Error::Invalid`] when `NUMAPIN_BACKEND` names no backend;
     /// [`Error::DeviceNotFound`], [`Error::NotBoundToVfio`],
     /// [`Error::NoIommuGroup`], [`Error::GroupNotViable`],
     /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and for no-IOMMU
@@ -186,7 +190,7 @@ impl Pinner {
         dev.check_openable()?;
         let topology = Topology::read()?;
         let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
-        let backend = backend.resolve(&dev);
+        let backend = backend.resolve(&dev, crate::iommufd::available());
         if backend == Backend::Iommufd && dev.kind != ContainerKind::Type1Iommu {
             return Err(Error::IommufdUnavailable {
                 device: dev.name.clone(),
@@ -938,6 +942,69 @@ mod tests {
         let r = unsafe { p.pin_user(mem.0, &req()) }.unwrap();
         assert!(r.release().is_err());
         assert_eq!(fake.allocated(), 1);
+    }
+
+    fn device(kind: ContainerKind, cdev: bool) -> DeviceInfo {
+        DeviceInfo {
+            name: "0000:00:03.0".into(),
+            sysfs: "/sys/bus/pci/devices/0000:00:03.0".into(),
+            driver: Some("vfio-pci".into()),
+            group: 3,
+            group_node: "/dev/vfio/3".into(),
+            members: Vec::new(),
+            kind,
+            cdev: cdev.then(|| "/dev/vfio/devices/vfio0".into()),
+            vfio_container: crate::iommufd::VfioContainerProvider::Vfio,
+        }
+    }
+
+    #[test]
+    fn auto_takes_iommufd_only_where_it_pins() {
+        let pci = device(ContainerKind::Type1Iommu, true);
+        assert_eq!(Backend::Auto.resolve(&pci, true), Backend::Iommufd);
+        assert_eq!(Backend::Auto.resolve(&pci, false), Backend::Type1);
+        let no_cdev = device(ContainerKind::Type1Iommu, false);
+        assert_eq!(Backend::Auto.resolve(&no_cdev, true), Backend::Type1);
+        for kind in [ContainerKind::MdevOnly, ContainerKind::NoIommu] {
+            assert_eq!(
+                Backend::Auto.resolve(&device(kind, true), true),
+                Backend::Type1
+            );
+        }
+        // An explicit choice is kept (open_with then refuses what cannot work).
+        assert_eq!(Backend::Iommufd.resolve(&no_cdev, false), Backend::Iommufd);
+        assert_eq!(Backend::Type1.resolve(&pci, true), Backend::Type1);
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in [Backend::Auto, Backend::Type1, Backend::Iommufd] {
+            assert_eq!(Backend::parse(b.name()).unwrap(), b);
+        }
+        let e = Backend::parse("vfio").unwrap_err().to_string();
+        assert!(e.contains("auto, type1 or iommufd"), "{e}");
+    }
+
+    #[test]
+    fn set_dma_mask_reaches_the_allocator() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        // The fake's range ends at 4 GiB - 1: a 31-bit mask cuts it.
+        p.set_dma_mask(31).unwrap();
+        assert_eq!(fake.alloc.lock().unwrap().dma_mask_bits(), 31);
+        let mem = Pages::new();
+        let high = PinRequest {
+            iova: Some(Iova(1 << 31)),
+            ..req()
+        };
+        // SAFETY: refused before anything is mapped.
+        let e = unsafe { p.pin_user(mem.0, &high) }.unwrap_err();
+        assert!(
+            matches!(e, Error::Iova(crate::iova::IovaError::AboveDmaMask { .. })),
+            "{e}"
+        );
+        assert!(fake.calls().is_empty());
+        assert!(p.set_dma_mask(8).is_err());
     }
 
     #[test]

@@ -48,15 +48,21 @@ pub struct DeviceInfo {
 /// `/dev/vfio/devices/vfioN` (`vfio_device_add` in
 /// drivers/vfio/vfio_main.c, Linux 6.6+).
 pub fn cdev_of(sysfs: &Path) -> Option<PathBuf> {
-    let mut names: Vec<String> = std::fs::read_dir(sysfs.join("vfio-dev"))
+    let node = Path::new("/dev/vfio/devices").join(cdev_name(sysfs)?);
+    node.exists().then_some(node)
+}
+
+/// The `vfioN` entry of `<sysfs>/vfio-dev`, if any.
+fn cdev_name(sysfs: &Path) -> Option<String> {
+    std::fs::read_dir(sysfs.join("vfio-dev"))
         .ok()?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("vfio") && n[4..].bytes().all(|b| b.is_ascii_digit()))
-        .collect();
-    names.sort();
-    let node = Path::new("/dev/vfio/devices").join(names.first()?);
-    node.exists().then_some(node)
+        .filter(|n| {
+            n.strip_prefix("vfio")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .min()
 }
 
 fn driver_of(sysfs: &Path) -> Option<String> {
@@ -196,5 +202,22 @@ impl DeviceInfo {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cdev_name_is_the_vfio_n_entry() {
+        let dir = std::env::temp_dir().join(format!("numapin-cdev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(cdev_name(&dir), None, "no vfio-dev directory");
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio7")).unwrap();
+        std::fs::create_dir_all(dir.join("vfio-dev/vfiox")).unwrap();
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio")).unwrap();
+        assert_eq!(cdev_name(&dir).as_deref(), Some("vfio7"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
