@@ -74,6 +74,24 @@ pub(crate) trait IovaMapper: Send + Sync {
     /// kernel's page references) point at it until then.
     unsafe fn map(&self, vaddr: VirtAddr, len: u64, iova: Iova) -> Result<()>;
 
+    /// Maps `len` bytes of the memfd `file` from `offset` at `iova`
+    /// (`IOMMU_IOAS_MAP_FILE`; only an iommufd IOAS can).
+    ///
+    /// # Safety
+    /// The device may read and write the file's pages from now until the
+    /// unmap: whoever maps the file must not hold Rust references to them.
+    unsafe fn map_file(
+        &self,
+        _file: std::os::fd::BorrowedFd<'_>,
+        _offset: u64,
+        _len: u64,
+        _iova: Iova,
+    ) -> Result<()> {
+        Err(Error::Invalid(
+            "mapping a memfd by file needs the iommufd backend (Backend::Iommufd)".into(),
+        ))
+    }
+
     /// Unmaps what [`IovaMapper::map`] mapped at `iova`.
     fn unmap(&self, iova: Iova, len: u64) -> Result<()>;
 

@@ -383,6 +383,83 @@ impl Pinner {
         })
     }
 
+    /// Maps `len` bytes of the memfd `file` from byte `offset` into the
+    /// IOAS with `IOMMU_IOAS_MAP_FILE` (iommufd on Linux 6.13+), at `iova`
+    /// or at one numapin picks, and proves the pin by `VmPin` growing by
+    /// `len`. The pages are the file's: the mapping holds them whether or
+    /// not this process maps the file, and no placement is checked (bind
+    /// the file's memory with `mbind` before faulting it in).
+    ///
+    /// # Safety
+    /// The device may read and write the file's pages until the mapping is
+    /// dropped or released: whoever maps the file must not hold Rust
+    /// references to that memory, only raw pointers or system calls.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] on type1, [`Error::IommufdUnavailable`] on a
+    /// kernel without the call, [`Error::ZeroSize`], the IOVA errors of
+    /// [`Pinner::pin`], [`Error::NotAccounted`], and the kernel's errno
+    /// (a file that is not a memfd, a range past its end).
+    pub unsafe fn map_memfd(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        iova: Option<Iova>,
+    ) -> Result<crate::iommufd::FileMapping> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.check_iommu_alignment(len)?;
+        let reservation = self
+            .reserve_iova(iova, len, iova_align(0, len, crate::addr::base_page_size()))?
+            .ok_or_else(|| Error::IovaWithoutIommu {
+                device: self.inner.name.clone(),
+            })?;
+        let at = reservation.iova;
+        let mapper = &self.inner.mapper;
+        // Err((error, still mapped)).
+        let mapped = backend::serialized(|| {
+            let unmapped = |e: Error| (e, false);
+            let before = prove::read_counter(Accounting::VmPin).map_err(unmapped)?;
+            // SAFETY: this function's contract is map_file's.
+            unsafe { mapper.map_file(file, offset, len, at) }.map_err(unmapped)?;
+            let after = prove::read_counter(Accounting::VmPin);
+            let grew = after.as_ref().map_or(0, |a| a.saturating_sub(before));
+            if grew >= len {
+                return Ok(());
+            }
+            let still = match mapper.unmap(at, len) {
+                Ok(()) => false,
+                Err(e) => {
+                    log::error!("could not undo the file mapping at {at} ({e}); leaking its IOVA");
+                    true
+                }
+            };
+            let error = after.err().unwrap_or(Error::NotAccounted {
+                counter: "VmPin",
+                by: "IOMMU_IOAS_MAP_FILE",
+                grew,
+                len,
+            });
+            Err((error, still))
+        });
+        if let Err((error, still_mapped)) = mapped {
+            if still_mapped {
+                reservation.keep();
+            }
+            return Err(error);
+        }
+        let keep: Arc<dyn Send + Sync> = self.inner.clone();
+        Ok(crate::iommufd::FileMapping {
+            mapper: mapper.clone(),
+            keep,
+            iova: reservation.keep(),
+            len,
+            released: false,
+        })
+    }
+
     /// Allocates `req.size` bytes on `req.node`, faults them in there, pins
     /// them (see [`Pinner`] for how, per container kind), and proves the pin
     /// as `req.proof` asks (by default: the accounting grew by the size,
@@ -1005,6 +1082,21 @@ mod tests {
         );
         assert!(fake.calls().is_empty());
         assert!(p.set_dma_mask(8).is_err());
+    }
+
+    #[test]
+    fn a_memfd_needs_iommufd_and_leaves_no_iova() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsFd;
+        // SAFETY: refused before anything is mapped.
+        let e = unsafe { p.map_memfd(f.as_fd(), 0, LEN, None) }.unwrap_err();
+        assert!(e.to_string().contains("needs the iommufd backend"), "{e}");
+        assert_eq!(fake.allocated(), 0);
+        // SAFETY: as above.
+        let e = unsafe { p.map_memfd(f.as_fd(), 0, 0, None) }.unwrap_err();
+        assert!(matches!(e, Error::ZeroSize), "{e}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.node1-2M", |c| placement(c, c.away, Kind::Huge)),
         ("i.dma-mask-32", dma_mask_32),
         ("i.accounting-modes", accounting_modes),
+        ("i.map-file", map_file),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -428,4 +429,107 @@ fn accounting_modes(ctx: &Ctx) -> Result<String, String> {
     Ok(format!(
         "{a}; {b}; {c} (1 MiB each, back to 0 after release)"
     ))
+}
+
+/// Whether this kernel is 6.13 or newer (IOMMU_IOAS_MAP_FILE).
+fn has_map_file() -> bool {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = r
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (major, minor) >= (6, 13)
+}
+
+/// IOMMU_IOAS_MAP_FILE of a 2 MiB memfd: before 6.13 the kernel lacks it
+/// and numapin says so; from 6.13 VmPin grows by 2 MiB, the device reads
+/// the file's bytes through the IOVA (into a pinned region it then writes),
+/// and release returns VmPin.
+fn map_file(ctx: &Ctx) -> Result<String, String> {
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    let p = open(ctx)?;
+    let len: u64 = 2 << 20;
+    // SAFETY: a plain memfd_create with a NUL-terminated name.
+    let raw = unsafe { libc::memfd_create(c"numapin-map-file".as_ptr(), libc::MFD_CLOEXEC) };
+    ensure!(
+        raw >= 0,
+        "memfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd this function owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on our own memfd.
+    ensure!(
+        unsafe { libc::ftruncate(raw, len as i64) } == 0,
+        "ftruncate"
+    );
+    // SAFETY: a new shared mapping of our memfd; only raw pointers touch it.
+    let m = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        )
+    };
+    ensure!(m != libc::MAP_FAILED, "mmap memfd");
+    let pattern = |i: u64| (i as u8).wrapping_mul(13) ^ 0xa5;
+    for i in 0..len {
+        // SAFETY: inside our mapping; volatile, the device may read it later.
+        unsafe { std::ptr::write_volatile(m.cast::<u8>().add(i as usize), pattern(i)) };
+    }
+    let before = vmpin();
+    // SAFETY: the file's pages are reached only through raw pointers here.
+    let mapped = unsafe { p.map_memfd(fd.as_fd(), 0, len, None) };
+    let result = if !has_map_file() {
+        match mapped {
+            Err(Error::IommufdUnavailable { reason, .. }) if reason.contains("6.13") => Ok(
+                format!("kernel before 6.13: MAP_FILE refused as expected ({reason})"),
+            ),
+            Err(other) => Err(format!("before 6.13, expected IommufdUnavailable: {other}")),
+            Ok(f) => Err(format!(
+                "MAP_FILE worked on a kernel before 6.13 at {}",
+                f.iova()
+            )),
+        }
+    } else {
+        (|| {
+            let f = e(mapped, "map_memfd")?;
+            let grew = vmpin() - before;
+            ensure!(grew == len, "VmPin grew by {grew:#x}, expected {len:#x}");
+            let dst = e(p.pin(&PinRequest::new(ctx.home, 2 << 20)), "pin dst")?;
+            let edu = edu(&p)?;
+            let off = 0x1000;
+            e(
+                edu.dma_to_device(f.iova().raw() + off, 2048),
+                "DMA from the file",
+            )?;
+            e(
+                edu.dma_from_device(dst.iova().ok_or("no IOVA")?.raw(), 2048),
+                "DMA to dst",
+            )?;
+            let bad = (0..2048u64)
+                // SAFETY: inside the pinned region, read volatile.
+                .filter(|&i| unsafe { std::ptr::read_volatile(dst.as_ptr().add(i as usize)) } != pattern(off + i))
+                .count();
+            ensure!(bad == 0, "{bad} of 2048 bytes from the file differ");
+            let iova = f.iova();
+            e(f.release(), "release")?;
+            drop(dst);
+            ensure!(
+                vmpin() == before,
+                "VmPin {:#x} after release, expected {before:#x}",
+                vmpin()
+            );
+            Ok(format!(
+                "memfd at IOVA {iova}: VmPin +{len:#x} and back, 2048 bytes read by the device"
+            ))
+        })()
+    };
+    // SAFETY: our mapping, no references into it remain.
+    unsafe { libc::munmap(m, len as usize) };
+    result
 }
