@@ -1,6 +1,6 @@
 //! The iommufd backend: the device's VFIO cdev (`/dev/vfio/devices/vfioN`,
 //! Linux 6.6+) bound to a `/dev/iommu` context, attached to one IOAS
-//! (I/O address space), and the IOAS as an [`IovaMapper`].
+//! (I/O address space), and the IOAS as an IOVA mapper (`backend::IovaMapper`).
 //!
 //! # The order of the steps
 //! An IOAS without an attached domain only records mappings; the pages are
