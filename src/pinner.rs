@@ -292,6 +292,43 @@ impl Pinner {
         })
     }
 
+    /// A pinner on an iommufd IOAS that the caller owns (a VMM's), in the
+    /// caller's `/dev/iommu` context `ctx`. numapin keeps a duplicate of the
+    /// fd, reads the IOAS's IOVA ranges now, and from then on only maps,
+    /// proves, translates and unmaps: it never binds, attaches or detaches a
+    /// device. The caller must have attached a device to the IOAS already:
+    /// without an attached domain a mapping pins nothing, and the proof
+    /// (`VmPin` growing by the size) fails with [`Error::NotAccounted`].
+    ///
+    /// # Errors
+    /// [`Error::Sys`] when the fd cannot be duplicated or
+    /// `IOMMU_IOAS_IOVA_RANGES` fails (not an iommufd, or no such IOAS).
+    pub fn with_iommufd_ioas(ctx: BorrowedFd<'_>, ioas_id: u32) -> Result<Pinner> {
+        let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let name = format!("the caller's IOAS {ioas_id}");
+        let mapper: Arc<dyn IovaMapper> = Arc::new(crate::iommufd::IommufdMapper::given(
+            ctx,
+            ioas_id,
+            name.clone(),
+            ipc_lock,
+        )?);
+        let source = PinSource::for_mapper(mapper.as_ref());
+        Ok(Pinner {
+            inner: Arc::new(Shared {
+                device: None,
+                mapper,
+                source,
+                dev: None,
+                kind: ContainerKind::Type1Iommu,
+                backend: Backend::Iommufd,
+                name,
+                topology: Topology::read()?,
+                ipc_lock,
+                read_counter: prove::read_counter,
+            }),
+        })
+    }
+
     /// The device as sysfs described it when it was opened (`None` on a
     /// container the caller owns).
     pub fn device_info(&self) -> Option<&DeviceInfo> {

@@ -66,7 +66,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use iommufd_bindings::iommufd::{
-    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_iova_range, iommu_option,
+    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range, iommu_option,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, iommufd_option_IOMMU_OPTION_RLIMIT_MODE,
@@ -172,10 +172,24 @@ fn option(op: u32, val64: u64) -> iommu_option {
     }
 }
 
-/// `VFIO_DEVICE_BIND_IOMMUFD` on a device cdev: returns the device's id in
-/// the context. Only the fields up to `out_devid` are passed (what 6.6
-/// through 6.12 know; later fields are optional).
-fn bind(cdev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> io::Result<u32> {
+/// `VFIO_DEVICE_BIND_IOMMUFD` on a device cdev: binds the device to the
+/// iommufd context `iommufd` and returns its id there. Only the fields up
+/// to `out_devid` are passed (what 6.6 through 6.12 know; later fields are
+/// optional). See `vfio_df_ioctl_bind_iommufd` in drivers/vfio/device_cdev.c.
+///
+/// # Errors
+/// The raw errno: `EBUSY` when the device's group is open (a type1
+/// container holds it), `EINVAL` when the device is bound already.
+///
+/// # Example
+/// ```no_run
+/// use std::os::fd::AsFd;
+/// let open = |p| std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+/// let (cdev, ctx) = (open("/dev/vfio/devices/vfio0"), open("/dev/iommu"));
+/// let dev_id = numapin::iommufd::bind(cdev.as_fd(), ctx.as_fd()).unwrap();
+/// # let _ = dev_id;
+/// ```
+pub fn bind(cdev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut arg = vfio_device_bind_iommufd {
         argsz: (std::mem::offset_of!(vfio_device_bind_iommufd, out_devid) + 4) as u32,
         flags: 0,
@@ -191,9 +205,14 @@ fn bind(cdev: BorrowedFd<'_>, iommufd: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: attaches the bound device to the page
-/// table `pt_id` (an IOAS: the kernel then allocates a domain for it);
-/// returns the id of the hardware page table the kernel used.
-fn attach(cdev: BorrowedFd<'_>, pt_id: u32) -> io::Result<u32> {
+/// table `pt_id` (an IOAS: the kernel then allocates a domain for it, and
+/// mappings in the IOAS from then on pin); returns the id of the hardware
+/// page table the kernel used.
+///
+/// # Errors
+/// The raw errno: `EINVAL` for a device not bound yet, `ENOENT` for an
+/// unknown id.
+pub fn attach(cdev: BorrowedFd<'_>, pt_id: u32) -> io::Result<u32> {
     let mut arg = vfio_device_attach_iommufd_pt {
         argsz: (std::mem::offset_of!(vfio_device_attach_iommufd_pt, pt_id) + 4) as u32,
         flags: 0,
@@ -267,14 +286,16 @@ pub enum RlimitMode {
 /// What numapin set up in the iommufd context, as read after attaching.
 #[derive(Debug, Clone)]
 pub struct IommufdInfo {
-    /// The device's VFIO cdev.
-    pub cdev: PathBuf,
-    /// The device's id in the context (`out_devid`).
-    pub dev_id: u32,
+    /// The device's VFIO cdev (`None` on an IOAS the caller owns).
+    pub cdev: Option<PathBuf>,
+    /// The device's id in the context (`out_devid`; `None` on an IOAS the
+    /// caller owns).
+    pub dev_id: Option<u32>,
     /// The IOAS numapin maps into.
     pub ioas_id: u32,
-    /// The hardware page table the attach used.
-    pub hwpt_id: u32,
+    /// The hardware page table the attach used (`None` on an IOAS the
+    /// caller owns).
+    pub hwpt_id: Option<u32>,
     /// The accounting mode.
     pub rlimit_mode: RlimitMode,
     /// `out_iova_alignment` of `IOMMU_IOAS_IOVA_RANGES`.
@@ -296,11 +317,29 @@ impl CdevDevice {
     }
 }
 
-/// An IOAS with one device attached, as an IOVA mapper.
+/// The IOAS a mapper maps into.
+enum Ioas {
+    /// One numapin allocated: destroyed (unmapping and unpinning whatever
+    /// is left) when the mapper goes.
+    Owned(IommufdIoas),
+    /// One the caller owns, by id, in the caller's context.
+    Given(u32),
+}
+
+impl Ioas {
+    fn id(&self) -> u32 {
+        match self {
+            Ioas::Owned(i) => i.id(),
+            Ioas::Given(id) => *id,
+        }
+    }
+}
+
+/// An IOAS with a device attached, as an IOVA mapper.
 pub(crate) struct IommufdMapper {
-    // Field order is drop order: the IOAS is destroyed (unmapping and
-    // unpinning whatever is left) before the context fd closes.
-    ioas: IommufdIoas,
+    // Field order is drop order: the IOAS is destroyed before the context
+    // fd closes.
+    ioas: Ioas,
     ctx: Arc<IommuFd>,
     info: IommuInfo,
     details: IommufdInfo,
@@ -430,10 +469,10 @@ pub(crate) fn open(dev: &DeviceInfo, ipc_lock: bool) -> Result<(CdevDevice, Iomm
         unknown_caps: Vec::new(),
     };
     let details = IommufdInfo {
-        cdev,
-        dev_id,
+        cdev: Some(cdev),
+        dev_id: Some(dev_id),
         ioas_id: ioas.id(),
-        hwpt_id,
+        hwpt_id: Some(hwpt_id),
         rlimit_mode,
         iova_alignment: align,
         iova_ranges: ranges,
@@ -441,7 +480,7 @@ pub(crate) fn open(dev: &DeviceInfo, ipc_lock: bool) -> Result<(CdevDevice, Iomm
     Ok((
         CdevDevice { file },
         IommufdMapper {
-            ioas,
+            ioas: Ioas::Owned(ioas),
             ctx,
             info,
             details,
@@ -451,6 +490,67 @@ pub(crate) fn open(dev: &DeviceInfo, ipc_lock: bool) -> Result<(CdevDevice, Iomm
             ipc_lock,
         },
     ))
+}
+
+impl IommufdMapper {
+    /// A mapper on an IOAS the caller owns, in the caller's context `ctx`
+    /// (numapin keeps a duplicate of the fd). The caller attached its
+    /// device(s) already, so the ranges read here are theirs and maps pin.
+    pub(crate) fn given(
+        ctx: BorrowedFd<'_>,
+        ioas_id: u32,
+        name: String,
+        ipc_lock: bool,
+    ) -> Result<IommufdMapper> {
+        let fd = ctx
+            .try_clone_to_owned()
+            .map_err(|e| Error::sys("dup the iommufd fd", "", e))?;
+        let (ranges, align) = iova_ranges(fd.as_fd(), ioas_id).map_err(|e| {
+            Error::sys(
+                format!("IOMMU_IOAS_IOVA_RANGES of IOAS {ioas_id}"),
+                "is the fd a /dev/iommu context and the id one of its IOASes?",
+                e,
+            )
+        })?;
+        let rlimit_mode = if ipc_lock {
+            RlimitMode::NotCharged
+        } else {
+            match rlimit_mode(fd.as_fd()) {
+                Ok(1) => RlimitMode::Process,
+                _ => RlimitMode::User,
+            }
+        };
+        let accounting = match rlimit_mode {
+            RlimitMode::Process => Accounting::VmPinAndVmLck,
+            _ => Accounting::VmPin,
+        };
+        let page = align.max(crate::addr::base_page_size());
+        let alloc = IovaAllocator::new(ranges.clone(), page)?;
+        Ok(IommufdMapper {
+            ioas: Ioas::Given(ioas_id),
+            ctx: Arc::new(IommuFd::new_from_fd(File::from(fd))),
+            info: IommuInfo {
+                iova_pgsizes: page,
+                iova_ranges: Some(ranges.clone()),
+                dma_avail: None,
+                migration: None,
+                unknown_caps: Vec::new(),
+            },
+            details: IommufdInfo {
+                cdev: None,
+                dev_id: None,
+                ioas_id,
+                hwpt_id: None,
+                rlimit_mode,
+                iova_alignment: align,
+                iova_ranges: ranges,
+            },
+            iova: Mutex::new(alloc),
+            accounting,
+            device: name,
+            ipc_lock,
+        })
+    }
 }
 
 impl IovaMapper for IommufdMapper {
@@ -532,8 +632,14 @@ impl IovaMapper for IommufdMapper {
     }
 
     fn unmap(&self, iova: Iova, len: u64) -> Result<()> {
-        self.ioas
-            .unmap(iova.raw(), len)
+        let mut arg = iommu_ioas_unmap {
+            size: std::mem::size_of::<iommu_ioas_unmap>() as u32,
+            ioas_id: self.ioas.id(),
+            iova: iova.raw(),
+            length: len,
+        };
+        self.ctx
+            .unmap_iommu_ioas(&mut arg)
             .map_err(|e| Error::sys(format!("IOMMU_IOAS_UNMAP {iova}+{len:#x}"), "", io_of(&e)))
     }
 }

@@ -27,6 +27,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.dma-mask-32", dma_mask_32),
         ("i.accounting-modes", accounting_modes),
         ("i.map-file", map_file),
+        ("i.caller-ioas", caller_ioas),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -63,7 +64,7 @@ fn auto_backend(ctx: &Ctx) -> Result<String, String> {
     let info = p.iommufd_info().ok_or("no iommufd info")?;
     let dev = p.device_info().ok_or("no device info")?;
     ensure!(
-        dev.cdev.as_deref() == Some(info.cdev.as_path()),
+        dev.cdev.is_some() && dev.cdev == info.cdev,
         "cdev {:?} vs {:?}",
         dev.cdev,
         info.cdev
@@ -76,8 +77,8 @@ fn auto_backend(ctx: &Ctx) -> Result<String, String> {
     // The edu registers answer through the cdev's device fd.
     edu(&p)?;
     Ok(format!(
-        "{}: dev {}, IOAS {}, hwpt {}, {:?} accounting (counter {}), /dev/vfio/vfio by {:?}",
-        info.cdev.display(),
+        "{:?}: dev {:?}, IOAS {}, hwpt {:?}, {:?} accounting (counter {}), /dev/vfio/vfio by {:?}",
+        info.cdev,
         info.dev_id,
         info.ioas_id,
         info.hwpt_id,
@@ -532,4 +533,84 @@ fn map_file(ctx: &Ctx) -> Result<String, String> {
     // SAFETY: our mapping, no references into it remain.
     unsafe { libc::munmap(m, len as usize) };
     result
+}
+
+/// A VMM's IOAS: the scenario opens /dev/iommu and the cdev itself, binds,
+/// allocates an IOAS and attaches the device; numapin then only maps into
+/// it (Pinner::with_iommufd_ioas): VmPin grows, the device DMAs through the
+/// IOVAs, release returns VmPin. A second IOAS with no device attached is
+/// refused by the proof (its mappings pin nothing).
+fn caller_ioas(ctx: &Ctx) -> Result<String, String> {
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+    let info = e(numapin::vfio::describe(&ctx.device), "describe")?;
+    let cdev_path = info.cdev.ok_or("no cdev")?;
+    let rw = |p: &std::path::Path| std::fs::OpenOptions::new().read(true).write(true).open(p);
+    let cdev = e(rw(&cdev_path), "open the cdev")?;
+    let iommu = std::sync::Arc::new(iommufd_ioctls::IommuFd::new_from_fd(e(
+        rw(std::path::Path::new("/dev/iommu")),
+        "open /dev/iommu",
+    )?));
+    // SAFETY: `iommu` owns the fd and outlives every borrow below.
+    let ctx_fd = unsafe { BorrowedFd::borrow_raw(iommu.as_raw_fd()) };
+    let dev_id = e(numapin::iommufd::bind(cdev.as_fd(), ctx_fd), "bind")?;
+    let ioas = e(
+        iommufd_ioctls::IommufdIoas::new(iommu.clone()),
+        "IOAS alloc",
+    )?;
+    let idle = e(
+        iommufd_ioctls::IommufdIoas::new(iommu.clone()),
+        "second IOAS",
+    )?;
+    e(numapin::iommufd::attach(cdev.as_fd(), ioas.id()), "attach")?;
+    let p = e(
+        Pinner::with_iommufd_ioas(ctx_fd, ioas.id()),
+        "with_iommufd_ioas",
+    )?;
+    ensure!(
+        p.device_fd().is_none(),
+        "a pinner on the caller's IOAS has a device"
+    );
+    let before = vmpin();
+    let a = e(p.pin(&PinRequest::new(ctx.home, 2 << 20)), "pin a")?;
+    let b = e(p.pin(&PinRequest::new(ctx.away, 2 << 20)), "pin b")?;
+    let grew = vmpin() - before;
+    ensure!(grew == 4 << 20, "VmPin grew by {grew:#x}, expected 4 MiB");
+    // SAFETY: the cdev is the device fd and outlives `edu`.
+    let fd = unsafe { numapin::vfio::DeviceFd::new(cdev.as_fd()) };
+    let edu = e(numapin::edu::Edu::open(fd), "edu")?.with_dma_limit(1 << 40);
+    let c = e(edu.round_trip(&a, 0x100, &b, 0x800, 2048, 5), "DMA a->b")?;
+    ensure!(c.ok(), "DMA: {} of {} bytes differ", c.mismatches, c.bytes);
+    let (ia, ib) = (a.iova(), b.iova());
+    drop((a, b));
+    ensure!(
+        vmpin() == before,
+        "VmPin {:#x} after release, expected {before:#x}",
+        vmpin()
+    );
+    let q = e(
+        Pinner::with_iommufd_ioas(ctx_fd, idle.id()),
+        "pinner on the idle IOAS",
+    )?;
+    match q.pin(&PinRequest::new(ctx.home, 2 << 20)) {
+        Err(Error::NotAccounted { grew: 0, .. }) => {}
+        Err(other) => return Err(format!("idle IOAS: expected NotAccounted, got {other}")),
+        Ok(r) => {
+            return Err(format!(
+                "idle IOAS: pinned at {:?} with no device attached",
+                r.iova()
+            ));
+        }
+    }
+    ensure!(
+        vmpin() == before,
+        "the refused pin left VmPin at {:#x}",
+        vmpin()
+    );
+    drop((p, q, edu));
+    drop(cdev); // detach and unbind before the IOAS goes
+    drop((ioas, idle));
+    Ok(format!(
+        "dev {dev_id}: IOVAs {ia:?} and {ib:?}, VmPin +4 MiB and back, {} bytes DMA'd; an IOAS without a device: NotAccounted (VmPin +0)",
+        c.bytes
+    ))
 }
