@@ -32,7 +32,9 @@ use crate::addr::{Iova, VirtAddr};
 use crate::error::{Error, Result};
 use crate::iova::IovaAllocator;
 use crate::sys;
+use crate::vfio::ContainerKind;
 use crate::vfio::info::IommuInfo;
+use crate::vfio::sysfs::DeviceInfo;
 
 /// Where a mapper's IOVAs come from, as [`crate::Pinner`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,73 @@ pub enum DmaAddressing {
     Iova,
     /// The device uses physical addresses (no-IOMMU): nothing to map.
     Physical,
+}
+
+/// Which kernel interface maps and pins for a device numapin opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// iommufd when the kernel has `/dev/iommu` and the device (behind an
+    /// IOMMU) has a VFIO cdev, else type1.
+    Auto,
+    /// The VFIO group in a `/dev/vfio/vfio` container (type1, or the
+    /// no-IOMMU and mdev variants).
+    Type1,
+    /// The device's VFIO cdev bound to `/dev/iommu`, mapping into an IOAS.
+    Iommufd,
+}
+
+impl Backend {
+    /// Short name used in JSON, tables and `NUMAPIN_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Type1 => "type1",
+            Backend::Iommufd => "iommufd",
+        }
+    }
+
+    /// Parses `auto`, `type1` or `iommufd`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for anything else.
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "type1" => Ok(Backend::Type1),
+            "iommufd" => Ok(Backend::Iommufd),
+            other => Err(Error::Invalid(format!(
+                "unknown backend {other:?}: give auto, type1 or iommufd"
+            ))),
+        }
+    }
+
+    /// The backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] when unset.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when it names none.
+    pub fn from_env() -> Result<Backend> {
+        match std::env::var("NUMAPIN_BACKEND") {
+            Ok(v) if !v.is_empty() => Backend::parse(&v),
+            _ => Ok(Backend::Auto),
+        }
+    }
+
+    /// What `Auto` resolves to for `dev`: iommufd only for a device behind
+    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`
+    /// (`have_iommufd`). mdev and no-IOMMU devices stay on their container
+    /// (their pin is io_uring's).
+    pub(crate) fn resolve(self, dev: &DeviceInfo, have_iommufd: bool) -> Backend {
+        match self {
+            Backend::Auto
+                if dev.kind == ContainerKind::Type1Iommu && dev.cdev.is_some() && have_iommufd =>
+            {
+                Backend::Iommufd
+            }
+            Backend::Auto => Backend::Type1,
+            b => b,
+        }
+    }
 }
 
 /// Who maps IOVAs for a device: the first seam.

@@ -76,10 +76,10 @@ pub mod uring;
 mod uring;
 
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
-pub use backend::Accounting;
+pub use backend::{Accounting, Backend};
 pub use cancel::Cancel;
 pub use error::{Error, Result};
-pub use pinner::{Backend, Pinner};
+pub use pinner::Pinner;
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};
 pub use translate::DmaAddr;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vfio_ioctls::VfioDevice;
 
 use crate::addr::{Iova, VirtAddr};
-use crate::backend::{self, Accounting, DmaAddressing, IovaMapper, NoMapper, PinSource};
+use crate::backend::{self, Accounting, Backend, DmaAddressing, IovaMapper, NoMapper, PinSource};
 use crate::error::{Error, Result};
 use crate::numa::{NodeMemory, Topology};
 use crate::prove::{self, Range, check_memlock};
@@ -24,79 +24,14 @@ use crate::vfio::info::IommuInfo;
 use crate::vfio::sysfs::{DeviceInfo, describe};
 use crate::vfio::{ContainerKind, DeviceFd, container::Type1Container, noiommu, open};
 
+mod iommufd;
+
 /// The device numapin opened, kept open as long as any region lives: its
 /// group keeps the container's IOMMU domain (and so every mapping) alive.
 enum OpenDevice {
     Type1(VfioDevice),
     NoIommu(noiommu::NoIommuDevice),
     Cdev(crate::iommufd::CdevDevice),
-}
-
-/// Which kernel interface maps and pins for a device numapin opens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// iommufd when the kernel has `/dev/iommu` and the device (behind an
-    /// IOMMU) has a VFIO cdev, else type1.
-    Auto,
-    /// The VFIO group in a `/dev/vfio/vfio` container (type1, or the
-    /// no-IOMMU and mdev variants).
-    Type1,
-    /// The device's VFIO cdev bound to `/dev/iommu`, mapping into an IOAS.
-    Iommufd,
-}
-
-impl Backend {
-    /// Short name used in JSON, tables and `NUMAPIN_BACKEND`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Auto => "auto",
-            Backend::Type1 => "type1",
-            Backend::Iommufd => "iommufd",
-        }
-    }
-
-    /// Parses `auto`, `type1` or `iommufd`.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] for anything else.
-    pub fn parse(s: &str) -> Result<Backend> {
-        match s {
-            "auto" => Ok(Backend::Auto),
-            "type1" => Ok(Backend::Type1),
-            "iommufd" => Ok(Backend::Iommufd),
-            other => Err(Error::Invalid(format!(
-                "unknown backend {other:?}: give auto, type1 or iommufd"
-            ))),
-        }
-    }
-
-    /// The backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] when unset.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] when it names none.
-    pub fn from_env() -> Result<Backend> {
-        match std::env::var("NUMAPIN_BACKEND") {
-            Ok(v) if !v.is_empty() => Backend::parse(&v),
-            _ => Ok(Backend::Auto),
-        }
-    }
-
-    /// What `Auto` resolves to for `dev`: iommufd only for a device behind
-    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`
-    /// (`have_iommufd`). mdev and no-IOMMU devices stay on their container
-    /// (their pin is io_uring's).
-    fn resolve(self, dev: &DeviceInfo, have_iommufd: bool) -> Backend {
-        match self {
-            Backend::Auto
-                if dev.kind == ContainerKind::Type1Iommu && dev.cdev.is_some() && have_iommufd =>
-            {
-                Backend::Iommufd
-            }
-            Backend::Auto => Backend::Type1,
-            b => b,
-        }
-    }
 }
 
 /// What a [`Pinner`] and its regions share.
@@ -292,43 +227,6 @@ impl Pinner {
         })
     }
 
-    /// A pinner on an iommufd IOAS that the caller owns (a VMM's), in the
-    /// caller's `/dev/iommu` context `ctx`. numapin keeps a duplicate of the
-    /// fd, reads the IOAS's IOVA ranges now, and from then on only maps,
-    /// proves, translates and unmaps: it never binds, attaches or detaches a
-    /// device. The caller must have attached a device to the IOAS already:
-    /// without an attached domain a mapping pins nothing, and the proof
-    /// (`VmPin` growing by the size) fails with [`Error::NotAccounted`].
-    ///
-    /// # Errors
-    /// [`Error::Sys`] when the fd cannot be duplicated or
-    /// `IOMMU_IOAS_IOVA_RANGES` fails (not an iommufd, or no such IOAS).
-    pub fn with_iommufd_ioas(ctx: BorrowedFd<'_>, ioas_id: u32) -> Result<Pinner> {
-        let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
-        let name = format!("the caller's IOAS {ioas_id}");
-        let mapper: Arc<dyn IovaMapper> = Arc::new(crate::iommufd::IommufdMapper::given(
-            ctx,
-            ioas_id,
-            name.clone(),
-            ipc_lock,
-        )?);
-        let source = PinSource::for_mapper(mapper.as_ref());
-        Ok(Pinner {
-            inner: Arc::new(Shared {
-                device: None,
-                mapper,
-                source,
-                dev: None,
-                kind: ContainerKind::Type1Iommu,
-                backend: Backend::Iommufd,
-                name,
-                topology: Topology::read()?,
-                ipc_lock,
-                read_counter: prove::read_counter,
-            }),
-        })
-    }
-
     /// The device as sysfs described it when it was opened (`None` on a
     /// container the caller owns).
     pub fn device_info(&self) -> Option<&DeviceInfo> {
@@ -345,40 +243,11 @@ impl Pinner {
         self.inner.backend
     }
 
-    /// What the iommufd backend set up: cdev, ids, accounting mode, IOVA
-    /// ranges read after the attach (`None` on type1).
-    pub fn iommufd_info(&self) -> Option<&crate::iommufd::IommufdInfo> {
-        self.inner.mapper.iommufd()
-    }
-
     /// How a pin through this pinner is accounted: the `/proc/self/status`
     /// counter that grows by each region's size (`VmLck` on type1,
     /// `VmPin` on iommufd and io_uring).
     pub fn accounting(&self) -> Accounting {
         self.inner.source.accounting()
-    }
-
-    /// Limits every IOVA numapin hands out (or accepts) from now on to the
-    /// lowest `2^bits` bytes: the device's DMA mask (32 for a device that
-    /// drives 32 address bits). Applies to every clone of this pinner.
-    ///
-    /// # Errors
-    /// [`Error::IovaWithoutIommu`] for a device without IOVAs, and
-    /// [`Error::Iova`] for a width outside 12..=64 or a live region above
-    /// the new ceiling.
-    pub fn set_dma_mask(&self, bits: u32) -> Result<()> {
-        let alloc = self
-            .inner
-            .mapper
-            .allocator()
-            .ok_or_else(|| Error::IovaWithoutIommu {
-                device: self.inner.name.clone(),
-            })?;
-        alloc
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_dma_mask(bits)?;
-        Ok(())
     }
 
     /// The container's `VFIO_IOMMU_GET_INFO` as read at open time (`None`
@@ -417,83 +286,6 @@ impl Pinner {
             // SAFETY: the cdev fd is the device fd and lives as long as
             // `self`, so it outlives the borrow.
             OpenDevice::Cdev(d) => unsafe { DeviceFd::new(d.fd()) },
-        })
-    }
-
-    /// Maps `len` bytes of the memfd `file` from byte `offset` into the
-    /// IOAS with `IOMMU_IOAS_MAP_FILE` (iommufd on Linux 6.13+), at `iova`
-    /// or at one numapin picks, and proves the pin by `VmPin` growing by
-    /// `len`. The pages are the file's: the mapping holds them whether or
-    /// not this process maps the file, and no placement is checked (bind
-    /// the file's memory with `mbind` before faulting it in).
-    ///
-    /// # Safety
-    /// The device may read and write the file's pages until the mapping is
-    /// dropped or released: whoever maps the file must not hold Rust
-    /// references to that memory, only raw pointers or system calls.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] on type1, [`Error::IommufdUnavailable`] on a
-    /// kernel without the call, [`Error::ZeroSize`], the IOVA errors of
-    /// [`Pinner::pin`], [`Error::NotAccounted`], and the kernel's errno
-    /// (a file that is not a memfd, a range past its end).
-    pub unsafe fn map_memfd(
-        &self,
-        file: BorrowedFd<'_>,
-        offset: u64,
-        len: u64,
-        iova: Option<Iova>,
-    ) -> Result<crate::iommufd::FileMapping> {
-        if len == 0 {
-            return Err(Error::ZeroSize);
-        }
-        self.check_iommu_alignment(len)?;
-        let reservation = self
-            .reserve_iova(iova, len, iova_align(0, len, crate::addr::base_page_size()))?
-            .ok_or_else(|| Error::IovaWithoutIommu {
-                device: self.inner.name.clone(),
-            })?;
-        let at = reservation.iova;
-        let mapper = &self.inner.mapper;
-        // Err((error, still mapped)).
-        let mapped = backend::serialized(|| {
-            let unmapped = |e: Error| (e, false);
-            let before = prove::read_counter(Accounting::VmPin).map_err(unmapped)?;
-            // SAFETY: this function's contract is map_file's.
-            unsafe { mapper.map_file(file, offset, len, at) }.map_err(unmapped)?;
-            let after = prove::read_counter(Accounting::VmPin);
-            let grew = after.as_ref().map_or(0, |a| a.saturating_sub(before));
-            if grew >= len {
-                return Ok(());
-            }
-            let still = match mapper.unmap(at, len) {
-                Ok(()) => false,
-                Err(e) => {
-                    log::error!("could not undo the file mapping at {at} ({e}); leaking its IOVA");
-                    true
-                }
-            };
-            let error = after.err().unwrap_or(Error::NotAccounted {
-                counter: "VmPin",
-                by: "IOMMU_IOAS_MAP_FILE",
-                grew,
-                len,
-            });
-            Err((error, still))
-        });
-        if let Err((error, still_mapped)) = mapped {
-            if still_mapped {
-                reservation.keep();
-            }
-            return Err(error);
-        }
-        let keep: Arc<dyn Send + Sync> = self.inner.clone();
-        Ok(crate::iommufd::FileMapping {
-            mapper: mapper.clone(),
-            keep,
-            iova: reservation.keep(),
-            len,
-            released: false,
         })
     }
 

@@ -9,8 +9,9 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::addr::Iova;
-use crate::backend::{self, IovaMapper};
+use crate::backend::{self, Accounting, IovaMapper};
 use crate::error::{Error, Result};
+use crate::prove::read_counter;
 
 /// A memfd range mapped into the IOAS; unmapped on drop or
 /// [`FileMapping::release`].
@@ -33,6 +34,76 @@ impl std::fmt::Debug for FileMapping {
 }
 
 impl FileMapping {
+    /// Reserves the IOVA (or `iova`), maps the memfd range there and proves
+    /// the pin by `VmPin` growing by `len`, under the accounting lock; on
+    /// failure undoes the mapping (keeping the IOVA reserved if the undo
+    /// fails: a device may still reach the pages).
+    ///
+    /// # Safety
+    /// As `crate::Pinner::map_memfd`.
+    pub(crate) unsafe fn map_checked(
+        mapper: Arc<dyn IovaMapper>,
+        keep: Arc<dyn Send + Sync>,
+        device: &str,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        iova: Option<Iova>,
+    ) -> Result<FileMapping> {
+        let alloc = mapper.allocator().ok_or_else(|| Error::IovaWithoutIommu {
+            device: device.to_string(),
+        })?;
+        let at = {
+            let mut a = alloc.lock().unwrap_or_else(|p| p.into_inner());
+            match iova {
+                Some(i) => a.reserve(i, len).map(|()| i)?,
+                None => a.allocate(
+                    len,
+                    crate::request::iova_align(0, len, crate::addr::base_page_size()),
+                )?,
+            }
+        };
+        // Err((error, still mapped)).
+        let mapped = backend::serialized(|| {
+            let unmapped = |e: Error| (e, false);
+            let before = read_counter(Accounting::VmPin).map_err(unmapped)?;
+            // SAFETY: this function's contract is map_file's.
+            unsafe { mapper.map_file(file, offset, len, at) }.map_err(unmapped)?;
+            let after = read_counter(Accounting::VmPin);
+            let grew = after.as_ref().map_or(0, |a| a.saturating_sub(before));
+            if grew >= len {
+                return Ok(());
+            }
+            let still = match mapper.unmap(at, len) {
+                Ok(()) => false,
+                Err(e) => {
+                    log::error!("could not undo the file mapping at {at} ({e}); leaking its IOVA");
+                    true
+                }
+            };
+            let error = after.err().unwrap_or(Error::NotAccounted {
+                counter: "VmPin",
+                by: "IOMMU_IOAS_MAP_FILE",
+                grew,
+                len,
+            });
+            Err((error, still))
+        });
+        if let Err((error, still_mapped)) = mapped {
+            if !still_mapped {
+                mapper.free_iova(at);
+            }
+            return Err(error);
+        }
+        Ok(FileMapping {
+            mapper,
+            keep,
+            iova: at,
+            len,
+            released: false,
+        })
+    }
+
     /// The IOVA the device uses for byte 0 of the range.
     pub fn iova(&self) -> Iova {
         self.iova
@@ -117,7 +188,8 @@ pub(crate) fn map_file(
         length: len,
         iova: iova.raw(),
     };
-    ctx.map_iommu_ioas_file(&arg).map_err(|e| super::io_of(&e))
+    ctx.map_iommu_ioas_file(&arg)
+        .map_err(|e| super::ioas::io_of(&e))
 }
 
 #[cfg(test)]
