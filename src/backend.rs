@@ -2,8 +2,9 @@
 //!
 //! 1. **Who maps the IOVA**: an [`IovaMapper`]. A VFIO type1 container
 //!    ([`crate::vfio::container::Type1Container`]), or [`NoMapper`] for a
-//!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical.
-//!    (An iommufd IOAS is the next mapper.) A mapper may sit on a container
+//!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical, or
+//!    an iommufd IOAS with the device attached through its VFIO cdev
+//!    ([`crate::iommufd`]). A mapper may sit on a container
 //!    numapin opened itself or on one the caller owns: it holds a file
 //!    descriptor and its own IOVA allocator, never the device.
 //! 2. **Who holds the pin**: a [`PinSource`]. The mapping itself where the
@@ -15,7 +16,8 @@
 //!
 //! Each pin source owns its accounting rule ([`Accounting`]): which
 //! counter of `/proc/self/status` grows, and whose `RLIMIT_MEMLOCK` it is
-//! checked against. [`crate::Pinner`] sits above both seams and
+//! checked against. Where the mapping pins, the rule is the mapper's
+//! ([`IovaMapper::map_pin`]): type1 charges `VmLck`, iommufd `VmPin`. [`crate::Pinner`] sits above both seams and
 //! [`crate::PinnedRegion`] below them; neither calls into the other's
 //! internals.
 //!
@@ -30,7 +32,9 @@ use crate::addr::{Iova, VirtAddr};
 use crate::error::{Error, Result};
 use crate::iova::IovaAllocator;
 use crate::sys;
+use crate::vfio::ContainerKind;
 use crate::vfio::info::IommuInfo;
+use crate::vfio::sysfs::DeviceInfo;
 
 /// Where a mapper's IOVAs come from, as [`crate::Pinner`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +44,73 @@ pub enum DmaAddressing {
     Iova,
     /// The device uses physical addresses (no-IOMMU): nothing to map.
     Physical,
+}
+
+/// Which kernel interface maps and pins for a device numapin opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// iommufd when the kernel has `/dev/iommu` and the device (behind an
+    /// IOMMU) has a VFIO cdev, else type1.
+    Auto,
+    /// The VFIO group in a `/dev/vfio/vfio` container (type1, or the
+    /// no-IOMMU and mdev variants).
+    Type1,
+    /// The device's VFIO cdev bound to `/dev/iommu`, mapping into an IOAS.
+    Iommufd,
+}
+
+impl Backend {
+    /// Short name used in JSON, tables and `NUMAPIN_BACKEND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Type1 => "type1",
+            Backend::Iommufd => "iommufd",
+        }
+    }
+
+    /// Parses `auto`, `type1` or `iommufd`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for anything else.
+    pub fn parse(s: &str) -> Result<Backend> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "type1" => Ok(Backend::Type1),
+            "iommufd" => Ok(Backend::Iommufd),
+            other => Err(Error::Invalid(format!(
+                "unknown backend {other:?}: give auto, type1 or iommufd"
+            ))),
+        }
+    }
+
+    /// The backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] when unset.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when it names none.
+    pub fn from_env() -> Result<Backend> {
+        match std::env::var("NUMAPIN_BACKEND") {
+            Ok(v) if !v.is_empty() => Backend::parse(&v),
+            _ => Ok(Backend::Auto),
+        }
+    }
+
+    /// What `Auto` resolves to for `dev`: iommufd only for a device behind
+    /// an IOMMU that has a cdev, on a kernel with `/dev/iommu`
+    /// (`have_iommufd`). mdev and no-IOMMU devices stay on their container
+    /// (their pin is io_uring's).
+    pub(crate) fn resolve(self, dev: &DeviceInfo, have_iommufd: bool) -> Backend {
+        match self {
+            Backend::Auto
+                if dev.kind == ContainerKind::Type1Iommu && dev.cdev.is_some() && have_iommufd =>
+            {
+                Backend::Iommufd
+            }
+            Backend::Auto => Backend::Type1,
+            b => b,
+        }
+    }
 }
 
 /// Who maps IOVAs for a device: the first seam.
@@ -72,8 +143,38 @@ pub(crate) trait IovaMapper: Send + Sync {
     /// kernel's page references) point at it until then.
     unsafe fn map(&self, vaddr: VirtAddr, len: u64, iova: Iova) -> Result<()>;
 
+    /// Maps `len` bytes of the memfd `file` from `offset` at `iova`
+    /// (`IOMMU_IOAS_MAP_FILE`; only an iommufd IOAS can).
+    ///
+    /// # Safety
+    /// The device may read and write the file's pages from now until the
+    /// unmap: whoever maps the file must not hold Rust references to them.
+    unsafe fn map_file(
+        &self,
+        _file: std::os::fd::BorrowedFd<'_>,
+        _offset: u64,
+        _len: u64,
+        _iova: Iova,
+    ) -> Result<()> {
+        Err(Error::Invalid(
+            "mapping a memfd by file needs the iommufd backend (Backend::Iommufd)".into(),
+        ))
+    }
+
     /// Unmaps what [`IovaMapper::map`] mapped at `iova`.
     fn unmap(&self, iova: Iova, len: u64) -> Result<()>;
+
+    /// How a pinning map is accounted and named: type1's MAP_DMA unless
+    /// the mapper says otherwise. Only asked when
+    /// [`IovaMapper::pins_on_map`] is true.
+    fn map_pin(&self) -> MapPin {
+        MapPin::TYPE1
+    }
+
+    /// What the mapper knows about an iommufd context (`None` elsewhere).
+    fn iommufd(&self) -> Option<&crate::iommufd::IommufdInfo> {
+        None
+    }
 
     /// Returns an IOVA to the allocator.
     fn free_iova(&self, iova: Iova) {
@@ -118,6 +219,8 @@ impl IovaMapper for NoMapper {
 
 /// Which counter a pin grows, and whose limit it is charged against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// The names are the `/proc/self/status` fields.
+#[allow(clippy::enum_variant_names)]
 pub enum Accounting {
     /// `mm->locked_vm` (`VmLck`), checked against this process's
     /// `RLIMIT_MEMLOCK` unless it has CAP_IPC_LOCK: VFIO type1
@@ -127,32 +230,78 @@ pub enum Accounting {
     /// against `RLIMIT_MEMLOCK` summed over the user's processes unless
     /// the process has CAP_IPC_LOCK: io_uring registered buffers
     /// (`io_account_mem`).
+    /// Also iommufd's default (`IOPT_PAGES_ACCOUNT_USER`): `pinned_vm`
+    /// and the user's `locked_vm`.
     VmPin,
+    /// `mm->pinned_vm` (`VmPin`, the counter that proves the pin) and
+    /// `mm->locked_vm` (`VmLck`, checked against this process's
+    /// `RLIMIT_MEMLOCK`): iommufd in `IOMMU_OPTION_RLIMIT_MODE` 1
+    /// (`IOPT_PAGES_ACCOUNT_MM`, `update_mm_locked_vm`).
+    VmPinAndVmLck,
 }
 
 impl Accounting {
-    /// The `/proc/self/status` field.
+    /// The `/proc/self/status` field that proves the pin.
     pub fn counter(self) -> &'static str {
         match self {
             Accounting::VmLck => "VmLck",
-            Accounting::VmPin => "VmPin",
+            Accounting::VmPin | Accounting::VmPinAndVmLck => "VmPin",
         }
     }
 
-    /// Reads the counter for this process, in bytes.
+    /// Reads the proving counter for this process, in bytes.
     pub(crate) fn read(self) -> io::Result<u64> {
         match self {
             Accounting::VmLck => sys::locked_bytes(),
+            Accounting::VmPin | Accounting::VmPinAndVmLck => sys::pinned_bytes(),
+        }
+    }
+
+    /// Reads what this process has charged against `RLIMIT_MEMLOCK`, in
+    /// bytes (for a per-user charge, this process's share of it).
+    pub(crate) fn read_limited(self) -> io::Result<u64> {
+        match self {
+            Accounting::VmLck | Accounting::VmPinAndVmLck => sys::locked_bytes(),
             Accounting::VmPin => sys::pinned_bytes(),
         }
     }
 }
 
+/// How a mapping that pins is accounted and named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapPin {
+    /// The accounting rule.
+    pub(crate) accounting: Accounting,
+    /// The kernel call, for messages.
+    pub(crate) call: &'static str,
+    /// What holds the pages, as JSON and tables name it.
+    pub(crate) name: &'static str,
+}
+
+impl MapPin {
+    /// VFIO type1 `VFIO_IOMMU_MAP_DMA` (`vfio_lock_acct`).
+    pub(crate) const TYPE1: MapPin = MapPin {
+        accounting: Accounting::VmLck,
+        call: "VFIO_IOMMU_MAP_DMA",
+        name: "vfio-map-dma",
+    };
+
+    /// `VFIO_IOMMU_MAP_DMA` on iommufd's `/dev/vfio/vfio`: an iommufd
+    /// context in process mode (6.12.95 `iommufd/main.c` 266-269), so
+    /// `VmPin` always grows and `VmLck` too without CAP_IPC_LOCK.
+    pub(crate) const IOMMUFD_COMPAT: MapPin = MapPin {
+        accounting: Accounting::VmPinAndVmLck,
+        call: "VFIO_IOMMU_MAP_DMA",
+        name: "vfio-map-dma",
+    };
+}
+
 /// Who holds the pages: the second seam.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PinSource {
-    /// The IOVA mapping pins (type1 with an IOMMU-backed domain).
-    Mapping,
+    /// The IOVA mapping pins (type1 with an IOMMU-backed domain, an IOAS
+    /// with an attached domain), accounted as the mapper says.
+    Mapping(MapPin),
     /// An io_uring registered-buffer pin taken before the mapping (if any).
     Uring,
 }
@@ -161,7 +310,7 @@ impl PinSource {
     /// The pin source a mapper needs.
     pub(crate) fn for_mapper(m: &dyn IovaMapper) -> PinSource {
         if m.pins_on_map() {
-            PinSource::Mapping
+            PinSource::Mapping(m.map_pin())
         } else {
             PinSource::Uring
         }
@@ -170,7 +319,7 @@ impl PinSource {
     /// How the pin is accounted.
     pub(crate) fn accounting(self) -> Accounting {
         match self {
-            PinSource::Mapping => Accounting::VmLck,
+            PinSource::Mapping(m) => m.accounting,
             PinSource::Uring => Accounting::VmPin,
         }
     }
@@ -178,7 +327,7 @@ impl PinSource {
     /// The kernel call that takes the pin, for messages.
     pub(crate) fn call(self) -> &'static str {
         match self {
-            PinSource::Mapping => "VFIO_IOMMU_MAP_DMA",
+            PinSource::Mapping(m) => m.call,
             PinSource::Uring => "IORING_REGISTER_BUFFERS",
         }
     }
@@ -186,7 +335,7 @@ impl PinSource {
     /// What holds the pages, as JSON and tables name it.
     pub(crate) fn name(self) -> &'static str {
         match self {
-            PinSource::Mapping => "vfio-map-dma",
+            PinSource::Mapping(m) => m.name,
             PinSource::Uring => "io_uring",
         }
     }

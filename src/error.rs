@@ -597,6 +597,18 @@ pub enum Error {
     /// Anything else that is invalid input.
     #[error("{0}")]
     Invalid(String),
+
+    /// The iommufd backend was asked for but cannot serve this device.
+    #[error(
+        "cannot use iommufd for {device}: {reason}; use the type1 backend (Backend::Type1, \
+         --backend type1) or Backend::Auto, which falls back to it"
+    )]
+    IommufdUnavailable {
+        /// The device.
+        device: String,
+        /// Why not.
+        reason: String,
+    },
 }
 
 /// The class of an error: what kind of thing went wrong, and so what kind
@@ -749,7 +761,8 @@ impl Error {
             | Error::UringDisabled { .. }
             | Error::UringUnsupported
             | Error::ChecksFailed { .. }
-            | Error::DeviceInUse { .. } => K::DeviceState,
+            | Error::DeviceInUse { .. }
+            | Error::IommufdUnavailable { .. } => K::DeviceState,
             Error::Misplaced { .. } | Error::NotAccounted { .. } => K::GuaranteeBroken,
             Error::Cancelled { .. } => K::Cancelled,
             Error::Phys(e) => match e {

@@ -15,6 +15,10 @@
 //!
 //! The allocator never hands out IOVA 0 on its own: an IOVA of 0 looks like a
 //! null pointer to many drivers. A caller may still reserve it explicitly.
+//!
+//! A device that drives fewer address bits than the IOMMU offers (a 32-bit
+//! or 40-bit DMA mask) sets a ceiling ([`IovaAllocator::set_dma_mask`]):
+//! no allocation or reservation then ends above `2^bits - 1`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -178,6 +182,42 @@ pub enum IovaError {
         /// and the IOMMU page size).
         align: u64,
     },
+    /// A reservation ends above the device's DMA mask.
+    #[error(
+        "IOVA {iova} + {len:#x} ends above the device's {bits}-bit DMA mask ({ceiling}); \
+         choose an IOVA below it, or leave the IOVA to numapin"
+    )]
+    AboveDmaMask {
+        /// The IOVA given.
+        iova: Iova,
+        /// The length given.
+        len: u64,
+        /// The mask's width in bits.
+        bits: u32,
+        /// The highest address the device can drive.
+        ceiling: Iova,
+    },
+    /// A DMA mask of this width cannot be used.
+    #[error(
+        "a {bits}-bit DMA mask is not usable: give 12 to 64 bits (the device's addressing width)"
+    )]
+    BadDmaMask {
+        /// The width given.
+        bits: u32,
+    },
+    /// A live allocation already lies above the new mask.
+    #[error(
+        "cannot narrow the DMA mask to {bits} bits: the allocation at {iova} + {len:#x} lies above it; \
+         set the mask before pinning"
+    )]
+    MaskBelowAllocation {
+        /// The width asked for.
+        bits: u32,
+        /// The allocation in the way.
+        iova: Iova,
+        /// Its length.
+        len: u64,
+    },
     /// `free` was given an address at which no allocation starts.
     #[error(
         "no IOVA allocation starts at {iova}; free takes the IOVA that allocate or reserve returned"
@@ -205,6 +245,14 @@ impl fmt::Display for RangeList<'_> {
 
 /// The last address of `[start, start + len)`, or `None` if `len == 0` or the
 /// span wraps past `u64::MAX`. A span ending exactly at `u64::MAX` is fine.
+/// The highest address a `bits`-wide DMA mask reaches (`None`: 64 bits).
+fn ceiling_of(bits: Option<u32>) -> u64 {
+    match bits {
+        Some(b) if b < 64 => (1u64 << b) - 1,
+        _ => u64::MAX,
+    }
+}
+
 fn last_of(start: u64, len: u64) -> Option<u64> {
     len.checked_sub(1).and_then(|l| start.checked_add(l))
 }
@@ -221,6 +269,8 @@ pub struct IovaAllocator {
     min_align: u64,
     /// start -> length.
     allocs: BTreeMap<u64, u64>,
+    /// The DMA mask's width in bits, when below 64.
+    mask_bits: Option<u32>,
 }
 
 impl IovaAllocator {
@@ -260,7 +310,46 @@ impl IovaAllocator {
             ranges: merged,
             min_align,
             allocs: BTreeMap::new(),
+            mask_bits: None,
         })
+    }
+
+    /// Limits every later allocation and reservation to the lowest
+    /// `2^bits` bytes of IOVA space: the device's DMA mask (32 for a
+    /// device that drives 32 address bits). 64 removes the limit.
+    ///
+    /// # Errors
+    /// [`IovaError::BadDmaMask`] for fewer than 12 or more than 64 bits,
+    /// [`IovaError::MaskBelowAllocation`] if a live allocation ends above
+    /// the new ceiling (nothing changes then).
+    pub fn set_dma_mask(&mut self, bits: u32) -> Result<(), IovaError> {
+        if !(12..=64).contains(&bits) {
+            return Err(IovaError::BadDmaMask { bits });
+        }
+        let mask_bits = (bits < 64).then_some(bits);
+        let ceiling = ceiling_of(mask_bits);
+        if let Some((s, l)) = self
+            .allocations()
+            .find(|&(s, l)| last_of(s.0, l) > Some(ceiling))
+        {
+            return Err(IovaError::MaskBelowAllocation {
+                bits,
+                iova: s,
+                len: l,
+            });
+        }
+        self.mask_bits = mask_bits;
+        Ok(())
+    }
+
+    /// The DMA mask's width (64 when none was set).
+    pub fn dma_mask_bits(&self) -> u32 {
+        self.mask_bits.unwrap_or(64)
+    }
+
+    /// The highest IOVA an allocation may cover.
+    pub fn ceiling(&self) -> Iova {
+        Iova(ceiling_of(self.mask_bits))
     }
 
     /// The usable ranges, sorted and merged.
@@ -294,11 +383,13 @@ impl IovaAllocator {
             });
         }
         let align = align.max(self.min_align);
+        let ceiling = ceiling_of(self.mask_bits);
         for range in &self.ranges {
+            let end = range.end.0.min(ceiling);
             // Start at 1 at least, so that IOVA 0 is never handed out.
             let mut cursor = align_up(range.start.0.max(1), align);
             while let Some(start) = cursor {
-                let Some(last) = last_of(start, len).filter(|&l| l <= range.end.0) else {
+                let Some(last) = last_of(start, len).filter(|&l| l <= end) else {
                     break; // Does not fit in the rest of this range.
                 };
                 match self.overlapping(start, last) {
@@ -327,7 +418,8 @@ impl IovaAllocator {
     /// # Errors
     /// [`IovaError::ZeroLength`], [`IovaError::MisalignedIova`],
     /// [`IovaError::MisalignedLen`], [`IovaError::Overflow`],
-    /// [`IovaError::OutsideRanges`], [`IovaError::Overlap`].
+    /// [`IovaError::OutsideRanges`], [`IovaError::AboveDmaMask`],
+    /// [`IovaError::Overlap`].
     pub fn reserve(&mut self, iova: Iova, len: u64) -> Result<(), IovaError> {
         if len == 0 {
             return Err(IovaError::ZeroLength);
@@ -356,6 +448,17 @@ impl IovaAllocator {
                 len,
                 ranges: self.ranges.clone(),
             });
+        }
+        if let Some(bits) = self.mask_bits {
+            let ceiling = ceiling_of(Some(bits));
+            if last > ceiling {
+                return Err(IovaError::AboveDmaMask {
+                    iova,
+                    len,
+                    bits,
+                    ceiling: Iova(ceiling),
+                });
+            }
         }
         if let Some((s, l)) = self.overlapping(iova.0, last) {
             return Err(IovaError::Overlap {
@@ -675,6 +778,45 @@ mod tests {
     }
 
     #[test]
+    fn dma_mask_32_bits() {
+        let mut a = x86();
+        assert_eq!(a.dma_mask_bits(), 64);
+        assert_eq!(a.set_dma_mask(11), Err(IovaError::BadDmaMask { bits: 11 }));
+        assert_eq!(a.set_dma_mask(65), Err(IovaError::BadDmaMask { bits: 65 }));
+        a.set_dma_mask(32).unwrap();
+        assert_eq!(a.ceiling(), Iova(0xffff_ffff));
+        // Below the MSI window: 0x1000 up to 0xfedfffff; above it up to 4 GiB.
+        let big = a.allocate(0xfedf_f000, PAGE).unwrap();
+        assert_eq!(big, Iova(0x1000));
+        let above_msi = a.allocate(0x100_0000, PAGE).unwrap();
+        assert_eq!(above_msi, Iova(0xfef0_0000));
+        // 0xfef00000 + 16M = 0xfff00000: 1 MiB is left below 4 GiB.
+        assert_eq!(a.allocate(0x10_0000, PAGE), Ok(Iova(0xfff0_0000)));
+        assert_eq!(
+            a.allocate(PAGE, PAGE),
+            Err(IovaError::Exhausted {
+                len: PAGE,
+                align: PAGE
+            })
+        );
+        // A reservation across 4 GiB is refused, with the mask in the message.
+        let e = a.reserve(Iova(0x1_0000_0000), PAGE).unwrap_err();
+        assert!(
+            matches!(e, IovaError::AboveDmaMask { bits: 32, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("32-bit DMA mask"), "{e}");
+        // Narrowing below a live allocation is refused; widening is fine.
+        let e = a.set_dma_mask(20).unwrap_err();
+        assert!(
+            matches!(e, IovaError::MaskBelowAllocation { bits: 20, .. }),
+            "{e:?}"
+        );
+        a.set_dma_mask(64).unwrap();
+        assert_eq!(a.allocate(PAGE, PAGE), Ok(Iova(0x1_0000_0000)));
+    }
+
+    #[test]
     fn free_errors() {
         let mut a = x86();
         a.reserve(Iova(0x10_0000), 0x10_0000).unwrap();
@@ -933,6 +1075,73 @@ mod tests {
                     }
                 }
                 check_invariants(&a, &m);
+            }
+        }
+
+        /// With a DMA mask, every allocation and reservation ends at or
+        /// below the ceiling; allocation is still first fit over what lies
+        /// below it, and a reservation is refused exactly when it crosses.
+        #[test]
+        fn dma_mask_is_a_ceiling(
+            spans in prop::collection::vec((0..UNIVERSE, 0..24u64), 1..5),
+            mask_page in 1..UNIVERSE,
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
+            let spans: Vec<(u64, u64)> =
+                spans.into_iter().map(|(a, n)| (a, (a + n).min(UNIVERSE - 1))).collect();
+            // A mask reaching `2^bits - 1` with `2^bits` a power of two pages:
+            // pick the bits so that the ceiling falls inside the universe.
+            let bits = (mask_page * PAGE).next_power_of_two().trailing_zeros();
+            let ceiling = (1u64 << bits) - 1;
+            let (mut a, mut m) = build(0, &spans);
+            prop_assert_eq!(a.set_dma_mask(bits), Ok(()));
+            prop_assert_eq!(a.ceiling(), Iova(ceiling));
+            // The model: pages above the ceiling are not usable.
+            for p in 0..UNIVERSE {
+                if p * PAGE + (PAGE - 1) > ceiling {
+                    m.usable[p as usize] = false;
+                }
+            }
+            for op in ops {
+                match op {
+                    Op::Allocate { pages, align_shift } => {
+                        let (len, align) = (pages * PAGE, PAGE << align_shift);
+                        let expect = m.first_fit(len, align);
+                        match a.allocate(len, align) {
+                            Ok(iova) => {
+                                prop_assert_eq!(Some(iova.0), expect);
+                                prop_assert!(iova.0 + (len - 1) <= ceiling);
+                                m.live.push((iova.0, len));
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(expect, None);
+                                prop_assert_eq!(e, IovaError::Exhausted { len, align });
+                            }
+                        }
+                    }
+                    Op::Reserve { page, pages } => {
+                        let (iova, len) = (page * PAGE, pages * PAGE);
+                        let ok = m.span_free_and_usable(iova, len);
+                        match a.reserve(Iova(iova), len) {
+                            Ok(()) => {
+                                prop_assert!(ok);
+                                prop_assert!(iova + (len - 1) <= ceiling);
+                                m.live.push((iova, len));
+                            }
+                            Err(e) => prop_assert!(!ok, "reserve {:#x}+{:#x} failed: {}", iova, len, e),
+                        }
+                    }
+                    Op::Free { pick } => {
+                        if m.live.is_empty() {
+                            continue;
+                        }
+                        let (s, l) = m.live.swap_remove(pick % m.live.len());
+                        prop_assert_eq!(a.free(Iova(s)), Ok(l));
+                    }
+                }
+                for (s, l) in a.allocations() {
+                    prop_assert!(s.0 + (l - 1) <= ceiling, "{} + {:#x} above {:#x}", s, l, ceiling);
+                }
             }
         }
 

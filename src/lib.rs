@@ -25,11 +25,14 @@
 //! The front door is the names re-exported here. Behind them, one module
 //! per concept (the layout is described in `docs/design.md`): [`Pinner`]
 //! sits above two seams, who maps the IOVA ([`vfio`]'s type1 container,
-//! or nothing for a no-IOMMU device) and who holds the pin (the mapping
-//! itself, or an io_uring long-term pin), and [`PinnedRegion`] below them.
+//! an [`iommufd`] IOAS, or nothing for a no-IOMMU device; [`Backend`]
+//! chooses) and who holds the pin (the mapping itself, or an io_uring
+//! long-term pin, each with its [`Accounting`]), and [`PinnedRegion`]
+//! below them.
 //! Public modules: [`addr`] (newtypes and parsing), [`numa`] (topology,
 //! node-bound allocation, placement), [`iova`] (the allocator), [`vfio`]
-//! (device discovery, the container's ioctls, GET_INFO), [`phys`]
+//! (device discovery, the container's ioctls, GET_INFO), [`iommufd`] (the
+//! cdev + `/dev/iommu` backend, its raw ioctls), [`phys`]
 //! (pagemap), [`translate`] (vaddr ↔ IOVA ↔ PA over many regions),
 //! [`error`].
 //!
@@ -45,6 +48,7 @@
 
 pub mod addr;
 pub mod error;
+pub mod iommufd;
 pub mod iova;
 pub mod numa;
 pub mod phys;
@@ -76,6 +80,7 @@ pub mod uring;
 mod uring;
 
 pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
+pub use backend::{Accounting, Backend};
 pub use cancel::Cancel;
 pub use error::{Error, ErrorKind, MisplacedCause, Result};
 pub use numa::Backing;

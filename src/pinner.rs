@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vfio_ioctls::VfioDevice;
 
 use crate::addr::{Iova, VirtAddr};
-use crate::backend::{self, Accounting, DmaAddressing, IovaMapper, NoMapper, PinSource};
+use crate::backend::{self, Accounting, Backend, DmaAddressing, IovaMapper, NoMapper, PinSource};
 use crate::error::{Error, Result};
 use crate::numa::{NodeMemory, Topology};
 use crate::precheck::{self, OomGuard, check_memlock};
@@ -25,11 +25,14 @@ use crate::vfio::info::IommuInfo;
 use crate::vfio::sysfs::{DeviceInfo, describe};
 use crate::vfio::{ContainerKind, DeviceFd, container::Type1Container, noiommu, open};
 
+mod iommufd;
+
 /// The device numapin opened, kept open as long as any region lives: its
 /// group keeps the container's IOMMU domain (and so every mapping) alive.
 enum OpenDevice {
     Type1(VfioDevice),
     NoIommu(noiommu::NoIommuDevice),
+    Cdev(crate::iommufd::CdevDevice),
 }
 
 /// What a [`Pinner`] and its regions share.
@@ -43,6 +46,8 @@ struct Shared {
     /// The device numapin opened (`None` on a container someone else owns).
     dev: Option<DeviceInfo>,
     kind: ContainerKind,
+    /// The interface in use (never `Auto`).
+    backend: Backend,
     /// For messages: the device's name, or "the caller's container".
     name: String,
     topology: Topology,
@@ -80,11 +85,16 @@ impl fmt::Debug for Pinner {
 
 impl Pinner {
     /// Opens `spec` (a PCI address such as `0000:3b:00.0`, an mdev UUID, or
-    /// a sysfs path): in a new type1v2 container through vfio-ioctls, or,
-    /// for a no-IOMMU group, in a no-IOMMU container; then reads the
-    /// container's `VFIO_IOMMU_GET_INFO` (type1).
+    /// a sysfs path) through the backend the environment variable
+    /// `NUMAPIN_BACKEND` names (`auto`, `type1`, `iommufd`), [`Backend::Auto`]
+    /// when it is unset: through the device's VFIO cdev into an iommufd IOAS
+    /// where the kernel and device offer it, else in a new type1v2 container
+    /// through vfio-ioctls, or, for a no-IOMMU group, in a no-IOMMU
+    /// container; then reads the usable IOVA ranges (`VFIO_IOMMU_GET_INFO`
+    /// on type1, `IOMMU_IOAS_IOVA_RANGES` on iommufd).
     ///
     /// # Errors
+    /// [`Error::Invalid`] when `NUMAPIN_BACKEND` names no backend;
     /// [`Error::DeviceNotFound`], [`Error::NotBoundToVfio`],
     /// [`Error::NoIommuGroup`], [`Error::GroupNotViable`],
     /// [`Error::PermissionDenied`], [`Error::GroupBusy`], and for no-IOMMU
@@ -98,11 +108,39 @@ impl Pinner {
     /// # Ok(()) }
     /// ```
     pub fn open(spec: &str) -> Result<Pinner> {
+        Pinner::open_with(spec, Backend::from_env()?)
+    }
+
+    /// Opens `spec` through the chosen backend. [`Pinner::open`] is this
+    /// with the backend `NUMAPIN_BACKEND` names, [`Backend::Auto`] by
+    /// default. With iommufd the device is opened through its VFIO cdev,
+    /// bound to a new `/dev/iommu` context and attached to an IOAS before
+    /// the IOAS's IOVA ranges are read (see [`crate::iommufd`]); every pin
+    /// then grows `VmPin`.
+    ///
+    /// # Errors
+    /// Those of [`Pinner::open`], and [`Error::IommufdUnavailable`] when
+    /// [`Backend::Iommufd`] is asked for a device or kernel that lacks it.
+    pub fn open_with(spec: &str, backend: Backend) -> Result<Pinner> {
         let dev = describe(spec)?;
         dev.check_openable()?;
         let topology = Topology::read()?;
         let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let backend = backend.resolve(&dev, crate::iommufd::available());
+        if backend == Backend::Iommufd && dev.kind != ContainerKind::Type1Iommu {
+            return Err(Error::IommufdUnavailable {
+                device: dev.name.clone(),
+                reason: format!(
+                    "it is {}, which numapin pins through io_uring in a VFIO container",
+                    dev.kind
+                ),
+            });
+        }
         let (device, mapper): (OpenDevice, Arc<dyn IovaMapper>) = match dev.kind {
+            _ if backend == Backend::Iommufd => {
+                let (device, mapper) = crate::iommufd::open(&dev, ipc_lock)?;
+                (OpenDevice::Cdev(device), Arc::new(mapper))
+            }
             ContainerKind::NoIommu => (
                 OpenDevice::NoIommu(noiommu::open(&dev)?),
                 Arc::new(NoMapper {
@@ -118,10 +156,11 @@ impl Pinner {
         };
         let source = PinSource::for_mapper(mapper.as_ref());
         log::debug!(
-            "opened {} (group {}, {}): pins with {}",
+            "opened {} (group {}, {}, {}): pins with {}",
             dev.name,
             dev.group,
             dev.kind.name(),
+            backend.name(),
             source.call()
         );
         Ok(Pinner {
@@ -130,6 +169,7 @@ impl Pinner {
                 mapper,
                 source,
                 kind: dev.kind,
+                backend,
                 name: dev.name.clone(),
                 dev: Some(dev),
                 topology,
@@ -206,6 +246,7 @@ impl Pinner {
                 source,
                 dev: None,
                 kind,
+                backend: Backend::Type1,
                 name,
                 topology: Topology::read()?,
                 ipc_lock,
@@ -223,6 +264,18 @@ impl Pinner {
     /// The container kind.
     pub fn kind(&self) -> ContainerKind {
         self.inner.kind
+    }
+
+    /// The backend in use: [`Backend::Type1`] or [`Backend::Iommufd`].
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// How a pin through this pinner is accounted: the `/proc/self/status`
+    /// counter that grows by each region's size (`VmLck` on type1,
+    /// `VmPin` on iommufd and io_uring).
+    pub fn accounting(&self) -> Accounting {
+        self.inner.source.accounting()
     }
 
     /// The container's `VFIO_IOMMU_GET_INFO` as read at open time (`None`
@@ -258,6 +311,9 @@ impl Pinner {
                 unsafe { DeviceFd::new(BorrowedFd::borrow_raw(raw)) }
             }
             OpenDevice::NoIommu(d) => d.fd(),
+            // SAFETY: the cdev fd is the device fd and lives as long as
+            // `self`, so it outlives the borrow.
+            OpenDevice::Cdev(d) => unsafe { DeviceFd::new(d.fd()) },
         })
     }
 
@@ -528,7 +584,7 @@ impl Pinner {
                 _ => read().map_err(unmapped)?,
             };
             let uring = match s.source {
-                PinSource::Mapping => None,
+                PinSource::Mapping(_) => None,
                 PinSource::Uring => {
                     // SAFETY: the region keeps the memory mapped until it
                     // releases the pin (owned NodeMemory, or caller memory
@@ -616,6 +672,7 @@ mod tests {
 
     use super::*;
     use crate::addr::NodeId;
+    use crate::backend::MapPin;
     use crate::iova::{IovaAllocator, IovaRange};
     use crate::request::Proof;
 
@@ -718,9 +775,10 @@ mod tests {
             inner: Arc::new(Shared {
                 device: None,
                 mapper,
-                source: PinSource::Mapping,
+                source: PinSource::Mapping(MapPin::TYPE1),
                 dev: None,
                 kind: ContainerKind::Type1Iommu,
+                backend: Backend::Type1,
                 name: "fake".into(),
                 topology: Topology { nodes: Vec::new() },
                 ipc_lock: true,
@@ -857,6 +915,84 @@ mod tests {
         let r = unsafe { p.pin_user(mem.0, &req()) }.unwrap();
         assert!(r.release().is_err());
         assert_eq!(fake.allocated(), 1);
+    }
+
+    fn device(kind: ContainerKind, cdev: bool) -> DeviceInfo {
+        DeviceInfo {
+            name: "0000:00:03.0".into(),
+            sysfs: "/sys/bus/pci/devices/0000:00:03.0".into(),
+            driver: Some("vfio-pci".into()),
+            group: 3,
+            group_node: "/dev/vfio/3".into(),
+            members: Vec::new(),
+            kind,
+            cdev: cdev.then(|| "/dev/vfio/devices/vfio0".into()),
+            vfio_container: crate::iommufd::VfioContainerProvider::Vfio,
+        }
+    }
+
+    #[test]
+    fn auto_takes_iommufd_only_where_it_pins() {
+        let pci = device(ContainerKind::Type1Iommu, true);
+        assert_eq!(Backend::Auto.resolve(&pci, true), Backend::Iommufd);
+        assert_eq!(Backend::Auto.resolve(&pci, false), Backend::Type1);
+        let no_cdev = device(ContainerKind::Type1Iommu, false);
+        assert_eq!(Backend::Auto.resolve(&no_cdev, true), Backend::Type1);
+        for kind in [ContainerKind::MdevOnly, ContainerKind::NoIommu] {
+            assert_eq!(
+                Backend::Auto.resolve(&device(kind, true), true),
+                Backend::Type1
+            );
+        }
+        // An explicit choice is kept (open_with then refuses what cannot work).
+        assert_eq!(Backend::Iommufd.resolve(&no_cdev, false), Backend::Iommufd);
+        assert_eq!(Backend::Type1.resolve(&pci, true), Backend::Type1);
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in [Backend::Auto, Backend::Type1, Backend::Iommufd] {
+            assert_eq!(Backend::parse(b.name()).unwrap(), b);
+        }
+        let e = Backend::parse("vfio").unwrap_err().to_string();
+        assert!(e.contains("auto, type1 or iommufd"), "{e}");
+    }
+
+    #[test]
+    fn set_dma_mask_reaches_the_allocator() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        // The fake's range ends at 4 GiB - 1: a 31-bit mask cuts it.
+        p.set_dma_mask(31).unwrap();
+        assert_eq!(fake.alloc.lock().unwrap().dma_mask_bits(), 31);
+        let mem = Pages::new();
+        let high = PinRequest {
+            iova: Some(Iova(1 << 31)),
+            ..req()
+        };
+        // SAFETY: refused before anything is mapped.
+        let e = unsafe { p.pin_user(mem.0, &high) }.unwrap_err();
+        assert!(
+            matches!(e, Error::Iova(crate::iova::IovaError::AboveDmaMask { .. })),
+            "{e}"
+        );
+        assert!(fake.calls().is_empty());
+        assert!(p.set_dma_mask(8).is_err());
+    }
+
+    #[test]
+    fn a_memfd_needs_iommufd_and_leaves_no_iova() {
+        let fake = FakeMapper::new(Behaviour::default());
+        let p = pinner_on(fake.clone());
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsFd;
+        // SAFETY: refused before anything is mapped.
+        let e = unsafe { p.map_memfd(f.as_fd(), 0, LEN, None) }.unwrap_err();
+        assert!(e.to_string().contains("needs the iommufd backend"), "{e}");
+        assert_eq!(fake.allocated(), 0);
+        // SAFETY: as above.
+        let e = unsafe { p.map_memfd(f.as_fd(), 0, 0, None) }.unwrap_err();
+        assert!(matches!(e, Error::ZeroSize), "{e}");
     }
 
     #[test]

@@ -221,7 +221,7 @@ pub(crate) fn memlock_error(acct: Accounting, len: u64, ipc_lock: bool) -> Optio
         return None;
     }
     let limit = sys::memlock_limit().ok()?;
-    let locked = acct.read().ok()?;
+    let locked = acct.read_limited().ok()?;
     (locked.saturating_add(len) > limit).then_some(Error::MemlockLimit { limit, locked, len })
 }
 

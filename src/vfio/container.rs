@@ -25,7 +25,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_mut_ref, ioctl_with_ref
 use super::info::IommuInfo;
 use super::ioctls;
 use crate::addr::{Iova, VirtAddr, human_size};
-use crate::backend::{DmaAddressing, IovaMapper};
+use crate::backend::{DmaAddressing, IovaMapper, MapPin};
 use crate::error::{Error, Result};
 use crate::iova::{IovaAllocator, IovaRange};
 
@@ -218,6 +218,10 @@ pub(crate) struct Type1Container {
     device: String,
     /// CAP_IPC_LOCK at open: RLIMIT_MEMLOCK does not bite with it.
     ipc_lock: bool,
+    /// How a pinning MAP_DMA is accounted: VFIO's container charges
+    /// `VmLck`; iommufd's compatibility container always `VmPin` (and
+    /// `VmLck` only without CAP_IPC_LOCK).
+    map_pin: MapPin,
 }
 
 /// Usable IOVA ranges when the kernel predates the IOVA-range capability
@@ -255,6 +259,12 @@ impl Type1Container {
         let info = get_info(fd.fd())?;
         let ranges = info.iova_ranges.clone().unwrap_or_else(default_iova_ranges);
         let alloc = IovaAllocator::new(ranges, info.min_page_size())?;
+        // iommufd's /dev/vfio/vfio answers its own ioctls; VFIO's container
+        // hands unknown ones to type1, which refuses them (ENOTTY).
+        let map_pin = match crate::iommufd::rlimit_mode(fd.fd()) {
+            Ok(_) => MapPin::IOMMUFD_COMPAT,
+            Err(_) => MapPin::TYPE1,
+        };
         Ok(Type1Container {
             fd,
             info,
@@ -262,6 +272,7 @@ impl Type1Container {
             pins,
             device,
             ipc_lock,
+            map_pin,
         })
     }
 }
@@ -273,6 +284,10 @@ impl IovaMapper for Type1Container {
 
     fn pins_on_map(&self) -> bool {
         self.pins
+    }
+
+    fn map_pin(&self) -> MapPin {
+        self.map_pin
     }
 
     fn info(&self) -> Option<&IommuInfo> {
@@ -300,11 +315,7 @@ impl IovaMapper for Type1Container {
                 len,
                 memlock: enomem
                     .then(|| {
-                        crate::precheck::memlock_error(
-                            crate::backend::Accounting::VmLck,
-                            len,
-                            self.ipc_lock,
-                        )
+                        crate::precheck::memlock_error(self.map_pin.accounting, len, self.ipc_lock)
                     })
                     .flatten(),
                 dma_avail: if enospc {

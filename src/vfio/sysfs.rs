@@ -35,6 +35,34 @@ pub struct DeviceInfo {
     pub members: Vec<GroupMember>,
     /// The kind of container the device goes into.
     pub kind: ContainerKind,
+    /// The device's VFIO cdev (`/dev/vfio/devices/vfioN`, Linux 6.6+ with
+    /// `CONFIG_VFIO_DEVICE_CDEV`), found through `<sysfs>/vfio-dev/vfioN`;
+    /// `None` when the kernel made none.
+    pub cdev: Option<PathBuf>,
+    /// Who provides `/dev/vfio/vfio`: VFIO itself, or iommufd's
+    /// compatibility container.
+    pub vfio_container: crate::iommufd::VfioContainerProvider,
+}
+
+/// The device's VFIO cdev: `<sysfs>/vfio-dev/vfioN` names
+/// `/dev/vfio/devices/vfioN` (`vfio_device_add` in
+/// drivers/vfio/vfio_main.c, Linux 6.6+).
+pub fn cdev_of(sysfs: &Path) -> Option<PathBuf> {
+    let node = Path::new("/dev/vfio/devices").join(cdev_name(sysfs)?);
+    node.exists().then_some(node)
+}
+
+/// The `vfioN` entry of `<sysfs>/vfio-dev`, if any.
+fn cdev_name(sysfs: &Path) -> Option<String> {
+    std::fs::read_dir(sysfs.join("vfio-dev"))
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix("vfio")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .min()
 }
 
 fn driver_of(sysfs: &Path) -> Option<String> {
@@ -224,6 +252,8 @@ pub fn describe(spec: &str) -> Result<DeviceInfo> {
         PathBuf::from(format!("/dev/vfio/{group}"))
     };
     Ok(DeviceInfo {
+        cdev: cdev_of(&sysfs),
+        vfio_container: crate::iommufd::vfio_container_provider(),
         name,
         sysfs,
         driver,
@@ -369,5 +399,17 @@ mod tests {
         // The message says what to give instead.
         let e = resolve_device_in(sys, "").unwrap_err().to_string();
         assert!(e.contains("0000:3b:00.0") && e.contains("lspci -D"), "{e}");
+    }
+
+    #[test]
+    fn cdev_name_is_the_vfio_n_entry() {
+        let dir = std::env::temp_dir().join(format!("numapin-cdev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(cdev_name(&dir), None, "no vfio-dev directory");
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio7")).unwrap();
+        std::fs::create_dir_all(dir.join("vfio-dev/vfiox")).unwrap();
+        std::fs::create_dir_all(dir.join("vfio-dev/vfio")).unwrap();
+        assert_eq!(cdev_name(&dir).as_deref(), Some("vfio7"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

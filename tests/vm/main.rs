@@ -14,6 +14,7 @@ mod bad_input;
 mod balancing;
 mod demo;
 mod errors;
+mod iommufd;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
@@ -52,12 +53,20 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(demo::scenarios());
             Some(v)
         }
+        "iommufd" => Some(iommufd::scenarios()),
         _ => None,
     }
 }
 
 fn main() {
     let suite_name = args::value("--suite").unwrap_or_else(|| "type1".into());
+    if suite_name == "type1" {
+        // On a kernel with iommufd, Pinner::open (and the CLI) would choose
+        // it: the type1 suite pins through type1, in this process and in
+        // the CLI children that inherit the variable.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("NUMAPIN_BACKEND", "type1") };
+    }
     let only = args::value("--only");
     let mut out: Box<dyn Write> = Box::new(args::open_results("numapin-vmtest"));
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -465,7 +465,8 @@ mod tests {
                 "type1-stock",
                 "type1-custom",
                 "noiommu-custom",
-                "mdev-custom"
+                "mdev-custom",
+                "iommufd-custom"
             ]
         );
         let n: Vec<_> = select(&["mdev-custom".into(), "mdev-custom".into()])

@@ -113,6 +113,15 @@ pub const CONFIGS: &[VmConfig] = &[
         default: true,
         shape: &SUITE_SHAPE,
     },
+    VmConfig {
+        name: "iommufd-custom",
+        kernel: KernelKind::Custom,
+        iommu: Iommu::Intel,
+        suite: "iommufd",
+        extra_cmdline: &[],
+        default: true,
+        shape: &SUITE_SHAPE,
+    },
 ];
 
 /// The VM `cargo xtask bench` boots: Debian's stock kernel on
@@ -198,7 +207,8 @@ mod tests {
                 "type1-stock",
                 "type1-custom",
                 "noiommu-custom",
-                "mdev-custom"
+                "mdev-custom",
+                "iommufd-custom"
             ]
         );
     }

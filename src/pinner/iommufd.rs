@@ -1,0 +1,126 @@
+//! The iommufd side of [`Pinner`]: a pinner on an IOAS the caller owns,
+//! the iommufd details, memfd mappings (`IOMMU_IOAS_MAP_FILE`), and the
+//! DMA-mask ceiling every mapper's allocator can take.
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use super::{Pinner, Shared};
+use crate::addr::Iova;
+use crate::backend::{Backend, IovaMapper, PinSource};
+use crate::error::{Error, Result};
+use crate::numa::Topology;
+use crate::prove;
+use crate::sys;
+use crate::vfio::ContainerKind;
+
+impl Pinner {
+    /// A pinner on an iommufd IOAS that the caller owns (a VMM's), in the
+    /// caller's `/dev/iommu` context `ctx`. numapin keeps a duplicate of the
+    /// fd, reads the IOAS's IOVA ranges now, and from then on only maps,
+    /// proves, translates and unmaps: it never binds, attaches or detaches a
+    /// device. The caller must have attached a device to the IOAS already:
+    /// without an attached domain a mapping pins nothing, and the proof
+    /// (`VmPin` growing by the size) fails with [`Error::NotAccounted`].
+    ///
+    /// # Errors
+    /// [`Error::Sys`] when the fd cannot be duplicated or
+    /// `IOMMU_IOAS_IOVA_RANGES` fails (not an iommufd, or no such IOAS).
+    pub fn with_iommufd_ioas(ctx: BorrowedFd<'_>, ioas_id: u32) -> Result<Pinner> {
+        let ipc_lock = sys::has_cap(sys::Cap::IpcLock);
+        let name = format!("the caller's IOAS {ioas_id}");
+        let mapper: Arc<dyn IovaMapper> = Arc::new(crate::iommufd::IommufdMapper::given(
+            ctx,
+            ioas_id,
+            name.clone(),
+            ipc_lock,
+        )?);
+        let source = PinSource::for_mapper(mapper.as_ref());
+        Ok(Pinner {
+            inner: Arc::new(Shared {
+                device: None,
+                mapper,
+                source,
+                dev: None,
+                kind: ContainerKind::Type1Iommu,
+                backend: Backend::Iommufd,
+                name,
+                topology: Topology::read()?,
+                ipc_lock,
+                read_counter: prove::read_counter,
+            }),
+        })
+    }
+
+    /// What the iommufd backend set up: cdev, ids, accounting mode, IOVA
+    /// ranges read after the attach (`None` on type1).
+    pub fn iommufd_info(&self) -> Option<&crate::iommufd::IommufdInfo> {
+        self.inner.mapper.iommufd()
+    }
+
+    /// Limits every IOVA numapin hands out (or accepts) from now on to the
+    /// lowest `2^bits` bytes: the device's DMA mask (32 for a device that
+    /// drives 32 address bits). Applies to every clone of this pinner.
+    ///
+    /// # Errors
+    /// [`Error::IovaWithoutIommu`] for a device without IOVAs, and
+    /// [`Error::Iova`] for a width outside 12..=64 or a live region above
+    /// the new ceiling.
+    pub fn set_dma_mask(&self, bits: u32) -> Result<()> {
+        let alloc = self
+            .inner
+            .mapper
+            .allocator()
+            .ok_or_else(|| Error::IovaWithoutIommu {
+                device: self.inner.name.clone(),
+            })?;
+        alloc
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_dma_mask(bits)?;
+        Ok(())
+    }
+
+    /// Maps `len` bytes of the memfd `file` from byte `offset` into the
+    /// IOAS with `IOMMU_IOAS_MAP_FILE` (iommufd on Linux 6.13+), at `iova`
+    /// or at one numapin picks, and proves the pin by `VmPin` growing by
+    /// `len`. The pages are the file's: the mapping holds them whether or
+    /// not this process maps the file, and no placement is checked (bind
+    /// the file's memory with `mbind` before faulting it in).
+    ///
+    /// # Safety
+    /// The device may read and write the file's pages until the mapping is
+    /// dropped or released: whoever maps the file must not hold Rust
+    /// references to that memory, only raw pointers or system calls.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] on type1, [`Error::IommufdUnavailable`] on a
+    /// kernel without the call, [`Error::ZeroSize`], the IOVA errors of
+    /// [`Pinner::pin`], [`Error::NotAccounted`], and the kernel's errno
+    /// (a file that is not a memfd, a range past its end).
+    pub unsafe fn map_memfd(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        iova: Option<Iova>,
+    ) -> Result<crate::iommufd::FileMapping> {
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        self.check_iommu_alignment(len)?;
+        let keep: Arc<dyn Send + Sync> = self.inner.clone();
+        // SAFETY: this function's contract is map_checked's.
+        unsafe {
+            crate::iommufd::FileMapping::map_checked(
+                self.inner.mapper.clone(),
+                keep,
+                &self.inner.name,
+                file,
+                offset,
+                len,
+                iova,
+            )
+        }
+    }
+}
