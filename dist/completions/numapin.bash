@@ -297,7 +297,7 @@ _numapin() {
             return 0
             ;;
         numapin__subcmd__info)
-            opts="-d -r -h --device --node --region --json --help"
+            opts="-d -r -h --device --backend --node --region --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -308,6 +308,10 @@ _numapin() {
                     return 0
                     ;;
                 -d)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -331,7 +335,7 @@ _numapin() {
             return 0
             ;;
         numapin__subcmd__pin)
-            opts="-d -r -h --device --region --phys --min-extent --json --hold --hold-forever --threads --help"
+            opts="-d -r -h --device --backend --region --phys --min-extent --json --hold --hold-forever --threads --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -342,6 +346,10 @@ _numapin() {
                     return 0
                     ;;
                 -d)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -44,6 +44,7 @@ complete -c numapin -n "__fish_numapin_using_subcommand unbind" -l force -d 'Go 
 complete -c numapin -n "__fish_numapin_using_subcommand unbind" -l dry-run -d 'Show the checks and every sysfs write, in order, without writing'
 complete -c numapin -n "__fish_numapin_using_subcommand unbind" -s h -l help -d 'Print help'
 complete -c numapin -n "__fish_numapin_using_subcommand info" -s d -l device -d 'PCI address, mdev UUID, or sysfs path' -r
+complete -c numapin -n "__fish_numapin_using_subcommand info" -l backend -d 'The kernel interface to open it through: `type1` (the VFIO group in a container), `iommufd` (the VFIO cdev and /dev/iommu), or `auto` (iommufd where the kernel and device have it). Default: $NUMAPIN_BACKEND, else auto' -r
 complete -c numapin -n "__fish_numapin_using_subcommand info" -l node -d 'Say whether memory on this node would be local to the device (repeatable; default: every online node)' -r
 complete -c numapin -n "__fish_numapin_using_subcommand info" -s r -l region -d 'Say whether these regions\' memory would be local to the device' -r
 complete -c numapin -n "__fish_numapin_using_subcommand info" -l json -d 'Print JSON instead of text'
@@ -53,6 +54,7 @@ complete -c numapin -n "__fish_numapin_using_subcommand check" -s r -l region -d
 complete -c numapin -n "__fish_numapin_using_subcommand check" -l json -d 'Print JSON instead of a table'
 complete -c numapin -n "__fish_numapin_using_subcommand check" -s h -l help -d 'Print help'
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -s d -l device -d 'PCI address (bound to vfio-pci, behind an IOMMU or in no-IOMMU mode), mdev UUID, or sysfs path' -r
+complete -c numapin -n "__fish_numapin_using_subcommand pin" -l backend -d 'The kernel interface: `type1`, `iommufd` or `auto` (iommufd where the kernel and device have it). Default: $NUMAPIN_BACKEND, else auto' -r
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -s r -l region -d 'NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000. Repeat for several regions' -r
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l min-extent -d 'Fail unless every physically contiguous extent of each region is at least this long (e.g. 2M; hugepages give extents of their size)' -r
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l hold -d 'Hold the pins this many seconds (or until SIGINT/SIGTERM), then release' -r

@@ -71,6 +71,12 @@ enum Command {
         /// PCI address, mdev UUID, or sysfs path.
         #[arg(long, short)]
         device: String,
+        /// The kernel interface to open it through: `type1` (the VFIO group
+        /// in a container), `iommufd` (the VFIO cdev and /dev/iommu), or
+        /// `auto` (iommufd where the kernel and device have it). Default:
+        /// $NUMAPIN_BACKEND, else auto.
+        #[arg(long, value_parser = parse_backend, value_name = "auto|type1|iommufd")]
+        backend: Option<numapin::Backend>,
         /// Say whether memory on this node would be local to the device
         /// (repeatable; default: every online node).
         #[arg(long, value_name = "NODE")]
@@ -143,6 +149,10 @@ struct PinArgs {
     /// mode), mdev UUID, or sysfs path.
     #[arg(long, short)]
     device: String,
+    /// The kernel interface: `type1`, `iommufd` or `auto` (iommufd where
+    /// the kernel and device have it). Default: $NUMAPIN_BACKEND, else auto.
+    #[arg(long, value_parser = parse_backend, value_name = "auto|type1|iommufd")]
+    backend: Option<numapin::Backend>,
     /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
     /// Repeat for several regions.
     #[arg(
@@ -213,10 +223,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Info {
             device,
+            backend,
             node,
             regions,
             json,
-        } => info(&device, &node, &regions, json),
+        } => info(&device, backend, &node, &regions, json),
         Command::Check {
             device,
             regions,
@@ -273,7 +284,25 @@ fn wait_for_holders(roots: &numapin::bind::Roots, device: &str, limit: Duration)
     }
 }
 
-fn info(device: &str, nodes: &[u32], regions: &[RegionArg], json: bool) -> Result<()> {
+/// Opens `device` through `backend`, or as `Pinner::open` chooses.
+fn open(device: &str, backend: Option<numapin::Backend>) -> Result<Pinner> {
+    match backend {
+        Some(b) => Pinner::open_with(device, b),
+        None => Pinner::open(device),
+    }
+}
+
+fn parse_backend(s: &str) -> std::result::Result<numapin::Backend, String> {
+    numapin::Backend::parse(s).map_err(|e| e.to_string())
+}
+
+fn info(
+    device: &str,
+    backend: Option<numapin::Backend>,
+    nodes: &[u32],
+    regions: &[RegionArg],
+    json: bool,
+) -> Result<()> {
     let topo = Topology::read()?;
     regions::validate_shape(&topo, regions)?;
     let mut asked: Vec<NodeId> = Vec::new();
@@ -299,7 +328,7 @@ fn info(device: &str, nodes: &[u32], regions: &[RegionArg], json: bool) -> Resul
         numapin::ContainerKind::NoIommu => desc.check_openable().map(|()| None),
         _ => desc
             .check_openable()
-            .and_then(|()| Pinner::open(device))
+            .and_then(|()| open(device, backend))
             .map(Some),
     };
     let pinner = opened.as_ref().ok().and_then(Option::as_ref);
@@ -319,7 +348,7 @@ fn pin(args: PinArgs) -> Result<()> {
     // Block SIGINT/SIGTERM before any thread starts so that they are
     // delivered to sigtimedwait, and a signal during pinning still releases.
     let signals = hold::SignalSet::block_termination()?.watch();
-    let pinner = Pinner::open(&args.device)?;
+    let pinner = open(&args.device, args.backend)?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
         if signals.cancel.is_cancelled() {

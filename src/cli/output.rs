@@ -385,6 +385,8 @@ fn older_than(major: u32, minor: u32) -> String {
 pub struct PinReport {
     pid: u32,
     backend: &'static str,
+    /// The kernel interface: `type1` or `iommufd`.
+    interface: &'static str,
     device: String,
     group: u32,
     pub regions: Vec<RegionReport>,
@@ -420,6 +422,7 @@ impl PinReport {
         PinReport {
             pid: std::process::id(),
             backend: p.kind().name(),
+            interface: p.backend().name(),
             device: p.device_info().map_or_else(String::new, |d| d.name.clone()),
             group: p.device_info().map_or(0, |d| d.group),
             regions: Vec::new(),
@@ -452,8 +455,8 @@ impl RegionReport {
 /// The `pin` table.
 pub fn print_pin(r: &PinReport) {
     println!(
-        "pid {}  device {}  group {}  backend {}",
-        r.pid, r.device, r.group, r.backend
+        "pid {}  device {}  group {}  backend {} ({})",
+        r.pid, r.device, r.group, r.backend, r.interface
     );
     println!(
         "{:<4} {:<18} {:<18} {:>10} {:>5} {:<12} {:>10}",

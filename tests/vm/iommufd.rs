@@ -28,6 +28,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.accounting-modes", accounting_modes),
         ("i.map-file", map_file),
         ("i.caller-ioas", caller_ioas),
+        ("i.cli.backend-flag", cli_backend),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -613,4 +614,46 @@ fn caller_ioas(ctx: &Ctx) -> Result<String, String> {
         "dev {dev_id}: IOVAs {ia:?} and {ib:?}, VmPin +4 MiB and back, {} bytes DMA'd; an IOAS without a device: NotAccounted (VmPin +0)",
         c.bytes
     ))
+}
+
+/// `numapin pin --backend`: iommufd through the cdev, type1 through the
+/// group, each pinning and saying which in its JSON.
+fn cli_backend(ctx: &Ctx) -> Result<String, String> {
+    let mut seen = Vec::new();
+    for (flag, interface, pin) in [
+        ("iommufd", "iommufd", "iommufd-ioas-map"),
+        ("type1", "type1", "vfio-map-dma"),
+    ] {
+        let (code, out, err) = run_cli(&[
+            "pin",
+            "--device",
+            &ctx.bdf,
+            "--backend",
+            flag,
+            "--json",
+            "--hold",
+            "0",
+            "--region",
+            "0:4M",
+        ])?;
+        ensure!(code == 0, "--backend {flag}: exit {code}: {err}");
+        let doc: serde_json::Value = e(serde_json::from_str(&out), "parse pin --json")?;
+        ensure!(doc["interface"] == interface, "--backend {flag}: {doc}");
+        ensure!(doc["regions"][0]["pin"] == pin, "--backend {flag}: {doc}");
+        seen.push(format!("{flag}: {pin}"));
+    }
+    let (code, _, err) = run_cli(&[
+        "pin",
+        "--device",
+        &ctx.bdf,
+        "--backend",
+        "vfio2",
+        "--region",
+        "0:4M",
+    ])?;
+    ensure!(
+        code == 2 && err.contains("vfio2"),
+        "a bad backend: exit {code}: {err}"
+    );
+    Ok(seen.join(", "))
 }
