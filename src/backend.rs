@@ -1,23 +1,23 @@
 //! The two seams every pin goes through.
 //!
-//! 1. **Who maps the IOVA**: an [`IovaMapper`]. A VFIO type1 container
-//!    ([`crate::vfio::container::Type1Container`]), or [`NoMapper`] for a
+//! 1. **Who maps the IOVA**: an `IovaMapper`. A VFIO type1 container
+//!    (`crate::vfio::container::Type1Container`), or `NoMapper` for a
 //!    device in VFIO's no-IOMMU mode, whose DMA addresses are physical, or
 //!    an iommufd IOAS with the device attached through its VFIO cdev
 //!    ([`crate::iommufd`]). A mapper may sit on a container
 //!    numapin opened itself or on one the caller owns: it holds a file
 //!    descriptor and its own IOVA allocator, never the device.
-//! 2. **Who holds the pin**: a [`PinSource`]. The mapping itself where the
+//! 2. **Who holds the pin**: a `PinSource`. The mapping itself where the
 //!    kernel pins at map time (type1 with an IOMMU-backed domain:
 //!    `vfio_pin_pages_remote` with FOLL_LONGTERM), or an io_uring
-//!    long-term pin ([`crate::uring`]) where it does not (an mdev-only
+//!    long-term pin (`uring`) where it does not (an mdev-only
 //!    container records the mapping without pinning, a no-IOMMU container
 //!    has no mapping at all).
 //!
 //! Each pin source owns its accounting rule ([`Accounting`]): which
 //! counter of `/proc/self/status` grows, and whose `RLIMIT_MEMLOCK` it is
 //! checked against. Where the mapping pins, the rule is the mapper's
-//! ([`IovaMapper::map_pin`]): type1 charges `VmLck`, iommufd `VmPin`. [`crate::Pinner`] sits above both seams and
+//! (`IovaMapper::map_pin`): type1 charges `VmLck`, iommufd `VmPin`. [`crate::Pinner`] sits above both seams and
 //! [`crate::PinnedRegion`] below them; neither calls into the other's
 //! internals.
 //!

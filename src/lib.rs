@@ -27,7 +27,7 @@
 //! sits above two seams, who maps the IOVA ([`vfio`]'s type1 container,
 //! an [`iommufd`] IOAS, or nothing for a no-IOMMU device; [`Backend`]
 //! chooses) and who holds the pin (the mapping itself, or an io_uring
-//! long-term pin, each with its [`Accounting`]), and [`PinnedRegion`]
+//! long-term pin, each with its [`backend::Accounting`]), and [`PinnedRegion`]
 //! below them.
 //! Public modules: [`addr`] (newtypes and parsing), [`numa`] (topology,
 //! node-bound allocation, placement), [`iova`] (the allocator), [`vfio`]
@@ -55,7 +55,7 @@ pub mod phys;
 pub mod translate;
 pub mod vfio;
 
-mod backend;
+pub mod backend;
 mod cancel;
 pub mod memfd;
 mod pinner;
@@ -79,13 +79,12 @@ pub mod uring;
 #[cfg(not(feature = "tools"))]
 mod uring;
 
-pub use addr::{Iova, NodeId, PageSize, Pfn, PhysAddr, VirtAddr};
-pub use backend::{Accounting, Backend};
+pub use addr::{Iova, NodeId, PageSize, PhysAddr, VirtAddr};
+pub use backend::Backend;
 pub use cancel::Cancel;
-pub use error::{Error, ErrorKind, MisplacedCause, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use numa::Backing;
 pub use pinner::Pinner;
 pub use region::{PinnedRegion, Verification};
 pub use request::{PinRequest, Proof};
-pub use translate::DmaAddr;
 pub use vfio::{ContainerKind, DeviceInfo};

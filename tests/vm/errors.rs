@@ -6,7 +6,8 @@
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use numapin::{Cancel, Error, MisplacedCause, NodeId, PageSize, PinRequest, Pinner, Proof};
+use numapin::error::MisplacedCause;
+use numapin::{Cancel, Error, NodeId, PageSize, PinRequest, Pinner, Proof};
 
 use crate::Scenario;
 use crate::bad_input::{DEVICE_STATE, RESOURCE, USAGE, as_pinner, as_user_1000, check_err};
@@ -239,25 +240,34 @@ fn unmapped(ctx: &Ctx) -> Result<String, String> {
     Ok(msg)
 }
 
-/// More than the node has: refused before anything is allocated, exit 4.
+/// More than the node has: refused before anything is allocated. More than
+/// its memory in all is a usage error (exit 2); more than it can give now,
+/// with the numbers, a resource limit (exit 4).
 fn node_short(ctx: &Ctx) -> Result<String, String> {
+    let pin = |size: &str| {
+        run_cli(&[
+            "pin",
+            "--device",
+            &ctx.device,
+            "--hold",
+            "0",
+            "--region",
+            &format!("{}:{size}", ctx.home.0),
+        ])
+    };
+    let (code, out, err) = pin("3G")?;
+    check_err(code, USAGE, &out, &err, "but it has")?;
     let free0 = node_mem_free_kb(ctx.home);
-    let (code, out, err) = run_cli(&[
-        "pin",
-        "--device",
-        &ctx.device,
-        "--hold",
-        "0",
-        "--region",
-        &format!("{}:3G", ctx.home.0),
-    ])?;
+    // Within the node's memory, beyond what it has free (the hugepage pools
+    // hold most of the VM's nodes).
+    let (code, out, err) = pin("1200M")?;
     check_err(
         code,
         RESOURCE,
         &out,
         &err,
         &format!(
-            "node {} cannot give 3 GiB more of 3 GiB without the OOM killer",
+            "node {} cannot give 1.2 GiB more of 1.2 GiB without the OOM killer",
             ctx.home.0
         ),
     )?;

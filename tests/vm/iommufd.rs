@@ -7,8 +7,9 @@
 //! scenarios, which open with `Pinner::open` and so get iommufd here) an edu
 //! DMA round trip and move_pages against a moving control.
 
+use numapin::backend::Accounting;
 use numapin::numa;
-use numapin::{Accounting, Backend, Error, Iova, NodeId, PageSize, PinRequest, Pinner, sys};
+use numapin::{Backend, Error, Iova, NodeId, PageSize, PinRequest, Pinner, sys};
 
 use crate::Scenario;
 use crate::ensure;
