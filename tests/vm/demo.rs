@@ -45,6 +45,7 @@ fn demo(ctx: &Ctx) -> Result<String, String> {
     drop(off);
     let doc: Value = serde_json::from_str(&out)
         .map_err(|e| format!("demo printed no JSON ({e}); exit {code}: {out}{err}"))?;
+    ensure!(doc["error"].is_null(), "demo failed (exit {code}): {err}");
     ensure!(
         doc["balancing"]["was"] == "0" && doc["balancing"]["switched_on"] == true,
         "with kernel.numa_balancing=0 the demo did not report switching it on: {}",
