@@ -298,6 +298,178 @@ fn run(devices: &[String]) -> Result<()> {
     copy_check(&edus[0], &ram, LOW + 0x8000, HIGH + 0x9000, 256, 11)?;
     println!("forked and exec'd a helper: DMA between the slots still lands where the CPU reads");
 
+    for (gpa, v) in ram.verify()? {
+        if !v.is_intact() {
+            return Err(Error::Invalid(format!(
+                "slot at GPA {:#x} moved while pinned: {v:?}",
+                gpa.0
+            )));
+        }
+    }
+
+    // Live update: keep every mapping while this process re-executes.
+    let mut state = String::new();
+    state.push_str(&format!("container {}\n", container.as_raw_fd()));
+    for (_, d) in &opened {
+        state.push_str(&format!("device {}\n", d.as_raw_fd()));
+    }
+    for (r, s) in mem.iter().zip(ram.slots()) {
+        let (fd, off) = s
+            .file()
+            .ok_or_else(|| Error::Invalid("anonymous slot".into()))?;
+        let pfns = numapin::phys::pfns(s.host_addr().raw(), s.len())?;
+        state.push_str(&format!(
+            "slot {:#x} {:#x} {fd} {off} {} {} {}\n",
+            r.start_addr().0,
+            s.len(),
+            s.node().map_or(-1, |n| n.0 as i64),
+            s.page_size().bytes(),
+            pfns.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    keep_vfio_fds_across_exec()?;
+    drop(edus);
+    let suspended = ram.suspend().map_err(|(e, _)| e)?;
+    for s in &suspended {
+        state.push_str(&format!(
+            "suspended {:#x} {:#x}\n",
+            s.gpa,
+            s.mapping.iova.raw()
+        ));
+    }
+    std::fs::write(STATE, &state).map_err(|e| Error::sys("write the live-update state", "", e))?;
+    println!(
+        "live update: {} slots suspended (VFIO_DMA_UNMAP_FLAG_VADDR), re-executing",
+        suspended.len()
+    );
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| Error::sys("current_exe", "", e))?;
+    // The memory, the container and the devices must outlive this image.
+    std::mem::forget(mem);
+    std::mem::forget(opened);
+    std::mem::forget(container);
+    let e = std::process::Command::new(exe).arg("--resume").exec();
+    Err(Error::sys("exec for the live update", "", e))
+}
+
+/// Where the first process leaves what the re-executed one needs.
+const STATE: &str = "/tmp/numapin-vmm-live-update";
+
+/// Clears FD_CLOEXEC on every VFIO fd (container, groups, devices) and
+/// every memfd: they keep the IOMMU domain and the guest RAM alive.
+fn keep_vfio_fds_across_exec() -> Result<()> {
+    let rd =
+        std::fs::read_dir("/proc/self/fd").map_err(|e| Error::sys("read /proc/self/fd", "", e))?;
+    for e in rd.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let target = std::fs::read_link(e.path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        if t.starts_with("/dev/vfio/") || t.contains("[vfio-device]") || t.starts_with("/memfd:") {
+            // SAFETY: fcntl on an fd of this process.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+    }
+    Ok(())
+}
+
+/// The re-executed VMM: maps the same memfds again, adopts the suspended
+/// mappings, checks that no page moved and that the device still works.
+fn resume() -> Result<()> {
+    let state = std::fs::read_to_string(STATE)
+        .map_err(|e| Error::sys("read the live-update state", "", e))?;
+    let field = |l: &str, i: usize| l.split_whitespace().nth(i).unwrap_or("").to_string();
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or(0);
+    let mut container = -1;
+    let mut devices = Vec::new();
+    let mut slots = Vec::new();
+    let mut suspended = Vec::new();
+    for l in state.lines() {
+        match l.split_whitespace().next() {
+            Some("container") => container = field(l, 1).parse().unwrap_or(-1),
+            Some("device") => devices.push(field(l, 1).parse::<i32>().unwrap_or(-1)),
+            Some("slot") => slots.push((
+                hex(&field(l, 1)),
+                hex(&field(l, 2)),
+                field(l, 3).parse::<i32>().unwrap_or(-1),
+                field(l, 4).parse::<u64>().unwrap_or(0),
+                field(l, 5).parse::<i64>().unwrap_or(-1),
+                field(l, 6).parse::<u64>().unwrap_or(4096),
+                field(l, 7)
+                    .split(',')
+                    .filter_map(|p| p.parse::<u64>().ok())
+                    .collect::<Vec<_>>(),
+            )),
+            Some("suspended") => suspended.push((hex(&field(l, 1)), hex(&field(l, 2)))),
+            _ => {}
+        }
+    }
+    let lck0 = vmlck();
+    // SAFETY: the fds crossed the exec for exactly this use.
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(slots.iter().map(|s| {
+        (
+            GuestAddress(s.0),
+            s.1 as usize,
+            Some(FileOffset::new(unsafe { File::from_raw_fd(s.2) }, s.3)),
+        )
+    }))
+    .map_err(|e| Error::Invalid(format!("map guest RAM again: {e}")))?;
+    // SAFETY: the container fd crossed the exec and stays open.
+    let pinner = Pinner::with_type1_container(unsafe { BorrowedFd::borrow_raw(container) }, None)?;
+    let plan: Vec<numapin::guest::SuspendedSlot> = slots
+        .iter()
+        .map(|s| numapin::guest::SuspendedSlot {
+            gpa: s.0,
+            offset: s.3,
+            mapping: numapin::Suspended {
+                iova: numapin::Iova(suspended.iter().find(|x| x.0 == s.0).map_or(s.0, |x| x.1)),
+                len: s.1,
+                node: (s.4 >= 0).then_some(NodeId(s.4 as u32)),
+                page_size: numapin::PageSize::from_bytes(s.5).unwrap_or(numapin::PageSize::Base),
+            },
+        })
+        .collect();
+    // SAFETY: `mem` maps the same files at the same offsets and outlives `ram`.
+    let ram = unsafe { GuestRam::resume(pinner, Proof::Full, &mem, &plan) }?;
+    println!(
+        "live update: re-executed, {} slots adopted at their new addresses (VFIO_DMA_MAP_FLAG_VADDR); VmLck +{}",
+        ram.slots().len(),
+        human_size(vmlck().saturating_sub(lck0))
+    );
+    let mut moved = 0;
+    for (s, old) in ram.slots().iter().zip(&slots) {
+        let now = numapin::phys::pfns(s.host_addr().raw(), s.len())?;
+        moved += now.iter().zip(&old.6).filter(|(a, b)| a != b).count();
+        if now.len() != old.6.len() {
+            return Err(Error::Invalid("the PFN snapshots differ in length".into()));
+        }
+    }
+    if moved > 0 {
+        return Err(Error::Invalid(format!(
+            "{moved} pages moved across the live update"
+        )));
+    }
+    for (i, &d) in devices.iter().enumerate() {
+        // SAFETY: the device fd crossed the exec and stays open.
+        let fd = unsafe { DeviceFd::new(BorrowedFd::borrow_raw(d)) };
+        let edu = Edu::open(fd)?.with_dma_limit(1 << 40);
+        copy_check(&edu, &ram, LOW + 0x20000, HIGH + 0x21000, 256, 13 + i as u8)?;
+    }
+    println!(
+        "live update: no page moved (PFNs compared), and every device still DMAs between the slots"
+    );
+    verify_and_release(ram, lck0)?;
+    drop(mem);
+    let _ = std::fs::remove_file(STATE);
+    Ok(())
+}
+
+/// Verifies every slot, releases them all, and checks VmLck comes back.
+fn verify_and_release(ram: GuestRam, lck0: u64) -> Result<()> {
     println!("verify:");
     for (gpa, v) in ram.verify()? {
         let pfns = match v.pfn_changed {
@@ -324,12 +496,19 @@ fn run(devices: &[String]) -> Result<()> {
     if vmlck() != lck0 {
         return Err(Error::Invalid("VmLck did not come back".into()));
     }
-    drop(edus);
-    drop(opened);
     Ok(())
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--resume") {
+        return match resume() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmm_guest_ram: error after the live update: {e}");
+                ExitCode::from(e.kind().exit_code())
+            }
+        };
+    }
     let mut devices = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -176,6 +176,30 @@ pub(crate) trait IovaMapper: Send + Sync {
         None
     }
 
+    /// Live update, step 1: forgets the virtual address of the mapping at
+    /// `iova` while its pins and IOMMU entries stay (type1:
+    /// `VFIO_DMA_UNMAP_FLAG_VADDR`, Linux 5.12+, not with mdev groups).
+    fn suspend_vaddr(&self, _iova: Iova, _len: u64) -> Result<()> {
+        Err(Error::Invalid(
+            "this container cannot keep mappings across an exec: live update needs a type1 container \
+             with VFIO_UPDATE_VADDR (Linux 5.12+, no mdev groups)"
+                .into(),
+        ))
+    }
+
+    /// Live update, step 2 (in the new process): gives the suspended
+    /// mapping at `iova` its new virtual address; the kernel moves the
+    /// accounting to this process (`VFIO_DMA_MAP_FLAG_VADDR`).
+    ///
+    /// # Safety
+    /// `[vaddr, vaddr+len)` must map the same pages the mapping was made of
+    /// (the same file at the same offset) and stay mapped until the unmap.
+    unsafe fn resume_vaddr(&self, _vaddr: VirtAddr, _iova: Iova, _len: u64) -> Result<()> {
+        Err(Error::Invalid(
+            "this container cannot adopt mappings from before an exec (needs type1 with VFIO_UPDATE_VADDR)".into(),
+        ))
+    }
+
     /// Returns an IOVA to the allocator.
     fn free_iova(&self, iova: Iova) {
         if let Some(a) = self.allocator() {

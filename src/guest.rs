@@ -380,6 +380,145 @@ impl GuestRam {
             .collect()
     }
 
+    /// Live update, before the exec: suspends every slot (see
+    /// [`PinnedRegion::suspend`]) and returns what the new process needs to
+    /// adopt them with [`GuestRam::resume`]. Every slot must be file-backed
+    /// (memfd, hugetlbfs) and shared: that is checked for all of them before
+    /// any is touched. If the kernel refuses one, the slots suspended before
+    /// it get their address back, and the whole set is handed back with the
+    /// error.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming an anonymous slot; the kernel's refusal.
+    pub fn suspend(mut self) -> std::result::Result<Vec<SuspendedSlot>, (Error, GuestRam)> {
+        if let Some(s) = self.slots.iter().find(|s| s.file.is_none()) {
+            let e = Error::Invalid(format!(
+                "the slot at GPA {:#x} is anonymous memory, which the new process cannot map again; back guest RAM \
+                 with memfd or hugetlbfs files to keep it pinned across an exec",
+                s.gpa.0
+            ));
+            return Err((e, self));
+        }
+        // Slots already suspended: everything but the region, and the
+        // suspended mapping.
+        #[allow(clippy::type_complexity)]
+        let mut parked: Vec<(
+            GuestAddress,
+            VirtAddr,
+            u64,
+            Option<NodeId>,
+            PageSize,
+            Option<(i32, u64)>,
+            crate::Suspended,
+        )> = Vec::new();
+        while let Some(slot) = self.slots.pop() {
+            let Slot {
+                gpa,
+                host,
+                len,
+                node,
+                page_size,
+                file,
+                region,
+            } = slot;
+            match region.suspend() {
+                Ok(sus) => parked.push((gpa, host, len, node, page_size, file, sus)),
+                Err((e, region)) => {
+                    self.slots.push(Slot {
+                        gpa,
+                        host,
+                        len,
+                        node,
+                        page_size,
+                        file,
+                        region,
+                    });
+                    // Give the suspended ones their address back.
+                    for (gpa, host, len, node, page_size, file, sus) in parked {
+                        // SAFETY: the same mapping of the same file, still in place.
+                        match unsafe { self.pinner.resume(host.as_mut_ptr(), &sus) } {
+                            Ok(region) => self.slots.push(Slot {
+                                gpa,
+                                host,
+                                len,
+                                node,
+                                page_size,
+                                file,
+                                region,
+                            }),
+                            Err(e2) => {
+                                log::error!("slot at GPA {:#x} stays suspended: {e2}", gpa.0)
+                            }
+                        }
+                    }
+                    self.slots.sort_by_key(|s| s.gpa);
+                    return Err((e, self));
+                }
+            }
+        }
+        let mut out: Vec<SuspendedSlot> = parked
+            .into_iter()
+            .map(|(gpa, _, _, _, _, file, sus)| SuspendedSlot {
+                gpa: gpa.0,
+                offset: file.map_or(0, |(_, o)| o),
+                mapping: sus,
+            })
+            .collect();
+        out.sort_by_key(|s| s.gpa);
+        Ok(out)
+    }
+
+    /// Live update, after the exec: adopts the slots the previous process
+    /// suspended, each at the host address where this process mapped the
+    /// same file again (a region of `mem` at the slot's GPA). Nothing is
+    /// pinned again.
+    ///
+    /// # Safety
+    /// Each region of `mem` must map the same file range the slot was made
+    /// of, and [`GuestRam::pin_all`]'s contract holds for it from now on.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a slot `mem` has no region for; the kernel's
+    /// refusal ([`crate::Pinner::resume`]).
+    pub unsafe fn resume<M: GuestMemoryBackend>(
+        pinner: Pinner,
+        proof: Proof,
+        mem: &M,
+        slots: &[SuspendedSlot],
+    ) -> Result<GuestRam> {
+        let mut ram = GuestRam::new(pinner, proof);
+        for s in slots {
+            let r = mem
+                .iter()
+                .find(|r| r.start_addr().0 == s.gpa && r.len() == s.mapping.len)
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "no guest memory region of {:#x} bytes at GPA {:#x}",
+                        s.mapping.len, s.gpa
+                    ))
+                })?;
+            let ptr = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| Error::Invalid(format!("GPA {:#x}: no host address ({e})", s.gpa)))?;
+            // SAFETY: the caller's contract.
+            let region = unsafe { ram.pinner.resume(ptr, &s.mapping) }?;
+            ram.map
+                .insert(region.mapping())
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            ram.slots.push(Slot {
+                gpa: GuestAddress(s.gpa),
+                host: VirtAddr::of(ptr),
+                len: s.mapping.len,
+                node: s.mapping.node,
+                page_size: s.mapping.page_size,
+                file: r.file_offset().map(|f| (f.file().as_raw_fd(), f.start())),
+                region,
+            });
+        }
+        ram.slots.sort_by_key(|s| s.gpa);
+        Ok(ram)
+    }
+
     /// Releases every slot.
     ///
     /// # Errors
@@ -393,6 +532,18 @@ impl GuestRam {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// A slot kept across an exec: its GPA, the offset in its file, and the
+/// mapping ([`crate::Suspended`]). Plain data, to hand to the new process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuspendedSlot {
+    /// Guest-physical address (also the IOVA).
+    pub gpa: u64,
+    /// Offset of the slot in its backing file.
+    pub offset: u64,
+    /// The suspended mapping.
+    pub mapping: crate::Suspended,
 }
 
 /// The borrowed fd of a slot's backing file, for callers that need it.

@@ -85,6 +85,6 @@ pub use cancel::Cancel;
 pub use error::{Error, ErrorKind, Result};
 pub use numa::Backing;
 pub use pinner::Pinner;
-pub use region::{PinnedRegion, Verification};
+pub use region::{PinnedRegion, Suspended, Verification};
 pub use request::{PinRequest, Proof};
 pub use vfio::{ContainerKind, DeviceInfo};

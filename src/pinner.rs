@@ -455,6 +455,49 @@ impl Pinner {
         self.pin_range(reservation, range, None)
     }
 
+    /// Live update, after the exec: adopts a mapping the previous process
+    /// suspended ([`PinnedRegion::suspend`]), giving it the address where
+    /// this process mapped the same memory again
+    /// (`VFIO_DMA_MAP_FLAG_VADDR`). Nothing is pinned again: the pages the
+    /// device has used all along stay. The region takes a fresh PFN
+    /// snapshot (when PFNs are readable) for [`PinnedRegion::verify`].
+    ///
+    /// # Safety
+    /// `vaddr` must map the same pages (the same file at the same offset)
+    /// for `s.len` bytes, and the caller takes on [`Pinner::pin_user`]'s
+    /// contract for them.
+    ///
+    /// # Errors
+    /// The kernel's refusal: `ENOENT` (no mapping at the IOVA), `EINVAL`
+    /// (not suspended, or another length).
+    pub unsafe fn resume(
+        &self,
+        vaddr: *mut u8,
+        s: &crate::region::Suspended,
+    ) -> Result<PinnedRegion> {
+        let vaddr = VirtAddr::of(vaddr);
+        let mapper = &self.inner.mapper;
+        // SAFETY: the caller's contract is resume_vaddr's.
+        backend::serialized(|| unsafe { mapper.resume_vaddr(vaddr, s.iova, s.len) })?;
+        let pfns = crate::phys::pfns(vaddr.raw(), s.len).ok();
+        let shared: Arc<dyn Send + Sync> = self.inner.clone();
+        Ok(PinnedRegion::new(RegionParts {
+            mapper: self.inner.mapper.clone(),
+            keep: shared,
+            kind: self.inner.kind,
+            source: self.inner.source,
+            device: self.inner.name.clone(),
+            iova: Some(s.iova),
+            len: s.len,
+            vaddr,
+            node: s.node,
+            page_size: s.page_size,
+            memory: None,
+            uring: None,
+            pfns,
+        }))
+    }
+
     /// Pins and checks the range at the reserved IOVA and wraps it in a
     /// region (owning `mem`, if given). If a mapping could not be undone
     /// after a failed check, neither the IOVA nor the memory is ever

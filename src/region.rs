@@ -59,6 +59,39 @@ impl fmt::Debug for PinnedRegion {
     }
 }
 
+/// A mapping kept across an exec ([`PinnedRegion::suspend`]): what the new
+/// process needs to adopt it ([`crate::Pinner::resume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suspended {
+    /// The mapping's IOVA.
+    pub iova: Iova,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The node its pages were checked on.
+    pub node: Option<NodeId>,
+    /// What backs it.
+    pub page_size: PageSize,
+}
+
+/// Whether the mapping at `addr` is shared (`s` in its maps permissions).
+fn shared_at(addr: u64) -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let (Some(r), Some(p)) = (f.next(), f.next()) else {
+                return false;
+            };
+            let Some((a, b)) = r.split_once('-') else {
+                return false;
+            };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+                return false;
+            };
+            (a..b).contains(&addr) && p.ends_with('s')
+        })
+    })
+}
+
 /// What [`PinnedRegion::verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verification {
@@ -278,6 +311,68 @@ impl PinnedRegion {
             pages: status.len() as u64,
             off_node,
             pfn_changed,
+        })
+    }
+
+    /// Live update, before the exec: keeps the mapping, its pins and its
+    /// IOMMU entries, and forgets the virtual address
+    /// (`VFIO_DMA_UNMAP_FLAG_VADDR`). The device keeps working; the region
+    /// is gone from this process, and the returned [`Suspended`] is what the
+    /// new process passes to [`crate::Pinner::resume`] once it has mapped
+    /// the same memory again. Every fd that keeps the container's domain
+    /// alive (container, group and device fds) must cross the exec: clear
+    /// their `FD_CLOEXEC`.
+    ///
+    /// Only memory the new process can map again qualifies: a shared file
+    /// mapping (memfd, hugetlbfs) the caller owns.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for memory numapin allocated, private or
+    /// anonymous memory, a region without an IOVA or pinned through
+    /// io_uring; the kernel's refusal (`VFIO_UPDATE_VADDR` needs Linux 5.12+
+    /// and no mdev group in the container). On error the region is still
+    /// pinned and mapped, and handed back.
+    pub fn suspend(mut self) -> std::result::Result<Suspended, (Error, PinnedRegion)> {
+        let refuse = |why: String| {
+            Error::Invalid(format!(
+                "the region at {} cannot survive an exec: {why}",
+                self.vaddr
+            ))
+        };
+        let why = if self.memory.is_some() {
+            Some("numapin allocated it as private memory; pin a memfd or hugetlbfs mapping with pin_user".to_string())
+        } else if self.uring.is_some() || self.iova.is_none() {
+            Some("only a mapping that pins (type1 MAP_DMA) can be kept".to_string())
+        } else {
+            match crate::sys::range_mapping(self.vaddr.raw(), self.len) {
+                Ok(crate::sys::RangeMapping::Writable { path })
+                    if !path.is_empty() && shared_at(self.vaddr.raw()) =>
+                {
+                    None
+                }
+                Ok(_) => Some(
+                    "private or anonymous memory cannot be mapped again by the new process; back it with a memfd \
+                     or hugetlbfs file mapped MAP_SHARED"
+                        .to_string(),
+                ),
+                Err(e) => Some(format!("/proc/self/maps could not be read ({e})")),
+            }
+        };
+        if let Some(why) = why {
+            return Err((refuse(why), self));
+        }
+        let iova = self.iova.expect("checked above");
+        let (mapper, len) = (&self.mapper, self.len);
+        if let Err(e) = backend::serialized(|| mapper.suspend_vaddr(iova, len)) {
+            return Err((e, self));
+        }
+        // The mapping now belongs to the kernel and the next process.
+        self.released = true;
+        Ok(Suspended {
+            iova,
+            len: self.len,
+            node: self.node,
+            page_size: self.page_size,
         })
     }
 

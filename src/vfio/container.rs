@@ -137,6 +137,63 @@ pub fn unmap_dma(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<u64> {
     Ok(arg.size)
 }
 
+/// `VFIO_IOMMU_UNMAP_DMA` with `VFIO_DMA_UNMAP_FLAG_VADDR` (Linux 5.12):
+/// invalidates the virtual address of the mapping at `[iova, iova+len)`;
+/// its pins and IOMMU entries stay, so the device keeps working while the
+/// process re-executes.
+///
+/// # Errors
+/// The raw errno (`EINVAL` for a range that is not one whole mapping).
+pub fn unmap_vaddr(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<()> {
+    let mut arg = vfio_iommu_type1_dma_unmap {
+        argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
+        flags: vfio_bindings::bindings::vfio::VFIO_DMA_UNMAP_FLAG_VADDR,
+        iova: iova.raw(),
+        size: len,
+        ..Default::default()
+    };
+    // SAFETY: a valid vfio_iommu_type1_dma_unmap; no user memory is touched.
+    let ret = unsafe { ioctl_with_mut_ref(&fd, ioctls::VFIO_IOMMU_UNMAP_DMA(), &mut arg) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `VFIO_IOMMU_MAP_DMA` with `VFIO_DMA_MAP_FLAG_VADDR` (Linux 5.12; the
+/// accounting moves to the calling process since 6.3): gives a mapping
+/// whose virtual address was invalidated its new one. Nothing is pinned
+/// again.
+///
+/// # Errors
+/// The raw errno (`ENOENT`: no mapping at `iova`; `EINVAL`: its vaddr was
+/// not invalidated, or the size differs).
+///
+/// # Safety
+/// `[vaddr, vaddr+len)` must map the pages the mapping holds (the same
+/// file at the same offset) until the range is unmapped.
+pub unsafe fn map_vaddr(
+    fd: BorrowedFd<'_>,
+    vaddr: VirtAddr,
+    len: u64,
+    iova: Iova,
+) -> io::Result<()> {
+    let arg = vfio_iommu_type1_dma_map {
+        argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
+        flags: vfio_bindings::bindings::vfio::VFIO_DMA_MAP_FLAG_VADDR,
+        vaddr: vaddr.raw(),
+        iova: iova.raw(),
+        size: len,
+    };
+    // SAFETY: a valid vfio_iommu_type1_dma_map the kernel only reads; the
+    // caller keeps the memory mapped.
+    let ret = unsafe { ioctl_with_ref(&fd, ioctls::VFIO_IOMMU_MAP_DMA(), &arg) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// What a failed `VFIO_IOMMU_MAP_DMA` means (`vfio_dma_do_map`,
 /// `vfio_pin_map_dma` in `drivers/vfio/vfio_iommu_type1.c`).
 ///
@@ -329,6 +386,33 @@ impl IovaMapper for Type1Container {
             };
             map_error(ctx, e)
         })
+    }
+
+    fn suspend_vaddr(&self, iova: Iova, len: u64) -> Result<()> {
+        unmap_vaddr(self.fd.fd(), iova, len).map_err(|e| {
+            Error::sys(
+                format!("VFIO_IOMMU_UNMAP_DMA(FLAG_VADDR) {iova}+{len:#x}"),
+                "live update needs Linux 5.12+ and a container without mdev groups",
+                e,
+            )
+        })
+    }
+
+    unsafe fn resume_vaddr(&self, vaddr: VirtAddr, iova: Iova, len: u64) -> Result<()> {
+        // SAFETY: this function's contract is map_vaddr's.
+        unsafe { map_vaddr(self.fd.fd(), vaddr, len, iova) }.map_err(|e| {
+            Error::sys(
+                format!("VFIO_IOMMU_MAP_DMA(FLAG_VADDR) {iova}+{len:#x}"),
+                "the IOVA must name a whole mapping suspended before the exec",
+                e,
+            )
+        })?;
+        // The IOVA is in use again: keep the allocator from handing it out.
+        let mut a = self.iova.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = a.reserve(iova, len) {
+            log::warn!("resumed mapping {iova}+{len:#x} outside numapin's allocator: {e}");
+        }
+        Ok(())
     }
 
     fn unmap(&self, iova: Iova, len: u64) -> Result<()> {

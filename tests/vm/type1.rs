@@ -325,6 +325,9 @@ fn example_vmm(_: &Ctx) -> Result<String, String> {
             "hot-added slot GPA 0x200000000",
             "CPU and device both read zeroes",
             "forked and exec'd a helper",
+            "live update: 2 slots suspended",
+            "live update: re-executed, 2 slots adopted",
+            "live update: no page moved (PFNs compared)",
             "released all slots",
         ],
     )?;
@@ -342,7 +345,7 @@ fn example_vmm(_: &Ctx) -> Result<String, String> {
         .filter(|l| l.starts_with("device ") && l.ends_with("bytes equal"))
         .count();
     Ok(format!(
-        "VMM container with {devices} device(s): memfd and hugetlb slots at IOVA = GPA charged once, hot-add, discard, fork, released"
+        "VMM container with {devices} device(s): memfd and hugetlb slots at IOVA = GPA charged once, hot-add, discard, fork, live update without a page moving, released"
     ))
 }
 
