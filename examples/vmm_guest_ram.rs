@@ -332,7 +332,7 @@ fn run(devices: &[String]) -> Result<()> {
     }
     keep_vfio_fds_across_exec()?;
     drop(edus);
-    let suspended = ram.suspend().map_err(|(e, _)| e)?;
+    let suspended = ram.suspend().map_err(|b| b.0)?;
     for s in &suspended {
         state.push_str(&format!(
             "suspended {:#x} {:#x}\n",

@@ -390,14 +390,14 @@ impl GuestRam {
     ///
     /// # Errors
     /// [`Error::Invalid`] naming an anonymous slot; the kernel's refusal.
-    pub fn suspend(mut self) -> std::result::Result<Vec<SuspendedSlot>, (Error, GuestRam)> {
+    pub fn suspend(mut self) -> std::result::Result<Vec<SuspendedSlot>, Box<(Error, GuestRam)>> {
         if let Some(s) = self.slots.iter().find(|s| s.file.is_none()) {
             let e = Error::Invalid(format!(
                 "the slot at GPA {:#x} is anonymous memory, which the new process cannot map again; back guest RAM \
                  with memfd or hugetlbfs files to keep it pinned across an exec",
                 s.gpa.0
             ));
-            return Err((e, self));
+            return Err(Box::new((e, self)));
         }
         // Slots already suspended: everything but the region, and the
         // suspended mapping.
@@ -423,7 +423,8 @@ impl GuestRam {
             } = slot;
             match region.suspend() {
                 Ok(sus) => parked.push((gpa, host, len, node, page_size, file, sus)),
-                Err((e, region)) => {
+                Err(refused) => {
+                    let (e, region) = *refused;
                     self.slots.push(Slot {
                         gpa,
                         host,
@@ -452,7 +453,7 @@ impl GuestRam {
                         }
                     }
                     self.slots.sort_by_key(|s| s.gpa);
-                    return Err((e, self));
+                    return Err(Box::new((e, self)));
                 }
             }
         }

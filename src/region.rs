@@ -332,7 +332,7 @@ impl PinnedRegion {
     /// io_uring; the kernel's refusal (`VFIO_UPDATE_VADDR` needs Linux 5.12+
     /// and no mdev group in the container). On error the region is still
     /// pinned and mapped, and handed back.
-    pub fn suspend(mut self) -> std::result::Result<Suspended, (Error, PinnedRegion)> {
+    pub fn suspend(mut self) -> std::result::Result<Suspended, Box<(Error, PinnedRegion)>> {
         let refuse = |why: String| {
             Error::Invalid(format!(
                 "the region at {} cannot survive an exec: {why}",
@@ -359,12 +359,12 @@ impl PinnedRegion {
             }
         };
         if let Some(why) = why {
-            return Err((refuse(why), self));
+            return Err(Box::new((refuse(why), self)));
         }
         let iova = self.iova.expect("checked above");
         let (mapper, len) = (&self.mapper, self.len);
         if let Err(e) = backend::serialized(|| mapper.suspend_vaddr(iova, len)) {
-            return Err((e, self));
+            return Err(Box::new((e, self)));
         }
         // The mapping now belongs to the kernel and the next process.
         self.released = true;
