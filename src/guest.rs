@@ -501,6 +501,17 @@ impl GuestRam {
             let ptr = r
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|e| Error::Invalid(format!("GPA {:#x}: no host address ({e})", s.gpa)))?;
+            // The new mapping has no page-table entries yet: map the file's
+            // pages (they are the pinned ones) so the PFN snapshot sees them.
+            // SAFETY: populating a mapping of the caller's file reads nothing
+            // and writes nothing.
+            unsafe {
+                libc::madvise(
+                    ptr.cast(),
+                    s.mapping.len as usize,
+                    crate::sys::MADV_POPULATE_READ,
+                )
+            };
             // SAFETY: the caller's contract.
             let region = unsafe { ram.pinner.resume(ptr, &s.mapping) }?;
             ram.map

@@ -460,7 +460,9 @@ impl Pinner {
     /// this process mapped the same memory again
     /// (`VFIO_DMA_MAP_FLAG_VADDR`). Nothing is pinned again: the pages the
     /// device has used all along stay. The region takes a fresh PFN
-    /// snapshot (when PFNs are readable) for [`PinnedRegion::verify`].
+    /// snapshot (when PFNs are readable and the new mapping has its pages
+    /// faulted in, e.g. with `MADV_POPULATE_READ`) for
+    /// [`PinnedRegion::verify`].
     ///
     /// # Safety
     /// `vaddr` must map the same pages (the same file at the same offset)

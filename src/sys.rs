@@ -21,6 +21,9 @@ pub const MPOL_F_ADDR: u32 = 1 << 1;
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in writable, returning an
 /// error instead of raising SIGBUS.
 pub const MADV_POPULATE_WRITE: i32 = 23;
+/// `MADV_POPULATE_READ` (Linux 5.14): map the pages that exist (a file's
+/// page cache) without writing them.
+pub const MADV_POPULATE_READ: i32 = 22;
 
 /// Bits in a node mask handed to the kernel; covers `CONFIG_NODES_SHIFT` up to 10.
 pub const MAX_NODES: usize = 1024;

@@ -154,9 +154,29 @@ pub fn spread(pages: u64, count: u64) -> Vec<u64> {
     v
 }
 
-/// The PFN of every page of `[addr, addr + len)` (needs CAP_SYS_ADMIN).
+/// The PFN of every page of `[addr, addr + len)` (needs CAP_SYS_ADMIN). A
+/// page that NUMA balancing is migrating at that instant has a migration
+/// entry instead of a frame (not present): it is read again, a few
+/// milliseconds later, until its new frame shows.
 pub fn pfns(addr: usize, len: usize) -> Result<Vec<u64>> {
-    Ok(numapin::phys::pfns(addr as u64, len as u64)?)
+    let pages = len / PAGE;
+    let entries = numapin::phys::read_pagemap(addr as u64, pages)?;
+    let mut out = Vec::with_capacity(pages);
+    for (i, e) in entries.iter().enumerate() {
+        let mut pfn = e.pfn();
+        let mut tries = 0;
+        while pfn.is_none() && tries < 100 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            pfn = numapin::phys::read_pagemap((addr + i * PAGE) as u64, 1)?[0].pfn();
+            tries += 1;
+        }
+        match pfn {
+            Some(p) => out.push(p),
+            // Still not there: the usual error, with the page's address.
+            None => return Ok(numapin::phys::pfns(addr as u64, len as u64)?),
+        }
+    }
+    Ok(out)
 }
 
 /// One region under observation: its frames when the demo started, and
