@@ -40,9 +40,9 @@ use crate::request::PinRequest;
 use crate::translate::AddressMap;
 use crate::{Pinner, Proof};
 
-/// One pinned region of guest RAM.
-#[derive(Debug)]
-pub struct Slot {
+/// Where a slot is and what backs it: everything but its pin.
+#[derive(Debug, Clone, Copy)]
+struct Place {
     gpa: GuestAddress,
     host: VirtAddr,
     len: u64,
@@ -51,44 +51,50 @@ pub struct Slot {
     /// The backing file and offset, when vm-memory knows one (memfd,
     /// hugetlbfs): what `IOMMU_IOAS_MAP_FILE` and live update need.
     file: Option<(i32, u64)>,
+}
+
+/// One pinned region of guest RAM.
+#[derive(Debug)]
+pub struct Slot {
+    at: Place,
     region: PinnedRegion,
 }
 
 impl Slot {
     /// The guest-physical address of the first byte (also its IOVA).
     pub fn gpa(&self) -> GuestAddress {
-        self.gpa
+        self.at.gpa
     }
 
     /// The host virtual address of the first byte.
     pub fn host_addr(&self) -> VirtAddr {
-        self.host
+        self.at.host
     }
 
     /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.len
+        self.at.len
     }
 
     /// Never true: a slot covers a region.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.at.len == 0
     }
 
     /// The host node its pages were checked on, if one was asked for.
     pub fn node(&self) -> Option<NodeId> {
-        self.node
+        self.at.node
     }
 
     /// The page size backing it, as the kernel reports it for the mapping
     /// (`KernelPageSize` in `/proc/self/smaps`).
     pub fn page_size(&self) -> PageSize {
-        self.page_size
+        self.at.page_size
     }
 
     /// The raw fd and offset of its backing file, if vm-memory has one.
     pub fn file(&self) -> Option<(i32, u64)> {
-        self.file
+        self.at.file
     }
 
     /// The pinned region.
@@ -185,7 +191,6 @@ impl GuestRam {
     /// As for [`GuestRam::pin_all`].
     pub unsafe fn add<R: GuestMemoryRegion>(&mut self, r: &R, node: Option<NodeId>) -> Result<()> {
         let gpa = r.start_addr();
-        let len = r.len();
         let ptr = r.get_host_address(MemoryRegionAddress(0)).map_err(|e| {
             Error::Invalid(format!(
                 "guest region at GPA {:#x} has no host address ({e}); pin only mmap-backed regions",
@@ -193,52 +198,51 @@ impl GuestRam {
             ))
         })?;
         let host = VirtAddr::of(ptr);
-        let page_size = page_size_at(host)?;
-        let file = r.file_offset().map(|f| (f.file().as_raw_fd(), f.start()));
+        let at = Place {
+            gpa,
+            host,
+            len: r.len(),
+            node,
+            page_size: page_size_at(host)?,
+            file: r.file_offset().map(|f| (f.file().as_raw_fd(), f.start())),
+        };
         // SAFETY: the caller's contract is pin_user's.
-        let region = unsafe { self.pin(host, gpa, len, node, page_size) }?;
-        if let Err(e) = self.map.insert(region.mapping()) {
-            region.release()?;
-            return Err(Error::Invalid(format!(
-                "guest region at GPA {:#x}: {e}",
-                gpa.0
-            )));
+        let region = unsafe { self.pin(&at) }?;
+        self.insert(Slot { at, region })
+    }
+
+    /// Puts a slot in the translation table and the list, in GPA order;
+    /// releases its region if the table refuses it (an overlap).
+    fn insert(&mut self, slot: Slot) -> Result<()> {
+        if let Err(e) = self.map.insert(slot.region.mapping()) {
+            let gpa = slot.at.gpa.0;
+            slot.region.release()?;
+            return Err(Error::Invalid(format!("guest region at GPA {gpa:#x}: {e}")));
         }
-        let at = self.slots.partition_point(|s| s.gpa < gpa);
-        self.slots.insert(
-            at,
-            Slot {
-                gpa,
-                host,
-                len,
-                node,
-                page_size,
-                file,
-                region,
-            },
-        );
+        let i = self.slots.partition_point(|s| s.at.gpa < slot.at.gpa);
+        self.slots.insert(i, slot);
         Ok(())
     }
 
+    /// Takes the slot at index `i` out of the list and the table.
+    fn take(&mut self, i: usize) -> Slot {
+        let slot = self.slots.remove(i);
+        self.map.remove(slot.at.host);
+        slot
+    }
+
     /// # Safety
-    /// pin_user's contract for `[host, host+len)`.
-    unsafe fn pin(
-        &self,
-        host: VirtAddr,
-        gpa: GuestAddress,
-        len: u64,
-        node: Option<NodeId>,
-        page_size: PageSize,
-    ) -> Result<PinnedRegion> {
+    /// pin_user's contract for the place's memory.
+    unsafe fn pin(&self, at: &Place) -> Result<PinnedRegion> {
         let req = PinRequest {
-            node,
-            iova: Some(Iova(gpa.0)),
-            page_size,
+            node: at.node,
+            iova: Some(Iova(at.gpa.0)),
+            page_size: at.page_size,
             proof: self.proof,
-            ..PinRequest::any_node(len)
+            ..PinRequest::any_node(at.len)
         };
         // SAFETY: the caller's contract is pin_user's.
-        unsafe { self.pinner.pin_user(host.as_mut_ptr(), &req) }
+        unsafe { self.pinner.pin_user(at.host.as_mut_ptr(), &req) }
     }
 
     /// Hot-removes the region that starts at `gpa`: unmaps it (its pages
@@ -250,11 +254,9 @@ impl GuestRam {
     pub fn remove(&mut self, gpa: GuestAddress) -> Result<()> {
         let i = self
             .slots
-            .binary_search_by_key(&gpa, |s| s.gpa)
+            .binary_search_by_key(&gpa, |s| s.at.gpa)
             .map_err(|_| Error::Invalid(format!("no guest RAM slot starts at GPA {:#x}", gpa.0)))?;
-        let slot = self.slots.remove(i);
-        self.map.remove(slot.host);
-        slot.region.release()
+        self.take(i).region.release()
     }
 
     /// Discards `[gpa, gpa+len)` the only safe way: unmaps the whole slot
@@ -270,33 +272,23 @@ impl GuestRam {
         let i = self
             .slots
             .iter()
-            .position(|s| gpa >= s.gpa && gpa.0.saturating_add(len) <= s.gpa.0 + s.len)
+            .position(|s| gpa >= s.at.gpa && gpa.0.saturating_add(len) <= s.at.gpa.0 + s.at.len)
             .ok_or_else(|| {
                 Error::Invalid(format!(
                     "GPA range {:#x}+{len:#x} is not inside one guest RAM slot",
                     gpa.0
                 ))
             })?;
-        let page = self.slots[i].page_size.bytes();
-        if gpa.0 % page != 0 || len % page != 0 || len == 0 {
+        let page = self.slots[i].at.page_size;
+        if gpa.0 % page.bytes() != 0 || len % page.bytes() != 0 || len == 0 {
             return Err(Error::Invalid(format!(
-                "discard {:#x}+{len:#x}: align both to the slot's {} pages",
-                gpa.0, self.slots[i].page_size
+                "discard {:#x}+{len:#x}: align both to the slot's {page} pages",
+                gpa.0
             )));
         }
-        let slot = self.slots.remove(i);
-        self.map.remove(slot.host);
-        let Slot {
-            gpa: sgpa,
-            host,
-            len: slen,
-            node,
-            page_size,
-            file,
-            region,
-        } = slot;
+        let Slot { at, region } = self.take(i);
         region.release()?;
-        let addr = host.raw() + (gpa.0 - sgpa.0);
+        let addr = at.host.raw() + (gpa.0 - at.gpa.0);
         let advice = match how {
             Discard::DontNeed => libc::MADV_DONTNEED,
             Discard::Remove => libc::MADV_REMOVE,
@@ -307,7 +299,7 @@ impl GuestRam {
             let e = std::io::Error::last_os_error();
             log::error!(
                 "discard at {addr:#x} failed ({e}); the slot at GPA {:#x} stays unpinned",
-                sgpa.0
+                at.gpa.0
             );
             return Err(Error::sys(format!("madvise({how:?}) at {addr:#x}"), "", e));
         }
@@ -321,29 +313,13 @@ impl GuestRam {
             )
         };
         // SAFETY: the caller's contract from `add` still holds for the slot.
-        let region = unsafe { self.pin(host, sgpa, slen, node, page_size) }.map_err(|e| {
+        let region = unsafe { self.pin(&at) }.map_err(|e| {
             Error::Invalid(format!(
                 "the slot at GPA {:#x} was discarded and could not be pinned again ({e}); it is removed",
-                sgpa.0
+                at.gpa.0
             ))
         })?;
-        self.map
-            .insert(region.mapping())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        let at = self.slots.partition_point(|s| s.gpa < sgpa);
-        self.slots.insert(
-            at,
-            Slot {
-                gpa: sgpa,
-                host,
-                len: slen,
-                node,
-                page_size,
-                file,
-                region,
-            },
-        );
-        Ok(())
+        self.insert(Slot { at, region })
     }
 
     /// The slots, by GPA.
@@ -376,7 +352,7 @@ impl GuestRam {
     pub fn verify(&self) -> Result<Vec<(GuestAddress, Verification)>> {
         self.slots
             .iter()
-            .map(|s| Ok((s.gpa, s.region.verify()?)))
+            .map(|s| Ok((s.at.gpa, s.region.verify()?)))
             .collect()
     }
 
@@ -391,77 +367,43 @@ impl GuestRam {
     /// # Errors
     /// [`Error::Invalid`] naming an anonymous slot; the kernel's refusal.
     pub fn suspend(mut self) -> std::result::Result<Vec<SuspendedSlot>, Box<(Error, GuestRam)>> {
-        if let Some(s) = self.slots.iter().find(|s| s.file.is_none()) {
+        if let Some(s) = self.slots.iter().find(|s| s.at.file.is_none()) {
             let e = Error::Invalid(format!(
                 "the slot at GPA {:#x} is anonymous memory, which the new process cannot map again; back guest RAM \
                  with memfd or hugetlbfs files to keep it pinned across an exec",
-                s.gpa.0
+                s.at.gpa.0
             ));
             return Err(Box::new((e, self)));
         }
-        // Slots already suspended: everything but the region, and the
-        // suspended mapping.
-        #[allow(clippy::type_complexity)]
-        let mut parked: Vec<(
-            GuestAddress,
-            VirtAddr,
-            u64,
-            Option<NodeId>,
-            PageSize,
-            Option<(i32, u64)>,
-            crate::Suspended,
-        )> = Vec::new();
-        while let Some(slot) = self.slots.pop() {
-            let Slot {
-                gpa,
-                host,
-                len,
-                node,
-                page_size,
-                file,
-                region,
-            } = slot;
+        let mut parked: Vec<(Place, crate::Suspended)> = Vec::new();
+        while !self.slots.is_empty() {
+            let Slot { at, region } = self.take(self.slots.len() - 1);
             match region.suspend() {
-                Ok(sus) => parked.push((gpa, host, len, node, page_size, file, sus)),
+                Ok(sus) => parked.push((at, sus)),
                 Err(refused) => {
                     let (e, region) = *refused;
-                    self.slots.push(Slot {
-                        gpa,
-                        host,
-                        len,
-                        node,
-                        page_size,
-                        file,
-                        region,
-                    });
+                    let _ = self.insert(Slot { at, region });
                     // Give the suspended ones their address back.
-                    for (gpa, host, len, node, page_size, file, sus) in parked {
+                    for (at, sus) in parked {
                         // SAFETY: the same mapping of the same file, still in place.
-                        match unsafe { self.pinner.resume(host.as_mut_ptr(), &sus) } {
-                            Ok(region) => self.slots.push(Slot {
-                                gpa,
-                                host,
-                                len,
-                                node,
-                                page_size,
-                                file,
-                                region,
-                            }),
+                        match unsafe { self.pinner.resume(at.host.as_mut_ptr(), &sus) } {
+                            Ok(region) => {
+                                let _ = self.insert(Slot { at, region });
+                            }
                             Err(e2) => {
-                                log::error!("slot at GPA {:#x} stays suspended: {e2}", gpa.0)
+                                log::error!("slot at GPA {:#x} stays suspended: {e2}", at.gpa.0)
                             }
                         }
                     }
-                    self.slots.sort_by_key(|s| s.gpa);
                     return Err(Box::new((e, self)));
                 }
             }
         }
         let mut out: Vec<SuspendedSlot> = parked
             .into_iter()
-            .map(|(gpa, _, _, _, _, file, sus)| SuspendedSlot {
-                gpa: gpa.0,
-                offset: file.map_or(0, |(_, o)| o),
+            .map(|(at, sus)| SuspendedSlot {
+                gpa: at.gpa.0,
+                offset: at.file.map_or(0, |(_, o)| o),
                 mapping: sus,
             })
             .collect();
@@ -514,20 +456,16 @@ impl GuestRam {
             };
             // SAFETY: the caller's contract.
             let region = unsafe { ram.pinner.resume(ptr, &s.mapping) }?;
-            ram.map
-                .insert(region.mapping())
-                .map_err(|e| Error::Invalid(e.to_string()))?;
-            ram.slots.push(Slot {
+            let at = Place {
                 gpa: GuestAddress(s.gpa),
                 host: VirtAddr::of(ptr),
                 len: s.mapping.len,
                 node: s.mapping.node,
                 page_size: s.mapping.page_size,
                 file: r.file_offset().map(|f| (f.file().as_raw_fd(), f.start())),
-                region,
-            });
+            };
+            ram.insert(Slot { at, region })?;
         }
-        ram.slots.sort_by_key(|s| s.gpa);
         Ok(ram)
     }
 
@@ -564,5 +502,6 @@ pub struct SuspendedSlot {
 /// The fd must still be open (it belongs to the vm-memory region).
 pub unsafe fn slot_file(s: &Slot) -> Option<BorrowedFd<'_>> {
     // SAFETY: the caller guarantees the region's file is still open.
-    s.file.map(|(fd, _)| unsafe { BorrowedFd::borrow_raw(fd) })
+    s.at.file
+        .map(|(fd, _)| unsafe { BorrowedFd::borrow_raw(fd) })
 }

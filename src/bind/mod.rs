@@ -276,9 +276,9 @@ pub fn bind(spec: &str) -> Result<BindReport> {
 ///
 /// # Errors
 /// [`Error::DeviceNotFound`]; [`Error::NoIommuGroup`] for a device without a
-/// group when VFIO's no-IOMMU mode is off; [`Error::Invalid`] when vfio-pci is
-/// not loaded, when the device is in use (without `force`), or when a step
-/// failed (the message says how the rollback ended).
+/// group when VFIO's no-IOMMU mode is off; [`Error::DeviceInUse`] when the
+/// host uses the device (without `force`); [`Error::Invalid`] when vfio-pci
+/// is not loaded or a step failed (the message says how the rollback ended).
 pub fn bind_with(roots: &Roots, spec: &str, opts: Options) -> Result<BindReport> {
     bind_on(roots, spec, opts, &mut Files)
 }
@@ -387,8 +387,10 @@ pub fn unbind(spec: &str) -> Result<BindReport> {
 /// the kernel would block the unbind until that process let go.
 ///
 /// # Errors
-/// [`Error::DeviceNotFound`]; [`Error::Invalid`] when the device is not on
-/// vfio-pci, is open (without `force`), or a step failed.
+/// [`Error::DeviceNotFound`]; [`Error::DeviceInUse`] when a process holds
+/// it open, or numapin cannot read every process's open files (without
+/// `force`); [`Error::Invalid`] when the device is not on vfio-pci or a
+/// step failed.
 pub fn unbind_with(roots: &Roots, spec: &str, opts: Options) -> Result<BindReport> {
     unbind_on(roots, spec, opts, &mut Files)
 }

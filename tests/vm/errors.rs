@@ -113,16 +113,22 @@ fn pin_user_err(p: &Pinner, m: &Mapping, node: Option<NodeId>) -> Result<Error, 
     }
 }
 
-/// Caller memory placed on the away node and not bound to the home node:
-/// the cause is the policy, not ZONE_MOVABLE.
-fn misplaced_not_bound(ctx: &Ctx) -> Result<String, String> {
+/// A pinner, and caller memory bound to `node` and faulted in there.
+fn bound_memory(ctx: &Ctx, node: NodeId) -> Result<(Pinner, Mapping), String> {
     let p = e(Pinner::open(&ctx.bdf), "open")?;
     let m = Mapping::new(SMALL as usize, libc::PROT_READ | libc::PROT_WRITE)?;
     e(
-        numapin::sys::mbind(m.ptr as usize, m.len, ctx.away, 0),
-        "mbind to the away node",
+        numapin::sys::mbind(m.ptr as usize, m.len, node, 0),
+        &format!("mbind to node {node}"),
     )?;
     m.touch();
+    Ok((p, m))
+}
+
+/// Caller memory placed on the away node and not bound to the home node:
+/// the cause is the policy, not ZONE_MOVABLE.
+fn misplaced_not_bound(ctx: &Ctx) -> Result<String, String> {
+    let (p, m) = bound_memory(ctx, ctx.away)?;
     let lck = vmlck();
     let err = pin_user_err(&p, &m, Some(ctx.home))?;
     ensure!(vmlck() == lck, "VmLck {lck} -> {}", vmlck());
@@ -144,13 +150,7 @@ fn misplaced_not_bound(ctx: &Ctx) -> Result<String, String> {
 /// Memory bound to the home node that another call moved before the pin:
 /// numapin cannot know who moved it and says so.
 fn misplaced_moved(ctx: &Ctx) -> Result<String, String> {
-    let p = e(Pinner::open(&ctx.bdf), "open")?;
-    let m = Mapping::new(SMALL as usize, libc::PROT_READ | libc::PROT_WRITE)?;
-    e(
-        numapin::sys::mbind(m.ptr as usize, m.len, ctx.home, 0),
-        "mbind to home",
-    )?;
-    m.touch();
+    let (p, m) = bound_memory(ctx, ctx.home)?;
     let moved = e(
         numapin::numa::move_range(m.ptr as usize, m.len, 4096, ctx.away),
         "move_pages to away",
