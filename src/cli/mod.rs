@@ -4,6 +4,7 @@ mod demo;
 mod hold;
 pub use hold::{cancelling_signal, signal_name};
 mod output;
+mod service;
 mod spec;
 
 use std::io::Write;
@@ -69,14 +70,28 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// numapind's regions, usage per user and node, DMA mappings left.
+    Status {
+        /// The daemon's socket.
+        #[arg(long, default_value = numapin::client::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
 struct PinArgs {
     /// PCI address (bound to vfio-pci, behind an IOMMU or in no-IOMMU
     /// mode), mdev UUID, or sysfs path.
-    #[arg(long, short)]
-    device: String,
+    /// With --service: one of the daemon's devices (default: its first).
+    #[arg(long, short, required_unless_present = "service")]
+    device: Option<String>,
+    /// Allocate through numapind at SOCKET instead of opening the device
+    /// (default socket: /run/numapin/numapin.sock).
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = numapin::client::DEFAULT_SOCKET)]
+    service: Option<std::path::PathBuf>,
     /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
     /// Repeat for several regions.
     #[arg(
@@ -134,7 +149,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Info { device, json } => info(&device, json),
+        Command::Pin(mut args) if args.service.is_some() => {
+            let socket = args.service.take().unwrap_or_default();
+            service::pin(args, &socket)
+        }
         Command::Pin(args) => pin(args),
+        Command::Status { socket, json } => service::status(&socket, json),
         Command::Demo {
             device,
             size,
@@ -180,7 +200,7 @@ fn pin(args: PinArgs) -> Result<()> {
     // Block SIGINT/SIGTERM before any thread starts so that they are
     // delivered to sigtimedwait, and a signal during pinning still releases.
     let signals = hold::SignalSet::block_termination()?.watch();
-    let pinner = Pinner::open(&args.device)?;
+    let pinner = Pinner::open(args.device.as_deref().unwrap_or_default())?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
         if signals.cancel.is_cancelled() {

@@ -16,6 +16,7 @@ mod errors;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
+mod service;
 #[path = "../common/step.rs"]
 mod step;
 mod type1;
@@ -34,6 +35,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             let mut v = type1::scenarios();
             v.extend(bad_input::scenarios());
             v.extend(errors::type1());
+            v.extend(service::scenarios());
             Some(v)
         }
         "mdev" => {
