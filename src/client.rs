@@ -209,14 +209,38 @@ impl Client {
         }
     }
 
-    /// Root only: every region with the daemon's mapping and PFN snapshot.
+    /// Root only: the regions of `pid` (every region: `None`) with the
+    /// daemon's mapping and its whole PFN snapshot (fetched in pages).
     ///
     /// # Errors
     /// [`Error::Service`] (`permission`) for anyone but root.
-    pub fn inspect(&self) -> Result<Vec<proto::Inspected>> {
-        match call(&self.conn, Op::Inspect)?.0 {
-            Outcome::Inspect(v) => Ok(v),
-            other => Err(unexpected(&other)),
+    pub fn inspect(&self, pid: Option<i32>) -> Result<Vec<proto::Inspected>> {
+        let mut out: Vec<proto::Inspected> = Vec::new();
+        let mut from = 0u64;
+        loop {
+            let page = match call(&self.conn, Op::Inspect { pid, from })?.0 {
+                Outcome::Inspect(v) => v,
+                other => return Err(unexpected(&other)),
+            };
+            let mut more = false;
+            for r in page {
+                more |= from + (proto::MAX_EXTENTS as u64) < r.total_extents;
+                match out
+                    .iter_mut()
+                    .find(|o| o.pid == r.pid && o.region == r.region)
+                {
+                    Some(o) => {
+                        if let (Some(a), Some(b)) = (o.pfns.as_mut(), r.pfns) {
+                            a.extend(b);
+                        }
+                    }
+                    None => out.push(r),
+                }
+            }
+            if !more {
+                return Ok(out);
+            }
+            from += proto::MAX_EXTENTS as u64;
         }
     }
 

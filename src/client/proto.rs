@@ -21,6 +21,9 @@ pub const MAX_REPLY: usize = 64 * 1024;
 /// The most regions a `status` or `inspect` reply lists (the totals count
 /// every region).
 pub const MAX_LISTED: usize = 200;
+/// The most physical extents one reply carries (`allocate`'s `phys`, each
+/// region of `inspect`): about 40 KiB of JSON.
+pub const MAX_EXTENTS: usize = 1024;
 
 /// A request: its id (echoed in the reply) and what to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,9 +58,16 @@ pub enum Op {
     },
     /// Regions, bytes per node and user, DMA mappings left.
     Status,
-    /// Root only: every region with the daemon's mapping and PFN snapshot
-    /// (for tests that compare frames).
-    Inspect,
+    /// Root only: regions with the daemon's mapping and PFN snapshot (for
+    /// tests that compare frames), [`MAX_EXTENTS`] extents at a time.
+    Inspect {
+        /// Only this owner's regions.
+        #[serde(default)]
+        pid: Option<i32>,
+        /// The first extent to list.
+        #[serde(default)]
+        from: u64,
+    },
     /// Root, or a user the config lists in `selftest_users`: the device
     /// (QEMU's edu) writes a pattern into one of this connection's regions
     /// by DMA through its IOVA. A test aid, never needed to use a region.
@@ -227,8 +237,12 @@ pub struct Allocated {
     pub device: String,
     /// The IOVA of byte 0 (`None` for a no-IOMMU device).
     pub iova: Option<u64>,
-    /// Physical extents, only for users the config allows to see them.
+    /// Physical extents, only for users the config allows to see them and
+    /// only up to [`MAX_EXTENTS`] (`phys_extents` counts them all).
     pub phys: Option<Vec<Extent>>,
+    /// How many physical extents the region has (for those users).
+    #[serde(default)]
+    pub phys_extents: Option<u64>,
     /// Bytes (the memfd's size).
     pub len: u64,
     /// The node.
@@ -326,8 +340,11 @@ pub struct Inspected {
     pub daemon_vaddr: u64,
     /// Bytes.
     pub len: u64,
-    /// The frames pinned, from the snapshot taken at pin time.
+    /// The frames pinned, from the snapshot taken at pin time: extents
+    /// `from..from + MAX_EXTENTS` of them.
     pub pfns: Option<Vec<Extent>>,
+    /// Extents in the whole snapshot.
+    pub total_extents: u64,
 }
 
 /// Byte `i` of the `selftest-dma` pattern with `seed`.

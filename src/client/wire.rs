@@ -106,14 +106,20 @@ pub fn recv(sock: BorrowedFd<'_>, max: usize) -> io::Result<Option<Received>> {
     let mut buf = vec![0u8; max];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut flags = RecvFlags::CMSG_CLOEXEC;
     let r = loop {
-        match net::recvmsg(
-            sock,
-            &mut [IoSliceMut::new(&mut buf)],
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC,
-        ) {
+        match net::recvmsg(sock, &mut [IoSliceMut::new(&mut buf)], &mut control, flags) {
             Err(rustix::io::Errno::INTR) => continue,
+            // A peer that closed with data of ours unread leaves
+            // ECONNRESET, reported before what it sent last is read:
+            // the error is consumed, so look once more for that message.
+            Err(rustix::io::Errno::CONNRESET) if !flags.contains(RecvFlags::DONTWAIT) => {
+                flags |= RecvFlags::DONTWAIT;
+                continue;
+            }
+            Err(rustix::io::Errno::AGAIN) if flags.contains(RecvFlags::DONTWAIT) => {
+                return Err(io::Error::from_raw_os_error(libc::ECONNRESET));
+            }
             other => break other?,
         }
     };

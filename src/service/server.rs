@@ -404,7 +404,17 @@ impl Conn<'_> {
                 }
             };
             let (result, fd, close) = self.handle(req.op);
-            let m = Message::Reply { id: req.id, result };
+            let mut m = Message::Reply { id: req.id, result };
+            if proto::encode(&m).len() > proto::MAX_REPLY {
+                m = Message::Reply {
+                    id: req.id,
+                    result: Outcome::Error(error(
+                        ErrorKind::Internal,
+                        format!("the reply is over the {}-byte limit", proto::MAX_REPLY),
+                        "report this to numapin's developers",
+                    )),
+                };
+            }
             let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
             if wire::send(self.sock.as_fd(), &proto::encode(&m), &fds).is_err() {
                 return;
@@ -461,8 +471,8 @@ impl Conn<'_> {
                 Err(b) => Outcome::Error(b),
             }),
             Op::Status => ok(Outcome::Status(self.status())),
-            Op::Inspect => ok(if self.uid == 0 {
-                Outcome::Inspect(self.inspect())
+            Op::Inspect { pid, from } => ok(if self.uid == 0 {
+                Outcome::Inspect(self.inspect(pid, from))
             } else {
                 Outcome::Error(error(
                     ErrorKind::Permission,
@@ -672,7 +682,11 @@ impl Conn<'_> {
             region: id,
             device: dev_name.clone(),
             iova: region.iova().map(|i| i.raw()),
-            phys: if phys { snapshot.clone() } else { None },
+            phys: match &snapshot {
+                Some(v) if phys && v.len() <= proto::MAX_EXTENTS => Some(v.clone()),
+                _ => None,
+            },
+            phys_extents: snapshot.as_ref().filter(|_| phys).map(|v| v.len() as u64),
             len: region.len(),
             node,
             page_size: page_size.bytes(),
@@ -791,17 +805,26 @@ impl Conn<'_> {
         }
     }
 
-    fn inspect(&self) -> Vec<proto::Inspected> {
+    fn inspect(&self, pid: Option<i32>, from: u64) -> Vec<proto::Inspected> {
         let s = self.shared.state();
+        let from = from.min(usize::MAX as u64) as usize;
         s.directory
             .iter()
-            .take(proto::MAX_LISTED / 4)
+            .filter(|(_, e)| pid.is_none_or(|p| p == e.pid))
+            .take(8)
             .map(|((_, r), e)| proto::Inspected {
                 pid: e.pid,
                 region: *r,
                 daemon_vaddr: e.vaddr,
                 len: e.len,
-                pfns: e.pfns.clone(),
+                pfns: e.pfns.as_ref().map(|v| {
+                    v.iter()
+                        .skip(from)
+                        .take(proto::MAX_EXTENTS)
+                        .copied()
+                        .collect()
+                }),
+                total_extents: e.pfns.as_ref().map_or(0, |v| v.len() as u64),
             })
             .collect()
     }

@@ -24,17 +24,34 @@ use crate::util::*;
 
 pub fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
-        ("s.unprivileged-4k", |c| unprivileged(c, 4096)),
-        ("s.unprivileged-2m", |c| unprivileged(c, 2 << 20)),
-        ("s.example-dma", example_dma),
-        ("s.refused-user", refused_user),
-        ("s.quota-floor-sighup", quota_floor),
-        ("s.client-sigkill", client_sigkill),
-        ("s.daemon-sigkill-restart", daemon_sigkill),
-        ("s.sigterm", sigterm),
-        ("s.parallel", parallel),
-        ("s.fuzz", fuzz),
+        ("s.unprivileged-4k", |c| logged(|| unprivileged(c, 4096))),
+        ("s.unprivileged-2m", |c| logged(|| unprivileged(c, 2 << 20))),
+        ("s.example-dma", |c| logged(|| example_dma(c))),
+        ("s.refused-user", |c| logged(|| refused_user(c))),
+        ("s.quota-floor-sighup", |c| logged(|| quota_floor(c))),
+        ("s.client-sigkill", |c| logged(|| client_sigkill(c))),
+        ("s.daemon-sigkill-restart", |c| logged(|| daemon_sigkill(c))),
+        ("s.sigterm", |c| logged(|| sigterm(c))),
+        ("s.parallel", |c| logged(|| parallel(c))),
+        ("s.fuzz", |c| logged(|| fuzz(c))),
+        ("s.socket-activation", |c| logged(|| socket_activation(c))),
+        ("s.peer-identity", |c| logged(|| peer_identity(c))),
     ]
+}
+
+/// Where the scenario's daemons write their stderr.
+const LOG: &str = "/tmp/numapind/numapind.log";
+
+/// Runs a scenario with a fresh daemon log; a failure carries its tail.
+fn logged(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
+    let _ = std::fs::create_dir_all("/tmp/numapind");
+    let _ = std::fs::write(LOG, "");
+    f().map_err(|err| {
+        let log = std::fs::read_to_string(LOG).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(12).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("{err} [numapind log: {}]", tail.join(" | "))
+    })
 }
 
 const CONFIG: &str = r#"
@@ -64,6 +81,23 @@ impl Daemon {
     }
 
     fn start_with(ctx: &Ctx, config: PathBuf, socket: PathBuf) -> Result<Daemon, String> {
+        let mut cmd = Command::new(sibling("numapind"));
+        cmd.args(["--device", &ctx.bdf, "--config"])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket);
+        Daemon::launch(cmd, config, socket, |_| Ok(None))
+    }
+
+    /// Starts `cmd` (numapind, or systemd-socket-activate running it) with
+    /// a NOTIFY_SOCKET this runner listens on, runs `before_ready` (which
+    /// may return a connection to hold until then), and waits for READY=1.
+    fn launch(
+        mut cmd: Command,
+        config: PathBuf,
+        socket: PathBuf,
+        before_ready: impl FnOnce(&Daemon) -> Result<Option<OwnedFd>, String>,
+    ) -> Result<Daemon, String> {
         let notify = PathBuf::from("/tmp/numapind/notify");
         let _ = std::fs::remove_file(&notify);
         let ready = e(UnixDatagram::bind(&notify), "bind NOTIFY_SOCKET")?;
@@ -71,15 +105,16 @@ impl Daemon {
             ready.set_read_timeout(Some(Duration::from_secs(60))),
             "timeout",
         )?;
+        cmd.env("NOTIFY_SOCKET", &notify);
         let child = e(
-            Command::new(sibling("numapind"))
-                .args(["--device", &ctx.bdf, "--config"])
-                .arg(&config)
-                .arg("--socket")
-                .arg(&socket)
-                .env("NOTIFY_SOCKET", &notify)
-                .stderr(Stdio::piped())
-                .spawn(),
+            cmd.stderr(e(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(LOG),
+                "open the daemon log",
+            )?)
+            .spawn(),
             "spawn numapind",
         )?;
         let mut d = Daemon {
@@ -87,6 +122,7 @@ impl Daemon {
             socket,
             config,
         };
+        let _held = before_ready(&d)?;
         let mut buf = [0u8; 256];
         let n = match ready.recv(&mut buf) {
             Ok(n) => n,
@@ -139,15 +175,14 @@ impl Daemon {
         }
     }
 
-    /// Kills it and returns what it printed.
+    /// Kills it and returns what the scenario's daemons printed.
     fn stderr(&mut self) -> String {
         let Some(mut c) = self.child.take() else {
             return String::new();
         };
         let _ = c.kill();
-        c.wait_with_output()
-            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-            .unwrap_or_default()
+        let _ = c.wait();
+        std::fs::read_to_string(LOG).unwrap_or_default()
     }
 
     fn vmlck(&self) -> Result<u64, String> {
@@ -339,7 +374,7 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
     );
     // The client's frames are the ones the daemon pinned.
     let root = d.client()?;
-    let inspected = e(root.inspect(), "inspect")?;
+    let inspected = e(root.inspect(Some(h.pid() as i32)), "inspect")?;
     let snap = inspected
         .iter()
         .find(|r| r.pid == h.pid() as i32)
@@ -600,14 +635,20 @@ fn daemon_sigkill(ctx: &Ctx) -> Result<String, String> {
     let d2 = Daemon::start_with(ctx, d.config.clone(), d.socket.clone())?;
     let ready = t.elapsed();
     let c2 = d2.client()?;
-    let r2 = e(
-        c2.allocate(&Allocate {
-            node: ctx.away.0,
-            size: 32 << 20,
-            ..Allocate::default()
-        }),
-        "allocate after restart",
-    )?;
+    let r2 = match c2.allocate(&Allocate {
+        node: ctx.away.0,
+        size: 32 << 20,
+        ..Allocate::default()
+    }) {
+        Ok(r) => r,
+        Err(err) => {
+            let mut d2 = d2;
+            return Err(format!(
+                "allocate after restart: {err}; numapind said: {}",
+                d2.stderr()
+            ));
+        }
+    };
     ensure!(e(r2.verify(), "verify")?.intact, "not intact");
     Ok(format!(
         "client: {err}; restarted and ready in {:.2} s, serving",
@@ -816,5 +857,120 @@ fn fuzz(ctx: &Ctx) -> Result<String, String> {
     let _ = sock.as_raw_fd();
     Ok(format!(
         "{sent} messages ({with_fds} carrying 2 fds), {answered} answered, {allocated} parsed allocates released; daemon alive with {fds} fds (before {fds0})"
+    ))
+}
+
+/// systemd's own `systemd-socket-activate` listens (SOCK_SEQPACKET) and
+/// execs numapind with LISTEN_FDS: the daemon serves on the socket it was
+/// given, and reports readiness on the NOTIFY_SOCKET this runner holds.
+fn socket_activation(ctx: &Ctx) -> Result<String, String> {
+    let tool = PathBuf::from("/bin/systemd-socket-activate");
+    ensure!(
+        tool.exists(),
+        "{} is not in the initramfs: install systemd on the host (xtask copies its systemd-socket-activate)",
+        tool.display()
+    );
+    let dir = PathBuf::from("/tmp/numapind");
+    let config = dir.join("numapind.toml");
+    e(std::fs::write(&config, CONFIG), "write config")?;
+    let socket = dir.join("activated.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut tool_cmd = Command::new(&tool);
+    tool_cmd
+        .arg("--seqpacket")
+        .arg(format!("--listen={}", socket.display()));
+    let mut d = Daemon::launch_activated(tool_cmd, ctx, config, socket.clone())?;
+    let c = d.client()?;
+    let r = e(
+        c.allocate(&Allocate {
+            node: ctx.away.0,
+            size: 4 << 20,
+            ..Allocate::default()
+        }),
+        "allocate through the activated socket",
+    )?;
+    ensure!(e(r.verify(), "verify")?.intact, "not intact");
+    drop(r);
+    drop(c);
+    d.signal(libc::SIGTERM);
+    let st = d.wait(30)?;
+    ensure!(st.code() == Some(0), "exit {st}");
+    let log = std::fs::read_to_string(LOG).unwrap_or_default();
+    ensure!(
+        log.contains("socket activation: listening on fd 3"),
+        "numapind did not take the passed socket: {log}"
+    );
+    ensure!(
+        socket.exists(),
+        "numapind removed a socket it did not create"
+    );
+    Ok("READY=1 on NOTIFY_SOCKET; served a 4 MiB region on fd 3 from systemd-socket-activate; exit 0 on SIGTERM".into())
+}
+
+impl Daemon {
+    fn launch_activated(
+        mut tool: Command,
+        ctx: &Ctx,
+        config: PathBuf,
+        socket: PathBuf,
+    ) -> Result<Daemon, String> {
+        let notify = PathBuf::from("/tmp/numapind/notify");
+        // systemd-socket-activate's options, then the program it execs.
+        tool.arg(format!("--setenv=NOTIFY_SOCKET={}", notify.display()))
+            .arg(sibling("numapind"))
+            .args(["--device", &ctx.bdf, "--config"])
+            .arg(&config);
+        // systemd-socket-activate execs the program at the first
+        // connection: make one once the socket exists.
+        Daemon::launch(tool, config, socket, |d| {
+            let t = Instant::now();
+            while !d.socket.exists() {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "systemd-socket-activate made no socket at {} in 20 s",
+                    d.socket.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            e(wire::connect(&d.socket), "first connection").map(Some)
+        })
+    }
+}
+
+/// The peer is identified by a pidfd where the kernel has SO_PEERPIDFD
+/// (Linux 6.5, commit 7b26952a91cf), by its pid on older kernels.
+fn peer_identity(ctx: &Ctx) -> Result<String, String> {
+    let d = Daemon::start(ctx, CONFIG)?;
+    let c = d.client()?;
+    let h = c.hello();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let want = if (major, minor) >= (6, 5) {
+        "pidfd"
+    } else {
+        "pid"
+    };
+    ensure!(
+        h.peer_identity == want,
+        "kernel {}: peer identity {}, expected {want}",
+        release.trim(),
+        h.peer_identity
+    );
+    ensure!(
+        h.pid == std::process::id() as i32 && h.uid == 0,
+        "SO_PEERCRED says pid {} uid {}, this is pid {} uid 0",
+        h.pid,
+        h.uid,
+        std::process::id()
+    );
+    Ok(format!(
+        "kernel {}: {} (pid {})",
+        release.trim(),
+        h.peer_identity,
+        h.pid
     ))
 }
