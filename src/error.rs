@@ -609,13 +609,25 @@ pub enum Error {
         /// Why not.
         reason: String,
     },
+
+    /// numapind refused or failed a request, or the connection to it
+    /// ended; the class is the daemon's (`numapin::client`).
+    #[error("{message}{}", hint.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
+    Service {
+        /// The class the daemon named.
+        kind: ErrorKind,
+        /// What happened.
+        message: String,
+        /// What to do.
+        hint: Option<String>,
+    },
 }
 
 /// The class of an error: what kind of thing went wrong, and so what kind
 /// of action fixes it. The CLI exits with [`ErrorKind::exit_code`], its
 /// `--json` error object carries [`ErrorKind::name`], and the service's
 /// protocol uses the same names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -771,6 +783,7 @@ impl Error {
             },
             Error::Info(_) | Error::Vfio { .. } => K::Internal,
             Error::Sys { cause, .. } => errno_kind(cause),
+            Error::Service { kind, .. } => *kind,
         }
     }
 

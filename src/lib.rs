@@ -64,6 +64,9 @@ mod prove;
 mod region;
 mod request;
 
+#[cfg(feature = "client")]
+pub mod client;
+
 #[cfg(feature = "tools")]
 pub mod bind;
 #[cfg(feature = "tools")]

@@ -34,6 +34,9 @@ _numapin() {
             numapin,pin)
                 cmd="numapin__subcmd__pin"
                 ;;
+            numapin,status)
+                cmd="numapin__subcmd__status"
+                ;;
             numapin,topology)
                 cmd="numapin__subcmd__topology"
                 ;;
@@ -58,6 +61,9 @@ _numapin() {
             numapin__subcmd__help,pin)
                 cmd="numapin__subcmd__help__subcmd__pin"
                 ;;
+            numapin__subcmd__help,status)
+                cmd="numapin__subcmd__help__subcmd__status"
+                ;;
             numapin__subcmd__help,topology)
                 cmd="numapin__subcmd__help__subcmd__topology"
                 ;;
@@ -71,7 +77,7 @@ _numapin() {
 
     case "${cmd}" in
         numapin)
-            opts="-h -V --help --version topology bind unbind info check pin demo help"
+            opts="-h -V --help --version topology bind unbind info check pin demo status help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -171,7 +177,7 @@ _numapin() {
             return 0
             ;;
         numapin__subcmd__help)
-            opts="topology bind unbind info check pin demo help"
+            opts="topology bind unbind info check pin demo status help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -268,6 +274,20 @@ _numapin() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        numapin__subcmd__help__subcmd__status)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         numapin__subcmd__help__subcmd__topology)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -335,7 +355,7 @@ _numapin() {
             return 0
             ;;
         numapin__subcmd__pin)
-            opts="-d -r -h --device --backend --region --phys --min-extent --json --hold --hold-forever --threads --help"
+            opts="-d -r -h --device --backend --service --region --phys --min-extent --json --hold --hold-forever --threads --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -350,6 +370,10 @@ _numapin() {
                     return 0
                     ;;
                 --backend)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --service)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -370,6 +394,24 @@ _numapin() {
                     return 0
                     ;;
                 --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        numapin__subcmd__status)
+            opts="-h --socket --json --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

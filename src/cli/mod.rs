@@ -8,6 +8,7 @@ pub use hold::{cancelling_signal, signal_name};
 mod locality;
 mod output;
 mod regions;
+mod service;
 mod spec;
 
 use std::io::Write;
@@ -110,6 +111,15 @@ enum Command {
     /// memory through NUMA balancing, a migration storm and compaction, with
     /// device DMA checks (needs QEMU's edu device: `cargo xtask demo`).
     Demo(demo::DemoArgs),
+    /// numapind's regions, usage per user and node, DMA mappings left.
+    Status {
+        /// The daemon's socket.
+        #[arg(long, default_value = numapin::client::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -147,12 +157,17 @@ impl BindArgs {
 struct PinArgs {
     /// PCI address (bound to vfio-pci, behind an IOMMU or in no-IOMMU
     /// mode), mdev UUID, or sysfs path.
-    #[arg(long, short)]
-    device: String,
+    /// With --service: one of the daemon's devices (default: its first).
+    #[arg(long, short, required_unless_present = "service")]
+    device: Option<String>,
     /// The kernel interface: `type1`, `iommufd` or `auto` (iommufd where
     /// the kernel and device have it). Default: $NUMAPIN_BACKEND, else auto.
     #[arg(long, value_parser = parse_backend, value_name = "auto|type1|iommufd")]
     backend: Option<numapin::Backend>,
+    /// Allocate through numapind at SOCKET instead of opening the device
+    /// (default socket: /run/numapin/numapin.sock).
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = numapin::client::DEFAULT_SOCKET)]
+    service: Option<std::path::PathBuf>,
     /// NODE:SIZE[:PAGESIZE][@IOVA], e.g. 0:512M, 1:1G:2M, 0:64M@0x100000000.
     /// Repeat for several regions.
     #[arg(
@@ -221,6 +236,11 @@ pub fn run(cli: Cli) -> Result<()> {
             output::print_bind(&r, "unbind");
             Ok(())
         }
+        Command::Pin(mut args) if args.service.is_some() => {
+            let socket = args.service.take().unwrap_or_default();
+            service::pin(args, &socket)
+        }
+        Command::Status { socket, json } => service::status(&socket, json),
         Command::Info {
             device,
             backend,
@@ -348,7 +368,7 @@ fn pin(args: PinArgs) -> Result<()> {
     // Block SIGINT/SIGTERM before any thread starts so that they are
     // delivered to sigtimedwait, and a signal during pinning still releases.
     let signals = hold::SignalSet::block_termination()?.watch();
-    let pinner = open(&args.device, args.backend)?;
+    let pinner = open(args.device.as_deref().unwrap_or_default(), args.backend)?;
     let mut regions = Vec::with_capacity(args.regions.len());
     for spec in &args.regions {
         if signals.cancel.is_cancelled() {

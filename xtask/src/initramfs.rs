@@ -21,6 +21,9 @@ use crate::{cmd, layout};
 /// busybox-static's binary.
 const BUSYBOX: &str = "/bin/busybox";
 
+/// systemd's `systemd-socket-activate` (Debian package `systemd`).
+const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+
 /// The unprivileged user scenarios drop to (memlock limits bite only without
 /// CAP_IPC_LOCK).
 const PASSWD: &str =
@@ -71,6 +74,14 @@ pub fn build(spec: &Spec, out: &Path) -> Result<()> {
         })?;
         archive.file(&format!("bin/{}", name.to_string_lossy()), data, 0o755);
         add_libraries(&mut archive, bin)?;
+    }
+
+    // systemd's socket activator, for the service's socket-activation
+    // scenario (it fails with a clear message where the host lacks it).
+    let activate = Path::new(SOCKET_ACTIVATE);
+    if activate.exists() {
+        archive.file("bin/systemd-socket-activate", read(activate)?, 0o755);
+        add_libraries(&mut archive, activate)?;
     }
 
     if !spec.modules.is_empty() {

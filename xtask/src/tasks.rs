@@ -15,9 +15,14 @@ use crate::{cmd, deps, initramfs, layout};
 
 /// The guest binaries: the CLI (package `numapin`, feature `cli`) and the
 /// two guest runners (workspace members `numapin-vmtest`, `numapin-bench`).
-const GUEST_BINARIES: &[&str] = &["numapin", "numapin-vmtest", "numapin-bench"];
+const GUEST_BINARIES: &[&str] = &["numapin", "numapind", "numapin-vmtest", "numapin-bench"];
 /// Examples the suite runs in the guest (installed in /bin next to the runner).
-const GUEST_EXAMPLES: &[&str] = &["vmm_guest_ram", "bind_noiommu", "bind_mdev"];
+const GUEST_EXAMPLES: &[&str] = &[
+    "vmm_guest_ram",
+    "bind_noiommu",
+    "bind_mdev",
+    "service_client",
+];
 
 /// What `cargo xtask vm` starts in the guest.
 pub enum VmMode {
@@ -398,7 +403,7 @@ pub(crate) fn build_guest_binaries() -> Result<Vec<PathBuf>> {
                 "--package",
                 "numapin-bench",
                 "--features",
-                "numapin/cli,numapin/vm-memory",
+                "numapin/cli,numapin/vm-memory,numapin/service",
             ]);
             for b in GUEST_BINARIES {
                 c.args(["--bin", b]);

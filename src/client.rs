@@ -1,0 +1,465 @@
+//! The client of `numapind`, the pinning service: pinned, node-local
+//! memory with IOVAs for a process that holds no device and no privilege.
+//!
+//! The daemon allocates a sealed memfd on the node, pins it through its
+//! device and sends the fd; [`Client::allocate`] maps it `MAP_SHARED`, so
+//! the caller's mapping shares the pinned frames. Dropping the
+//! [`Region`] releases it; so does closing the connection, and the daemon's
+//! death drops every pin (the next call reports it).
+//!
+//! ```no_run
+//! # fn main() -> numapin::Result<()> {
+//! let client = numapin::client::Client::connect(numapin::client::DEFAULT_SOCKET)?;
+//! let region = client.allocate(&numapin::client::Allocate {
+//!     node: 1,
+//!     size: 64 << 20,
+//!     ..numapin::client::Allocate::default()
+//! })?;
+//! println!("{:p} {} bytes, IOVA {:?}", region.as_ptr(), region.len(), region.iova());
+//! # Ok(()) }
+//! ```
+
+pub mod proto;
+pub mod wire;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, ErrorKind, Result};
+use proto::{Event, Message, Op, Outcome, Request};
+
+/// Where numapind listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/numapin/numapin.sock";
+
+/// What to allocate (page size in bytes; 0 means 4 KiB).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allocate {
+    /// The daemon's device to pin through (`None`: its first).
+    pub device: Option<String>,
+    /// NUMA node.
+    pub node: u32,
+    /// Bytes.
+    pub size: u64,
+    /// Page size in bytes (0: 4 KiB).
+    pub page_size: u64,
+    /// A fixed IOVA.
+    pub iova: Option<u64>,
+    /// The shortest physically contiguous extent accepted.
+    pub min_extent: Option<u64>,
+}
+
+struct Conn {
+    sock: OwnedFd,
+    next_id: u64,
+    /// Set once the daemon said it stops or the connection ended.
+    gone: Option<String>,
+}
+
+/// A connection to numapind. Cheap to share: regions hold it to release
+/// themselves.
+#[derive(Clone)]
+pub struct Client {
+    conn: Arc<Mutex<Conn>>,
+    hello: Arc<proto::Hello>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("hello", &self.hello)
+            .finish()
+    }
+}
+
+fn gone_error(why: &str) -> Error {
+    Error::Service {
+        kind: ErrorKind::DeviceState,
+        message: format!("numapind {why}"),
+        hint: Some(
+            "every pin it held for this connection is gone; reconnect once the daemon runs (systemctl start numapin.socket)"
+                .into(),
+        ),
+    }
+}
+
+impl Client {
+    /// Connects to the daemon's socket and says hello.
+    ///
+    /// # Errors
+    /// [`Error::Sys`] when the socket cannot be reached, [`Error::Service`]
+    /// when the daemon refuses this user or speaks another version.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        let path = path.as_ref();
+        let sock = wire::connect(path).map_err(|e| {
+            Error::sys(
+                format!("connect to numapind at {}", path.display()),
+                "is numapind running (systemctl start numapin.socket), and is this user in the socket's group?",
+                e,
+            )
+        })?;
+        let conn = Arc::new(Mutex::new(Conn {
+            sock,
+            next_id: 1,
+            gone: None,
+        }));
+        let (out, _) = call(
+            &conn,
+            Op::Hello {
+                version: proto::VERSION,
+            },
+        )?;
+        match out {
+            Outcome::Hello(h) => Ok(Client {
+                conn,
+                hello: Arc::new(h),
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// What the daemon said at hello: devices, this user's quota, whether
+    /// replies carry physical addresses.
+    pub fn hello(&self) -> &proto::Hello {
+        &self.hello
+    }
+
+    /// Allocates, pins and maps a region.
+    ///
+    /// # Errors
+    /// The daemon's refusal ([`Error::Service`] with the library's class:
+    /// quota, floor, node, sizes), or the mapping's failure.
+    pub fn allocate(&self, req: &Allocate) -> Result<Region> {
+        let op = Op::Allocate(proto::Allocate {
+            device: req.device.clone(),
+            node: req.node,
+            size: req.size,
+            page_size: if req.page_size == 0 {
+                4096
+            } else {
+                req.page_size
+            },
+            iova: req.iova,
+            min_extent: req.min_extent,
+        });
+        let (out, fds) = call(&self.conn, op)?;
+        let info = match out {
+            Outcome::Allocated(a) => a,
+            other => return Err(unexpected(&other)),
+        };
+        let mut fds = fds.into_iter();
+        let Some(memfd) = fds.next() else {
+            let _ = call(
+                &self.conn,
+                Op::Release {
+                    region: info.region,
+                },
+            );
+            return Err(Error::Service {
+                kind: ErrorKind::Internal,
+                message: "numapind's allocate reply carried no memfd".into(),
+                hint: Some("report this; the region was released".into()),
+            });
+        };
+        // MAP_POPULATE maps every (already pinned) page now, so the first
+        // touch takes no fault.
+        // SAFETY: a fresh shared mapping of the memfd at a kernel-chosen
+        // address aliases nothing; the memfd's size is sealed at `len`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                info.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let err = std::io::Error::last_os_error();
+            let _ = call(
+                &self.conn,
+                Op::Release {
+                    region: info.region,
+                },
+            );
+            return Err(Error::sys(
+                format!("mmap of the {:#x}-byte region numapind sent", info.len),
+                "",
+                err,
+            ));
+        }
+        Ok(Region {
+            client: self.clone(),
+            ptr: p.cast(),
+            memfd,
+            info,
+            released: false,
+        })
+    }
+
+    /// The daemon's status (own regions; root sees everyone's).
+    ///
+    /// # Errors
+    /// The connection's or the daemon's errors.
+    pub fn status(&self) -> Result<proto::Status> {
+        match call(&self.conn, Op::Status)?.0 {
+            Outcome::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Root only: the regions of `pid` (every region: `None`) with the
+    /// daemon's mapping and its whole PFN snapshot (fetched in pages).
+    ///
+    /// # Errors
+    /// [`Error::Service`] (`permission`) for anyone but root.
+    pub fn inspect(&self, pid: Option<i32>) -> Result<Vec<proto::Inspected>> {
+        let mut out: Vec<proto::Inspected> = Vec::new();
+        let mut from = 0u64;
+        loop {
+            let page = match call(&self.conn, Op::Inspect { pid, from })?.0 {
+                Outcome::Inspect(v) => v,
+                other => return Err(unexpected(&other)),
+            };
+            let mut more = false;
+            for r in page {
+                more |= from + (proto::MAX_EXTENTS as u64) < r.total_extents;
+                match out
+                    .iter_mut()
+                    .find(|o| o.pid == r.pid && o.region == r.region)
+                {
+                    Some(o) => {
+                        if let (Some(a), Some(b)) = (o.pfns.as_mut(), r.pfns) {
+                            a.extend(b);
+                        }
+                    }
+                    None => out.push(r),
+                }
+            }
+            if !more {
+                return Ok(out);
+            }
+            from += proto::MAX_EXTENTS as u64;
+        }
+    }
+
+    /// Sends any operation and returns the outcome (errors included as
+    /// [`Outcome::Error`] are turned into [`Error::Service`]).
+    ///
+    /// # Errors
+    /// As [`Client::status`].
+    pub fn request(&self, op: Op) -> Result<Outcome> {
+        Ok(call(&self.conn, op)?.0)
+    }
+}
+
+fn unexpected(o: &Outcome) -> Error {
+    Error::Service {
+        kind: ErrorKind::Internal,
+        message: format!("numapind sent an unexpected reply: {o:?}"),
+        hint: Some("the daemon and this client disagree on the protocol; update both".into()),
+    }
+}
+
+/// One request, its reply (and any fds that came with it).
+fn call(conn: &Mutex<Conn>, op: Op) -> Result<(Outcome, Vec<OwnedFd>)> {
+    let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(why) = &c.gone {
+        return Err(gone_error(why));
+    }
+    let id = c.next_id;
+    c.next_id += 1;
+    let bytes = proto::encode(&Request { id, op });
+    if let Err(e) = wire::send(c.sock.as_fd(), &bytes, &[]) {
+        // The daemon may have said why before it closed (a shutdown, a
+        // refusal): that message is still queued here.
+        let mut why = format!("cannot be reached any more ({e})");
+        if let Ok(Some(m)) = wire::recv(c.sock.as_fd(), proto::MAX_REPLY) {
+            match proto::decode_message(&m.bytes) {
+                Ok(Message::Event(Event::Shutdown { reason })) => {
+                    why = format!("is shutting down ({reason})");
+                }
+                Ok(Message::Event(Event::Refused(b))) => {
+                    c.gone = Some(b.message.clone());
+                    return Err(Error::Service {
+                        kind: b.kind,
+                        message: b.message,
+                        hint: b.hint,
+                    });
+                }
+                _ => {}
+            }
+        }
+        c.gone = Some(why.clone());
+        return Err(gone_error(&why));
+    }
+    loop {
+        let got = match wire::recv(c.sock.as_fd(), proto::MAX_REPLY) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                let why = "closed the connection".to_string();
+                c.gone = Some(why.clone());
+                return Err(gone_error(&why));
+            }
+            Err(e) => {
+                let why = format!("connection failed ({e})");
+                c.gone = Some(why.clone());
+                return Err(gone_error(&why));
+            }
+        };
+        let msg = proto::decode_message(&got.bytes).map_err(|e| Error::Service {
+            kind: ErrorKind::Internal,
+            message: format!("numapind sent a message this client cannot read: {e}"),
+            hint: Some("update numapin and numapind to the same version".into()),
+        })?;
+        match msg {
+            Message::Reply { id: rid, result } if rid == id => {
+                return match result {
+                    Outcome::Error(b) => Err(Error::Service {
+                        kind: b.kind,
+                        message: b.message,
+                        hint: b.hint,
+                    }),
+                    ok => Ok((ok, got.fds)),
+                };
+            }
+            // A reply to an earlier, abandoned request: skip it.
+            Message::Reply { .. } => {}
+            Message::Event(Event::Shutdown { reason }) => {
+                let why = format!("is shutting down ({reason})");
+                c.gone = Some(why.clone());
+                return Err(gone_error(&why));
+            }
+            Message::Event(Event::Refused(b)) => {
+                return Err(Error::Service {
+                    kind: b.kind,
+                    message: b.message,
+                    hint: b.hint,
+                });
+            }
+        }
+    }
+}
+
+/// A region pinned by the daemon and mapped here. Dropping it unmaps it
+/// and asks the daemon to release it.
+pub struct Region {
+    client: Client,
+    ptr: *mut u8,
+    memfd: OwnedFd,
+    info: proto::Allocated,
+    released: bool,
+}
+
+// SAFETY: the region is a plain shared mapping and an fd; nothing in it
+// is tied to the thread that made it.
+unsafe impl Send for Region {}
+// SAFETY: shared access hands out only the raw pointer and copies.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("ptr", &self.ptr)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+impl Region {
+    /// The first byte of this process's mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> u64 {
+        self.info.len
+    }
+
+    /// Never: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.info.len == 0
+    }
+
+    /// The IOVA of byte 0 (`None` for a no-IOMMU device).
+    pub fn iova(&self) -> Option<u64> {
+        self.info.iova
+    }
+
+    /// The node.
+    pub fn node(&self) -> u32 {
+        self.info.node
+    }
+
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.info.page_size
+    }
+
+    /// The region's id on this connection.
+    pub fn id(&self) -> u64 {
+        self.info.region
+    }
+
+    /// Everything the daemon said about the region.
+    pub fn info(&self) -> &proto::Allocated {
+        &self.info
+    }
+
+    /// The memfd (e.g. to pass on to another process).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Asks the daemon to re-check nodes and frames.
+    ///
+    /// # Errors
+    /// The connection's or the daemon's errors.
+    pub fn verify(&self) -> Result<proto::Verified> {
+        match self.client.request(Op::Verify {
+            region: self.info.region,
+        })? {
+            Outcome::Verified(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Unmaps and releases, reporting the daemon's answer.
+    ///
+    /// # Errors
+    /// The connection's or the daemon's errors.
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.unmap();
+        match self.client.request(Op::Release {
+            region: self.info.region,
+        })? {
+            Outcome::Released { .. } => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn unmap(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: the mapping `allocate` made; no reference into it
+            // outlives the region.
+            unsafe { libc::munmap(self.ptr.cast(), self.info.len as usize) };
+            self.ptr = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.unmap();
+        if !self.released {
+            if let Err(e) = self.client.request(Op::Release {
+                region: self.info.region,
+            }) {
+                log::warn!("releasing region {}: {e}", self.info.region);
+            }
+        }
+    }
+}
