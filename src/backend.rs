@@ -348,6 +348,21 @@ impl PinSource {
         }
     }
 
+    /// Whether the pin shows in this process's accounting. io_uring on
+    /// newer kernels charges nothing for a ring whose creator has
+    /// CAP_IPC_LOCK (`io_buffer_account_pin` returns early without
+    /// `ctx->user`; seen in 7.2.12 and 7.3.4's `io_uring/rsrc.c`, not in
+    /// 6.12.95's); numapin measures that once per process
+    /// ([`crate::uring::charges_vmpin`]) instead of guessing from the
+    /// version. Where it does not show, the proof rests on the register
+    /// call's success and the PFN snapshot.
+    pub(crate) fn accounting_visible(self) -> bool {
+        match self {
+            PinSource::Mapping(_) => true,
+            PinSource::Uring => crate::uring::charges_vmpin(),
+        }
+    }
+
     /// The kernel call that takes the pin, for messages.
     pub(crate) fn call(self) -> &'static str {
         match self {

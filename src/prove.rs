@@ -42,7 +42,7 @@ pub(crate) fn prove(
     read: &dyn Fn() -> Result<u64>,
     needs_pfns: bool,
 ) -> Result<Option<Vec<u64>>> {
-    if r.proof != Proof::None {
+    if r.proof != Proof::None && source.accounting_visible() {
         let after = read()?;
         let grew = after.saturating_sub(before);
         if grew < r.len {

@@ -69,6 +69,54 @@ pub fn plan(vaddr: usize, len: u64) -> Vec<Vec<(usize, u64)>> {
         .collect()
 }
 
+/// Whether registering buffers raises this process's `VmPin`, measured
+/// once with one page: kernels that skip the accounting for a process with
+/// CAP_IPC_LOCK (7.2.12 and 7.3.4's `io_buffer_account_pin`) leave it
+/// unchanged. If the probe cannot run, `true`: the proof stays strict.
+pub fn charges_vmpin() -> bool {
+    static MEASURED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MEASURED.get_or_init(|| probe_vmpin().unwrap_or(true))
+}
+
+fn probe_vmpin() -> Option<bool> {
+    let page = crate::addr::base_page_size() as usize;
+    // SAFETY: a fresh anonymous page of our own, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let result = (|| {
+        let ring = IoUring::new(1).ok()?;
+        let before = sys::pinned_bytes().ok()?;
+        let iov = [libc::iovec {
+            iov_base: p,
+            iov_len: page,
+        }];
+        // SAFETY: the page stays mapped until after the unregister below.
+        unsafe { ring.submitter().register_buffers(&iov) }.ok()?;
+        let after = sys::pinned_bytes().ok()?;
+        let _ = ring.submitter().unregister_buffers();
+        Some(after > before)
+    })();
+    // SAFETY: our own page; the ring is gone.
+    unsafe { libc::munmap(p, page) };
+    if result == Some(false) {
+        log::info!(
+            "io_uring does not charge VmPin for this process (CAP_IPC_LOCK); its pins are proven without the accounting check"
+        );
+    }
+    result
+}
+
 /// How many rings (each one fd) an io_uring pin of `len` bytes keeps open.
 pub fn rings_for(len: u64) -> u64 {
     len.div_ceil(MAX_BUFFER)

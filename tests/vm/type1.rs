@@ -102,8 +102,9 @@ fn placement(ctx: &Ctx, node: NodeId, ps: PageSize, size: u64) -> Result<String,
     let r = pin(&p, node, size, ps)?;
     let grew = ctx.pinned() - before;
     ensure!(
-        grew == size,
-        "{counter} grew by {grew:#x}, expected {size:#x}"
+        grew == ctx.charged(size),
+        "{counter} grew by {grew:#x}, expected {:#x}",
+        ctx.charged(size)
     );
     let nodes = e(
         numa::nodes_of(r.vaddr().as_usize(), size as usize, ps.bytes()),
@@ -193,7 +194,11 @@ fn cli_two_regions(ctx: &Ctx) -> Result<String, String> {
     );
     let counter = ctx.counter();
     let lck = ctx.pinned_of(child.pid())?;
-    ensure!(lck == 16 << 20, "child {counter} {lck:#x}, expected 16 MiB");
+    ensure!(
+        lck == ctx.charged(16 << 20),
+        "child {counter} {lck:#x}, expected {:#x}",
+        ctx.charged(16 << 20)
+    );
     let mut iovas = Vec::new();
     for (i, (node, ps)) in [(0u32, 4096u64), (1, 2 << 20)].into_iter().enumerate() {
         let (vaddr, iova, len, page_size, n) = child.region(i)?;
@@ -797,7 +802,7 @@ fn f_release_drop(ctx: &Ctx) -> Result<String, String> {
         "pin_user",
     )?;
     ensure!(
-        ctx.pinned() - before == LEN,
+        ctx.pinned() - before == ctx.charged(LEN),
         "{counter} grew by {:#x}",
         ctx.pinned() - before
     );
@@ -842,7 +847,7 @@ fn f_release_sigkill(ctx: &Ctx) -> Result<String, String> {
     let counter = ctx.counter();
     let held = ctx.pinned_of(child.pid())?;
     ensure!(
-        held == 160 << 20,
+        held == ctx.charged(160 << 20),
         "child {counter} {held:#x} while holding 160 MiB"
     );
     let st = child.stop(libc::SIGKILL)?;
@@ -906,7 +911,7 @@ fn proof_levels(ctx: &Ctx) -> Result<String, String> {
         let r = e(unsafe { p.pin_user(mem.as_ptr(), &m) }, "pin_user")?;
         let grew = ctx.pinned() - before;
         ensure!(
-            grew == LEN,
+            grew == ctx.charged(LEN),
             "{proof:?}: {} grew by {grew:#x}",
             ctx.counter()
         );

@@ -92,6 +92,17 @@ impl Ctx {
         }
     }
 
+    /// What [`Ctx::counter`] grows by when `len` bytes are pinned: `len`,
+    /// or 0 on kernels whose io_uring charges nothing to a CAP_IPC_LOCK
+    /// process (7.2+, measured once by `numapin::uring::charges_vmpin`).
+    pub fn charged(&self, len: u64) -> u64 {
+        match self.kind {
+            ContainerKind::Type1Iommu => len,
+            _ if numapin::uring::charges_vmpin() => len,
+            _ => 0,
+        }
+    }
+
     /// This process's [`Ctx::counter`] in bytes.
     pub fn pinned(&self) -> u64 {
         self.pinned_of(std::process::id()).expect("read own status")

@@ -66,12 +66,13 @@ pub fn build(spec: &Spec, out: &Path) -> Result<()> {
 
     for bin in spec.binaries {
         let name = bin.file_name().context("binary path has no file name")?;
-        let data = read(bin).with_context(|| {
-            format!(
+        if !bin.exists() {
+            bail!(
                 "{} is missing: build it first (cargo xtask builds it)",
                 bin.display()
-            )
-        })?;
+            );
+        }
+        let data = stripped(bin)?;
         archive.file(&format!("bin/{}", name.to_string_lossy()), data, 0o755);
         add_libraries(&mut archive, bin)?;
     }
@@ -116,6 +117,32 @@ pub fn build(spec: &Spec, out: &Path) -> Result<()> {
         bail!("gzip failed ({status}) writing {}", out.display());
     }
     Ok(())
+}
+
+/// The binary without its debug sections (`strip --strip-debug` into a
+/// temporary file): the guest's root file system lives in RAM, and the
+/// release builds' line tables would take tens of MiB of a node the
+/// scenarios measure (compaction's scanners meet where free memory runs
+/// out). Symbols stay, for readable backtraces.
+fn stripped(bin: &Path) -> Result<Vec<u8>> {
+    let tmp = std::env::temp_dir().join(format!(
+        "numapin-strip-{}-{}",
+        std::process::id(),
+        bin.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(bin)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let data = if ok { read(&tmp)? } else { read(bin)? };
+    let _ = fs::remove_file(&tmp);
+    Ok(data)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

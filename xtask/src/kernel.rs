@@ -1,21 +1,28 @@
-//! The two guest kernels and their machine-wide cache.
+//! The guest kernels and their machine-wide cache.
 //!
-//! - `stock`: Debian's current `linux-image-*-amd64` from the configured apt
-//!   sources, unpacked from its .deb; its VFIO modules go into the initramfs.
-//! - `custom`: Debian's `linux-source-6.12` built with `tinyconfig` plus the
-//!   options in `xtask/guest/kernel.config`, everything built in.
+//! - `stock`, `trixie`, `backports`: Debian's own kernel images (Debian 12's
+//!   6.1, Debian 13's 6.12, the newest in trixie-backports), unpacked from
+//!   their .debs; their VFIO modules go into the initramfs.
+//! - `custom`: Debian's `linux-source-7.3` (trixie-backports) built with
+//!   `tinyconfig` plus the options in `xtask/guest/kernel.config`, everything
+//!   built in.
+//!
+//! Every package version is pinned in [`pins`]; apt reads Debian's archives
+//! through a private state under the cache, never the system's sources.
 //!
 //! A prepared kernel is a directory `<cache>/kernels/<key>/` holding `vmlinuz`,
-//! `config`, `release` and, for the stock kernel, `modules/*.ko` with
+//! `config`, `release` and, for the stock kernels, `modules/*.ko` with
 //! `modules/load-order`. The key names what the kernel was made from (package
-//! and version, fragment hash, [`RECIPE`]), so a new upload or a fragment
-//! change makes a new entry and nothing else does. Entries are assembled in
-//! `<cache>/tmp/` and renamed into place, so a killed run leaves no half entry.
+//! and version, fragment hash, [`RECIPE`]), so a pin or fragment change makes
+//! a new entry and nothing else does; a cached entry needs no network. Entries
+//! are assembled in `<cache>/tmp/` and renamed into place, so a killed run
+//! leaves no half entry.
 
 mod apt;
 mod custom;
 mod fragment;
 mod modules;
+pub mod pins;
 mod stock;
 
 use std::fs::{self, File};
@@ -28,23 +35,43 @@ use crate::{cmd, layout};
 
 /// Bump when the way a cache entry is made changes (build steps, module
 /// selection, entry layout): every cached kernel is then remade once.
-pub const RECIPE: u32 = 1;
+/// (2: stock kernels from a private apt at pinned versions, 7.x split
+/// packages, virtio-iommu module.)
+pub const RECIPE: u32 = 2;
 
 /// Which guest kernel a VM boots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum KernelKind {
-    /// Debian's stock kernel, VFIO as modules.
+    /// Debian 12's stock kernel (6.1), VFIO as modules.
     Stock,
-    /// Self-built 6.12, everything built in.
+    /// Debian 13's stock kernel (6.12), VFIO as modules.
+    Trixie,
+    /// The newest stock kernel in trixie-backports (7.3), VFIO as modules.
+    Backports,
+    /// Self-built from trixie-backports' linux-source-7.3, everything built in.
     Custom,
 }
 
 impl KernelKind {
+    pub const ALL: &[KernelKind] = &[
+        KernelKind::Stock,
+        KernelKind::Trixie,
+        KernelKind::Backports,
+        KernelKind::Custom,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             KernelKind::Stock => "stock",
+            KernelKind::Trixie => "trixie",
+            KernelKind::Backports => "backports",
             KernelKind::Custom => "custom",
         }
+    }
+
+    /// Whether this is one of Debian's own builds (fetched, not built).
+    pub fn is_stock(self) -> bool {
+        self != KernelKind::Custom
     }
 }
 
@@ -95,8 +122,8 @@ pub fn prepare(kind: KernelKind) -> Result<Kernel> {
     let start = Instant::now();
     let cache = Cache::open()?;
     let (kernel, fresh) = match kind {
-        KernelKind::Stock => stock::prepare(&cache)?,
         KernelKind::Custom => custom::prepare(&cache)?,
+        stock => stock::prepare(&cache, stock)?,
     };
     println!(
         "    kernel {}: {} ({}), {} in {}",
@@ -167,20 +194,6 @@ impl Cache {
         })?;
         Ok(dest)
     }
-
-    /// The newest finished entry whose name starts with `prefix` and ends with
-    /// `suffix`: what to boot when the package index cannot be reached.
-    fn newest(&self, prefix: &str, suffix: &str) -> Option<PathBuf> {
-        let entries = fs::read_dir(self.dir.join("kernels")).ok()?;
-        entries
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with(prefix) && name.ends_with(suffix)
-            })
-            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-            .map(|e| e.path())
-    }
 }
 
 /// A directory removed (with its contents) on drop.
@@ -196,6 +209,56 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// A private apt for `pin`'s suites, its lists refreshed, after checking
+/// that they still carry the pinned version. When they do not, fails naming
+/// the newest package there; when they carry a newer one too, says so.
+fn side_apt(cache: &Cache, pin: &pins::Pin) -> Result<apt::SideApt> {
+    let side = apt::SideApt::new(
+        cache.path().join(format!("apt-{}", pin.apt_label())),
+        pin.sources,
+    )?;
+    side.update()
+        .with_context(|| format!("could not read the package lists of {}", pin.suites()))?;
+    let prefix = if pin.kind.is_stock() {
+        "linux-image-"
+    } else {
+        "linux-source-"
+    };
+    let newest = side.newest(pin.meta, prefix);
+    let have = side.versions(pin.package)?;
+    if !have.iter().any(|v| v == pin.version) {
+        let newer = match &newest {
+            Ok((pkg, version)) => format!("the newest there is {pkg} {version}"),
+            Err(err) => format!("the newest could not be found ({err:#})"),
+        };
+        bail!(
+            "{} {} (the {} kernel's pin in xtask/src/kernel/pins.rs) is no longer in {} \
+             (versions of that package there: {}); {newer}. Update the pin and the README's \
+             VM matrix, then run again",
+            pin.package,
+            pin.version,
+            pin.kind.name(),
+            pin.suites(),
+            if have.is_empty() {
+                "none".to_owned()
+            } else {
+                have.join(", ")
+            },
+        );
+    }
+    if let Ok((pkg, version)) = &newest
+        && (pkg != pin.package || version != pin.version)
+    {
+        println!(
+            "    note: {} has {pkg} {version}, newer than the pinned {} {}",
+            pin.suites(),
+            pin.package,
+            pin.version
+        );
+    }
+    Ok(side)
 }
 
 /// Turns a package version into something safe for a directory name

@@ -5,10 +5,10 @@
 //! tasks here build everything a QEMU guest needs and boot it:
 //!
 //! - [`deps`]: host packages (apt-get as root, else the exact command to run);
-//! - [`kernel`]: the two guest kernels, Debian's stock one and a self-built 6.12,
-//!   cached outside the repo;
+//! - [`kernel`]: the guest kernels at pinned versions (Debian's stock 6.1,
+//!   6.12 and 7.3, and a self-built 7.3), cached outside the repo;
 //! - [`initramfs`]: busybox, the project's binaries with their shared
-//!   libraries, the stock VFIO modules and the short `/init`;
+//!   libraries, the stock kernels' VFIO modules and the short `/init`;
 //! - [`vmconfig`]: the table of VM configurations the suite boots;
 //! - [`qemu`]: one QEMU run with a hard timeout, console and results captured;
 //! - [`results`]: the JSON-lines protocol the guest runner writes to ttyS1;
@@ -47,8 +47,8 @@ use crate::qemu::RunMode;
     after_help = "Environment:\n  \
         NUMAPIN_CACHE       kernel cache (default /var/cache/numapin as root, else ~/.cache/numapin)\n  \
         NUMAPIN_VM_TIMEOUT  hard timeout per VM in seconds (default 1200)\n  \
-        NUMAPIN_DEBIAN_MIRROR, NUMAPIN_SOURCE_SUITE  where linux-source-6.12 comes from\n                      \
-        (default http://deb.debian.org/debian, bookworm-backports)"
+        NUMAPIN_DEBIAN_MIRROR  Debian archive for the pinned kernels (default http://deb.debian.org/debian)\n  \
+        NUMAPIN_DEBIAN_SECURITY_MIRROR  its security archive (default http://deb.debian.org/debian-security)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -91,7 +91,7 @@ enum Task {
         #[arg(long)]
         console: bool,
     },
-    /// Fetch and build both guest kernels into the cache, print where they are.
+    /// Fetch and build every guest kernel into the cache, print where they are.
     Kernels,
     /// Boot one VM configuration for debugging.
     Vm {

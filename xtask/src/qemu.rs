@@ -1,10 +1,14 @@
-//! One QEMU run: the machine (q35, TCG, intel-iommu, edu, two NUMA nodes),
-//! the guest console captured to a file (and streamed when asked), the
-//! results serial port written to another file, and a hard timeout.
+//! One QEMU run: the machine (q35, TCG, the config's IOMMU, two edu devices,
+//! two NUMA nodes of one socket each), the guest console captured to a file
+//! (and streamed when asked), the results serial port written to another
+//! file, and a hard timeout.
 //!
 //! - ttyS0 (`-serial stdio`, piped through us): the console, kept in
 //!   `target/vm/<config>/console.log`;
 //! - ttyS1 (`-serial file:`): the guest runner's JSON lines, `results.jsonl`;
+//! - for the demo ([`quiet`]) the kernel console moves to ttyS2 (`-serial
+//!   file:console.log`) and ttyS0 carries only the demo's own output, kept
+//!   in `output.log`;
 //! - QEMU's own stderr (e.g. a `hw_error` register dump): `qemu.stderr`.
 
 use std::fs::{self, File};
@@ -86,7 +90,10 @@ pub enum Exit {
 pub struct Outcome {
     pub exit: Exit,
     pub elapsed: Duration,
+    /// The guest kernel's console (and, unless quiet, the program's output).
     pub console_log: PathBuf,
+    /// What came out of ttyS0 when the kernel console was elsewhere ([`quiet`]).
+    pub output_log: Option<PathBuf>,
     pub results: PathBuf,
     pub stderr: PathBuf,
 }
@@ -110,7 +117,27 @@ impl Outcome {
         if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
             problems.push(format!("guest kernel panicked: {}", line.trim()));
         }
+        // A kernel WARNING (with its call trace) means the machine is not
+        // what the kernel expects, e.g. two nodes sharing one socket.
+        if let Some(line) = console.lines().find(|l| l.contains("] WARNING: ")) {
+            problems.push(format!(
+                "guest kernel warned: {} (see {})",
+                line.trim(),
+                self.console_log.display()
+            ));
+        }
         problems
+    }
+
+    /// What /init reported about the guest: its kernel release, its IOMMUs
+    /// (`/sys/class/iommu`) and each edu device's node, group and driver.
+    pub fn guest_facts(&self) -> Vec<String> {
+        let console = fs::read_to_string(&self.console_log).unwrap_or_default();
+        console
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("numapin-init: "))
+            .map(|l| l.trim().to_owned())
+            .collect()
     }
 
     /// The last lines of the guest console and of QEMU's stderr, for reports.
@@ -180,7 +207,16 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
     let memory = qemu_size(shape.node_mib.iter().sum());
     // TCG only: this machine's KVM hangs guests after SeaBIOS.
     push(&["-accel", "tcg", "-cpu", "max"]);
-    push(&["-smp", &cpus.to_string(), "-m", &memory]);
+    // One socket per node. With both vCPUs in one socket (QEMU's default
+    // topology) on two nodes, the guest's scheduler finds CPUs sharing a
+    // last-level cache across nodes and warns with a call trace
+    // (`sched: CPU #1's llc-sibling CPU #0 is not on the same node!`).
+    push(&[
+        "-smp",
+        &format!("{cpus},sockets=2,cores={},threads=1", shape.cpus_per_node),
+        "-m",
+        &memory,
+    ]);
     // The suite's shape has a 1 GiB hugepage on each node. Each node needs a
     // whole, free, 1 GiB-aligned gigabyte for it. With q35's default 2 GiB
     // below 4G, node 0 is [0, 2G) with the BIOS hole and ACPI tables in both
@@ -196,13 +232,6 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
     push(&["-machine", &machine]);
     for (node, mib) in shape.node_mib.iter().enumerate() {
         let m = format!("m{node}");
-        let first = node as u32 * shape.cpus_per_node;
-        let last = first + shape.cpus_per_node - 1;
-        let cpus = if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        };
         push(&[
             "-object",
             &format!(
@@ -211,25 +240,32 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
                 if shape.prealloc { ",prealloc=on" } else { "" }
             ),
         ]);
-        push(&[
-            "-numa",
-            &format!("node,nodeid={node},cpus={cpus},memdev={m}"),
-        ]);
+        push(&["-numa", &format!("node,nodeid={node},memdev={m}")]);
+        push(&["-numa", &format!("cpu,node-id={node},socket-id={node}")]);
     }
-    if run.config.iommu == Iommu::Intel {
-        push(&["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+    // The IOMMU comes before the devices it translates.
+    match run.config.iommu {
+        Iommu::Intel => push(&["-device", "intel-iommu,intremap=on,caching-mode=on"]),
+        Iommu::Amd => push(&["-device", AMD_IOMMU]),
+        Iommu::Virtio => push(&["-device", VIRTIO_IOMMU]),
+        Iommu::None => {}
     }
+    // 40-bit DMA: in no-IOMMU mode edu DMAs to physical addresses, which sit
+    // anywhere in the guest's memory.
+    push(&["-device", EDU]);
+    // A second edu behind a PCIe expander bridge on node 1, so that a device
+    // has a `numa_node` (q35's root bus has none). Its bus number sorts it
+    // after the root-bus edu in /sys/bus/pci/devices (0000:00:03.0 before
+    // 0000:81:00.0): whoever takes the first edu keeps the root-bus one.
     push(&[
         "-device",
-        // 40-bit DMA: in no-IOMMU mode edu DMAs to physical addresses,
-        // which sit anywhere in the guest's 4 GiB.
-        "edu,dma_mask=0xffffffffff",
-        "-net",
-        "none",
-        "-display",
-        "none",
-        "-no-reboot",
+        "pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0",
+        "-device",
+        "pcie-root-port,id=rp1,bus=pxb1,chassis=1",
+        "-device",
+        &format!("{EDU},bus=rp1"),
     ]);
+    push(&["-net", "none", "-display", "none", "-no-reboot"]);
     push(&["-kernel", &run.kernel.image.to_string_lossy()]);
     push(&["-initrd", &run.initrd.to_string_lossy()]);
     let mut cmdline = run.config.cmdline(run.run);
@@ -243,7 +279,28 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
         Console::Capture | Console::Stream => push(&["-monitor", "none", "-serial", "stdio"]),
     }
     push(&["-serial", &format!("file:{}", results.display())]);
+    if quiet(run.run) {
+        push(&[
+            "-serial",
+            &format!("file:{}", run.dir.join("console.log").display()),
+        ]);
+    }
     a
+}
+
+/// The edu device; both copies take the same options.
+const EDU: &str = "edu,dma_mask=0xffffffffff";
+/// QEMU 7.2's AMD-Vi. `intremap=on` needs `kernel-irqchip=split` (set for
+/// every machine here).
+const AMD_IOMMU: &str = "amd-iommu,intremap=on";
+/// QEMU 7.2's virtio-iommu on q35, announced to the guest by ACPI VIOT.
+const VIRTIO_IOMMU: &str = "virtio-iommu-pci";
+
+/// Whether `run` (`NUMAPIN_RUN`) keeps the kernel console off the terminal:
+/// the demo does, so its screen shows only what the demo prints. Its kernel
+/// console still goes, whole, to console.log.
+pub fn quiet(run: &str) -> bool {
+    run == "demo"
 }
 
 /// A size in MiB as QEMU takes it: `4G`, or `5632M` when not whole GiB.
@@ -259,11 +316,15 @@ fn qemu_size(mib: u32) -> String {
 pub fn boot(run: &Run) -> Result<Outcome> {
     fs::create_dir_all(run.dir)?;
     let console_log = run.dir.join("console.log");
+    let output_log = run.dir.join("output.log");
     let results = run.dir.join("results.jsonl");
     let stderr = run.dir.join("qemu.stderr");
-    for f in [&console_log, &results] {
+    for f in [&console_log, &output_log, &results] {
         let _ = fs::remove_file(f);
     }
+    let quiet = quiet(run.run);
+    // What ttyS0 is copied to: the console, or only the program's output.
+    let stdout_log = if quiet { &output_log } else { &console_log };
     let mut qemu = Command::new(QEMU);
     qemu.args(args(run, &results));
     fs::write(run.dir.join("qemu.cmdline"), cmd::display(&qemu) + "\n")?;
@@ -279,7 +340,7 @@ pub fn boot(run: &Run) -> Result<Outcome> {
         .spawn()
         .with_context(|| format!("could not start {QEMU} (package qemu-system-x86)"))?;
     let copier = child.stdout.take().map(|mut out| {
-        let mut log = File::create(&console_log);
+        let mut log = File::create(stdout_log);
         let stream = run.console == Console::Stream;
         std::thread::spawn(move || -> io::Result<()> {
             let log = log
@@ -330,6 +391,7 @@ pub fn boot(run: &Run) -> Result<Outcome> {
         exit,
         elapsed,
         console_log,
+        output_log: quiet.then_some(output_log),
         results,
         stderr,
     })
@@ -370,12 +432,15 @@ mod tests {
     fn machine_has_the_recipe_devices() {
         let a = joined("type1-custom", Console::Capture);
         for want in [
-            "-accel tcg -cpu max -smp 2 -m 4G",
+            "-accel tcg -cpu max -smp 2,sockets=2,cores=1,threads=1 -m 4G",
             "-machine q35,kernel-irqchip=split,max-ram-below-4g=512M",
             "memory-backend-ram,id=m0,size=2G",
-            "-numa node,nodeid=1,cpus=1,memdev=m1",
-            "-device intel-iommu,intremap=on,caching-mode=on",
-            "-device edu,dma_mask=0xffffffffff -net none -display none -no-reboot",
+            "-numa node,nodeid=0,memdev=m0 -numa cpu,node-id=0,socket-id=0",
+            "-numa node,nodeid=1,memdev=m1 -numa cpu,node-id=1,socket-id=1",
+            "-device intel-iommu,intremap=on,caching-mode=on -device edu,dma_mask=0xffffffffff",
+            "-device pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0",
+            "-device pcie-root-port,id=rp1,bus=pxb1,chassis=1",
+            "-device edu,dma_mask=0xffffffffff,bus=rp1 -net none -display none -no-reboot",
             "-kernel /cache/vmlinuz -initrd /t/initramfs.cpio.gz",
             "-monitor none -serial stdio -serial file:/t/results.jsonl",
         ] {
@@ -400,11 +465,11 @@ mod tests {
         };
         let a = args(&run, Path::new("/t/r.jsonl")).join(" ");
         for want in [
-            "-smp 4 -m 6656M",
+            "-smp 4,sockets=2,cores=2,threads=1 -m 6656M",
             "-machine q35,kernel-irqchip=split -object",
             "memory-backend-ram,id=m0,size=5632M,prealloc=on",
-            "-numa node,nodeid=0,cpus=0-1,memdev=m0",
-            "-numa node,nodeid=1,cpus=2-3,memdev=m1",
+            "-numa node,nodeid=0,memdev=m0 -numa cpu,node-id=0,socket-id=0",
+            "-numa node,nodeid=1,memdev=m1 -numa cpu,node-id=1,socket-id=1",
             "NUMAPIN_RUN=bench NUMAPIN_SUITE=bench NUMAPIN_BENCH_SIZES=64M",
         ] {
             assert!(a.contains(want), "missing {want:?} in {a}");
@@ -413,10 +478,49 @@ mod tests {
     }
 
     #[test]
-    fn no_iommu_config_has_no_intel_iommu() {
+    fn each_iommu_model_has_its_device_before_the_edus() {
+        for (config, device) in [
+            ("type1-stock", "intel-iommu,intremap=on,caching-mode=on"),
+            ("type1-amd", "amd-iommu,intremap=on"),
+            ("type1-virtio", "virtio-iommu-pci"),
+        ] {
+            let a = joined(config, Console::Capture);
+            let at = a.find(&format!("-device {device} ")).expect(device);
+            assert!(at < a.find("-device edu").unwrap(), "{a}");
+            assert_eq!(a.matches("-device edu").count(), 2, "{a}");
+            let models = ["intel-iommu", "amd-iommu", "virtio-iommu-pci"];
+            assert_eq!(models.iter().filter(|m| a.contains(*m)).count(), 1, "{a}");
+        }
         let a = joined("noiommu-custom", Console::Capture);
-        assert!(!a.contains("intel-iommu"));
+        assert!(!a.contains("-iommu"), "{a}");
         assert!(a.contains("-device edu,dma_mask=0xffffffffff"));
+    }
+
+    #[test]
+    fn the_demo_moves_the_kernel_console_to_a_file() {
+        let k = kernel();
+        let run = |what| Run {
+            config: vmconfig::find("type1-stock").unwrap(),
+            kernel: &k,
+            initrd: Path::new("/t/i.gz"),
+            run: what,
+            dir: Path::new("/t"),
+            console: Console::Stream,
+            timeout: None,
+            env: &[],
+        };
+        let demo = args(&run("demo"), Path::new("/t/r.jsonl")).join(" ");
+        assert!(
+            demo.contains("-serial stdio -serial file:/t/r.jsonl -serial file:/t/console.log"),
+            "{demo}"
+        );
+        assert!(demo.contains("console=ttyS2 "), "{demo}");
+        let test = args(&run("test"), Path::new("/t/r.jsonl")).join(" ");
+        assert!(
+            test.ends_with("-serial stdio -serial file:/t/r.jsonl"),
+            "{test}"
+        );
+        assert!(test.contains("console=ttyS0 "), "{test}");
     }
 
     #[test]

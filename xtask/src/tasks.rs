@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use crate::kernel::{self, Kernel, KernelKind};
 use crate::qemu::{self, Console, RunMode};
 use crate::results::{Outcome as ScenarioOutcome, Report};
-use crate::vmconfig::{self, VmConfig};
+use crate::vmconfig::{self, Iommu, VmConfig};
 use crate::{cmd, deps, initramfs, layout};
 
 /// The guest binaries: the CLI (package `numapin`, feature `cli`) and the
@@ -101,10 +101,11 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
             }
         };
         println!(
-            "==> vm {} (kernel {} {}, suite {})",
+            "==> vm {} (kernel {} {}, IOMMU {}, suite {})",
             config.name,
             config.kernel.name(),
             kernel.release,
+            config.iommu.model(),
             config.suite
         );
         let dir = layout::vm_dir(config.name);
@@ -173,7 +174,22 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, tally: &mut Tally) {
     tally.failed += report.count(ScenarioOutcome::Fail) + report.count(ScenarioOutcome::NoResult);
     tally.skipped += report.count(ScenarioOutcome::Skip);
 
+    let facts = outcome.guest_facts();
+    for fact in &facts {
+        println!("    guest: {fact}");
+    }
     let mut problems = outcome.problems();
+    if config.iommu != Iommu::None
+        && facts
+            .iter()
+            .any(|f| f.starts_with("kernel ") && f.trim_end().ends_with("iommu:"))
+    {
+        problems.push(format!(
+            "the guest lists no IOMMU in /sys/class/iommu, but {} has {}",
+            config.name,
+            config.iommu.model()
+        ));
+    }
     problems.extend(report.problems.iter().cloned());
     let kernel = report.kernel.as_deref().unwrap_or("?");
     if problems.is_empty() {
@@ -212,8 +228,12 @@ pub fn demo(kind: KernelKind) -> Result<ExitCode> {
     let _lock = layout::lock_vm_dir(&name)?;
     let initrd = make_initramfs(&dir, &kernel, &binaries, None)?;
     println!(
-        "==> booting {} (kernel {}); the guest console follows",
-        config.name, kernel.release
+        "==> booting {} (kernel {}, IOMMU {}); the demo's output follows, the guest \
+         kernel console goes to {}",
+        config.name,
+        kernel.release,
+        config.iommu.model(),
+        dir.join("console.log").display()
     );
     let outcome = qemu::boot(&qemu::Run {
         config,
@@ -251,21 +271,24 @@ fn finish_program_run(what: &str, outcome: &qemu::Outcome) -> Result<ExitCode> {
                     )
                 }
             }
-            // The console was streamed already: only say where it is kept.
-            eprintln!("console: {}", outcome.console_log.display());
+            // The output was streamed already: only say where it is kept.
+            eprintln!("guest console: {}", outcome.console_log.display());
+            if let Some(output) = &outcome.output_log {
+                eprintln!("program output: {}", output.display());
+            }
             eprint!("{}", outcome.stderr_tail());
             Ok(ExitCode::FAILURE)
         }
     }
 }
 
-/// `cargo xtask kernels`: prepare both kernels and say where they are.
+/// `cargo xtask kernels`: prepare every kernel and say where they are.
 pub fn kernels() -> Result<ExitCode> {
-    ensure_packages([KernelKind::Stock, KernelKind::Custom])?;
-    for kind in [KernelKind::Stock, KernelKind::Custom] {
+    ensure_packages(KernelKind::ALL.iter().copied())?;
+    for &kind in KernelKind::ALL {
         let k = kernel::prepare(kind)?;
         println!(
-            "{:<7} {}  {}  ({})",
+            "{:<9} {}  {}  ({})",
             k.kind.name(),
             k.release,
             k.image.display(),
@@ -337,13 +360,15 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
 
 pub fn print_configs() {
     for c in vmconfig::CONFIGS {
+        let pin = kernel::pins::of(c.kernel);
         println!(
-            "{:<16} kernel {:<7} iommu {:<6} suite {:<8} {}",
+            "{:<16} kernel {:<9} iommu {:<16} suite {:<8} {}{}",
             c.name,
             c.kernel.name(),
-            format!("{:?}", c.iommu).to_lowercase(),
+            c.iommu.model(),
             c.suite,
-            if c.default { "(default)" } else { "" }
+            pin.version,
+            if c.default { " (default)" } else { "" }
         );
     }
 }
@@ -369,9 +394,10 @@ fn select(names: &[String]) -> Result<Vec<&'static VmConfig>> {
 pub(crate) fn ensure_packages(kinds: impl IntoIterator<Item = KernelKind>) -> Result<()> {
     let mut wanted: Vec<&str> = deps::VM.to_vec();
     for kind in kinds {
-        wanted.extend(match kind {
-            KernelKind::Stock => deps::STOCK_KERNEL,
-            KernelKind::Custom => deps::KERNEL_BUILD,
+        wanted.extend(if kind.is_stock() {
+            deps::STOCK_KERNEL
+        } else {
+            deps::KERNEL_BUILD
         });
     }
     deps::ensure(&wanted)
@@ -464,16 +490,7 @@ mod tests {
     #[test]
     fn select_defaults_and_named() {
         let d: Vec<_> = select(&[]).unwrap().iter().map(|c| c.name).collect();
-        assert_eq!(
-            d,
-            [
-                "type1-stock",
-                "type1-custom",
-                "noiommu-custom",
-                "mdev-custom",
-                "iommufd-custom"
-            ]
-        );
+        assert_eq!(d, vmconfig::tests::DEFAULT_SET);
         let n: Vec<_> = select(&["mdev-custom".into(), "mdev-custom".into()])
             .unwrap()
             .iter()

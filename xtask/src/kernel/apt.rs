@@ -1,51 +1,44 @@
-//! apt, used two ways: the system's own sources (for the stock kernel), and a
-//! private sources list with its own state directory (for `linux-source-6.12`,
-//! which bookworm's default sources lack). The private one never touches the
-//! system's apt configuration, lists or caches.
+//! A private apt: its own sources list and state directory per set of
+//! suites, so that fetching a guest kernel never touches the system's apt
+//! configuration, lists or caches.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 
+use super::pins::Archive;
 use crate::{cmd, layout};
 
-/// The keyring that signs bookworm, bookworm-backports and trixie.
+/// The keyring that signs bookworm and trixie (and their updates, security
+/// and backports suites).
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
-static SYSTEM_LISTS_REFRESHED: AtomicBool = AtomicBool::new(false);
-
-/// As root, runs the system's `apt-get update` once per xtask run, so that
-/// "the current stock kernel" means the current one. Not root: the lists are
-/// used as they are. A failure only warns: a cached kernel may still do.
-pub fn refresh_system_lists() {
-    if !layout::is_root() || SYSTEM_LISTS_REFRESHED.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    let mut update = Command::new("apt-get");
-    update.args(["-q", "update"]);
-    if let Err(err) = cmd::output(&mut update) {
-        eprintln!("    warning: {err:#}");
-    }
-}
-
-/// An apt pointed at one suite of the Debian archive, with its lists and
+/// An apt pointed at some suites of the Debian archives, with its lists and
 /// caches in `dir`.
 pub struct SideApt {
     dir: PathBuf,
 }
 
 impl SideApt {
-    /// Sets up `dir` for `deb <mirror> <suite> main`, signed by Debian's keyring.
-    pub fn new(dir: PathBuf, mirror: &str, suite: &str) -> Result<SideApt> {
+    /// Sets up `dir` for one `deb <archive> <suite> main` line per source,
+    /// signed by Debian's keyring.
+    pub fn new(dir: PathBuf, sources: &[(Archive, &str)]) -> Result<SideApt> {
         for sub in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("could not create {}", dir.join(sub).display()))?;
         }
-        let line = format!("deb [signed-by={DEBIAN_KEYRING}] {mirror} {suite} main\n");
-        fs::write(dir.join("sources.list"), line)?;
+        let lines: String = sources
+            .iter()
+            .map(|(archive, suite)| {
+                format!(
+                    "deb [signed-by={DEBIAN_KEYRING}] {} {suite} main\n",
+                    archive.url()
+                )
+            })
+            .collect();
+        fs::write(dir.join("sources.list"), lines)?;
         Ok(SideApt { dir })
     }
 
@@ -80,15 +73,29 @@ impl SideApt {
         cmd::output(self.command("apt-get").args(["-q", "update"])).map(drop)
     }
 
-    /// The candidate version of `pkg` in this suite.
-    pub fn candidate(&self, pkg: &str) -> Result<String> {
-        let out = cmd::output(self.command("apt-cache").args(["policy", pkg]))?;
-        parse_candidate(&out).with_context(|| {
-            format!(
-                "{pkg} is not in {}/sources.list's suite",
-                self.dir.display()
-            )
-        })
+    /// Every version of `pkg` these suites carry (empty when none).
+    pub fn versions(&self, pkg: &str) -> Result<Vec<String>> {
+        let out = cmd::output(self.command("apt-cache").args(["madison", pkg]))?;
+        Ok(parse_madison(&out, pkg))
+    }
+
+    /// The newest versioned package `meta` depends on (the candidate's
+    /// dependency starting with `prefix` and a digit), with its version.
+    pub fn newest(&self, meta: &str, prefix: &str) -> Result<(String, String)> {
+        let out = cmd::output(self.command("apt-cache").args(["depends", meta]))?;
+        let pkg = parse_versioned_depends(&out, prefix).with_context(|| {
+            format!("`apt-cache depends {meta}` names no {prefix}<version> package")
+        })?;
+        let out = cmd::output(self.command("apt-cache").args(["policy", &pkg]))?;
+        let version = parse_candidate(&out).with_context(|| format!("{pkg} has no candidate"))?;
+        Ok((pkg, version))
+    }
+
+    /// The packages `pkg` depends on (its candidate's `Depends:` lines,
+    /// virtual ones left out).
+    pub fn depends(&self, pkg: &str) -> Result<Vec<String>> {
+        let out = cmd::output(self.command("apt-cache").args(["depends", pkg]))?;
+        Ok(parse_depends(&out))
     }
 
     /// `apt-get download pkg=version` into `dest`.
@@ -102,50 +109,30 @@ impl SideApt {
     }
 }
 
-/// The system apt's `apt-cache` / `apt-get`.
-fn system(program: &str) -> Command {
-    let mut c = Command::new(program);
-    if layout::is_root() {
-        c.args(["-o", "APT::Sandbox::User=root"]);
-    }
-    c
+/// The real (not virtual, not alternative) `Depends:` of `apt-cache depends`:
+///
+/// ```text
+/// linux-image-7.3.4+deb13-amd64
+///  |Depends: <dracut>
+///   Depends: linux-binary-7.3.4+deb13-amd64
+/// ```
+fn parse_depends(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|line| line.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .filter(|dep| !dep.starts_with('<'))
+        .map(str::to_owned)
+        .collect()
 }
 
-/// The versioned image package the metapackage `meta` depends on, e.g.
-/// `linux-image-amd64` → `linux-image-6.1.0-56-amd64`.
-pub fn system_image_package(meta: &str) -> Result<String> {
-    let out = cmd::output(system("apt-cache").args(["depends", meta]))?;
-    parse_image_depends(&out).with_context(|| {
-        format!(
-            "`apt-cache depends {meta}` names no linux-image package; \
-             run `apt-get update` (as root) and try again"
-        )
-    })
-}
-
-/// The candidate version of `pkg` in the system's sources.
-pub fn system_candidate(pkg: &str) -> Result<String> {
-    let out = cmd::output(system("apt-cache").args(["policy", pkg]))?;
-    parse_candidate(&out).with_context(|| format!("apt has no candidate for {pkg}"))
-}
-
-/// `apt-get download pkg=version` from the system's sources into `dest`.
-pub fn system_download(pkg: &str, version: &str, dest: &Path) -> Result<()> {
-    cmd::output(system("apt-get").current_dir(dest).args([
-        "-q",
-        "download",
-        &format!("{pkg}={version}"),
-    ]))
-    .map(drop)
-}
-
-/// Picks the versioned kernel image from `apt-cache depends` output:
+/// Picks the versioned package (`prefix` then a digit) from `apt-cache
+/// depends` output, alternatives and virtual names included:
 ///
 /// ```text
 /// linux-image-amd64
 ///   Depends: linux-image-6.1.0-56-amd64
 /// ```
-fn parse_image_depends(out: &str) -> Option<String> {
+fn parse_versioned_depends(out: &str, prefix: &str) -> Option<String> {
     out.lines()
         .filter_map(|line| {
             let line = line.trim().trim_start_matches('|');
@@ -153,10 +140,23 @@ fn parse_image_depends(out: &str) -> Option<String> {
         })
         .map(|dep| dep.trim().trim_matches(|c| c == '<' || c == '>'))
         .find(|dep| {
-            dep.strip_prefix("linux-image-")
+            dep.strip_prefix(prefix)
                 .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
         })
         .map(str::to_owned)
+}
+
+/// The versions in `apt-cache madison` output (`pkg | version | source`).
+fn parse_madison(out: &str, pkg: &str) -> Vec<String> {
+    let mut versions: Vec<String> = out
+        .lines()
+        .filter_map(|line| {
+            let mut cols = line.split('|').map(str::trim);
+            (cols.next()? == pkg).then(|| cols.next().map(str::to_owned))?
+        })
+        .collect();
+    versions.dedup();
+    versions
 }
 
 /// The `Candidate:` of `apt-cache policy` output (`(none)` counts as none).
@@ -179,7 +179,7 @@ mod tests {
     fn image_from_depends() {
         let out = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
         assert_eq!(
-            parse_image_depends(out).as_deref(),
+            parse_versioned_depends(out, "linux-image-").as_deref(),
             Some("linux-image-6.1.0-56-amd64")
         );
     }
@@ -188,12 +188,15 @@ mod tests {
     fn image_from_depends_skips_other_packages_and_alternatives() {
         let out = "linux-image-amd64\n  Depends: linux-base\n |Depends: <linux-image-6.12.9-amd64>\n  Depends: linux-image-6.12.10-amd64\n";
         assert_eq!(
-            parse_image_depends(out).as_deref(),
+            parse_versioned_depends(out, "linux-image-").as_deref(),
             Some("linux-image-6.12.9-amd64")
         );
-        assert_eq!(parse_image_depends("linux-image-amd64\n"), None);
         assert_eq!(
-            parse_image_depends("  Depends: linux-image-amd64-signed\n"),
+            parse_versioned_depends("linux-image-amd64\n", "linux-image-"),
+            None
+        );
+        assert_eq!(
+            parse_versioned_depends("  Depends: linux-image-amd64-signed\n", "linux-image-"),
             None
         );
     }
@@ -208,5 +211,38 @@ mod tests {
     fn no_candidate() {
         assert!(parse_candidate("foo:\n  Installed: (none)\n  Candidate: (none)\n").is_err());
         assert!(parse_candidate("").is_err());
+    }
+
+    #[test]
+    fn versions_from_madison() {
+        let out = "linux-source-7.2 | 7.2.12-1~bpo13+1 | http://deb.debian.org/debian trixie-backports/main amd64 Packages\n\
+                   linux-source-7.2 | 7.2.11-1~bpo13+1 | http://deb.debian.org/debian trixie-backports/main amd64 Packages\n\
+                   linux-source-7.20 | 7.20.1-1 | elsewhere\n";
+        assert_eq!(
+            parse_madison(out, "linux-source-7.2"),
+            ["7.2.12-1~bpo13+1", "7.2.11-1~bpo13+1"]
+        );
+        assert!(parse_madison("", "linux-source-7.2").is_empty());
+    }
+
+    #[test]
+    fn split_image_depends() {
+        let out = "linux-image-7.3.4+deb13-amd64\n  PreDepends: linux-base\n |Depends: <dracut>\n  Depends: <linux-initramfs-tool>\n  Depends: linux-base-7.3.4+deb13-amd64\n  Depends: linux-binary-7.3.4+deb13-amd64\n  Depends: linux-modules-7.3.4+deb13-amd64\n  Breaks: <fwupdate>\n";
+        assert_eq!(
+            parse_depends(out),
+            [
+                "linux-base-7.3.4+deb13-amd64",
+                "linux-binary-7.3.4+deb13-amd64",
+                "linux-modules-7.3.4+deb13-amd64"
+            ]
+        );
+        assert_eq!(
+            parse_versioned_depends(
+                "linux-source\n  Depends: linux-source-7.3\n",
+                "linux-source-"
+            )
+            .as_deref(),
+            Some("linux-source-7.3")
+        );
     }
 }

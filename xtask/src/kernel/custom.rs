@@ -1,7 +1,8 @@
-//! The self-built kernel: Debian's `linux-source-6.12` (from
-//! bookworm-backports through a private apt state), `make tinyconfig`, the
-//! repo's fragment enabled with `scripts/config -e`, `make olddefconfig`, a
-//! check that every requested option survived, then `make bzImage`.
+//! The self-built kernel: Debian's `linux-source-7.3` at its pinned version
+//! (from trixie-backports through a private apt state), `make tinyconfig`,
+//! the repo's fragment enabled with `scripts/config -e`, `make olddefconfig`,
+//! a check that every requested option survived (scripts/config accepts
+//! names the kernel does not have), then `make bzImage`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,12 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use super::fragment::Fragment;
-use super::{Cache, Kernel, KernelKind, RECIPE, apt::SideApt, find_deb, key_part};
+use super::{Cache, Kernel, KernelKind, RECIPE, find_deb, key_part, pins, side_apt};
 use crate::{cmd, layout};
-
-const SOURCE_PACKAGE: &str = "linux-source-6.12";
-const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
-const DEFAULT_SUITE: &str = "bookworm-backports";
 
 /// Returns the custom kernel and whether it was built just now.
 pub fn prepare(cache: &Cache) -> Result<(Kernel, bool)> {
@@ -24,51 +21,33 @@ pub fn prepare(cache: &Cache) -> Result<(Kernel, bool)> {
     let text = fs::read_to_string(&fragment_path)
         .with_context(|| format!("could not read {}", fragment_path.display()))?;
     let fragment = Fragment::parse(&text)?;
-    let suffix = format!("-{}-r{RECIPE}", &fragment.hash()[..12]);
-
-    let env = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.to_owned());
-    let mirror = env("NUMAPIN_DEBIAN_MIRROR", DEFAULT_MIRROR);
-    let suite = env("NUMAPIN_SOURCE_SUITE", DEFAULT_SUITE);
-    let side = SideApt::new(cache.path().join(format!("apt-{suite}")), &mirror, &suite)?;
-    let resolved = side.update().and_then(|()| side.candidate(SOURCE_PACKAGE));
-    let version = match resolved {
-        Ok(v) => v,
-        Err(err) => match cache.newest("custom-", &suffix) {
-            Some(dir) => {
-                eprintln!(
-                    "    warning: could not resolve {SOURCE_PACKAGE} ({err:#}); using the cached {}",
-                    dir.display()
-                );
-                return Ok((Kernel::load(KernelKind::Custom, &dir)?, false));
-            }
-            None => {
-                return Err(err).context(format!(
-                    "could not find {SOURCE_PACKAGE} in {mirror} {suite} \
-                     (set NUMAPIN_DEBIAN_MIRROR / NUMAPIN_SOURCE_SUITE, e.g. trixie)"
-                ));
-            }
-        },
-    };
-    let key = format!("custom-{}{suffix}", key_part(&version));
+    let pin = pins::of(KernelKind::Custom);
+    let (source, version) = (pin.package, pin.version);
+    let key = format!(
+        "custom-{}-{}-r{RECIPE}",
+        key_part(version),
+        &fragment.hash()[..12]
+    );
     let entry = cache.entry(&key);
     if entry.is_dir() {
         return Ok((Kernel::load(KernelKind::Custom, &entry)?, false));
     }
+    let side = side_apt(cache, pin)?;
 
     let log = cache.log(&key);
     let _ = fs::remove_file(&log);
     println!(
-        "    building {SOURCE_PACKAGE} {version} (a few minutes; log: {})",
+        "    building {source} {version} (a few minutes; log: {})",
         log.display()
     );
     let scratch = cache.scratch("custom")?;
     let start = Instant::now();
-    side.download(SOURCE_PACKAGE, &version, scratch.path())?;
+    side.download(source, version, scratch.path())?;
     let deb = find_deb(scratch.path())?;
     let unpacked = scratch.path().join("deb");
     cmd::output(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
     fs::remove_file(&deb)?;
-    let tarball = unpacked.join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
+    let tarball = unpacked.join(format!("usr/src/{source}.tar.xz"));
     cmd::run_logged(
         Command::new("tar")
             .arg("-xf")
@@ -77,7 +56,7 @@ pub fn prepare(cache: &Cache) -> Result<(Kernel, bool)> {
             .arg(scratch.path()),
         &log,
     )?;
-    let tree = scratch.path().join(SOURCE_PACKAGE);
+    let tree = scratch.path().join(source);
     if !tree.join("Makefile").is_file() {
         bail!("{} did not unpack to {}", tarball.display(), tree.display());
     }
@@ -85,10 +64,7 @@ pub fn prepare(cache: &Cache) -> Result<(Kernel, bool)> {
 
     let staged = scratch.path().join("entry");
     build(&tree, &fragment, &staged, &log)?;
-    fs::write(
-        staged.join("origin"),
-        format!("{SOURCE_PACKAGE} {version}\n"),
-    )?;
+    fs::write(staged.join("origin"), format!("{source} {version}\n"))?;
     println!("    built in {}", cmd::secs(start.elapsed()));
     let dir = cache.commit(&staged, &key)?;
     Ok((Kernel::load(KernelKind::Custom, &dir)?, true))
