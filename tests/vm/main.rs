@@ -15,6 +15,7 @@ mod balancing;
 mod demo;
 mod errors;
 mod iommufd;
+mod locality;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
@@ -37,6 +38,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             let mut v = type1::scenarios();
             v.extend(bad_input::scenarios());
             v.extend(errors::type1());
+            v.extend(locality::scenarios());
             v.extend(demo::scenarios());
             v.extend(service::scenarios());
             Some(v)
@@ -55,6 +57,9 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(demo::scenarios());
             Some(v)
         }
+        // What a kernel or an IOMMU model changes; the rest of the type1
+        // suite runs on the stock 6.1 and the built kernel.
+        "type1-core" => Some(type1::scenarios()),
         "iommufd" => Some(iommufd::scenarios()),
         _ => None,
     }
