@@ -2,7 +2,7 @@
 //!
 //! One JSON object per `SOCK_SEQPACKET` message, at most [`MAX_REQUEST`]
 //! bytes from a client and [`MAX_REPLY`] bytes from the daemon. A client
-//! sends a [`Request`] and waits for the [`Reply`] with the same `id`
+//! sends a [`Request`] and waits for the `Message::Reply` with the same `id`
 //! before sending the next (one request in flight per connection); the
 //! daemon may also send an [`Event`] at any time. The reply to `allocate`
 //! carries the region's memfd as `SCM_RIGHTS`; no other message carries an

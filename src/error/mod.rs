@@ -5,6 +5,12 @@ use std::path::PathBuf;
 
 use crate::addr::{Iova, NodeId, PageSize, human_size};
 
+mod cause;
+mod kind;
+
+pub use cause::MisplacedCause;
+pub use kind::ErrorKind;
+
 /// A `Result` with numapin's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -25,64 +31,6 @@ fn hs(b: &u64) -> String {
 
 fn pair(a: u64, b: u64) -> [String; 2] {
     crate::addr::human_sizes(a, b)
-}
-
-/// Why pages ended up off their node, as far as numapin can tell from the
-/// memory policy at the page and the node's zones.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MisplacedCause {
-    /// The memory's policy does not bind it to the node: its pages are where
-    /// they were first touched (or where that policy put them).
-    NotBound {
-        /// The policy at the first misplaced page (`get_mempolicy`).
-        policy: String,
-    },
-    /// The memory is bound to the node and the node has memory a long-term
-    /// pin migrates away (ZONE_MOVABLE, CMA): the pin may have moved the
-    /// pages, or something else did before it.
-    MovableMemory {
-        /// What the node has (`/proc/zoneinfo`).
-        zones: Vec<String>,
-    },
-    /// The memory is bound to the node and the node has nothing a pin would
-    /// migrate: something moved the pages before the pin, and numapin
-    /// cannot tell what.
-    Unknown,
-    /// The policy at the page could not be read, so numapin cannot tell.
-    PolicyUnreadable {
-        /// The `get_mempolicy` error.
-        error: String,
-    },
-}
-
-impl std::fmt::Display for MisplacedCause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MisplacedCause::NotBound { policy } => write!(
-                f,
-                "the memory is not bound to that node (its policy is {policy}), so its pages stayed where they were \
-                 placed: bind it with mbind(MPOL_BIND) before faulting it in, or pin without a node"
-            ),
-            MisplacedCause::MovableMemory { zones } => write!(
-                f,
-                "the memory is bound to the node, which has memory a long-term pin migrates away ({}): the pin may \
-                 have moved the pages, or another process did before it (numapin cannot tell which); free \
-                 unmovable memory on the node, or boot without movable_node/kernelcore/movablecore",
-                zones.join(", ")
-            ),
-            MisplacedCause::Unknown => f.write_str(
-                "the memory is bound to the node and the node has no ZONE_MOVABLE or CMA a pin would migrate from, \
-                 so something moved the pages before the pin (another process's migrate_pages/move_pages, a cpuset \
-                 change); the cause is unknown to numapin: retry, and look for other tools moving memory",
-            ),
-            MisplacedCause::PolicyUnreadable { error } => write!(
-                f,
-                "numapin could not read the memory policy at that page ({error}), so the cause is unknown: check \
-                 that the memory is bound to the node (mbind MPOL_BIND) before it is faulted in"
-            ),
-        }
-    }
 }
 
 /// Everything that can go wrong while opening a device or pinning memory.
@@ -623,181 +571,7 @@ pub enum Error {
     },
 }
 
-/// The class of an error: what kind of thing went wrong, and so what kind
-/// of action fixes it. The CLI exits with [`ErrorKind::exit_code`], its
-/// `--json` error object carries [`ErrorKind::name`], and the service's
-/// protocol uses the same names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// The request itself is wrong (a size, an alignment, an address, a
-    /// device string that names no device): change the arguments.
-    Usage,
-    /// The caller lacks a right (a capability, access to a device node).
-    Permission,
-    /// A resource the pin needs is short: node memory, hugepages, memlock,
-    /// DMA mappings, IOVA space, file descriptors.
-    ResourceLimit,
-    /// The device or the system is not in the state pinning needs (driver,
-    /// IOMMU, group, io_uring, a device held by another process).
-    DeviceState,
-    /// The kernel did not give the guarantee: a page off its node, a pin not
-    /// accounted, a frame that changed. Never retried silently.
-    GuaranteeBroken,
-    /// The caller cancelled the work.
-    Cancelled,
-    /// A system call failed for a reason numapin does not recognise.
-    Internal,
-}
-
-impl ErrorKind {
-    /// The name used in JSON and the protocol (`usage`, `permission`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            ErrorKind::Usage => "usage",
-            ErrorKind::Permission => "permission",
-            ErrorKind::ResourceLimit => "resource-limit",
-            ErrorKind::DeviceState => "device-state",
-            ErrorKind::GuaranteeBroken => "guarantee-broken",
-            ErrorKind::Cancelled => "cancelled",
-            ErrorKind::Internal => "internal",
-        }
-    }
-
-    /// The CLI's exit status for this kind: 2 usage, 3 permission, 4
-    /// resource limit, 5 device state, 6 guarantee broken, 7 internal. A
-    /// cancelled run exits 128 + the signal number instead (130 for SIGINT,
-    /// 143 for SIGTERM); without a signal, 130.
-    pub fn exit_code(self) -> u8 {
-        match self {
-            ErrorKind::Usage => 2,
-            ErrorKind::Permission => 3,
-            ErrorKind::ResourceLimit => 4,
-            ErrorKind::DeviceState => 5,
-            ErrorKind::GuaranteeBroken => 6,
-            ErrorKind::Internal => 7,
-            ErrorKind::Cancelled => 130,
-        }
-    }
-}
-
-fn errno_kind(e: &io::Error) -> ErrorKind {
-    match e.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) => ErrorKind::Permission,
-        Some(libc::ENOMEM | libc::ENOSPC | libc::EMFILE | libc::ENFILE | libc::EAGAIN) => {
-            ErrorKind::ResourceLimit
-        }
-        Some(libc::EBUSY | libc::ENODEV | libc::ENXIO) => ErrorKind::DeviceState,
-        Some(libc::EINVAL | libc::EFAULT | libc::EEXIST) => ErrorKind::Usage,
-        _ => ErrorKind::Internal,
-    }
-}
-
 impl Error {
-    /// [`Error::NotPinnable`] with the cause `maps` shows (`None`: maps
-    /// could not be read).
-    pub fn not_pinnable(
-        call: &'static str,
-        vaddr: u64,
-        len: u64,
-        maps: Option<crate::sys::RangeMapping>,
-    ) -> Error {
-        use crate::sys::RangeMapping as M;
-        let why = match maps {
-            Some(M::Unmapped(at)) => format!(
-                "nothing is mapped at {at:#x}; pin only memory that stays mapped for the region's life"
-            ),
-            Some(M::NotWritable { start, perms, path }) => format!(
-                "the mapping at {start:#x} ({perms}{}{path}) is not writable, and a device that writes needs a \
-                 writable pin; map it PROT_READ|PROT_WRITE",
-                if path.is_empty() { "" } else { " " }
-            ),
-            Some(M::Writable { path }) => format!(
-                "it is mapped writable ({}) but the kernel refused a long-term pin: file mappings that need dirty \
-                 tracking, device memory (VM_IO/VM_PFNMAP) and secretmem cannot be pinned; use anonymous memory, \
-                 memfd/shmem or hugetlbfs",
-                if path.is_empty() { "anonymous" } else { &path }
-            ),
-            None => "the range is not mapped, not writable, or cannot be pinned long-term (EFAULT; /proc/self/maps \
-                     could not be read to tell which); pin writable anonymous, memfd or hugetlbfs memory"
-                .to_string(),
-        };
-        Error::NotPinnable {
-            call,
-            vaddr,
-            len,
-            why,
-        }
-    }
-
-    /// The error's class.
-    pub fn kind(&self) -> ErrorKind {
-        use ErrorKind as K;
-        match self {
-            Error::ZeroSize
-            | Error::UnalignedSize { .. }
-            | Error::UnalignedForIommu { .. }
-            | Error::UnalignedIova { .. }
-            | Error::NodeNotOnline { .. }
-            | Error::IovaOverlap { .. }
-            | Error::DeviceNotFound { .. }
-            | Error::NotADevice { .. }
-            | Error::IovaWithoutIommu { .. }
-            | Error::UnalignedUserMemory { .. }
-            | Error::NotPinnable { .. }
-            | Error::Parse(_)
-            | Error::Invalid(_) => K::Usage,
-            Error::Iova(e) => match e {
-                crate::iova::IovaError::Exhausted { .. } => K::ResourceLimit,
-                _ => K::Usage,
-            },
-            Error::PermissionDenied { .. }
-            | Error::NoIommuNeedsRawio { .. }
-            | Error::NodeNotAllowed { .. } => K::Permission,
-            Error::NotEnoughHugepages { .. }
-            | Error::MemlockLimit { .. }
-            | Error::DmaEntriesExhausted { .. }
-            | Error::PinNoMemory { .. }
-            | Error::OutOfFds { .. }
-            | Error::NodeMemoryShort { .. }
-            | Error::CgroupMemoryLimit { .. }
-            | Error::HugepagesReserved { .. }
-            | Error::Populate { .. }
-            | Error::ExtentTooSmall { .. } => K::ResourceLimit,
-            Error::NotBoundToVfio { .. }
-            | Error::NoIommuGroup { .. }
-            | Error::GroupNotViable { .. }
-            | Error::GroupBusy { .. }
-            | Error::NoIommuModeOff { .. }
-            | Error::UringDisabled { .. }
-            | Error::UringUnsupported
-            | Error::ChecksFailed { .. }
-            | Error::DeviceInUse { .. }
-            | Error::IommufdUnavailable { .. } => K::DeviceState,
-            Error::Misplaced { .. } | Error::NotAccounted { .. } => K::GuaranteeBroken,
-            Error::Cancelled { .. } => K::Cancelled,
-            Error::Phys(e) => match e {
-                crate::phys::PhysError::PfnHidden { .. } => K::Permission,
-                _ => K::Internal,
-            },
-            Error::Info(_) | Error::Vfio { .. } => K::Internal,
-            Error::Sys { cause, .. } => errno_kind(cause),
-            Error::Service { kind, .. } => *kind,
-        }
-    }
-
-    /// The message split into what happened and what to do: every message
-    /// reads `<what happened>; <what to do>`, and the hint is what follows
-    /// the first `; ` (`None` when the message has no remedy part).
-    pub fn parts(&self) -> (String, Option<String>) {
-        let text = self.to_string();
-        match text.split_once("; ") {
-            Some((what, hint)) => (what.to_string(), Some(hint.to_string())),
-            None => (text, None),
-        }
-    }
-
     /// Wraps the OS error of the call `op`. Running out of file descriptors
     /// (EMFILE, ENFILE) becomes [`Error::OutOfFds`] whatever the call was.
     pub fn sys(op: impl Into<String>, hint: &'static str, source: io::Error) -> Error {
