@@ -250,26 +250,3 @@ impl Conn<'_> {
         Ok(len)
     }
 }
-
-pub(super) fn unaccount(s: &mut State, uid: u32, node: u32, size: u64) {
-    if let Some(b) = s.bytes.get_mut(&(uid, node)) {
-        *b = b.saturating_sub(size);
-        if *b == 0 {
-            s.bytes.remove(&(uid, node));
-        }
-    }
-    if let Some(r) = s.regions.get_mut(&uid) {
-        *r = r.saturating_sub(1);
-        if *r == 0 {
-            s.regions.remove(&uid);
-        }
-    }
-}
-
-/// A node's MemFree in bytes (0 if unreadable: nothing is allocated then).
-pub(super) fn node_free(node: u32) -> u64 {
-    numapin::numa::Topology::read()
-        .ok()
-        .and_then(|t| t.node(NodeId(node)).map(|n| n.mem_free))
-        .unwrap_or(0)
-}

@@ -1,7 +1,6 @@
 //! One connection: its thread reads requests, answers them, and owns the
 //! regions it allocated, so that they go when it ends.
 
-use super::alloc::unaccount;
 use super::*;
 
 pub(super) fn error(kind: ErrorKind, message: String, hint: &str) -> ErrorBody {
