@@ -407,22 +407,36 @@ impl Pinner {
             }
         };
         let iova = reservation.map(IovaReservation::keep);
-        let shared: Arc<dyn Send + Sync> = self.inner.clone();
         Ok(PinnedRegion::new(RegionParts {
-            mapper: self.inner.mapper.clone(),
-            keep: shared,
-            kind: self.inner.kind,
-            source: self.inner.source,
-            device: self.inner.name.clone(),
             iova,
-            len: range.len,
-            vaddr: range.vaddr,
             node: range.node,
-            page_size: range.page_size,
             memory: mem,
             uring,
             pfns,
+            ..self.region_parts(range.vaddr, range.len, range.page_size)
         }))
+    }
+
+    /// What every region of this pinner is made of: the mapper that maps
+    /// it, the shared state that keeps the device open, the kind and pin
+    /// source; no IOVA, node, memory, io_uring pin or PFNs yet.
+    fn region_parts(&self, vaddr: VirtAddr, len: u64, page_size: crate::PageSize) -> RegionParts {
+        let keep: Arc<dyn Send + Sync> = self.inner.clone();
+        RegionParts {
+            mapper: self.inner.mapper.clone(),
+            keep,
+            kind: self.inner.kind,
+            source: self.inner.source,
+            device: self.inner.name.clone(),
+            iova: None,
+            len,
+            vaddr,
+            node: None,
+            page_size,
+            memory: None,
+            uring: None,
+            pfns: None,
+        }
     }
 
     /// What the pin itself consumes: memlock (by the pin source's rule),

@@ -75,6 +75,18 @@ impl Pinner {
         let pins = kind == ContainerKind::Type1Iommu;
         let mapper: Arc<dyn IovaMapper> =
             Arc::new(Type1Container::given(fd, pins, name.clone(), ipc_lock)?);
+        Pinner::on_callers(mapper, kind, Backend::Type1, name, ipc_lock)
+    }
+
+    /// A pinner on a mapper over a container or IOAS the caller owns: no
+    /// device of numapin's own.
+    pub(super) fn on_callers(
+        mapper: Arc<dyn IovaMapper>,
+        kind: ContainerKind,
+        backend: Backend,
+        name: String,
+        ipc_lock: bool,
+    ) -> Result<Pinner> {
         let source = PinSource::for_mapper(mapper.as_ref());
         Ok(Pinner {
             inner: Arc::new(Shared {
@@ -83,7 +95,7 @@ impl Pinner {
                 source,
                 dev: None,
                 kind,
-                backend: Backend::Type1,
+                backend,
                 name,
                 topology: Topology::read()?,
                 ipc_lock,
@@ -119,21 +131,11 @@ impl Pinner {
         // SAFETY: the caller's contract is resume_vaddr's.
         backend::serialized(|| unsafe { mapper.resume_vaddr(vaddr, s.iova, s.len) })?;
         let pfns = crate::phys::pfns(vaddr.raw(), s.len).ok();
-        let shared: Arc<dyn Send + Sync> = self.inner.clone();
         Ok(PinnedRegion::new(RegionParts {
-            mapper: self.inner.mapper.clone(),
-            keep: shared,
-            kind: self.inner.kind,
-            source: self.inner.source,
-            device: self.inner.name.clone(),
             iova: Some(s.iova),
-            len: s.len,
-            vaddr,
             node: s.node,
-            page_size: s.page_size,
-            memory: None,
-            uring: None,
             pfns,
+            ..self.region_parts(vaddr, s.len, s.page_size)
         }))
     }
 }

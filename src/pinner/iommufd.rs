@@ -5,12 +5,10 @@
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use super::{Pinner, Shared};
+use super::Pinner;
 use crate::addr::Iova;
-use crate::backend::{Backend, IovaMapper, PinSource};
+use crate::backend::{Backend, IovaMapper};
 use crate::error::{Error, Result};
-use crate::numa::Topology;
-use crate::prove;
 use crate::sys;
 use crate::vfio::ContainerKind;
 
@@ -35,21 +33,13 @@ impl Pinner {
             name.clone(),
             ipc_lock,
         )?);
-        let source = PinSource::for_mapper(mapper.as_ref());
-        Ok(Pinner {
-            inner: Arc::new(Shared {
-                device: None,
-                mapper,
-                source,
-                dev: None,
-                kind: ContainerKind::Type1Iommu,
-                backend: Backend::Iommufd,
-                name,
-                topology: Topology::read()?,
-                ipc_lock,
-                read_counter: prove::read_counter,
-            }),
-        })
+        Pinner::on_callers(
+            mapper,
+            ContainerKind::Type1Iommu,
+            Backend::Iommufd,
+            name,
+            ipc_lock,
+        )
     }
 
     /// What the iommufd backend set up: cdev, ids, accounting mode, IOVA
