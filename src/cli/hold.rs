@@ -110,6 +110,15 @@ impl SignalSet {
 }
 
 impl Watcher {
+    /// Holds for `--hold SECS` (`None`: until a signal): returns at once for
+    /// `--hold 0`, otherwise as [`Watcher::wait`].
+    pub fn hold(&self, secs: Option<u64>) {
+        match secs.map(Duration::from_secs) {
+            Some(Duration::ZERO) => {}
+            timeout => self.wait(timeout),
+        }
+    }
+
     /// Waits for a signal, or until `timeout` passes (`None`: forever).
     /// Returns at once if one already came.
     pub fn wait(&self, timeout: Option<Duration>) {

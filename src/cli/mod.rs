@@ -415,13 +415,7 @@ fn pin(args: PinArgs) -> Result<()> {
         output::print_pin(&report);
     }
     std::io::stdout().flush().ok();
-    let timeout = match (args.hold, args.hold_forever) {
-        (Some(secs), _) => Some(Duration::from_secs(secs)),
-        _ => None,
-    };
-    if timeout != Some(Duration::ZERO) {
-        signals.wait(timeout);
-    }
+    signals.hold(args.hold);
     for r in regions {
         r.release()?;
     }

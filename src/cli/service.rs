@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 use numapin::Result;
 use numapin::addr::human_size;
@@ -77,13 +76,7 @@ pub(super) fn pin(args: PinArgs, socket: &Path) -> Result<()> {
         }
     }
     std::io::stdout().flush().ok();
-    let timeout = match (args.hold, args.hold_forever) {
-        (Some(secs), _) => Some(Duration::from_secs(secs)),
-        _ => None,
-    };
-    if timeout != Some(Duration::ZERO) {
-        signals.wait(timeout);
-    }
+    signals.hold(args.hold);
     for r in regions {
         r.release()?;
     }
