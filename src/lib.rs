@@ -58,6 +58,7 @@ pub mod vfio;
 pub mod backend;
 mod cancel;
 pub mod memfd;
+mod pfnnode;
 mod pinner;
 mod precheck;
 mod prove;

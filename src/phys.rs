@@ -302,6 +302,53 @@ pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
     decode_pfns(vaddr, &entries, page)
 }
 
+/// Like [`pfns`], reading one pagemap entry per page of `page_size` bytes
+/// (a hugetlb page is one frame: its base pages are the head's PFN and the
+/// ones after it) and giving back the PFN of every base page. A page whose
+/// first entry is not a huge page's head (its PFN not a multiple of the
+/// page's base pages) is read entry by entry.
+///
+/// # Errors
+/// As [`pfns`].
+pub fn pfns_by_page(vaddr: u64, len: u64, page_size: u64) -> Result<Vec<u64>, PhysError> {
+    let base = base_page_size();
+    if page_size <= base {
+        return pfns(vaddr, len);
+    }
+    let per = page_size / base;
+    let file = open_pagemap()?;
+    let mut out = Vec::with_capacity((len / base) as usize);
+    let mut heads = 0usize;
+    for va in (vaddr..vaddr + len).step_by(page_size as usize) {
+        let e = read_pagemap_from(&file, va, 1)?;
+        let head = decode_pfns(va, &e, base).or_else(|err| match err {
+            // One zero PFN is decided over the whole range below.
+            PhysError::PfnHidden { .. } => Ok(vec![0]),
+            other => Err(other),
+        })?[0];
+        if head != 0 && head % per == 0 {
+            out.extend(head..head + per);
+            heads += 1;
+        } else {
+            let e = read_pagemap_from(&file, va, per as usize)?;
+            match decode_pfns(va, &e, base) {
+                Ok(p) => out.extend(p),
+                Err(PhysError::PfnHidden { .. }) => {
+                    out.extend(std::iter::repeat_n(0, per as usize))
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+    if heads == 0 && !out.is_empty() && out.iter().all(|&p| p == 0) {
+        return Err(PhysError::PfnHidden {
+            vaddr,
+            pages: out.len(),
+        });
+    }
+    Ok(out)
+}
+
 /// The physical extents backing `[vaddr, vaddr + len)`, in virtual order,
 /// read from `/proc/self/pagemap`. `vaddr` and `len` must be multiples of
 /// the base page size; `len == 0` gives no extents.

@@ -2,8 +2,12 @@
 //! accounting, the placement, the PFN snapshot and the minimum extent.
 //!
 //! Each check reads the kernel's own view: `/proc/self/status` for the
-//! accounting, `move_pages(2)` with a null node list for placement
-//! (`do_pages_stat`), `/proc/self/pagemap` for the frames.
+//! accounting, `/proc/self/pagemap` for the frames (one entry per hugetlb
+//! page, every entry otherwise), and for placement the node of each frame
+//! from sysfs's memory-block map (`pfnnode`). Where the frames are hidden
+//! (no CAP_SYS_ADMIN) or a frame is in no known block, placement comes
+//! from `move_pages(2)` with a null node list (`do_pages_stat`), one query
+//! per page.
 
 use std::io;
 
@@ -58,12 +62,23 @@ pub(crate) fn prove(
     if r.proof != Proof::Full && !needs_pfns {
         return Ok(None);
     }
+    // One pagemap read (one entry per hugetlb page) gives the snapshot and,
+    // through the memory-block map, every page's node. Without the frames
+    // (no CAP_SYS_ADMIN) or the map, move_pages(2) tells the nodes.
+    let pfns = crate::phys::pfns_by_page(r.vaddr.raw(), r.len, r.page_size.bytes());
     if let (Some(node), Proof::Full) = (r.node, r.proof) {
-        check_placement(r.vaddr, r.len, node, r.page_size)?;
+        match pfns
+            .as_ref()
+            .ok()
+            .and_then(|p| nodes_from_pfns(p, r.page_size))
+        {
+            Some(status) => placement_verdict(r.vaddr, node, r.page_size, &status)?,
+            None => check_placement(r.vaddr, r.len, node, r.page_size)?,
+        }
     }
     // A no-IOMMU device needs the physical addresses; elsewhere they are
     // a bonus (hidden without CAP_SYS_ADMIN).
-    let pfns = match crate::phys::pfns(r.vaddr.raw(), r.len) {
+    let pfns = match pfns {
         Ok(p) => Some(p),
         Err(e) if needs_pfns => return Err(e.into()),
         Err(_) => None,
@@ -83,6 +98,36 @@ pub(crate) fn check_placement(
 ) -> Result<()> {
     let status = crate::numa::nodes_of(vaddr.as_usize(), len as usize, page_size.bytes())
         .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
+    placement_verdict(vaddr, node, page_size, &status)
+}
+
+/// The node of each page (of `page_size`) from the PFN of every base page,
+/// by the memory-block map: one frame per page (a hugetlb page is one
+/// frame, so its first base page speaks for it; base pages, THP and its 4K
+/// fallbacks alike are read one by one). `None` if a frame is in no known
+/// memory block even after re-reading sysfs, or the frames are hidden.
+pub(crate) fn nodes_from_pfns(pfns: &[u64], page_size: PageSize) -> Option<Vec<i32>> {
+    let base = crate::addr::base_page_size();
+    let per = (page_size.bytes() / base).max(1) as usize;
+    if pfns.is_empty() || pfns.iter().all(|&p| p == 0) {
+        return None;
+    }
+    if per == 1 {
+        crate::pfnnode::nodes_of_pfns(pfns, base)
+    } else {
+        let heads: Vec<u64> = pfns.iter().step_by(per).copied().collect();
+        crate::pfnnode::nodes_of_pfns(&heads, base)
+    }
+}
+
+/// Fails with [`Error::Misplaced`] unless every page's `status` (its node,
+/// or a negative errno) is `node`.
+fn placement_verdict(
+    vaddr: VirtAddr,
+    node: NodeId,
+    page_size: PageSize,
+    status: &[i32],
+) -> Result<()> {
     let off: Vec<(usize, i32)> = status
         .iter()
         .copied()

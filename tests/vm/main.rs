@@ -18,6 +18,7 @@ mod iommufd;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
+mod proof;
 #[path = "../common/step.rs"]
 mod step;
 mod type1;
@@ -37,6 +38,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(bad_input::scenarios());
             v.extend(errors::type1());
             v.extend(demo::scenarios());
+            v.extend(proof::scenarios());
             Some(v)
         }
         "mdev" => {
