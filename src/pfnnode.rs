@@ -116,6 +116,44 @@ impl BlockMap {
     }
 }
 
+impl BlockMap {
+    /// Counts the frames `pfns[0], pfns[stride], ..` that are not on
+    /// `node`, and names the first: `(its index in the strided sequence,
+    /// its node)`. `None` if a frame is outside every block.
+    fn off_node(&self, pfns: &[u64], stride: usize, page: u64, node: u32) -> Option<OffNode> {
+        let mut out = OffNode::default();
+        let mut last: Option<(u64, u32)> = None;
+        for (i, &pfn) in pfns.iter().step_by(stride.max(1)).enumerate() {
+            let block = pfn.checked_mul(page)? / self.block_bytes;
+            let n = match last {
+                Some((b, n)) if b == block => n,
+                _ => {
+                    let n = self.node_of(pfn, page)?;
+                    last = Some((block, n));
+                    n
+                }
+            };
+            out.pages += 1;
+            if n != node {
+                out.off += 1;
+                out.first.get_or_insert((i, n));
+            }
+        }
+        Some(out)
+    }
+}
+
+/// What [`off_node`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct OffNode {
+    /// Frames looked at.
+    pub(crate) pages: u64,
+    /// Of them, not on the node.
+    pub(crate) off: u64,
+    /// The first of those: its index and its node.
+    pub(crate) first: Option<(usize, u32)>,
+}
+
 /// The map of this machine, read on first use.
 static CACHE: Mutex<Option<Arc<BlockMap>>> = Mutex::new(None);
 
@@ -123,11 +161,11 @@ fn sysfs() -> PathBuf {
     PathBuf::from("/sys")
 }
 
-/// The node of every frame (PFNs of `page` bytes), from the cached map,
-/// read again once if a frame is outside it. `None`: sysfs has no memory
-/// blocks, or a frame is in none of them even after the re-read (ask
-/// `move_pages(2)` instead).
-pub(crate) fn nodes_of_pfns(pfns: &[u64], page: u64) -> Option<Vec<i32>> {
+/// The node of every frame (PFNs of `page` bytes, the base page size for
+/// what `/proc/self/pagemap` reports), from the cached map, read again once
+/// if a frame is outside it. `None`: sysfs has no memory blocks, or a frame
+/// is in none of them even after the re-read (ask `move_pages(2)` instead).
+pub fn nodes_of_pfns(pfns: &[u64], page: u64) -> Option<Vec<i32>> {
     let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(map) = &cached
         && let Some(n) = map.nodes_of(pfns.iter().copied(), page)
@@ -137,6 +175,20 @@ pub(crate) fn nodes_of_pfns(pfns: &[u64], page: u64) -> Option<Vec<i32>> {
     let map = Arc::new(BlockMap::read(&sysfs()).ok()?);
     *CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some(map.clone());
     map.nodes_of(pfns.iter().copied(), page)
+}
+
+/// Like [`nodes_of_pfns`], counting instead of listing: the frames
+/// `pfns[0], pfns[stride], ..` (of `page` bytes) not on `node`.
+pub(crate) fn off_node(pfns: &[u64], stride: usize, page: u64, node: u32) -> Option<OffNode> {
+    let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(map) = &cached
+        && let Some(n) = map.off_node(pfns, stride, page, node)
+    {
+        return Some(n);
+    }
+    let map = Arc::new(BlockMap::read(&sysfs()).ok()?);
+    *CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some(map.clone());
+    map.off_node(pfns, stride, page, node)
 }
 
 #[cfg(test)]
@@ -190,6 +242,25 @@ mod tests {
             Some(vec![0, 0, 1, 0, 0])
         );
         assert_eq!(m.nodes_of([1, 9 * per_block], page), None);
+        // Counting: every second frame of five.
+        let frames = [1, 4 * per_block, 2, 4 * per_block + 1, 8 * per_block];
+        assert_eq!(
+            m.off_node(&frames, 1, page, 0),
+            Some(OffNode {
+                pages: 5,
+                off: 2,
+                first: Some((1, 1))
+            })
+        );
+        assert_eq!(
+            m.off_node(&frames, 2, page, 0),
+            Some(OffNode {
+                pages: 3,
+                off: 0,
+                first: None
+            })
+        );
+        assert_eq!(m.off_node(&[9 * per_block], 1, page, 0), None);
     }
 
     #[test]

@@ -258,8 +258,22 @@ pub fn read_pagemap_from(
             page_size,
         });
     };
-    let offset = vaddr / page_size * ENTRY_LEN as u64;
     let mut buf = vec![0u8; nbytes];
+    read_raw(file, vaddr, pages, &mut buf)?;
+    Ok(buf
+        .chunks_exact(ENTRY_LEN)
+        .map(|c| {
+            let mut b = [0u8; ENTRY_LEN];
+            b.copy_from_slice(c);
+            PagemapEntry(u64::from_le_bytes(b))
+        })
+        .collect())
+}
+
+/// Fills `buf` with the pagemap entries of `pages` pages from `vaddr`.
+fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(), PhysError> {
+    let offset = vaddr / base_page_size() * ENTRY_LEN as u64;
+    let nbytes = buf.len();
     let mut filled = 0;
     while filled < nbytes {
         match file.read_at(&mut buf[filled..], offset + filled as u64) {
@@ -281,25 +295,44 @@ pub fn read_pagemap_from(
             }
         }
     }
-    Ok(buf
-        .chunks_exact(ENTRY_LEN)
-        .map(|c| {
-            let mut b = [0u8; ENTRY_LEN];
-            b.copy_from_slice(c);
-            PagemapEntry(u64::from_le_bytes(b))
-        })
-        .collect())
+    Ok(())
 }
 
 /// The PFN of every base page of `[vaddr, vaddr + len)`, in virtual order,
-/// from `/proc/self/pagemap`.
+/// from `/proc/self/pagemap`: one buffer, read into and decoded in place.
 ///
 /// # Errors
 /// As [`decode_pfns`], and the I/O errors of [`read_pagemap`].
 pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
     let page = base_page_size();
-    let entries = read_pagemap(vaddr, (len / page) as usize)?;
-    decode_pfns(vaddr, &entries, page)
+    let pages = (len / page) as usize;
+    let Some(nbytes) = pages.checked_mul(ENTRY_LEN) else {
+        return Err(PhysError::BadRange {
+            vaddr,
+            len,
+            page_size: page,
+        });
+    };
+    let file = open_pagemap()?;
+    let mut out = vec![0u64; pages];
+    // SAFETY: the bytes of `out`'s `pages` initialised u64s, as u8 (no
+    // alignment needed, and any bytes are a valid u64).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), nbytes) };
+    read_raw(&file, vaddr, pages, bytes)?;
+    let mut all_zero = true;
+    for (i, e) in out.iter_mut().enumerate() {
+        let Some(pfn) = PagemapEntry(u64::from_le(*e)).pfn() else {
+            return Err(PhysError::NotPresent {
+                vaddr: vaddr.wrapping_add((i as u64).wrapping_mul(page)),
+            });
+        };
+        all_zero &= pfn == 0;
+        *e = pfn;
+    }
+    if all_zero && pages > 0 {
+        return Err(PhysError::PfnHidden { vaddr, pages });
+    }
+    Ok(out)
 }
 
 /// Like [`pfns`], reading one pagemap entry per page of `page_size` bytes
@@ -551,6 +584,42 @@ mod tests {
             Err(PhysError::PfnHidden { .. }) => {}
             Err(e) => panic!("{e}"),
         }
+        std::hint::black_box(&buf);
+    }
+
+    #[test]
+    fn pfns_decode_in_place_as_entries_do() {
+        let ps = base_page_size();
+        let buf = vec![1u8; 5 * ps as usize];
+        let page = (buf.as_ptr() as u64).next_multiple_of(ps);
+        let entries = read_pagemap(page, 3).unwrap();
+        match (pfns(page, 3 * ps), decode_pfns(page, &entries, ps)) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(PhysError::PfnHidden { pages: 3, .. }), Err(PhysError::PfnHidden { .. })) => {}
+            other => panic!("{other:?}"),
+        }
+        // A page never touched has no frame.
+        // SAFETY: a fresh anonymous mapping, unmapped below.
+        let m = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * ps as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(m, libc::MAP_FAILED);
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::write_volatile(m.cast::<u8>(), 1) };
+        let at = m as u64;
+        assert!(matches!(
+            pfns(at, 2 * ps),
+            Err(PhysError::NotPresent { vaddr }) if vaddr == at + ps
+        ));
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(m, 2 * ps as usize) };
         std::hint::black_box(&buf);
     }
 

@@ -70,9 +70,16 @@ pub(crate) fn prove(
         match pfns
             .as_ref()
             .ok()
-            .and_then(|p| nodes_from_pfns(p, r.page_size))
+            .and_then(|p| off_node_by_pfn(p, r.page_size, node))
         {
-            Some(status) => placement_verdict(r.vaddr, node, r.page_size, &status)?,
+            Some(o) => misplaced(
+                r.vaddr,
+                node,
+                r.page_size,
+                o.pages,
+                o.off,
+                o.first.map(|(i, n)| (i, n as i32)),
+            )?,
             None => check_placement(r.vaddr, r.len, node, r.page_size)?,
         }
     }
@@ -101,23 +108,23 @@ pub(crate) fn check_placement(
     placement_verdict(vaddr, node, page_size, &status)
 }
 
-/// The node of each page (of `page_size`) from the PFN of every base page,
-/// by the memory-block map: one frame per page (a hugetlb page is one
-/// frame, so its first base page speaks for it; base pages, THP and its 4K
-/// fallbacks alike are read one by one). `None` if a frame is in no known
-/// memory block even after re-reading sysfs, or the frames are hidden.
-pub(crate) fn nodes_from_pfns(pfns: &[u64], page_size: PageSize) -> Option<Vec<i32>> {
+/// The pages (of `page_size`) of a range off `node`, from the PFN of every
+/// base page, by the memory-block map: one frame per page (a hugetlb page
+/// is one frame, so its first base page speaks for it; base pages, THP and
+/// its 4K fallbacks alike are looked at one by one). `None` if a frame is
+/// in no known memory block even after re-reading sysfs, or the frames are
+/// hidden.
+pub(crate) fn off_node_by_pfn(
+    pfns: &[u64],
+    page_size: PageSize,
+    node: NodeId,
+) -> Option<crate::pfnnode::OffNode> {
     let base = crate::addr::base_page_size();
     let per = (page_size.bytes() / base).max(1) as usize;
     if pfns.is_empty() || pfns.iter().all(|&p| p == 0) {
         return None;
     }
-    if per == 1 {
-        crate::pfnnode::nodes_of_pfns(pfns, base)
-    } else {
-        let heads: Vec<u64> = pfns.iter().step_by(per).copied().collect();
-        crate::pfnnode::nodes_of_pfns(&heads, base)
-    }
+    crate::pfnnode::off_node(pfns, per, base, node.0)
 }
 
 /// Fails with [`Error::Misplaced`] unless every page's `status` (its node,
@@ -128,28 +135,41 @@ fn placement_verdict(
     page_size: PageSize,
     status: &[i32],
 ) -> Result<()> {
-    let off: Vec<(usize, i32)> = status
+    let mut off = status
         .iter()
-        .copied()
         .enumerate()
-        .filter(|&(_, s)| s != node.0 as i32)
-        .collect();
-    if let Some(&(i, s)) = off.first() {
-        let first_offset = i as u64 * page_size.bytes();
-        return Err(Error::Misplaced {
-            node,
-            pages: status.len() as u64,
-            off_node: off.len() as u64,
-            first_offset,
-            first_node: if s >= 0 {
-                format!("node {s}")
-            } else {
-                io::Error::from_raw_os_error(-s).to_string()
-            },
-            cause: misplaced_cause(vaddr.as_usize() + first_offset as usize, node),
-        });
-    }
-    Ok(())
+        .filter(|&(_, &s)| s != node.0 as i32);
+    let first = off.next().map(|(i, &s)| (i, s));
+    let count = first.map_or(0, |_| 1 + off.count() as u64);
+    misplaced(vaddr, node, page_size, status.len() as u64, count, first)
+}
+
+/// [`Error::Misplaced`] if `off` of the `pages` pages are off `node`; the
+/// first of them is page `first.0`, on node (or negative errno) `first.1`.
+fn misplaced(
+    vaddr: VirtAddr,
+    node: NodeId,
+    page_size: PageSize,
+    pages: u64,
+    off: u64,
+    first: Option<(usize, i32)>,
+) -> Result<()> {
+    let Some((i, s)) = first else {
+        return Ok(());
+    };
+    let first_offset = i as u64 * page_size.bytes();
+    Err(Error::Misplaced {
+        node,
+        pages,
+        off_node: off,
+        first_offset,
+        first_node: if s >= 0 {
+            format!("node {s}")
+        } else {
+            io::Error::from_raw_os_error(-s).to_string()
+        },
+        cause: misplaced_cause(vaddr.as_usize() + first_offset as usize, node),
+    })
 }
 
 /// Why the page at `addr` is off `node`, from evidence: the policy at the

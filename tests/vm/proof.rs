@@ -2,7 +2,8 @@
 //! blocks) instead of asking move_pages(2) per page: these scenarios show it
 //! still catches a page on the wrong node and a changed frame.
 
-use numapin::{Error, NodeId, PinRequest, Pinner, Proof};
+use numapin::numa::{self, NodeMemory, Topology};
+use numapin::{Error, NodeId, PageSize, PinRequest, Pinner, Proof};
 
 use crate::Scenario;
 use crate::ensure;
@@ -10,7 +11,9 @@ use crate::util::*;
 
 pub fn scenarios() -> Vec<(&'static str, Scenario)> {
     vec![
+        ("p.proof.block-map-agrees", block_map_agrees),
         ("p.proof.misplaced-by-pfn", misplaced_by_pfn),
+        ("p.proof.misplaced-hugetlb", misplaced_hugetlb),
         (
             "p.proof.pfn-changed-after-discard",
             pfn_changed_after_discard,
@@ -146,4 +149,88 @@ fn pfn_changed_after_discard(ctx: &Ctx) -> Result<String, String> {
     );
     e(r.release(), "release")?;
     Ok(format!("verify: {v:?}"))
+}
+
+/// The memory-block map answers what move_pages(2) answers, page by page,
+/// for memory on both nodes (so the proof's PFN path, not its fallback, is
+/// what runs here: the map exists and covers the frames).
+fn block_map_agrees(ctx: &Ctx) -> Result<String, String> {
+    let mut out = vec![];
+    for node in [ctx.home, ctx.away] {
+        let m = Anon::on(node)?;
+        let frames = pfns(m.addr(), LEN as u64)?;
+        let by_pfn = numapin::pfnnode::nodes_of_pfns(&frames, 4096)
+            .ok_or("sysfs gave no memory-block map covering the frames")?;
+        let by_query = e(numa::nodes_of(m.addr(), LEN, 4096), "move_pages")?;
+        ensure!(
+            by_pfn == by_query,
+            "node {node}: the block map and move_pages disagree on {} of {} pages",
+            by_pfn.iter().zip(&by_query).filter(|(a, b)| a != b).count(),
+            by_pfn.len()
+        );
+        ensure!(
+            on_node(&by_query, node) == by_query.len(),
+            "node {node}: only {} of {} pages there",
+            on_node(&by_query, node),
+            by_query.len()
+        );
+        out.push(format!("node {node}: {} pages agree", by_pfn.len()));
+    }
+    Ok(out.join("; "))
+}
+
+/// 2 MiB hugetlb pages on the away node, pinned as if on the home node:
+/// the proof reads one pagemap entry per huge page and still names each.
+fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
+    const HLEN: u64 = 8 << 20;
+    let p = e(Pinner::open(&ctx.device), "open")?;
+    let topo = e(Topology::read(), "topology")?;
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.away, HLEN, PageSize::Huge2M, 1, None, None),
+        "allocate 2 MiB pages on the away node",
+    )?;
+    let req = |node| PinRequest {
+        proof: Proof::Full,
+        page_size: PageSize::Huge2M,
+        ..PinRequest::new(node, HLEN)
+    };
+    // SAFETY: `mem` outlives any region made here.
+    let err = match unsafe { p.pin_user(mem.as_ptr(), &req(ctx.home)) } {
+        Ok(r) => {
+            drop(r);
+            return Err("pinned huge pages of the away node as on the home node".into());
+        }
+        Err(e) => e,
+    };
+    let Error::Misplaced {
+        pages, off_node, ..
+    } = err
+    else {
+        return Err(format!("wanted Misplaced, got: {err}"));
+    };
+    ensure!(
+        pages == 4 && off_node == 4,
+        "Misplaced counted {off_node} of {pages} huge pages off node, wanted 4 of 4"
+    );
+    // SAFETY: as above.
+    let r = e(
+        unsafe { p.pin_user(mem.as_ptr(), &req(ctx.away)) },
+        "pin_user away",
+    )?;
+    // The snapshot covers every base page, and matches pagemap's own view.
+    let snap = r.pinned_pfns().ok_or("no snapshot")?.to_vec();
+    let full = pfns(mem.addr(), HLEN)?;
+    ensure!(
+        snap == full,
+        "snapshot from one entry per huge page differs from pagemap on {} of {} base pages",
+        changed(&snap, &full),
+        full.len()
+    );
+    let v = e(r.verify(), "verify")?;
+    ensure!(v.is_intact() && v.pages == 4, "verify: {v:?}");
+    e(r.release(), "release")?;
+    Ok(format!(
+        "{off_node}/{pages} huge pages off node caught; snapshot of {} base pages exact",
+        snap.len()
+    ))
 }
