@@ -2,8 +2,9 @@
 //! accounting, the placement, the PFN snapshot and the minimum extent.
 //!
 //! Each check reads the kernel's own view: `/proc/self/status` for the
-//! accounting, `/proc/self/pagemap` for the frames (one entry per hugetlb
-//! page, every entry otherwise), and for placement the node of each frame
+//! accounting, `/proc/self/pagemap` for the frames (every entry; a hugetlb
+//! page is checked to be one frame, so its head speaks for it), and for
+//! placement the node of each frame
 //! from sysfs's memory-block map (`pfnnode`). Where the frames are hidden
 //! (no CAP_SYS_ADMIN) or a frame is in no known block, placement comes
 //! from `move_pages(2)` with a null node list (`do_pages_stat`), one query
@@ -62,8 +63,8 @@ pub(crate) fn prove(
     if r.proof != Proof::Full && !needs_pfns {
         return Ok(None);
     }
-    // One pagemap read (one entry per hugetlb page) gives the snapshot and,
-    // through the memory-block map, every page's node. Without the frames
+    // One pagemap read gives the snapshot and, through the memory-block
+    // map, every page's node (for hugetlb, from each page's head frame). Without the frames
     // (no CAP_SYS_ADMIN) or the map, move_pages(2) tells the nodes.
     let pfns = crate::phys::pfns_by_page(r.vaddr.raw(), r.len, r.page_size.bytes());
     if let (Some(node), Proof::Full) = (r.node, r.proof) {
@@ -121,7 +122,8 @@ pub(crate) fn off_node_by_pfn(
 ) -> Option<crate::pfnnode::OffNode> {
     let base = crate::addr::base_page_size();
     let per = (page_size.bytes() / base).max(1) as usize;
-    if pfns.is_empty() || pfns.iter().all(|&p| p == 0) {
+    // Hidden frames (all 0) never get here: reading them fails.
+    if pfns.is_empty() {
         return None;
     }
     crate::pfnnode::off_node(pfns, per, base, node.0)
