@@ -58,6 +58,7 @@ pub mod vfio;
 pub mod backend;
 mod cancel;
 pub mod memfd;
+pub mod pfnnode;
 mod pinner;
 mod precheck;
 mod prove;

@@ -2,8 +2,13 @@
 //! accounting, the placement, the PFN snapshot and the minimum extent.
 //!
 //! Each check reads the kernel's own view: `/proc/self/status` for the
-//! accounting, `move_pages(2)` with a null node list for placement
-//! (`do_pages_stat`), `/proc/self/pagemap` for the frames.
+//! accounting, `/proc/self/pagemap` for the frames (every entry; a hugetlb
+//! page is checked to be one frame, so its head speaks for it), and for
+//! placement the node of each frame
+//! from sysfs's memory-block map (`pfnnode`). Where the frames are hidden
+//! (no CAP_SYS_ADMIN) or a frame is in no known block, placement comes
+//! from `move_pages(2)` with a null node list (`do_pages_stat`), one query
+//! per page.
 
 use std::io;
 
@@ -58,12 +63,30 @@ pub(crate) fn prove(
     if r.proof != Proof::Full && !needs_pfns {
         return Ok(None);
     }
+    // One pagemap read gives the snapshot and, through the memory-block
+    // map, every page's node (for hugetlb, from each page's head frame). Without the frames
+    // (no CAP_SYS_ADMIN) or the map, move_pages(2) tells the nodes.
+    let pfns = crate::phys::pfns_by_page(r.vaddr.raw(), r.len, r.page_size.bytes());
     if let (Some(node), Proof::Full) = (r.node, r.proof) {
-        check_placement(r.vaddr, r.len, node, r.page_size)?;
+        match pfns
+            .as_ref()
+            .ok()
+            .and_then(|p| off_node_by_pfn(p, r.page_size, node))
+        {
+            Some(o) => misplaced(
+                r.vaddr,
+                node,
+                r.page_size,
+                o.pages,
+                o.off,
+                o.first.map(|(i, n)| (i, n as i32)),
+            )?,
+            None => check_placement(r.vaddr, r.len, node, r.page_size)?,
+        }
     }
     // A no-IOMMU device needs the physical addresses; elsewhere they are
     // a bonus (hidden without CAP_SYS_ADMIN).
-    let pfns = match crate::phys::pfns(r.vaddr.raw(), r.len) {
+    let pfns = match pfns {
         Ok(p) => Some(p),
         Err(e) if needs_pfns => return Err(e.into()),
         Err(_) => None,
@@ -83,28 +106,72 @@ pub(crate) fn check_placement(
 ) -> Result<()> {
     let status = crate::numa::nodes_of(vaddr.as_usize(), len as usize, page_size.bytes())
         .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
-    let off: Vec<(usize, i32)> = status
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|&(_, s)| s != node.0 as i32)
-        .collect();
-    if let Some(&(i, s)) = off.first() {
-        let first_offset = i as u64 * page_size.bytes();
-        return Err(Error::Misplaced {
-            node,
-            pages: status.len() as u64,
-            off_node: off.len() as u64,
-            first_offset,
-            first_node: if s >= 0 {
-                format!("node {s}")
-            } else {
-                io::Error::from_raw_os_error(-s).to_string()
-            },
-            cause: misplaced_cause(vaddr.as_usize() + first_offset as usize, node),
-        });
+    placement_verdict(vaddr, node, page_size, &status)
+}
+
+/// The pages (of `page_size`) of a range off `node`, from the PFN of every
+/// base page, by the memory-block map: one frame per page (a hugetlb page
+/// is one frame, so its first base page speaks for it; base pages, THP and
+/// its 4K fallbacks alike are looked at one by one). `None` if a frame is
+/// in no known memory block even after re-reading sysfs, or the frames are
+/// hidden.
+pub(crate) fn off_node_by_pfn(
+    pfns: &[u64],
+    page_size: PageSize,
+    node: NodeId,
+) -> Option<crate::pfnnode::OffNode> {
+    let base = crate::addr::base_page_size();
+    let per = (page_size.bytes() / base).max(1) as usize;
+    // Hidden frames (all 0) never get here: reading them fails.
+    if pfns.is_empty() {
+        return None;
     }
-    Ok(())
+    crate::pfnnode::off_node(pfns, per, base, node.0)
+}
+
+/// Fails with [`Error::Misplaced`] unless every page's `status` (its node,
+/// or a negative errno) is `node`.
+fn placement_verdict(
+    vaddr: VirtAddr,
+    node: NodeId,
+    page_size: PageSize,
+    status: &[i32],
+) -> Result<()> {
+    let mut off = status
+        .iter()
+        .enumerate()
+        .filter(|&(_, &s)| s != node.0 as i32);
+    let first = off.next().map(|(i, &s)| (i, s));
+    let count = first.map_or(0, |_| 1 + off.count() as u64);
+    misplaced(vaddr, node, page_size, status.len() as u64, count, first)
+}
+
+/// [`Error::Misplaced`] if `off` of the `pages` pages are off `node`; the
+/// first of them is page `first.0`, on node (or negative errno) `first.1`.
+fn misplaced(
+    vaddr: VirtAddr,
+    node: NodeId,
+    page_size: PageSize,
+    pages: u64,
+    off: u64,
+    first: Option<(usize, i32)>,
+) -> Result<()> {
+    let Some((i, s)) = first else {
+        return Ok(());
+    };
+    let first_offset = i as u64 * page_size.bytes();
+    Err(Error::Misplaced {
+        node,
+        pages,
+        off_node: off,
+        first_offset,
+        first_node: if s >= 0 {
+            format!("node {s}")
+        } else {
+            io::Error::from_raw_os_error(-s).to_string()
+        },
+        cause: misplaced_cause(vaddr.as_usize() + first_offset as usize, node),
+    })
 }
 
 /// Why the page at `addr` is off `node`, from evidence: the policy at the

@@ -290,25 +290,42 @@ impl PinnedRegion {
     /// pin. A pinned region should never change; a report with
     /// [`Verification::is_intact`] false means the guarantee was broken.
     pub fn verify(&self) -> Result<Verification> {
-        let status = crate::numa::nodes_of(
-            self.vaddr.as_usize(),
-            self.len as usize,
-            self.page_size.bytes(),
-        )
-        .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
-        let off_node = match self.node {
-            Some(n) => status.iter().filter(|&&s| s != n.0 as i32).count() as u64,
-            None => 0,
-        };
-        let pfn_changed = match &self.pfns {
-            Some(before) => {
-                let now = phys::pfns(self.vaddr.raw(), self.len)?;
-                Some(before.iter().zip(&now).filter(|(a, b)| a != b).count() as u64)
-            }
+        // Every entry, not one per hugetlb page: the snapshot is compared
+        // base page by base page.
+        let now = match &self.pfns {
+            Some(_) => Some(phys::pfns(self.vaddr.raw(), self.len)?),
             None => None,
         };
+        let by_pfn = match (self.node, now.as_deref()) {
+            (Some(n), Some(p)) => crate::prove::off_node_by_pfn(p, self.page_size, n),
+            _ => None,
+        };
+        let (pages, off_node) = match (by_pfn, self.node) {
+            (Some(o), _) => (o.pages, o.off),
+            // No node to check: nothing to ask.
+            (None, None) => (self.len / self.page_size.bytes(), 0),
+            (None, Some(_)) => {
+                let status = crate::numa::nodes_of(
+                    self.vaddr.as_usize(),
+                    self.len as usize,
+                    self.page_size.bytes(),
+                )
+                .map_err(|e| Error::sys("move_pages (query nodes)", "", e))?;
+                let off = match self.node {
+                    Some(n) => status.iter().filter(|&&s| s != n.0 as i32).count() as u64,
+                    None => 0,
+                };
+                (status.len() as u64, off)
+            }
+        };
+        let pfn_changed = match (&self.pfns, &now) {
+            (Some(before), Some(now)) => {
+                Some(before.iter().zip(now).filter(|(a, b)| a != b).count() as u64)
+            }
+            _ => None,
+        };
         Ok(Verification {
-            pages: status.len() as u64,
+            pages,
             off_node,
             pfn_changed,
         })

@@ -173,12 +173,13 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     let mut release = Vec::new();
     let mut pin_proved = Vec::new();
     let mut pin_nonode = Vec::new();
+    let mut pin_unpriv = Vec::new();
     let mut entries = 0;
     for i in 0..=reps.fast {
-        for variant in 0..3 {
+        for variant in 0..4 {
             let (node, proof) = match variant {
                 0 => (None, numapin::Proof::None),
-                1 => (Some(ctx.home), numapin::Proof::Full),
+                1 | 3 => (Some(ctx.home), numapin::Proof::Full),
                 _ => (None, numapin::Proof::Full),
             };
             let m = numapin::PinRequest {
@@ -189,12 +190,25 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
                 ..numapin::PinRequest::any_node(size)
             };
             let before = avail(&pinner)?;
+            // Variant 3: the same proof as a caller without CAP_SYS_ADMIN,
+            // whose pagemap shows no frames (the proof asks move_pages).
+            let _unprivileged = if variant == 3 {
+                Some(NoSysAdmin::drop_it()?)
+            } else {
+                None
+            };
             let t = Instant::now();
             // SAFETY: `mem` stays mapped until after the release below and is
             // not referenced while pinned.
             let r = unsafe { pinner.pin_user(mem.as_ptr(), &m) };
             let d = t.elapsed();
+            drop(_unprivileged);
             let r = e(r, "pin_user")?;
+            if variant == 3 && r.pinned_pfns().is_some() {
+                return Err(
+                    "the unprivileged pin saw the frames: CAP_SYS_ADMIN was not dropped".into(),
+                );
+            }
             if variant == 0 {
                 entries = before - avail(&pinner)?;
             }
@@ -209,7 +223,8 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
                         release.push(rd);
                     }
                     1 => pin_proved.push(d),
-                    _ => pin_nonode.push(d),
+                    2 => pin_nonode.push(d),
+                    _ => pin_unpriv.push(d),
                 }
             }
         }
@@ -224,6 +239,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "numapin.pin-only", &pin_only);
     out.seconds(mode, size, "numapin.pin-proved", &pin_proved);
     out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);
+    out.seconds(mode, size, "numapin.pin-proved.unprivileged", &pin_unpriv);
     out.seconds(mode, size, "numapin.release", &release);
     // What pin-only does besides the ioctl, each step timed alone on the
     // same memory: the PFN snapshot from pagemap, the move_pages node query
@@ -349,4 +365,66 @@ fn numapin_uring_pin(
     }
     out.seconds(mode, size, "numapin.uring-pin", &pin);
     Ok(())
+}
+
+/// CAP_SYS_ADMIN out of this thread's effective set (capabilities are per
+/// thread; pagemap checks its opener's at `open`), back in on drop.
+struct NoSysAdmin {
+    data: [CapData; 2],
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAP_V3: u32 = 0x2008_0522;
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn capset(data: &[CapData; 2]) -> Result<(), String> {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    // SAFETY: capset reads the header and two data structs.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h, data.as_ptr()) };
+    if rc != 0 {
+        return Err(format!("capset: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl NoSysAdmin {
+    fn drop_it() -> Result<NoSysAdmin, String> {
+        let mut h = CapHeader {
+            version: CAP_V3,
+            pid: 0,
+        };
+        let mut data = [CapData::default(); 2];
+        // SAFETY: capget fills the two data structs.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h, data.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(format!("capget: {}", std::io::Error::last_os_error()));
+        }
+        let mut less = data;
+        less[0].effective &= !(1 << CAP_SYS_ADMIN);
+        capset(&less)?;
+        Ok(NoSysAdmin { data })
+    }
+}
+
+impl Drop for NoSysAdmin {
+    fn drop(&mut self) {
+        let _ = capset(&self.data);
+    }
 }

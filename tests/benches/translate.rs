@@ -1,19 +1,33 @@
-//! Address translation throughput: `iova_of`, `vaddr_of` and `phys_of` on an
-//! [`AddressMap`] of 1,000 regions shaped like a VMM's pinned guest memory.
+//! Address translation throughput: `iova_of`, `vaddr_of` and `phys_of` on
+//! [`AddressMap`] (two-level tables) and on [`SortedMap`] (sorted arrays,
+//! binary search: the baseline), measured in the same run.
 //!
 //! `cargo bench --bench translate` runs the criterion groups, then times
 //! each lookup itself (median of several passes), prints a table and exits
-//! non-zero if any lookup makes fewer than [`TARGET`] lookups per second:
-//! the target of issue 5, item 4. Under `cargo test --benches` (criterion's
-//! test mode) each benchmark runs once and the target is not checked.
+//! non-zero if a target is missed: every [`AddressMap`] lookup at least
+//! [`TARGET`] lookups/s (issue 5, item 4); [`AddressMap`] at least [`SPEEDUP`]× the
+//! baseline with 1,000 regions, and with 100,000 regions no slower than
+//! [`SCALE`]× its own 1,000-region figure (issue 14, item 5). Under
+//! `cargo test --benches` (criterion's test mode) each benchmark runs once
+//! and the targets are not checked.
 //!
-//! The map: 1,000 regions of 2 MiB to 1 GiB (log-uniform in 2 MiB units),
-//! 2 MiB-aligned, with random gaps between them in virtual space; their IOVAs
-//! are handed out in a different (shuffled) order with gaps of their own, so
-//! the two indexes disagree; each region has 1 to 8 physical extents at
-//! random 2 MiB-aligned addresses. Each lookup walks a pre-generated stream
-//! of 4,096 addresses, each in a random region at a random byte offset, so
-//! every lookup hits and the branch predictor learns nothing.
+//! The maps, shaped like a VMM's pinned guest memory: regions 2 MiB-aligned,
+//! log-uniform in 2 MiB units up to a maximum, with random gaps of 0-31
+//! units between them in virtual space; their IOVAs are handed out from
+//! 4 GiB up in a shuffled order with gaps of 0-15 units, so the two indexes
+//! disagree; each region has 1 to 8 physical extents at random 2 MiB-aligned
+//! addresses. Three maps:
+//! - `1000_large`: 1,000 regions of 2 MiB to 1 GiB (about 300 GiB; the map
+//!   of the earlier rounds), IOVA order shuffled over all regions;
+//! - `1000` and `100000`: 1,000 and 100,000 regions of 2 MiB to 32 MiB
+//!   (about 10 MiB on average: 100,000 regions of up to 1 GiB would span
+//!   30 TiB), IOVA order shuffled within windows of 64 regions (inserting
+//!   100,000 regions in a fully random IOVA order would shift the sorted
+//!   arrays for minutes).
+//!
+//! Each lookup walks a pre-generated stream of 4,096 addresses, each in a
+//! uniformly random region (of all the map's regions) at a random byte
+//! offset, so every lookup hits and the branch predictor learns nothing.
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -21,16 +35,20 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use numapin::phys::PhysExtent;
-use numapin::translate::{AddressMap, Mapping};
+use numapin::translate::{AddressMap, Mapping, SortedMap};
 use numapin::{Iova, PhysAddr, VirtAddr};
 
-/// Lookups per second each kind must reach.
+/// Lookups per second each kind must reach on [`AddressMap`] (the
+/// baseline is only compared against).
 const TARGET: f64 = 20_000_000.0;
-/// Regions in the map.
-const REGIONS: usize = 1_000;
+/// [`AddressMap`] against [`SortedMap`], 1,000 regions, each lookup.
+const SPEEDUP: f64 = 2.0;
+/// [`AddressMap`] with 100,000 regions: at most this many times the time per
+/// lookup with 1,000 regions.
+const SCALE: f64 = 1.25;
 /// Addresses per iteration.
 const STREAM: usize = 4_096;
-/// Timed passes per lookup kind for the check against [`TARGET`].
+/// Timed passes per lookup kind for the checks.
 const PASSES: usize = 11;
 /// The least time one timed pass runs.
 const PASS_TIME: Duration = Duration::from_millis(50);
@@ -56,23 +74,58 @@ impl Rng {
     }
 }
 
-/// The mappings of [`REGIONS`] regions, in virtual order.
-fn regions(rng: &mut Rng) -> Vec<Mapping> {
-    // Sizes in 2 MiB units: pick a power-of-two bucket up to 1 GiB (512
-    // units), then a size inside it.
-    let units: Vec<u64> = (0..REGIONS)
+/// One map to measure.
+struct Shape {
+    name: &'static str,
+    regions: usize,
+    /// Power-of-two buckets of 2 MiB units: sizes up to `2^buckets` units.
+    buckets: u32,
+    /// IOVA order shuffled within windows of this many regions.
+    window: usize,
+}
+
+const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "1000_large",
+        regions: 1_000,
+        buckets: 10,
+        window: 1_000,
+    },
+    Shape {
+        name: "1000",
+        regions: 1_000,
+        buckets: 5,
+        window: 64,
+    },
+    Shape {
+        name: "100000",
+        regions: 100_000,
+        buckets: 5,
+        window: 64,
+    },
+];
+
+/// The mappings of a shape, in virtual order.
+fn regions(rng: &mut Rng, sh: &Shape) -> Vec<Mapping> {
+    let n_regions = sh.regions;
+    let top = 1u64 << (sh.buckets - 1);
+    // Sizes in 2 MiB units: pick a power-of-two bucket up to `top` units,
+    // then a size inside it.
+    let units: Vec<u64> = (0..n_regions)
         .map(|_| {
-            let bucket = rng.below(10);
-            (1u64 << bucket) + rng.below(1 << bucket).min(512 - (1 << bucket))
+            let bucket = rng.below(u64::from(sh.buckets));
+            (1u64 << bucket) + rng.below(1 << bucket).min(top - (1 << bucket))
         })
         .collect();
 
     // IOVAs in a shuffled order, from 4 GiB up, with gaps of 0-15 units.
-    let mut order: Vec<usize> = (0..REGIONS).collect();
-    for i in (1..REGIONS).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
+    let mut order: Vec<usize> = (0..n_regions).collect();
+    for w in order.chunks_mut(sh.window) {
+        for i in (1..w.len()).rev() {
+            w.swap(i, rng.below(i as u64 + 1) as usize);
+        }
     }
-    let mut iovas = vec![0u64; REGIONS];
+    let mut iovas = vec![0u64; n_regions];
     let mut next_iova = 1u64 << 32;
     for &i in &order {
         iovas[i] = next_iova;
@@ -118,73 +171,130 @@ fn regions(rng: &mut Rng) -> Vec<Mapping> {
         .collect()
 }
 
-/// What the lookups run over.
-struct Setup {
-    map: AddressMap,
-    vaddrs: Vec<VirtAddr>,
-    iovas: Vec<Iova>,
+/// The lookups both structures answer.
+trait Lookup {
+    fn iova_of(&self, v: VirtAddr) -> Option<Iova>;
+    fn vaddr_of(&self, i: Iova) -> Option<VirtAddr>;
+    fn phys_of(&self, v: VirtAddr) -> Option<PhysAddr>;
 }
 
-fn setup() -> Setup {
+macro_rules! lookup {
+    ($t:ty) => {
+        impl Lookup for $t {
+            #[inline]
+            fn iova_of(&self, v: VirtAddr) -> Option<Iova> {
+                <$t>::iova_of(self, v)
+            }
+            #[inline]
+            fn vaddr_of(&self, i: Iova) -> Option<VirtAddr> {
+                <$t>::vaddr_of(self, i)
+            }
+            #[inline]
+            fn phys_of(&self, v: VirtAddr) -> Option<PhysAddr> {
+                <$t>::phys_of(self, v)
+            }
+        }
+    };
+}
+lookup!(AddressMap);
+lookup!(SortedMap);
+
+/// What the lookups run over: one shape, both structures.
+struct Setup {
+    shape: &'static Shape,
+    table: AddressMap,
+    sorted: SortedMap,
+    vaddrs: Vec<VirtAddr>,
+    iovas: Vec<Iova>,
+    /// Bytes of address space the regions cover.
+    bytes: u64,
+}
+
+fn setup(shape: &'static Shape) -> Setup {
     let mut rng = Rng(0x6e75_6d61_7069_6e21);
-    let ms = regions(&mut rng);
-    let mut map = AddressMap::new();
+    let ms = regions(&mut rng, shape);
+    let mut table = AddressMap::new();
+    let mut sorted = SortedMap::new();
     for m in &ms {
-        map.insert(m.clone())
+        table
+            .insert(m.clone())
+            .expect("the benchmark's regions do not overlap");
+        sorted
+            .insert(m.clone())
             .expect("the benchmark's regions do not overlap");
     }
-    assert_eq!(map.len(), REGIONS);
+    assert_eq!(table.len(), shape.regions);
     let (mut vaddrs, mut iovas) = (vec![], vec![]);
     for _ in 0..STREAM {
-        let m = &ms[rng.below(REGIONS as u64) as usize];
+        let m = &ms[rng.below(shape.regions as u64) as usize];
         let off = rng.below(m.len);
         vaddrs.push(VirtAddr(m.vaddr.raw() + off));
         iovas.push(Iova(m.iova.expect("every region has an IOVA").0 + off));
     }
-    // Every lookup must hit, or the benchmark would time the miss path.
+    // Every lookup must hit, and both structures must agree, or the
+    // benchmark would time the miss path or a wrong answer.
     for (&v, &i) in vaddrs.iter().zip(&iovas) {
-        assert_eq!(map.iova_of(v), Some(i));
-        assert_eq!(map.vaddr_of(i), Some(v));
-        assert!(map.phys_of(v).is_some());
+        assert_eq!(table.iova_of(v), Some(i));
+        assert_eq!(table.vaddr_of(i), Some(v));
+        assert!(table.phys_of(v).is_some());
+        assert_eq!(sorted.iova_of(v), Some(i));
+        assert_eq!(sorted.vaddr_of(i), Some(v));
+        assert_eq!(sorted.phys_of(v), table.phys_of(v));
     }
-    Setup { map, vaddrs, iovas }
+    let bytes = ms.iter().map(|m| m.len).sum();
+    Setup {
+        shape,
+        table,
+        sorted,
+        vaddrs,
+        iovas,
+        bytes,
+    }
 }
 
-/// The three lookups, each as one pass over its stream that returns a
-/// checksum (so the work cannot be optimised away).
+/// One pass over a stream, returning a checksum (so the work cannot be
+/// optimised away).
+fn pass_iova_of(m: &impl Lookup, s: &Setup) -> u64 {
+    s.vaddrs.iter().fold(0, |acc, &v| {
+        acc.wrapping_add(m.iova_of(black_box(v)).map_or(0, Iova::raw))
+    })
+}
+
+fn pass_vaddr_of(m: &impl Lookup, s: &Setup) -> u64 {
+    s.iovas.iter().fold(0, |acc, &i| {
+        acc.wrapping_add(m.vaddr_of(black_box(i)).map_or(0, VirtAddr::raw))
+    })
+}
+
+fn pass_phys_of(m: &impl Lookup, s: &Setup) -> u64 {
+    s.vaddrs.iter().fold(0, |acc, &v| {
+        acc.wrapping_add(m.phys_of(black_box(v)).map_or(0, PhysAddr::raw))
+    })
+}
+
 type Pass = fn(&Setup) -> u64;
 
-fn pass_iova_of(s: &Setup) -> u64 {
-    s.vaddrs.iter().fold(0, |acc, &v| {
-        acc.wrapping_add(s.map.iova_of(black_box(v)).map_or(0, Iova::raw))
-    })
-}
-
-fn pass_vaddr_of(s: &Setup) -> u64 {
-    s.iovas.iter().fold(0, |acc, &i| {
-        acc.wrapping_add(s.map.vaddr_of(black_box(i)).map_or(0, VirtAddr::raw))
-    })
-}
-
-fn pass_phys_of(s: &Setup) -> u64 {
-    s.vaddrs.iter().fold(0, |acc, &v| {
-        acc.wrapping_add(s.map.phys_of(black_box(v)).map_or(0, PhysAddr::raw))
-    })
-}
-
-const KINDS: [(&str, Pass); 3] = [
-    ("iova_of", pass_iova_of),
-    ("vaddr_of", pass_vaddr_of),
-    ("phys_of", pass_phys_of),
+/// (lookup, structure, pass).
+const KINDS: [(&str, &str, Pass); 6] = [
+    ("iova_of", "sorted", |s| pass_iova_of(&s.sorted, s)),
+    ("iova_of", "table", |s| pass_iova_of(&s.table, s)),
+    ("vaddr_of", "sorted", |s| pass_vaddr_of(&s.sorted, s)),
+    ("vaddr_of", "table", |s| pass_vaddr_of(&s.table, s)),
+    ("phys_of", "sorted", |s| pass_phys_of(&s.sorted, s)),
+    ("phys_of", "table", |s| pass_phys_of(&s.table, s)),
 ];
 
-fn criterion_groups(c: &mut Criterion, s: &Setup) {
-    let mut g = c.benchmark_group(format!("translate/{REGIONS}_regions"));
-    g.throughput(Throughput::Elements(STREAM as u64));
-    for (name, pass) in KINDS {
-        g.bench_function(name, |b| b.iter(|| pass(s)));
+fn criterion_groups(c: &mut Criterion, setups: &[Setup]) {
+    for s in setups {
+        let mut g = c.benchmark_group(format!("translate/{}_regions", s.shape.name));
+        g.throughput(Throughput::Elements(STREAM as u64));
+        g.measurement_time(Duration::from_secs(2));
+        g.warm_up_time(Duration::from_secs(1));
+        for (name, structure, pass) in KINDS {
+            g.bench_function(format!("{name}/{structure}"), |b| b.iter(|| pass(s)));
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 /// Lookups per second of `pass`: the median of [`PASSES`] timed passes,
@@ -208,35 +318,94 @@ fn lookups_per_sec(s: &Setup, pass: Pass) -> f64 {
     rates[PASSES / 2]
 }
 
-/// Times each lookup, prints the table and says whether all met [`TARGET`].
-fn check_target(s: &Setup) -> bool {
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// Times each lookup, prints the tables and names every missed target.
+fn check_targets(setups: &[Setup]) -> Vec<String> {
+    let mut misses = vec![];
+    // rates[shape][kind]
+    let rates: Vec<Vec<f64>> = setups
+        .iter()
+        .map(|s| KINDS.iter().map(|k| lookups_per_sec(s, k.2)).collect())
+        .collect();
     println!();
-    println!("translation throughput, {REGIONS} regions, median of {PASSES} passes:");
+    println!("translation throughput, median of {PASSES} passes (lookups/s):");
     println!(
-        "{:<10} {:>16} {:>9}  target",
-        "lookup", "lookups/s", "ns/op"
+        "{:<11} {:>7} {:>9} {:<9} {:>14} {:>14} {:>8}",
+        "map", "regions", "GiB", "lookup", "sorted", "table", "table/sorted"
     );
-    let mut ok = true;
-    for (name, pass) in KINDS {
-        let rate = lookups_per_sec(s, pass);
-        let met = rate >= TARGET;
-        ok &= met;
+    for (s, r) in setups.iter().zip(&rates) {
+        for k in 0..3 {
+            let (name, sorted, table) = (KINDS[2 * k].0, r[2 * k], r[2 * k + 1]);
+            let ratio = table / sorted;
+            let mut notes = vec![];
+            if table < TARGET {
+                notes.push(format!("below {TARGET:.0}/s"));
+            }
+            if s.shape.regions == 1_000 && ratio < SPEEDUP {
+                notes.push(format!("below {SPEEDUP}x"));
+            }
+            for n in &notes {
+                misses.push(format!("{} {name}: {n}", s.shape.name));
+            }
+            println!(
+                "{:<11} {:>7} {:>9.0} {name:<9} {sorted:>14.0} {table:>14.0} {ratio:>7.2}x {}",
+                s.shape.name,
+                s.shape.regions,
+                s.bytes as f64 / f64::from(1 << 30),
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!("MISSED: {}", notes.join(", "))
+                },
+            );
+        }
+    }
+    println!();
+    println!("memory (heap): structure, MiB");
+    for s in setups {
         println!(
-            "{name:<10} {rate:>16.0} {:>9.2}  {} {TARGET:.0}",
-            1e9 / rate,
-            if met { ">=" } else { "<  FAILED:" },
+            "{:<11} sorted {:>9.2}  table {:>9.2} (the table includes its own sorted arrays)",
+            s.shape.name,
+            mib(s.sorted.heap_bytes()),
+            mib(s.table.heap_bytes())
         );
     }
-    ok
+    // The 100,000-region figure against the 1,000-region one of the same
+    // region sizes, as time per lookup.
+    let at = |name: &str| setups.iter().position(|s| s.shape.name == name);
+    if let (Some(a), Some(b)) = (at("1000"), at("100000")) {
+        println!();
+        println!("table, 100000 regions against 1000 (time per lookup, target <= {SCALE}x):");
+        for k in 0..3 {
+            let slow = rates[a][2 * k + 1] / rates[b][2 * k + 1];
+            let sorted_slow = rates[a][2 * k] / rates[b][2 * k];
+            let met = slow <= SCALE;
+            if !met {
+                misses.push(format!(
+                    "100000 {}: {slow:.2}x the 1000-region time",
+                    KINDS[2 * k].0
+                ));
+            }
+            println!(
+                "{:<9} table {slow:.2}x {}  (sorted {sorted_slow:.2}x)",
+                KINDS[2 * k].0,
+                if met { "" } else { "MISSED" }
+            );
+        }
+    }
+    misses
 }
 
 fn main() -> ExitCode {
-    let s = setup();
+    let setups: Vec<Setup> = SHAPES.iter().map(setup).collect();
     let mut c = Criterion::default().configure_from_args();
-    criterion_groups(&mut c, &s);
+    criterion_groups(&mut c, &setups);
     c.final_summary();
 
-    // Check the target only when really benchmarking: `cargo bench` passes
+    // Check the targets only when really benchmarking: `cargo bench` passes
     // --bench; `cargo test --benches` does not, and `-- --test` or `--list`
     // ask for no measurement.
     let args: Vec<String> = std::env::args().collect();
@@ -244,12 +413,13 @@ fn main() -> ExitCode {
     if !has("--bench") || has("--test") || has("--list") {
         return ExitCode::SUCCESS;
     }
-    if check_target(&s) {
+    let misses = check_targets(&setups);
+    if misses.is_empty() {
         ExitCode::SUCCESS
     } else {
-        eprintln!(
-            "translate bench: at least one lookup is below {TARGET:.0} lookups/s (issue 5, item 4)"
-        );
+        for m in &misses {
+            eprintln!("translate bench: missed: {m}");
+        }
         ExitCode::FAILURE
     }
 }

@@ -19,6 +19,7 @@ mod locality;
 mod pinless;
 #[path = "../common/procfs.rs"]
 mod procfs;
+mod proof;
 mod service;
 #[path = "../common/step.rs"]
 mod step;
@@ -41,6 +42,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(locality::scenarios());
             v.extend(demo::scenarios());
             v.extend(service::scenarios());
+            v.extend(proof::scenarios());
             Some(v)
         }
         "mdev" => {

@@ -26,6 +26,10 @@ pub const ROWS: &[(&str, &str)] = &[
         "numapin `pin_user`, full proof, no node (no placement check)",
     ),
     (
+        "numapin.pin-proved.unprivileged",
+        "numapin `pin_user`, full proof, node checked, without CAP_SYS_ADMIN (`move_pages`)",
+    ),
+    (
         "step.pagemap-pfns",
         "… its step: PFN snapshot from `/proc/self/pagemap`",
     ),

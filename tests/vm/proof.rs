@@ -1,0 +1,236 @@
+//! The full proof reads each page's node from its PFN (sysfs memory
+//! blocks) instead of asking move_pages(2) per page: these scenarios show it
+//! still catches a page on the wrong node and a changed frame.
+
+use numapin::numa::{self, NodeMemory, Topology};
+use numapin::{Error, NodeId, PageSize, PinRequest, Pinner, Proof};
+
+use crate::Scenario;
+use crate::ensure;
+use crate::util::*;
+
+pub fn scenarios() -> Vec<(&'static str, Scenario)> {
+    vec![
+        ("p.proof.block-map-agrees", block_map_agrees),
+        ("p.proof.misplaced-by-pfn", misplaced_by_pfn),
+        ("p.proof.misplaced-hugetlb", misplaced_hugetlb),
+        (
+            "p.proof.pfn-changed-after-discard",
+            pfn_changed_after_discard,
+        ),
+    ]
+}
+
+const LEN: usize = 4 << 20;
+
+/// Private anonymous memory bound to `node`, touched page by page (no THP).
+struct Anon {
+    ptr: *mut u8,
+}
+
+impl Anon {
+    fn on(node: NodeId) -> Result<Anon, String> {
+        // SAFETY: a fresh private anonymous mapping, unmapped in drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(
+            ptr != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let a = Anon { ptr: ptr.cast() };
+        // SAFETY: advice on memory this test owns.
+        unsafe { libc::madvise(ptr, LEN, libc::MADV_NOHUGEPAGE) };
+        e(numapin::sys::mbind(a.addr(), LEN, node, 0), "mbind")?;
+        a.touch(0, LEN);
+        Ok(a)
+    }
+    fn addr(&self) -> usize {
+        self.ptr as usize
+    }
+    fn touch(&self, from: usize, len: usize) {
+        for off in (from..from + len).step_by(4096) {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile(self.ptr.add(off), 1) };
+        }
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `on`.
+        unsafe { libc::munmap(self.ptr.cast(), LEN) };
+    }
+}
+
+fn request(node: NodeId) -> PinRequest<'static> {
+    PinRequest {
+        proof: Proof::Full,
+        ..PinRequest::new(node, LEN as u64)
+    }
+}
+
+/// Memory bound to the away node, pinned as if it had to be on the home
+/// node: the proof names every page off-node. The control: the same memory
+/// pinned for the away node passes, with its snapshot taken (root sees the
+/// frames, so the proof took the PFN path).
+fn misplaced_by_pfn(ctx: &Ctx) -> Result<String, String> {
+    let p = e(Pinner::open(&ctx.device), "open")?;
+    let m = Anon::on(ctx.away)?;
+    let before = ctx.pinned();
+    // SAFETY: `m` outlives any region made here.
+    let err = match unsafe { p.pin_user(m.ptr, &request(ctx.home)) } {
+        Ok(r) => {
+            drop(r);
+            return Err("pinned memory of the away node as on the home node".into());
+        }
+        Err(e) => e,
+    };
+    ensure!(ctx.pinned() == before, "the refused pin stayed accounted");
+    let Error::Misplaced {
+        pages, off_node, ..
+    } = err
+    else {
+        return Err(format!("wanted Misplaced, got: {err}"));
+    };
+    let want = (LEN / 4096) as u64;
+    ensure!(
+        pages == want && off_node == want,
+        "Misplaced counted {off_node} of {pages} pages off node, wanted {want} of {want}"
+    );
+    // SAFETY: as above.
+    let r = e(
+        unsafe { p.pin_user(m.ptr, &request(ctx.away)) },
+        "pin_user away",
+    )?;
+    let snap = r.pinned_pfns().map(<[u64]>::len);
+    ensure!(snap == Some(LEN / 4096), "snapshot: {snap:?} frames");
+    let v = e(r.verify(), "verify")?;
+    ensure!(v.is_intact(), "verify of the control: {v:?}");
+    e(r.release(), "release")?;
+    Ok(format!(
+        "{off_node}/{pages} pages off node caught; control on node {} intact",
+        ctx.away
+    ))
+}
+
+/// A pinned private page discarded with MADV_DONTNEED and touched again:
+/// the page table now points at a new frame while the IOMMU keeps the old
+/// one; verify must report it.
+fn pfn_changed_after_discard(ctx: &Ctx) -> Result<String, String> {
+    let p = e(Pinner::open(&ctx.device), "open")?;
+    let m = Anon::on(ctx.home)?;
+    // SAFETY: `m` outlives the region.
+    let r = e(unsafe { p.pin_user(m.ptr, &request(ctx.home)) }, "pin_user")?;
+    let v = e(r.verify(), "verify before")?;
+    ensure!(v.is_intact() && v.pfn_changed == Some(0), "before: {v:?}");
+    let old = pfns(m.addr(), 4096)?;
+    // SAFETY: discards the first two pages of memory this test owns.
+    let rc = unsafe { libc::madvise(m.ptr.cast(), 2 * 4096, libc::MADV_DONTNEED) };
+    ensure!(rc == 0, "madvise: {}", std::io::Error::last_os_error());
+    m.touch(0, 2 * 4096);
+    let new = pfns(m.addr(), 4096)?;
+    ensure!(
+        old != new,
+        "the discarded page kept its frame {old:?}: no control"
+    );
+    let v = e(r.verify(), "verify after")?;
+    ensure!(
+        v.pfn_changed == Some(2) && !v.is_intact(),
+        "verify after the discard: {v:?}, wanted 2 changed frames"
+    );
+    e(r.release(), "release")?;
+    Ok(format!("verify: {v:?}"))
+}
+
+/// The memory-block map answers what move_pages(2) answers, page by page,
+/// for memory on both nodes (so the proof's PFN path, not its fallback, is
+/// what runs here: the map exists and covers the frames).
+fn block_map_agrees(ctx: &Ctx) -> Result<String, String> {
+    let mut out = vec![];
+    for node in [ctx.home, ctx.away] {
+        let m = Anon::on(node)?;
+        let frames = pfns(m.addr(), LEN as u64)?;
+        let by_pfn = numapin::pfnnode::nodes_of_pfns(&frames, 4096)
+            .ok_or("sysfs gave no memory-block map covering the frames")?;
+        let by_query = e(numa::nodes_of(m.addr(), LEN, 4096), "move_pages")?;
+        ensure!(
+            by_pfn == by_query,
+            "node {node}: the block map and move_pages disagree on {} of {} pages",
+            by_pfn.iter().zip(&by_query).filter(|(a, b)| a != b).count(),
+            by_pfn.len()
+        );
+        ensure!(
+            on_node(&by_query, node) == by_query.len(),
+            "node {node}: only {} of {} pages there",
+            on_node(&by_query, node),
+            by_query.len()
+        );
+        out.push(format!("node {node}: {} pages agree", by_pfn.len()));
+    }
+    Ok(out.join("; "))
+}
+
+/// 2 MiB hugetlb pages on the away node, pinned as if on the home node:
+/// the proof reads one pagemap entry per huge page and still names each.
+fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
+    const HLEN: u64 = 8 << 20;
+    let p = e(Pinner::open(&ctx.device), "open")?;
+    let topo = e(Topology::read(), "topology")?;
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.away, HLEN, PageSize::Huge2M, 1, None, None),
+        "allocate 2 MiB pages on the away node",
+    )?;
+    let req = |node| PinRequest {
+        proof: Proof::Full,
+        page_size: PageSize::Huge2M,
+        ..PinRequest::new(node, HLEN)
+    };
+    // SAFETY: `mem` outlives any region made here.
+    let err = match unsafe { p.pin_user(mem.as_ptr(), &req(ctx.home)) } {
+        Ok(r) => {
+            drop(r);
+            return Err("pinned huge pages of the away node as on the home node".into());
+        }
+        Err(e) => e,
+    };
+    let Error::Misplaced {
+        pages, off_node, ..
+    } = err
+    else {
+        return Err(format!("wanted Misplaced, got: {err}"));
+    };
+    ensure!(
+        pages == 4 && off_node == 4,
+        "Misplaced counted {off_node} of {pages} huge pages off node, wanted 4 of 4"
+    );
+    // SAFETY: as above.
+    let r = e(
+        unsafe { p.pin_user(mem.as_ptr(), &req(ctx.away)) },
+        "pin_user away",
+    )?;
+    // The snapshot covers every base page, and matches pagemap's own view.
+    let snap = r.pinned_pfns().ok_or("no snapshot")?.to_vec();
+    let full = pfns(mem.addr(), HLEN)?;
+    ensure!(
+        snap == full,
+        "snapshot from one entry per huge page differs from pagemap on {} of {} base pages",
+        changed(&snap, &full),
+        full.len()
+    );
+    let v = e(r.verify(), "verify")?;
+    ensure!(v.is_intact() && v.pages == 4, "verify: {v:?}");
+    e(r.release(), "release")?;
+    Ok(format!(
+        "{off_node}/{pages} huge pages off node caught; snapshot of {} base pages exact",
+        snap.len()
+    ))
+}
