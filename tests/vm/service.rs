@@ -36,6 +36,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("s.fuzz", |c| logged(|| fuzz(c))),
         ("s.socket-activation", |c| logged(|| socket_activation(c))),
         ("s.peer-identity", |c| logged(|| peer_identity(c))),
+        ("s.numa-balancing", |c| logged(|| numa_balancing(c))),
     ]
 }
 
@@ -1024,4 +1025,151 @@ fn peer_identity(ctx: &Ctx) -> Result<String, String> {
         h.peer_identity,
         h.pid
     ))
+}
+
+/// The client's mapping (file range and offset) that holds `vaddr`, from
+/// `/proc/PID/maps`: `(start, end, file offset of start)`.
+fn vma_of(pid: u32, vaddr: u64) -> Result<(u64, u64, u64), String> {
+    let maps = e(std::fs::read_to_string(format!("/proc/{pid}/maps")), "maps")?;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(off)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let parse = |x: &str| u64::from_str_radix(x, 16).map_err(|e| format!("maps {line:?}: {e}"));
+        let (a, b, off) = (parse(a)?, parse(b)?, parse(off)?);
+        if (a..b).contains(&vaddr) {
+            return Ok((a, b, off));
+        }
+    }
+    Err(format!("no mapping of pid {pid} holds {vaddr:#x}"))
+}
+
+/// NUMA balancing against a service region. The runner maps the client's
+/// pinned memfd itself (through `/proc/PID/map_files`, as root), resets the
+/// file's shared policy to the default with `mbind` on that mapping (so the
+/// node binding no longer keeps balancing away: only the pin does), and
+/// touches it, with an anonymous control of its own, from the other node's
+/// CPUs while the scanner runs fast. The control must migrate; the client's
+/// frames must not change. A twin run touching only the control for as long
+/// gives the hinting faults attributable to the client's memory (reported).
+fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const LEN: u64 = 16 << 20;
+    let d = Daemon::start(ctx, CONFIG)?;
+    let h = Holder::spawn(&d, &format!("{}:16M", ctx.home.0))?;
+    let vaddr = h.hex("vaddr").ok_or("no vaddr")?;
+    let snap = pfns_of(h.pid(), vaddr, LEN)?;
+    let (start, end, off) = vma_of(h.pid(), vaddr)?;
+    ensure!(
+        end - vaddr >= LEN,
+        "the client's mapping is shorter than its region"
+    );
+    let file = e(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{}/map_files/{start:x}-{end:x}", h.pid())),
+        "open the client's memfd through map_files",
+    )?;
+    // SAFETY: a new shared mapping of the client's memfd; unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            file.as_raw_fd(),
+            (off + (vaddr - start)) as libc::off_t,
+        )
+    };
+    ensure!(
+        map != libc::MAP_FAILED,
+        "mmap of the memfd: {}",
+        std::io::Error::last_os_error()
+    );
+    struct Unmap(*mut libc::c_void);
+    impl Drop for Unmap {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made above, no longer used.
+            unsafe { libc::munmap(self.0, LEN as usize) };
+        }
+    }
+    let _unmap = Unmap(map);
+    let addr = map as usize;
+    ensure!(
+        changed(&snap, &pfns(addr, LEN)?) == 0,
+        "the runner's mapping of the memfd does not share the client's frames"
+    );
+    e(
+        numapin::sys::mbind_default(addr, LEN as usize),
+        "mbind MPOL_DEFAULT on the memfd",
+    )?;
+    crate::balancing::with_fast_balancing(|| {
+        let control = control_region(ctx.home, LEN)?;
+        let control_before = pfns(control.addr(), LEN)?;
+        let run = |ranges: Vec<(usize, usize)>, limit: Duration, until_moved: bool| {
+            let (f0, m0) = (vmstat("numa_hint_faults"), vmstat("numa_pages_migrated"));
+            let stop = Arc::new(AtomicBool::new(false));
+            let t = Instant::now();
+            let th = crate::type1::toucher(ranges, ctx.away_cpus.clone(), stop.clone());
+            while t.elapsed() < limit {
+                std::thread::sleep(Duration::from_millis(500));
+                if until_moved && t.elapsed() > Duration::from_secs(4) {
+                    let n = numapin::numa::nodes_of(control.addr(), LEN as usize, 4096)
+                        .unwrap_or_default();
+                    if on_node(&n, ctx.away) * 2 >= n.len() && !n.is_empty() {
+                        break;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let passes = th.join().unwrap_or(0);
+            (
+                t.elapsed(),
+                vmstat("numa_hint_faults") - f0,
+                vmstat("numa_pages_migrated") - m0,
+                passes,
+            )
+        };
+        let both = vec![(addr, LEN as usize), (control.addr(), LEN as usize)];
+        let (secs, faults, migrated, passes) = run(both, Duration::from_secs(60), true);
+        let cc = changed(&control_before, &pfns(control.addr(), LEN)?);
+        let client_after = pfns_of(h.pid(), vaddr, LEN)?;
+        let pc = changed(&snap, &client_after);
+        ensure!(
+            pc == 0,
+            "{pc} of the client's pinned frames changed under NUMA balancing"
+        );
+        let nodes = nodes_of_pid(h.pid(), vaddr, LEN, 4096)?;
+        ensure!(
+            on_node(&nodes, ctx.home) == nodes.len(),
+            "{} client pages left node {}",
+            nodes.len() - on_node(&nodes, ctx.home),
+            ctx.home
+        );
+        ensure!(
+            cc > 0 && migrated > 0,
+            "the unpinned control did not migrate ({cc} PFNs changed, numa_pages_migrated +{migrated}, {faults} hinting faults in {:.0}s, {passes} passes): the attack proves nothing",
+            secs.as_secs_f64()
+        );
+        let (_, twin_faults, _, _) = run(vec![(control.addr(), LEN as usize)], secs, false);
+        // vmstat counts every process's faults, so only an excess over the
+        // twin says anything about the client's memory.
+        let excess = match faults.checked_sub(twin_faults) {
+            Some(n) if n > 0 => format!("{n} more than the twin"),
+            _ => "no excess over the twin".to_string(),
+        };
+        Ok(format!(
+            "{:.0}s from node {}: client 0/{} frames changed, control {cc}/{} changed, numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the control {twin_faults}: {excess}",
+            secs.as_secs_f64(),
+            ctx.away,
+            snap.len(),
+            control_before.len(),
+        ))
+    })
 }

@@ -445,8 +445,10 @@ impl Pair {
 
 /// move_pages is best effort: a page the kernel cannot isolate at that
 /// moment (transiently busy) stays and is reported per page. Both regions
-/// are asked up to three times; the pinned one must never move, the control
-/// must end up all on the other node.
+/// are asked up to three times, the control read page by page before each
+/// retry (a page in the middle of a NUMA-balancing migration reads as not
+/// present, `-ENOENT`); the pinned one must never move, the control must end
+/// up all on the other node.
 fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
     let mut control_moved = 0;
@@ -473,6 +475,7 @@ fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
             let r = pr.judge("move_pages")?;
             return Ok(format!("{r}; control moved in {attempt} ask(s)"));
         }
+        touch_read(pr.control.addr(), PAIR as usize);
     }
     // Ask once more page by page for the kernel's reasons (status codes).
     let pages: Vec<usize> = (0..PAIR as usize)
@@ -490,11 +493,25 @@ fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     for s in &status {
         *counts.entry(*s).or_insert(0) += 1;
     }
+    let present = pfns_or_holes(pr.control.addr(), PAIR as usize)?
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
     Err(format!(
-        "control: only {control_moved} of {asked} moved in 3 asks; a 4th: {again:?}, status counts {counts:?} (node, or -errno); node {} MemFree {} kB",
+        "control: only {control_moved} of {asked} moved in 3 asks; a 4th: {again:?}, status counts {counts:?} (node, or -errno); pagemap: {present} of {} present; node {} MemFree {} kB",
+        pages.len(),
         ctx.away,
         node_mem_free_kb(ctx.away)
     ))
+}
+
+/// Reads one byte of every base page of `[addr, addr+len)`.
+fn touch_read(addr: usize, len: usize) {
+    for off in (0..len).step_by(4096) {
+        // SAFETY: the range belongs to a region the caller owns and keeps
+        // alive; a volatile read, no reference.
+        unsafe { std::ptr::read_volatile((addr + off) as *const u8) };
+    }
 }
 
 fn c_migrate_pages(ctx: &Ctx) -> Result<String, String> {
@@ -573,7 +590,7 @@ fn c_cli_move_pages(ctx: &Ctx) -> Result<String, String> {
 }
 
 /// Writes one byte per page, from the calling thread, until `stop`.
-fn toucher(
+pub(crate) fn toucher(
     addrs: Vec<(usize, usize)>,
     cpus: Vec<u32>,
     stop: Arc<AtomicBool>,
