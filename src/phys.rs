@@ -37,6 +37,7 @@ const ENTRY_LEN: usize = 8;
 
 /// Why physical addresses could not be read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PhysError {
     /// Every PFN reads as 0: the kernel hides them from this process.
     #[error(
