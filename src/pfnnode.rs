@@ -10,7 +10,9 @@
 //! per page (`move_pages(2)`). The map is cached per process and read again
 //! when a frame falls outside every known block (memory hot-added since).
 //! A kernel without memory block devices in sysfs (they come with memory
-//! hotplug support) gives no map; the caller then asks `move_pages(2)`.
+//! hotplug support) gives no map; the caller then asks `move_pages(2)`. A
+//! block that spans a node boundary is listed under each of its nodes; it
+//! is left out of the map, so its frames go to `move_pages(2)` too.
 
 use std::fs;
 use std::io;
@@ -68,6 +70,17 @@ impl BlockMap {
             }
         }
         blocks.sort_unstable();
+        // A block that spans a node boundary is linked under every node it
+        // holds frames of (`register_mem_block_under_node_early` in the
+        // kernel's `drivers/base/node.c`): its frames' node cannot be told
+        // from the block, so it is left out and its frames go to
+        // `move_pages(2)`.
+        let shared: Vec<u64> = blocks
+            .windows(2)
+            .filter(|w| w[0].0 == w[1].0)
+            .map(|w| w[0].0)
+            .collect();
+        blocks.retain(|(b, _)| shared.binary_search(b).is_err());
         let mut runs: Vec<(u64, u64, u32)> = Vec::new();
         for (block, node) in blocks {
             match runs.last_mut() {
@@ -218,6 +231,21 @@ mod tests {
             }
         }
         d
+    }
+
+    #[test]
+    fn a_block_under_two_nodes_is_unknown() {
+        // Block 3 spans the boundary: the kernel links it under both nodes.
+        let d = fake("8000000\n", &[(0, &[0, 1, 2, 3]), (1, &[3, 4, 5])]);
+        let m = BlockMap::read(d.path()).unwrap();
+        assert_eq!(m.runs, vec![(0, 3, 0), (4, 2, 1)]);
+        let page = 4096;
+        let per_block = (128 << 20) / page;
+        assert_eq!(m.node_of(3 * per_block - 1, page), Some(0));
+        assert_eq!(m.node_of(3 * per_block, page), None);
+        assert_eq!(m.node_of(4 * per_block - 1, page), None);
+        assert_eq!(m.node_of(4 * per_block, page), Some(1));
+        assert_eq!(m.off_node(&[3 * per_block + 7], 1, page, 1), None);
     }
 
     #[test]

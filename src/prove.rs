@@ -6,7 +6,8 @@
 //! page is checked to be one frame, so its head speaks for it), and for
 //! placement the node of each frame
 //! from sysfs's memory-block map (`pfnnode`). Where the frames are hidden
-//! (no CAP_SYS_ADMIN) or a frame is in no known block, placement comes
+//! (no CAP_SYS_ADMIN) or a frame is in no known block (or in one listed
+//! under two nodes), placement comes
 //! from `move_pages(2)` with a null node list (`do_pages_stat`), one query
 //! per page.
 

@@ -1052,10 +1052,14 @@ fn vma_of(pid: u32, vaddr: u64) -> Result<(u64, u64, u64), String> {
 /// pinned memfd itself (through `/proc/PID/map_files`, as root), resets the
 /// file's shared policy to the default with `mbind` on that mapping (so the
 /// node binding no longer keeps balancing away: only the pin does), and
-/// touches it, with an anonymous control of its own, from the other node's
-/// CPUs while the scanner runs fast. The control must migrate; the client's
-/// frames must not change. A twin run touching only the control for as long
-/// gives the hinting faults attributable to the client's memory (reported).
+/// touches it, with an anonymous control and an unpinned memfd control
+/// treated like the client's, from the other node's CPUs while the scanner
+/// runs fast. The anonymous control must migrate and the client's frames
+/// must not change; whether the memfd control migrated says whether this
+/// kernel's balancing attacks shmem at all (reported: 7.3's does, 6.1's does
+/// not). A twin run touching only the controls for as long gives the
+/// hinting faults attributable to the client's memory (reported: vmstat
+/// counts every process's).
 fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1092,14 +1096,7 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
         "mmap of the memfd: {}",
         std::io::Error::last_os_error()
     );
-    struct Unmap(*mut libc::c_void);
-    impl Drop for Unmap {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made above, no longer used.
-            unsafe { libc::munmap(self.0, LEN as usize) };
-        }
-    }
-    let _unmap = Unmap(map);
+    let _unmap = Unmap(map, LEN as usize);
     let addr = map as usize;
     ensure!(
         changed(&snap, &pfns(addr, LEN)?) == 0,
@@ -1112,6 +1109,8 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     crate::balancing::with_fast_balancing(|| {
         let control = control_region(ctx.home, LEN)?;
         let control_before = pfns(control.addr(), LEN)?;
+        let (_shm_fd, shm) = memfd_control(ctx.home, LEN as usize)?;
+        let shm_before = pfns(shm.0 as usize, LEN)?;
         let run = |ranges: Vec<(usize, usize)>, limit: Duration, until_moved: bool| {
             let (f0, m0) = (vmstat("numa_hint_faults"), vmstat("numa_pages_migrated"));
             let stop = Arc::new(AtomicBool::new(false));
@@ -1136,9 +1135,14 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
                 passes,
             )
         };
-        let both = vec![(addr, LEN as usize), (control.addr(), LEN as usize)];
+        let both = vec![
+            (addr, LEN as usize),
+            (control.addr(), LEN as usize),
+            (shm.0 as usize, LEN as usize),
+        ];
         let (secs, faults, migrated, passes) = run(both, Duration::from_secs(60), true);
         let cc = changed(&control_before, &pfns(control.addr(), LEN)?);
+        let sc = changed(&shm_before, &pfns(shm.0 as usize, LEN)?);
         let client_after = pfns_of(h.pid(), vaddr, LEN)?;
         let pc = changed(&snap, &client_after);
         ensure!(
@@ -1157,7 +1161,26 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
             "the unpinned control did not migrate ({cc} PFNs changed, numa_pages_migrated +{migrated}, {faults} hinting faults in {:.0}s, {passes} passes): the attack proves nothing",
             secs.as_secs_f64()
         );
-        let (_, twin_faults, _, _) = run(vec![(control.addr(), LEN as usize)], secs, false);
+        // The client's region is shmem: only where an unpinned memfd
+        // treated the same way migrates does the run attack it. 6.1's
+        // balancing migrates none (7.3's all): there the anonymous control
+        // alone shows balancing ran, and the detail says so.
+        let shm_note = if sc > 0 {
+            format!("memfd {sc}/{} (the attack reached shmem)", shm_before.len())
+        } else {
+            format!(
+                "memfd 0/{}: this kernel's balancing does not migrate shmem, so it never tried the client's region",
+                shm_before.len()
+            )
+        };
+        let (_, twin_faults, _, _) = run(
+            vec![
+                (control.addr(), LEN as usize),
+                (shm.0 as usize, LEN as usize),
+            ],
+            secs,
+            false,
+        );
         // vmstat counts every process's faults, so only an excess over the
         // twin says anything about the client's memory.
         let excess = match faults.checked_sub(twin_faults) {
@@ -1165,11 +1188,76 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
             _ => "no excess over the twin".to_string(),
         };
         Ok(format!(
-            "{:.0}s from node {}: client 0/{} frames changed, control {cc}/{} changed, numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the control {twin_faults}: {excess}",
+            "{:.0}s from node {}: client 0/{} frames changed; controls changed: anonymous {cc}/{}, {shm_note}; numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the controls {twin_faults}: {excess}",
             secs.as_secs_f64(),
             ctx.away,
             snap.len(),
             control_before.len(),
         ))
     })
+}
+
+/// A mapping this runner made, unmapped on drop: `(address, length)`.
+struct Unmap(*mut libc::c_void, usize);
+
+impl Drop for Unmap {
+    fn drop(&mut self) {
+        // SAFETY: a mapping this runner made and no longer uses.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
+/// An unpinned shmem memfd of `len` bytes mapped shared, faulted in on
+/// `node` under `MPOL_BIND`, then with its shared policy reset to the
+/// default: the client's region as numapind makes it, without the pin.
+fn memfd_control(node: numapin::NodeId, len: usize) -> Result<(OwnedFd, Unmap), String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create returns a new fd this function then owns.
+    let fd = unsafe { libc::memfd_create(c"numapin-control".as_ptr(), libc::MFD_CLOEXEC) };
+    ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is open and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sizes the memfd this function owns.
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) };
+    ensure!(r == 0, "ftruncate: {}", std::io::Error::last_os_error());
+    // SAFETY: a new shared mapping of that memfd, owned by the `Unmap`.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    ensure!(
+        p != libc::MAP_FAILED,
+        "mmap memfd control: {}",
+        std::io::Error::last_os_error()
+    );
+    let m = Unmap(p, len);
+    e(
+        numapin::sys::mbind(p as usize, len, node, 0),
+        "mbind the memfd control",
+    )?;
+    for off in (0..len).step_by(4096) {
+        // SAFETY: inside the mapping just made; volatile, no reference.
+        unsafe { std::ptr::write_volatile((p as *mut u8).add(off), 1) };
+    }
+    e(
+        numapin::sys::mbind_default(p as usize, len),
+        "mbind MPOL_DEFAULT on the memfd control",
+    )?;
+    let nodes = e(
+        numapin::numa::nodes_of(p as usize, len, 4096),
+        "memfd control nodes",
+    )?;
+    ensure!(
+        on_node(&nodes, node) == nodes.len(),
+        "memfd control: {} of {} pages on node {node}",
+        on_node(&nodes, node),
+        nodes.len()
+    );
+    Ok((fd, m))
 }
