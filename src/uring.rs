@@ -202,7 +202,7 @@ impl UringPin {
 impl Drop for UringPin {
     fn drop(&mut self) {
         if let Err(e) = self.unregister() {
-            eprintln!("numapin: {e}; the pages stay pinned until the ring closes");
+            log::warn!("{e}; the pages stay pinned until the ring closes");
         }
     }
 }
