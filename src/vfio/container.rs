@@ -91,9 +91,26 @@ pub fn get_info(fd: BorrowedFd<'_>) -> Result<IommuInfo> {
 /// The memory must stay mapped until the range is unmapped: the IOMMU, and
 /// the kernel's page references, point at it until then.
 pub unsafe fn map_dma(fd: BorrowedFd<'_>, vaddr: VirtAddr, len: u64, iova: Iova) -> io::Result<()> {
+    let flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
+    // SAFETY: the caller keeps the memory mapped (this function's contract).
+    unsafe { map_dma_flags(fd, flags, vaddr, len, iova) }
+}
+
+/// `VFIO_IOMMU_MAP_DMA` of `[vaddr, vaddr+len)` at `iova` with `flags`.
+///
+/// # Safety
+/// As [`map_dma`] and [`map_vaddr`]: the memory stays mapped until the
+/// range is unmapped.
+unsafe fn map_dma_flags(
+    fd: BorrowedFd<'_>,
+    flags: u32,
+    vaddr: VirtAddr,
+    len: u64,
+    iova: Iova,
+) -> io::Result<()> {
     let arg = vfio_iommu_type1_dma_map {
         argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
-        flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+        flags,
         vaddr: vaddr.raw(),
         iova: iova.raw(),
         size: len,
@@ -121,9 +138,15 @@ pub unsafe fn map_dma(fd: BorrowedFd<'_>, vaddr: VirtAddr, len: u64, iova: Iova)
 /// assert_eq!(e.unwrap_err().raw_os_error(), Some(libc::ENOTTY));
 /// ```
 pub fn unmap_dma(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<u64> {
+    unmap_dma_flags(fd, 0, iova, len)
+}
+
+/// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova+len)` with `flags`; returns the
+/// size the kernel wrote back.
+fn unmap_dma_flags(fd: BorrowedFd<'_>, flags: u32, iova: Iova, len: u64) -> io::Result<u64> {
     let mut arg = vfio_iommu_type1_dma_unmap {
         argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
-        flags: 0,
+        flags,
         iova: iova.raw(),
         size: len,
         ..Default::default()
@@ -145,19 +168,8 @@ pub fn unmap_dma(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<u64> {
 /// # Errors
 /// The raw errno (`EINVAL` for a range that is not one whole mapping).
 pub fn unmap_vaddr(fd: BorrowedFd<'_>, iova: Iova, len: u64) -> io::Result<()> {
-    let mut arg = vfio_iommu_type1_dma_unmap {
-        argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
-        flags: vfio_bindings::bindings::vfio::VFIO_DMA_UNMAP_FLAG_VADDR,
-        iova: iova.raw(),
-        size: len,
-        ..Default::default()
-    };
-    // SAFETY: a valid vfio_iommu_type1_dma_unmap; no user memory is touched.
-    let ret = unsafe { ioctl_with_mut_ref(&fd, ioctls::VFIO_IOMMU_UNMAP_DMA(), &mut arg) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = vfio_bindings::bindings::vfio::VFIO_DMA_UNMAP_FLAG_VADDR;
+    unmap_dma_flags(fd, flags, iova, len).map(drop)
 }
 
 /// `VFIO_IOMMU_MAP_DMA` with `VFIO_DMA_MAP_FLAG_VADDR` (Linux 5.12; the
@@ -178,20 +190,10 @@ pub unsafe fn map_vaddr(
     len: u64,
     iova: Iova,
 ) -> io::Result<()> {
-    let arg = vfio_iommu_type1_dma_map {
-        argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
-        flags: vfio_bindings::bindings::vfio::VFIO_DMA_MAP_FLAG_VADDR,
-        vaddr: vaddr.raw(),
-        iova: iova.raw(),
-        size: len,
-    };
-    // SAFETY: a valid vfio_iommu_type1_dma_map the kernel only reads; the
-    // caller keeps the memory mapped.
-    let ret = unsafe { ioctl_with_ref(&fd, ioctls::VFIO_IOMMU_MAP_DMA(), &arg) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let flags = vfio_bindings::bindings::vfio::VFIO_DMA_MAP_FLAG_VADDR;
+    // SAFETY: the caller keeps the new mapping in place (this function's
+    // contract).
+    unsafe { map_dma_flags(fd, flags, vaddr, len, iova) }
 }
 
 /// What a failed `VFIO_IOMMU_MAP_DMA` means (`vfio_dma_do_map`,
