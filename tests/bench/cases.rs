@@ -191,9 +191,13 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
             };
             let before = avail(&pinner)?;
             // Variant 3: the same proof as a caller without CAP_SYS_ADMIN,
-            // whose pagemap shows no frames (the proof asks move_pages).
+            // whose pagemap shows no frames (the proof asks move_pages;
+            // capabilities are per thread, and pagemap checks its opener's
+            // at open).
             let _unprivileged = if variant == 3 {
-                Some(NoSysAdmin::drop_it()?)
+                Some(crate::caps::Effective::lower(&[
+                    crate::caps::CAP_SYS_ADMIN,
+                ])?)
             } else {
                 None
             };
@@ -365,66 +369,4 @@ fn numapin_uring_pin(
     }
     out.seconds(mode, size, "numapin.uring-pin", &pin);
     Ok(())
-}
-
-/// CAP_SYS_ADMIN out of this thread's effective set (capabilities are per
-/// thread; pagemap checks its opener's at `open`), back in on drop.
-struct NoSysAdmin {
-    data: [CapData; 2],
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// `_LINUX_CAPABILITY_VERSION_3`.
-const CAP_V3: u32 = 0x2008_0522;
-const CAP_SYS_ADMIN: u32 = 21;
-
-fn capset(data: &[CapData; 2]) -> Result<(), String> {
-    let mut h = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    // SAFETY: capset reads the header and two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut h, data.as_ptr()) };
-    if rc != 0 {
-        return Err(format!("capset: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-impl NoSysAdmin {
-    fn drop_it() -> Result<NoSysAdmin, String> {
-        let mut h = CapHeader {
-            version: CAP_V3,
-            pid: 0,
-        };
-        let mut data = [CapData::default(); 2];
-        // SAFETY: capget fills the two data structs.
-        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut h, data.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(format!("capget: {}", std::io::Error::last_os_error()));
-        }
-        let mut less = data;
-        less[0].effective &= !(1 << CAP_SYS_ADMIN);
-        capset(&less)?;
-        Ok(NoSysAdmin { data })
-    }
-}
-
-impl Drop for NoSysAdmin {
-    fn drop(&mut self) {
-        let _ = capset(&self.data);
-    }
 }

@@ -24,6 +24,8 @@ mod args;
 mod balance;
 #[path = "../common/balancing.rs"]
 mod balancing;
+#[path = "../common/caps.rs"]
+mod caps;
 mod cases;
 #[path = "../common/procfs.rs"]
 mod procfs;

@@ -12,6 +12,7 @@ use numapin::numa;
 use numapin::{Backend, Error, Iova, NodeId, PageSize, PinRequest, Pinner, sys};
 
 use crate::Scenario;
+use crate::caps::{CAP_IPC_LOCK, CAP_SYS_RESOURCE, Effective};
 use crate::ensure;
 use crate::util::*;
 
@@ -308,76 +309,6 @@ fn dma_mask_32(ctx: &Ctx) -> Result<String, String> {
         top.iova().map_or("?".into(), |i| i.to_string())
     ))
 }
-
-/// This thread's effective capabilities, lowered for a scenario and raised
-/// again on drop (they stay permitted, so raising them back is allowed).
-struct Effective {
-    saved: [u32; 2],
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_V3: u32 = 0x2008_0522;
-
-fn capget() -> Result<[CapData; 2], String> {
-    let mut h = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut d = [CapData::default(); 2];
-    // SAFETY: a v3 header and two data structs, as capget(2) takes.
-    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
-    ensure!(r == 0, "capget: {}", std::io::Error::last_os_error());
-    Ok(d)
-}
-
-fn capset(d: &[CapData; 2]) -> Result<(), String> {
-    let mut h = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    // SAFETY: as in capget; the kernel only reads the data.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
-    ensure!(r == 0, "capset: {}", std::io::Error::last_os_error());
-    Ok(())
-}
-
-impl Effective {
-    fn lower(caps: &[u32]) -> Result<Effective, String> {
-        let mut d = capget()?;
-        let saved = [d[0].effective, d[1].effective];
-        for &c in caps {
-            d[(c / 32) as usize].effective &= !(1 << (c % 32));
-        }
-        capset(&d)?;
-        Ok(Effective { saved })
-    }
-}
-
-impl Drop for Effective {
-    fn drop(&mut self) {
-        if let Ok(mut d) = capget() {
-            d[0].effective = self.saved[0];
-            d[1].effective = self.saved[1];
-            let _ = capset(&d);
-        }
-    }
-}
-
-const CAP_IPC_LOCK: u32 = 14;
-const CAP_SYS_RESOURCE: u32 = 24;
 
 /// The three accounting cases of iommufd (pages.c, ioas.c in 6.12): with
 /// CAP_IPC_LOCK nothing but VmPin; without it but with CAP_SYS_RESOURCE

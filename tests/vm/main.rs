@@ -12,6 +12,8 @@ mod args;
 mod bad_input;
 #[path = "../common/balancing.rs"]
 mod balancing;
+#[path = "../common/caps.rs"]
+mod caps;
 mod demo;
 mod errors;
 mod iommufd;
