@@ -973,18 +973,33 @@ impl Daemon {
             .args(["--device", &ctx.bdf, "--config"])
             .arg(&config);
         // systemd-socket-activate execs the program at the first
-        // connection: make one once the socket exists.
+        // connection: make one once the socket listens. Its file exists
+        // from bind(2) on, and a connection before listen(2) is refused.
         Daemon::launch(tool, config, socket, |d| {
             let t = Instant::now();
-            while !d.socket.exists() {
-                ensure!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "systemd-socket-activate made no socket at {} in 20 s",
-                    d.socket.display()
-                );
-                std::thread::sleep(Duration::from_millis(20));
+            loop {
+                let within = t.elapsed() < Duration::from_secs(20);
+                match wire::connect(&d.socket) {
+                    Ok(fd) => return Ok(Some(fd)),
+                    Err(err)
+                        if within
+                            && matches!(
+                                err.kind(),
+                                std::io::ErrorKind::NotFound
+                                    | std::io::ErrorKind::ConnectionRefused
+                            ) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(err) => {
+                        return Err(format!(
+                            "first connection to {} (after {:.1} s): {err}",
+                            d.socket.display(),
+                            t.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
             }
-            e(wire::connect(&d.socket), "first connection").map(Some)
         })
     }
 }
