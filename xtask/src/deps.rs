@@ -6,8 +6,9 @@
 //! apt stops rather than remove something even if the two disagree. When
 //! the plan removes packages, numapin looks for the missing packages in the
 //! suite the doomed packages came from (a machine with `qemu-utils` from
-//! bookworm-backports gets `qemu-system-x86` from there too, where the two
-//! fit). If no such plan installs everything without a removal, it stops and
+//! bookworm-backports gets `qemu-system-x86` from there too, with that
+//! suite as apt's default release so its dependencies come along, where
+//! the two fit). If no such plan installs everything without a removal, it stops and
 //! prints the command, with what it would remove, for the user to decide.
 
 use std::fs;
@@ -169,6 +170,12 @@ fn same_suite_plan(missing: &[&str], removals: &[Removal]) -> Result<Plan> {
         )));
     }
 
+    // `pkg/suite` takes only the named package from the suite; its
+    // dependencies would still come from the release, where they do not fit
+    // (qemu-system-x86 from backports needs qemu-system-common, -data and
+    // seabios from backports too). The suite as default release
+    // (`apt-get -t`) gives them the suite's versions as well.
+    let apt = apt.with_default_release(&suite);
     let policy = apt.policy(missing)?;
     let targets: Vec<String> = missing
         .iter()
@@ -235,6 +242,14 @@ impl Apt {
         Ok(Apt {
             options: private_options(&dir),
         })
+    }
+
+    /// The same apt with `suite` as the default release (`-t suite`):
+    /// apt prefers its versions for the targets' dependencies as well.
+    fn with_default_release(mut self, suite: &str) -> Apt {
+        self.options
+            .extend(["-o".to_string(), format!("APT::Default-Release={suite}")]);
+        self
     }
 
     fn command(&self, program: &str) -> Command {
@@ -532,6 +547,29 @@ busybox-static:
         500 http://deb.debian.org/debian bookworm/main amd64 Packages
         100 /var/lib/dpkg/status
 ";
+
+    /// The backports plan asks apt for the suite's dependencies too: with
+    /// `qemu-utils` from backports and no QEMU system emulator, naming only
+    /// `qemu-system-x86/bookworm-backports` leaves its `qemu-system-common`
+    /// to bookworm, and apt finds no solution (seen on a fresh machine).
+    #[test]
+    fn the_backports_plan_prefers_the_suite_for_dependencies() {
+        let apt = Apt {
+            options: private_options(Path::new("/c")),
+        }
+        .with_default_release("bookworm-backports");
+        let c = apt.command("apt-get");
+        let args: Vec<_> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| a == "APT::Default-Release=bookworm-backports")
+            .expect("default release set");
+        assert_eq!(args[at - 1], "-o");
+        assert!(args.contains(&"Dir::Etc::sourcelist=/c/sources.list".to_string()));
+    }
 
     #[test]
     fn removals_come_from_remv_lines_only() {
