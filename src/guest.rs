@@ -231,6 +231,9 @@ impl GuestRam {
         slot
     }
 
+    /// Pins a slot; a file-backed one by file where the backend can
+    /// (iommufd on Linux 6.13+), which iommufd live update needs.
+    ///
     /// # Safety
     /// pin_user's contract for the place's memory.
     unsafe fn pin(&self, at: &Place) -> Result<PinnedRegion> {
@@ -239,6 +242,12 @@ impl GuestRam {
             iova: Some(Iova(at.gpa.0)),
             page_size: at.page_size,
             proof: self.proof,
+            // SAFETY: the fd is the region's backing file, which vm-memory
+            // keeps open as long as the region, and the region outlives the
+            // slot (the caller's contract).
+            file: at
+                .file
+                .map(|(fd, off)| (unsafe { BorrowedFd::borrow_raw(fd) }, off)),
             ..PinRequest::any_node(at.len)
         };
         // SAFETY: the caller's contract is pin_user's.
@@ -357,7 +366,8 @@ impl GuestRam {
     }
 
     /// Live update, before the exec: suspends every slot (see
-    /// [`PinnedRegion::suspend`]) and returns what the new process needs to
+    /// [`PinnedRegion::suspend`]: type1 forgets the addresses, iommufd
+    /// needs every slot mapped by file) and returns what the new process needs to
     /// adopt them with [`GuestRam::resume`]. Every slot must be file-backed
     /// (memfd, hugetlbfs) and shared: that is checked for all of them before
     /// any is touched. If the kernel refuses one, the slots suspended before

@@ -6,7 +6,7 @@
 //! and hands out a [`PinnedRegion`]. On any failure it undoes what it did.
 
 use std::fmt;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
 use vfio_ioctls::VfioDevice;
@@ -325,7 +325,9 @@ impl Pinner {
             min_extent: req.min_extent,
             proof: req.proof,
         };
-        self.pin_range(reservation, range, Some(mem))
+        // A memfd region is mapped by file where the backend can.
+        let file = mem.memfd().map(|f| (f.as_raw_fd(), 0));
+        self.pin_range(reservation, range, file, Some(mem))
     }
 
     /// Pins caller-owned memory: `req.size` bytes at `vaddr`, at `req.iova`
@@ -367,6 +369,23 @@ impl Pinner {
         if let Some(n) = req.node {
             self.inner.topology.require(n)?;
         }
+        if let Some((fd, offset)) = req.file {
+            match crate::sys::check_file_mapping(addr.raw(), len, fd, offset) {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    return Err(Error::Invalid(format!(
+                        "PinRequest::file does not back the memory at {addr}: {why}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(Error::sys(
+                        "check PinRequest::file against /proc/self/maps",
+                        "",
+                        e,
+                    ));
+                }
+            }
+        }
         self.check_pin_resources(len)?;
         let reservation = self.reserve_iova(req.iova, len, iova_align(addr.raw(), len, page))?;
         let range = Range {
@@ -377,21 +396,25 @@ impl Pinner {
             min_extent: req.min_extent,
             proof: req.proof,
         };
-        self.pin_range(reservation, range, None)
+        let file = req.file.map(|(f, off)| (f.as_raw_fd(), off));
+        self.pin_range(reservation, range, file, None)
     }
 
     /// Pins and checks the range at the reserved IOVA and wraps it in a
-    /// region (owning `mem`, if given). If a mapping could not be undone
-    /// after a failed check, neither the IOVA nor the memory is ever
-    /// reused: a device may still reach it.
+    /// region (owning `mem`, if given). `file`: the file and offset the
+    /// range maps, open for the duration of the call, to map by file where
+    /// the backend can. If a mapping could not be undone after a failed
+    /// check, neither the IOVA nor the memory is ever reused: a device may
+    /// still reach it.
     fn pin_range(
         &self,
         reservation: Option<IovaReservation<'_>>,
         range: Range,
+        file: Option<(RawFd, u64)>,
         mem: Option<NodeMemory>,
     ) -> Result<PinnedRegion> {
         let iova = reservation.as_ref().map(|r| r.iova);
-        let (uring, pfns) = match self.pin_checked(&range, iova) {
+        let (uring, pfns, by_file) = match self.pin_checked(&range, iova, file) {
             Ok(p) => p,
             Err(MapFailure {
                 error,
@@ -413,6 +436,7 @@ impl Pinner {
             memory: mem,
             uring,
             pfns,
+            by_file,
             ..self.region_parts(range.vaddr, range.len, range.page_size)
         }))
     }
@@ -436,6 +460,7 @@ impl Pinner {
             memory: None,
             uring: None,
             pfns: None,
+            by_file: false,
         }
     }
 
@@ -503,12 +528,37 @@ impl Pinner {
         }))
     }
 
+    /// Maps the range from `file` (`IOMMU_IOAS_MAP_FILE`) when there is
+    /// one and the mapper is an iommufd IOAS; `Ok(false)` when the range
+    /// is to be mapped by address instead (no file, type1, or a kernel
+    /// before 6.13, whose refusal maps nothing).
+    fn map_by_file(&self, r: &Range, iova: Iova, file: Option<(RawFd, u64)>) -> Result<bool> {
+        let Some((fd, offset)) = file else {
+            return Ok(false);
+        };
+        let mapper = &self.inner.mapper;
+        if mapper.iommufd().is_none() {
+            return Ok(false);
+        }
+        // SAFETY: the caller keeps `fd` open for this call (pin_range's
+        // contract); the mapping's contract is the range's, as for `map`.
+        match unsafe { mapper.map_file(BorrowedFd::borrow_raw(fd), offset, r.len, iova) } {
+            Ok(()) => Ok(true),
+            Err(Error::IommufdUnavailable { .. }) => {
+                log::debug!("no IOMMU_IOAS_MAP_FILE on this kernel: mapping {iova} by address");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Takes the pin for this container kind, then proves it. Undoes
     /// everything on failure. Runs under the accounting lock.
     fn pin_checked(
         &self,
         r: &Range,
         iova: Option<Iova>,
+        file: Option<(RawFd, u64)>,
     ) -> std::result::Result<Pinned, MapFailure> {
         backend::serialized(|| {
             let unmapped = |error: Error| MapFailure {
@@ -533,14 +583,18 @@ impl Pinner {
                     Some(pin.map_err(unmapped)?)
                 }
             };
+            let mut by_file = false;
             if let Some(iova) = iova {
-                // SAFETY: as above; a failure drops `uring`, which
-                // unregisters the buffers.
-                unsafe { s.mapper.map(r.vaddr, r.len, iova) }.map_err(unmapped)?;
+                by_file = self.map_by_file(r, iova, file).map_err(unmapped)?;
+                if !by_file {
+                    // SAFETY: as above; a failure drops `uring`, which
+                    // unregisters the buffers.
+                    unsafe { s.mapper.map(r.vaddr, r.len, iova) }.map_err(unmapped)?;
+                }
             }
             let physical = s.mapper.addressing() == DmaAddressing::Physical;
             match prove::prove(r, s.source, before, &read, physical) {
-                Ok(pfns) => Ok((uring, pfns)),
+                Ok(pfns) => Ok((uring, pfns, by_file)),
                 Err(error) => {
                     let still_mapped = match iova {
                         Some(iova) => match s.mapper.unmap(iova, r.len) {
@@ -568,9 +622,9 @@ impl Pinner {
     }
 }
 
-/// A successful pin: the io_uring pin (if that is the source) and the PFN
-/// snapshot (when readable).
-type Pinned = (Option<UringPin>, Option<Vec<u64>>);
+/// A successful pin: the io_uring pin (if that is the source), the PFN
+/// snapshot (when readable), and whether the range was mapped by file.
+type Pinned = (Option<UringPin>, Option<Vec<u64>>, bool);
 
 /// A failed map: the error, and whether the range could not be unmapped
 /// again (then its memory and IOVA must never be reused).

@@ -41,6 +41,8 @@ pub struct PinnedRegion {
     memory: Option<NodeMemory>,
     uring: Option<UringPin>,
     pfns: Option<Vec<u64>>,
+    /// Mapped by file and offset (`IOMMU_IOAS_MAP_FILE`), not by address.
+    by_file: bool,
     released: bool,
 }
 
@@ -126,6 +128,7 @@ pub(crate) struct RegionParts {
     pub(crate) memory: Option<NodeMemory>,
     pub(crate) uring: Option<UringPin>,
     pub(crate) pfns: Option<Vec<u64>>,
+    pub(crate) by_file: bool,
 }
 
 impl PinnedRegion {
@@ -144,6 +147,7 @@ impl PinnedRegion {
             memory: p.memory,
             uring: p.uring,
             pfns: p.pfns,
+            by_file: p.by_file,
             released: false,
         }
     }
@@ -152,6 +156,15 @@ impl PinnedRegion {
     /// device, which uses physical addresses ([`PinnedRegion::dma_addr`]).
     pub fn iova(&self) -> Option<Iova> {
         self.iova
+    }
+
+    /// Whether the IOMMU mapping was made from the backing file and offset
+    /// (`IOMMU_IOAS_MAP_FILE`, iommufd on Linux 6.13+) rather than from
+    /// this process's addresses: such a mapping does not depend on this
+    /// process's page tables, and only such mappings can move to another
+    /// process on iommufd ([`PinnedRegion::suspend`]).
+    pub fn is_file_mapping(&self) -> bool {
+        self.by_file
     }
 
     /// The kind of container the region is pinned through.
@@ -332,23 +345,31 @@ impl PinnedRegion {
     }
 
     /// Live update, before the exec: keeps the mapping, its pins and its
-    /// IOMMU entries, and forgets the virtual address
-    /// (`VFIO_DMA_UNMAP_FLAG_VADDR`). The device keeps working; the region
-    /// is gone from this process, and the returned [`Suspended`] is what the
-    /// new process passes to [`crate::Pinner::resume`] once it has mapped
-    /// the same memory again. Every fd that keeps the container's domain
-    /// alive (container, group and device fds) must cross the exec: clear
-    /// their `FD_CLOEXEC`.
+    /// IOMMU entries for the process the caller is about to become, and
+    /// hands the region over. The device keeps working; the returned
+    /// [`Suspended`] is what the new process passes to
+    /// [`crate::Pinner::resume`] once it has mapped the same memory again.
+    /// - type1: the mapping forgets its virtual address
+    ///   (`VFIO_DMA_UNMAP_FLAG_VADDR`, Linux 5.12+, no mdev group in the
+    ///   container). Container, group and device fds must cross the exec.
+    /// - iommufd: nothing is asked of the kernel here. A mapping made from
+    ///   its file ([`PinnedRegion::is_file_mapping`]) never depended on this
+    ///   process's addresses; the new process takes the accounting over
+    ///   with `IOMMU_IOAS_CHANGE_PROCESS` (Linux 6.13+). The iommufd fd and
+    ///   the bound device cdev fds must cross the exec (the IOAS is an id in
+    ///   that context).
     ///
-    /// Only memory the new process can map again qualifies: a shared file
-    /// mapping (memfd, hugetlbfs) the caller owns.
+    /// Clear `FD_CLOEXEC` on those fds and on the backing files. Only memory
+    /// the new process can map again qualifies: a shared file mapping
+    /// (memfd, hugetlbfs) the caller owns.
     ///
     /// # Errors
     /// [`Error::Invalid`] for memory numapin allocated, private or
     /// anonymous memory, a region without an IOVA or pinned through
-    /// io_uring; the kernel's refusal (`VFIO_UPDATE_VADDR` needs Linux 5.12+
-    /// and no mdev group in the container). On error the region is still
-    /// pinned and mapped, and handed back.
+    /// io_uring, and on iommufd a region mapped by address (pin it with
+    /// [`crate::PinRequest::file`] on Linux 6.13+); the kernel's refusal on
+    /// type1 (`VFIO_UPDATE_VADDR` needs Linux 5.12+ and no mdev group). On
+    /// error the region is still pinned and mapped, and handed back.
     pub fn suspend(mut self) -> std::result::Result<Suspended, Box<(Error, PinnedRegion)>> {
         let refuse = |why: String| {
             Error::Invalid(format!(
@@ -359,7 +380,13 @@ impl PinnedRegion {
         let why = if self.memory.is_some() {
             Some("numapin allocated it as private memory; pin a memfd or hugetlbfs mapping with pin_user".to_string())
         } else if self.uring.is_some() || self.iova.is_none() {
-            Some("only a mapping that pins (type1 MAP_DMA) can be kept".to_string())
+            Some("only a mapping that pins (type1 MAP_DMA, iommufd) can be kept".to_string())
+        } else if self.mapper.iommufd().is_some() && !self.by_file {
+            Some(
+                "on iommufd only a mapping made from its file (IOMMU_IOAS_MAP_FILE, Linux 6.13+) can move to \
+                 another process; this one was mapped by address: pin it with PinRequest::file"
+                    .to_string(),
+            )
         } else {
             match crate::sys::range_mapping(self.vaddr.raw(), self.len) {
                 Ok(crate::sys::RangeMapping::Writable { path })

@@ -68,6 +68,18 @@ pub struct PinRequest<'a> {
     pub progress: Option<Progress<'a>>,
     /// Stops a long prefault at its next chunk boundary.
     pub cancel: Option<Cancel>,
+    /// For [`crate::Pinner::pin_user`]: the file (memfd, hugetlbfs) and
+    /// byte offset that the caller's memory maps `MAP_SHARED`. Where the
+    /// backend can map by file (iommufd on Linux 6.13+:
+    /// `IOMMU_IOAS_MAP_FILE`), numapin maps the file range instead of the
+    /// addresses, which iommufd live update needs
+    /// ([`crate::PinnedRegion::suspend`]); elsewhere it maps the addresses
+    /// as without it ([`crate::PinnedRegion::is_file_mapping`] says which).
+    /// numapin checks in `/proc/self/maps` that the memory is a shared
+    /// mapping of this file at this offset. [`crate::Pinner::pin`] ignores
+    /// it: a region numapin allocates as a memfd ([`Backing::Memfd`]) is
+    /// mapped by file wherever the backend can.
+    pub file: Option<(std::os::fd::BorrowedFd<'a>, u64)>,
 }
 
 impl std::fmt::Debug for PinRequest<'_> {
@@ -82,6 +94,7 @@ impl std::fmt::Debug for PinRequest<'_> {
             .field("backing", &self.backing)
             .field("threads", &self.threads)
             .field("cancellable", &self.cancel.is_some())
+            .field("file", &self.file)
             .finish()
     }
 }

@@ -447,6 +447,88 @@ pub fn parse_range_mapping(maps: &str, addr: u64, len: u64) -> RangeMapping {
     RangeMapping::Unmapped(at)
 }
 
+/// Whether `[addr, addr+len)` is mapped `MAP_SHARED` from the file `fd`
+/// (compared by inode) with `addr` at byte `offset` of it, throughout
+/// (`/proc/self/maps`). `Ok(Err(why))` when it is not.
+///
+/// # Errors
+/// `fstat` of the fd or reading the maps file fails.
+pub fn check_file_mapping(
+    addr: u64,
+    len: u64,
+    fd: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+) -> io::Result<std::result::Result<(), String>> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::File::from(fd.try_clone_to_owned()?)
+        .metadata()?
+        .ino();
+    Ok(parse_file_mapping(
+        &std::fs::read_to_string("/proc/self/maps")?,
+        addr,
+        len,
+        ino,
+        offset,
+    ))
+}
+
+/// [`check_file_mapping`] on the text of a maps file and the file's inode.
+pub fn parse_file_mapping(
+    maps: &str,
+    addr: u64,
+    len: u64,
+    ino: u64,
+    offset: u64,
+) -> std::result::Result<(), String> {
+    let end = addr.saturating_add(len);
+    let mut at = addr;
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [range, perms, off, _dev, inode, ..] = f[..] else {
+            continue;
+        };
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e), Ok(off), Ok(inode)) = (
+            u64::from_str_radix(s, 16),
+            u64::from_str_radix(e, 16),
+            u64::from_str_radix(off, 16),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        if e <= at {
+            continue;
+        }
+        if s > at {
+            return Err(format!("{at:#x} is not mapped"));
+        }
+        if !perms.ends_with('s') {
+            return Err(format!(
+                "the mapping at {s:#x} is private ({perms}), not MAP_SHARED"
+            ));
+        }
+        if inode != ino {
+            return Err(format!(
+                "the mapping at {s:#x} is of inode {inode}, not of the file given (inode {ino})"
+            ));
+        }
+        let want = offset + (at - addr);
+        let have = off + (at - s);
+        if want != have {
+            return Err(format!(
+                "{at:#x} maps byte {have:#x} of the file, not {want:#x}"
+            ));
+        }
+        at = e;
+        if at >= end {
+            return Ok(());
+        }
+    }
+    Err(format!("{at:#x} is not mapped"))
+}
+
 /// The page size the kernel uses for the mapping that holds `addr`
 /// (`KernelPageSize` in `/proc/self/smaps`), in bytes.
 ///
@@ -503,6 +585,30 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_file_mapping_is_checked_by_inode_offset_and_sharing() {
+        let maps = "\
+7f0000000000-7f0000200000 rw-s 00000000 00:01 4242 /memfd:guest (deleted)
+7f0000200000-7f0000400000 rw-s 00200000 00:01 4242 /memfd:guest (deleted)
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+7f0000600000-7f0000800000 rw-s 00000000 00:01 777 /memfd:other (deleted)
+";
+        let base = 0x7f00_0000_0000;
+        assert_eq!(parse_file_mapping(maps, base, 0x40_0000, 4242, 0), Ok(()));
+        assert_eq!(
+            parse_file_mapping(maps, base + 0x1000, 0x1000, 4242, 0x1000),
+            Ok(())
+        );
+        let e = parse_file_mapping(maps, base, 0x1000, 4242, 0x1000).unwrap_err();
+        assert!(e.contains("maps byte 0x0"), "{e}");
+        let e = parse_file_mapping(maps, base, 0x1000, 99, 0).unwrap_err();
+        assert!(e.contains("inode 4242"), "{e}");
+        let e = parse_file_mapping(maps, base, 0x60_0000, 4242, 0).unwrap_err();
+        assert!(e.contains("private"), "{e}");
+        let e = parse_file_mapping(maps, base + 0x80_0000, 0x1000, 4242, 0).unwrap_err();
+        assert!(e.contains("not mapped"), "{e}");
+    }
     use super::*;
 
     const STATUS: &str =

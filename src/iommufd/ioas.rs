@@ -354,6 +354,42 @@ impl IovaMapper for IommufdMapper {
             .map_err(|e| file::map_file_error(&self.device, iova, len, e))
     }
 
+    fn suspend_vaddr(&self, _iova: Iova, _len: u64) -> Result<()> {
+        // A file mapping does not refer to this process's addresses, so the
+        // kernel has nothing to forget; the new process takes the
+        // accounting over (resume_vaddr). PinnedRegion::suspend refuses
+        // mappings made by address.
+        Ok(())
+    }
+
+    unsafe fn resume_vaddr(&self, _vaddr: VirtAddr, iova: Iova, len: u64) -> Result<()> {
+        // SAFETY: the IommuFd owns the fd and lives as long as `self`.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.ctx.as_raw_fd()) };
+        super::change_process(fd).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTTY) => Error::IommufdUnavailable {
+                device: self.device.clone(),
+                reason: "this kernel has no IOMMU_IOAS_CHANGE_PROCESS (Linux 6.13+)".into(),
+            },
+            Some(libc::EINVAL) => Error::Invalid(format!(
+                "IOMMU_IOAS_CHANGE_PROCESS refused the context of {}: some mapping in it was made by \
+                 address (IOMMU_IOAS_MAP), and only IOMMU_IOAS_MAP_FILE mappings can change process; \
+                 unmap those before the exec",
+                self.device
+            )),
+            _ => Error::sys(
+                format!("IOMMU_IOAS_CHANGE_PROCESS for {}", self.device),
+                "the pinned pages must fit this process's memlock limit",
+                e,
+            ),
+        })?;
+        // The IOVA is in use: keep the allocator from handing it out.
+        let mut a = self.iova.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = a.reserve(iova, len) {
+            log::warn!("resumed mapping {iova}+{len:#x} outside numapin's allocator: {e}");
+        }
+        Ok(())
+    }
+
     fn unmap(&self, iova: Iova, len: u64) -> Result<()> {
         let mut arg = iommu_ioas_unmap {
             size: std::mem::size_of::<iommu_ioas_unmap>() as u32,

@@ -222,6 +222,35 @@ pub fn attach(cdev: BorrowedFd<'_>, pt_id: u32) -> io::Result<u32> {
     Ok(arg.pt_id)
 }
 
+/// `IOMMU_IOAS_CHANGE_PROCESS` (Linux 6.13+): moves the pinned-page
+/// accounting of every mapping in every IOAS of the context `fd` to the
+/// calling process (its `VmPin`, and its user's or its own locked memory
+/// by the context's mode), for a process that took the context over, e.g.
+/// across an exec (`iommufd_ioas_change_process`, drivers/iommu/iommufd/
+/// ioas.c). The mappings, pins and IOMMU entries stay as they are. The
+/// kernel takes it only when every mapping came from
+/// `IOMMU_IOAS_MAP_FILE`, and changes nothing when it refuses. Calling it
+/// again from the same process changes nothing.
+///
+/// # Errors
+/// The raw errno: `EINVAL` when a mapping in the context was made by
+/// address (`IOMMU_IOAS_MAP`), `ENOTTY` before Linux 6.13, `ENOMEM` when
+/// the pages exceed this process's memlock limit.
+pub fn change_process(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let arg = iommufd_bindings::iommufd::iommu_ioas_change_process {
+        size: std::mem::size_of::<iommufd_bindings::iommufd::iommu_ioas_change_process>() as u32,
+        __reserved: 0,
+    };
+    // SAFETY: `arg` is valid for its `size` bytes; the kernel only reads it.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_ref(&fd, ioctls::IOMMU_IOAS_CHANGE_PROCESS(), &arg)
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Who provides `/dev/vfio/vfio`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -105,13 +105,21 @@ impl Pinner {
     }
 
     /// Live update, after the exec: adopts a mapping the previous process
-    /// suspended ([`PinnedRegion::suspend`]), giving it the address where
-    /// this process mapped the same memory again
-    /// (`VFIO_DMA_MAP_FLAG_VADDR`). Nothing is pinned again: the pages the
-    /// device has used all along stay. The region takes a fresh PFN
-    /// snapshot (when PFNs are readable and the new mapping has its pages
-    /// faulted in, e.g. with `MADV_POPULATE_READ`) for
-    /// [`PinnedRegion::verify`].
+    /// suspended ([`PinnedRegion::suspend`]) at the address where this
+    /// process mapped the same memory again. Nothing is pinned again: the
+    /// pages the device has used all along stay.
+    /// - type1: the mapping gets its new address (`VFIO_DMA_MAP_FLAG_VADDR`)
+    ///   and the kernel moves its accounting to this process.
+    /// - iommufd: `IOMMU_IOAS_CHANGE_PROCESS` moves the accounting of every
+    ///   mapping in the context to this process at the first resume (later
+    ///   ones find nothing left to move); the kernel refuses it while any
+    ///   mapping in the context was made by address. The kernel is not
+    ///   asked about the single IOVA, so `s` must name a mapping suspended
+    ///   in this context.
+    ///
+    /// The region takes a fresh PFN snapshot (when PFNs are readable and
+    /// the new mapping has its pages faulted in, e.g. with
+    /// `MADV_POPULATE_READ`) for [`PinnedRegion::verify`].
     ///
     /// # Safety
     /// `vaddr` must map the same pages (the same file at the same offset)
@@ -119,8 +127,11 @@ impl Pinner {
     /// contract for them.
     ///
     /// # Errors
-    /// The kernel's refusal: `ENOENT` (no mapping at the IOVA), `EINVAL`
-    /// (not suspended, or another length).
+    /// The kernel's refusal: on type1 `ENOENT` (no mapping at the IOVA),
+    /// `EINVAL` (not suspended, or another length); on iommufd
+    /// [`Error::Invalid`] for a context holding mappings made by address,
+    /// [`Error::IommufdUnavailable`] before Linux 6.13, and `ENOMEM` past
+    /// this process's memlock limit.
     pub unsafe fn resume(
         &self,
         vaddr: *mut u8,
@@ -135,6 +146,8 @@ impl Pinner {
             iova: Some(s.iova),
             node: s.node,
             pfns,
+            // On iommufd only file mappings are suspended.
+            by_file: mapper.iommufd().is_some(),
             ..self.region_parts(vaddr, s.len, s.page_size)
         }))
     }
