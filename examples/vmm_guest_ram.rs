@@ -1,7 +1,9 @@
 //! A VMM's guest RAM, pinned by numapin in the VMM's own VFIO container.
 //!
-//! The VMM here owns everything VFIO: one type1 container, and every
-//! passthrough device (QEMU's edu devices) opened into it with vfio-ioctls.
+//! The VMM here owns everything VFIO: one type1 container with every
+//! passthrough device (QEMU's edu devices) opened into it with vfio-ioctls,
+//! or, with `--backend iommufd`, one `/dev/iommu` context with one IOAS and
+//! every device's cdev bound and attached to it.
 //! Guest RAM is vm-memory's `GuestMemoryMmap`, two memfd-backed slots the
 //! way vhost-user VMMs have it:
 //!
@@ -12,26 +14,30 @@
 //!
 //! The VMM binds each slot to its host node (`mbind`) and faults it in; then
 //! [`numapin::guest::GuestRam`] pins every slot at IOVA = GPA, one mapping
-//! each, through [`Pinner::with_type1_container`]: numapin maps, proves and
-//! unmaps; it never opens a device. Guest RAM is charged to memlock once,
-//! however many devices share the container.
+//! each, through [`Pinner::with_type1_container`] (or
+//! [`Pinner::with_iommufd_ioas`], which maps the memfd slots by file):
+//! numapin maps, proves and unmaps; it never opens a device. Guest RAM is
+//! charged once, however many devices share the container or IOAS.
 //!
 //! Then, as a guest would: every device copies bytes between GPAs of the two
 //! slots; a slot is hot-added and a device writes into it, then it is
 //! removed; a page is discarded through numapin (unmap, discard, pin again)
 //! and the device reads the same zeroes as the CPU; the VMM forks and execs
-//! a helper, and the device's view stays intact. Run it in the VM (`cargo
+//! a helper, and the device's view stays intact; last, a live update: the
+//! VMM re-executes itself with every mapping kept (type1:
+//! `VFIO_DMA_*_FLAG_VADDR`; iommufd: file mappings and
+//! `IOMMU_IOAS_CHANGE_PROCESS`) and shows no page moved. Run it in the VM (`cargo
 //! xtask test` does; `cargo xtask vm --config type1-stock --shell` gives a
 //! shell).
 //!
 //! ```text
-//! cargo run --example vmm_guest_ram --features tools,vm-memory -- [--device DEV]...
+//! cargo run --example vmm_guest_ram --features tools,vm-memory -- [--backend type1|iommufd] [--device DEV]...
 //! ```
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -155,37 +161,164 @@ fn device_reads(edu: &Edu, ram: &GuestRam, from: u64, to: u64, len: u64) -> Resu
     read(ram, to, len)
 }
 
-fn vmlck() -> u64 {
-    numapin::sys::locked_bytes().unwrap_or(0)
+/// The VMM's VFIO: a type1 container or an iommufd context with one IOAS,
+/// every device in it.
+enum Vfio {
+    Type1 {
+        container: Arc<VfioContainer>,
+        devices: Vec<(String, VfioDevice)>,
+    },
+    Iommufd {
+        ctx: File,
+        ioas: u32,
+        devices: Vec<(String, File)>,
+    },
 }
 
-fn run(devices: &[String]) -> Result<()> {
-    // The VMM's container, every device in it.
-    let container = Arc::new(
-        VfioContainer::new(None)
-            .map_err(|e| Error::Invalid(format!("open /dev/vfio/vfio: {e}")))?,
-    );
-    let mut opened = Vec::new();
-    for d in devices {
-        let sysfs = numapin::vfio::resolve_device(d)?;
-        let dev = VfioDevice::new(&sysfs, container.clone(), false)
-            .map_err(|e| Error::Invalid(format!("open {d} into the VMM's container: {e}")))?;
-        opened.push((d.clone(), dev));
+impl Vfio {
+    /// Opens every device into one new type1 container.
+    fn type1(devices: &[String]) -> Result<Vfio> {
+        let container = Arc::new(
+            VfioContainer::new(None)
+                .map_err(|e| Error::Invalid(format!("open /dev/vfio/vfio: {e}")))?,
+        );
+        let mut opened = Vec::new();
+        for d in devices {
+            let sysfs = numapin::vfio::resolve_device(d)?;
+            let dev = VfioDevice::new(&sysfs, container.clone(), false)
+                .map_err(|e| Error::Invalid(format!("open {d} into the VMM's container: {e}")))?;
+            opened.push((d.clone(), dev));
+        }
+        Ok(Vfio::Type1 {
+            container,
+            devices: opened,
+        })
     }
-    // SAFETY: the container fd stays open (this Arc) while it is borrowed.
-    let fd = unsafe { BorrowedFd::borrow_raw(container.as_raw_fd()) };
-    let pinner = Pinner::with_type1_container(fd, None)?;
+
+    /// Opens `/dev/iommu`, allocates one IOAS, and binds and attaches every
+    /// device's cdev to it, as an iommufd VMM does.
+    fn iommufd(devices: &[String]) -> Result<Vfio> {
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| Error::sys(format!("open {}", p.display()), "", e))
+        };
+        let ctx = open(Path::new("/dev/iommu"))?;
+        let iommufd = iommufd_ioctls::IommuFd::new_from_fd(
+            ctx.try_clone().map_err(|e| Error::sys("dup", "", e))?,
+        );
+        let mut alloc = iommufd_bindings::iommufd::iommu_ioas_alloc {
+            size: std::mem::size_of::<iommufd_bindings::iommufd::iommu_ioas_alloc>() as u32,
+            ..Default::default()
+        };
+        iommufd
+            .alloc_iommu_ioas(&mut alloc)
+            .map_err(|e| Error::Invalid(format!("IOMMU_IOAS_ALLOC: {e}")))?;
+        let ioas = alloc.out_ioas_id;
+        let mut opened = Vec::new();
+        for d in devices {
+            let sysfs = numapin::vfio::resolve_device(d)?;
+            let cdev = numapin::vfio::sysfs::cdev_of(&sysfs).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{d} has no VFIO cdev (Linux 6.6+ with CONFIG_VFIO_DEVICE_CDEV)"
+                ))
+            })?;
+            let file = open(&cdev)?;
+            numapin::iommufd::bind(file.as_fd(), ctx.as_fd())
+                .map_err(|e| Error::sys(format!("bind {d} to /dev/iommu"), "", e))?;
+            numapin::iommufd::attach(file.as_fd(), ioas)
+                .map_err(|e| Error::sys(format!("attach {d} to IOAS {ioas}"), "", e))?;
+            opened.push((d.clone(), file));
+        }
+        Ok(Vfio::Iommufd {
+            ctx,
+            ioas,
+            devices: opened,
+        })
+    }
+
+    fn pinner(&self) -> Result<Pinner> {
+        match self {
+            Vfio::Type1 { container, .. } => {
+                // SAFETY: the container fd stays open (the Arc) while borrowed.
+                let fd = unsafe { BorrowedFd::borrow_raw(container.as_raw_fd()) };
+                Pinner::with_type1_container(fd, None)
+            }
+            Vfio::Iommufd { ctx, ioas, .. } => Pinner::with_iommufd_ioas(ctx.as_fd(), *ioas),
+        }
+    }
+
+    fn devices(&self) -> Vec<(String, RawFd)> {
+        match self {
+            Vfio::Type1 { devices, .. } => devices
+                .iter()
+                .map(|(n, d)| (n.clone(), d.as_raw_fd()))
+                .collect(),
+            Vfio::Iommufd { devices, .. } => devices
+                .iter()
+                .map(|(n, f)| (n.clone(), f.as_raw_fd()))
+                .collect(),
+        }
+    }
+
+    /// The counter a pin grows here: type1 charges `VmLck`; iommufd grows
+    /// `VmPin` (as root its pages are charged to no limit).
+    fn counter(&self) -> &'static str {
+        match self {
+            Vfio::Type1 { .. } => "VmLck",
+            Vfio::Iommufd { .. } => "VmPin",
+        }
+    }
+
+    /// What the re-executed process needs to find the context again.
+    fn state(&self) -> String {
+        let mut out = match self {
+            Vfio::Type1 { container, .. } => format!("container {}\n", container.as_raw_fd()),
+            Vfio::Iommufd { ctx, ioas, .. } => format!("iommufd {} {ioas}\n", ctx.as_raw_fd()),
+        };
+        for (_, fd) in self.devices() {
+            out.push_str(&format!("device {fd}\n"));
+        }
+        out
+    }
+}
+
+/// `VmLck` or `VmPin` of this process, in bytes.
+fn counter(name: &str) -> u64 {
+    match name {
+        "VmPin" => numapin::sys::pinned_bytes().unwrap_or(0),
+        _ => numapin::sys::locked_bytes().unwrap_or(0),
+    }
+}
+
+fn run(devices: &[String], backend: &str) -> Result<()> {
+    // The VMM's container or IOAS, every device in it.
+    let vfio = match backend {
+        "iommufd" => Vfio::iommufd(devices)?,
+        _ => Vfio::type1(devices)?,
+    };
+    let pinner = vfio.pinner()?;
     let nodes = pinner.topology().ids();
     let first = *nodes
         .first()
         .ok_or_else(|| Error::Invalid("no online node".into()))?;
     let second = nodes.get(1).copied().unwrap_or(first);
-    println!(
-        "VMM container: {} device(s) ({}), kind {} (found from VFIO_IOMMU_GET_INFO)",
-        opened.len(),
-        devices.join(", "),
-        pinner.kind().name()
-    );
+    let ctr = vfio.counter();
+    match &vfio {
+        Vfio::Type1 { .. } => println!(
+            "VMM container: {} device(s) ({}), kind {} (found from VFIO_IOMMU_GET_INFO)",
+            devices.len(),
+            devices.join(", "),
+            pinner.kind().name()
+        ),
+        Vfio::Iommufd { ioas, .. } => println!(
+            "VMM iommufd: {} device(s) ({}) attached to IOAS {ioas}",
+            devices.len(),
+            devices.join(", "),
+        ),
+    }
 
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files([
         (
@@ -205,26 +338,26 @@ fn run(devices: &[String]) -> Result<()> {
         prepare(r, node_of(r.start_addr()).expect("every slot has a node"))?;
     }
 
-    let lck0 = vmlck();
+    let lck0 = counter(ctr);
     let mut ram = GuestRam::new(pinner, Proof::Full);
     // SAFETY: `mem` outlives `ram` (released below before `mem` drops), and
     // guest RAM is only touched through raw pointers and the device.
     unsafe { ram.pin_all(&mem, node_of) }?;
-    let grew = vmlck() - lck0;
+    let grew = counter(ctr) - lck0;
     println!(
-        "pinned {} slots at IOVA = GPA; VmLck +{} for {} device(s): guest RAM charged once",
+        "pinned {} slots at IOVA = GPA; {ctr} +{} for {} device(s): guest RAM charged once",
         ram.slots().len(),
         human_size(grew),
-        opened.len()
+        devices.len()
     );
     if grew != 128 * MIB {
         return Err(Error::Invalid(format!(
-            "VmLck grew by {grew:#x}, not by the 128 MiB of guest RAM"
+            "{ctr} grew by {grew:#x}, not by the 128 MiB of guest RAM"
         )));
     }
     for s in ram.slots() {
         println!(
-            "  slot GPA {:#x}: {} of {} pages on node {}, {}",
+            "  slot GPA {:#x}: {} of {} pages on node {}, {}{}",
             s.gpa().0,
             human_size(s.len()),
             s.page_size(),
@@ -233,15 +366,21 @@ fn run(devices: &[String]) -> Result<()> {
                 "memfd-backed"
             } else {
                 "anonymous"
+            },
+            if s.region().is_file_mapping() {
+                ", mapped by file (IOMMU_IOAS_MAP_FILE)"
+            } else {
+                ""
             }
         );
     }
 
-    let edus: Vec<Edu> = opened
+    let edus: Vec<Edu> = vfio
+        .devices()
         .iter()
-        .map(|(_, d)| {
-            // SAFETY: the VMM's VfioDevice fd, open for as long as `opened`.
-            let fd = unsafe { DeviceFd::new(BorrowedFd::borrow_raw(d.as_raw_fd())) };
+        .map(|&(_, d)| {
+            // SAFETY: the VMM's device fd, open for as long as `vfio`.
+            let fd = unsafe { DeviceFd::new(BorrowedFd::borrow_raw(d)) };
             Edu::open(fd).map(|e| e.with_dma_limit(1 << 40))
         })
         .collect::<Result<_>>()?;
@@ -250,7 +389,7 @@ fn run(devices: &[String]) -> Result<()> {
         copy_check(edu, &ram, HIGH + 0x3000, LOW + 0x4000, 256, 9 + i as u8)?;
         println!(
             "device {}: DMA between GPAs {:#x} and {:#x}: bytes equal",
-            opened[i].0, LOW, HIGH
+            devices[i], LOW, HIGH
         );
     }
 
@@ -265,9 +404,9 @@ fn run(devices: &[String]) -> Result<()> {
     copy_check(&edus[0], &ram, LOW + 0x5000, HOT + 0x1000, 512, 3)?;
     ram.remove(GuestAddress(HOT))?;
     println!(
-        "hot-added slot GPA {HOT:#x} (32 MiB), device wrote into it, removed it: {} slots, VmLck +{}",
+        "hot-added slot GPA {HOT:#x} (32 MiB), device wrote into it, removed it: {} slots, {ctr} +{}",
         ram.slots().len(),
-        human_size(vmlck() - lck0)
+        human_size(counter(ctr) - lck0)
     );
 
     // Discard a page through numapin: the device then reads the zeroes the
@@ -308,11 +447,15 @@ fn run(devices: &[String]) -> Result<()> {
     }
 
     // Live update: keep every mapping while this process re-executes.
-    let mut state = String::new();
-    state.push_str(&format!("container {}\n", container.as_raw_fd()));
-    for (_, d) in &opened {
-        state.push_str(&format!("device {}\n", d.as_raw_fd()));
+    if matches!(vfio, Vfio::Iommufd { .. })
+        && ram.slots().iter().any(|s| !s.region().is_file_mapping())
+    {
+        println!(
+            "live update: skipped, the slots are mapped by address (this kernel has no IOMMU_IOAS_MAP_FILE, Linux 6.13+)"
+        );
+        return verify_and_release(ram, ctr, lck0);
     }
+    let mut state = vfio.state();
     for (r, s) in mem.iter().zip(ram.slots()) {
         let (fd, off) = s
             .file()
@@ -342,15 +485,19 @@ fn run(devices: &[String]) -> Result<()> {
     }
     std::fs::write(STATE, &state).map_err(|e| Error::sys("write the live-update state", "", e))?;
     println!(
-        "live update: {} slots suspended (VFIO_DMA_UNMAP_FLAG_VADDR), re-executing",
-        suspended.len()
+        "live update: {} slots suspended ({}), re-executing",
+        suspended.len(),
+        match vfio {
+            Vfio::Type1 { .. } => "VFIO_DMA_UNMAP_FLAG_VADDR",
+            Vfio::Iommufd { .. } => "file mappings, nothing to forget",
+        }
     );
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::sys("current_exe", "", e))?;
-    // The memory, the container and the devices must outlive this image.
+    // The memory, the container or context and the devices must outlive
+    // this image.
     std::mem::forget(mem);
-    std::mem::forget(opened);
-    std::mem::forget(container);
+    std::mem::forget(vfio);
     let e = std::process::Command::new(exe).arg("--resume").exec();
     Err(Error::sys("exec for the live update", "", e))
 }
@@ -358,8 +505,9 @@ fn run(devices: &[String]) -> Result<()> {
 /// Where the first process leaves what the re-executed one needs.
 const STATE: &str = "/tmp/numapin-vmm-live-update";
 
-/// Clears FD_CLOEXEC on every VFIO fd (container, groups, devices) and
-/// every memfd: they keep the IOMMU domain and the guest RAM alive.
+/// Clears FD_CLOEXEC on every VFIO and iommufd fd (container, groups,
+/// devices and cdevs, `/dev/iommu`) and every memfd: they keep the IOMMU
+/// domain and the guest RAM alive.
 fn keep_vfio_fds_across_exec() -> Result<()> {
     let rd =
         std::fs::read_dir("/proc/self/fd").map_err(|e| Error::sys("read /proc/self/fd", "", e))?;
@@ -369,7 +517,11 @@ fn keep_vfio_fds_across_exec() -> Result<()> {
         };
         let target = std::fs::read_link(e.path()).unwrap_or_default();
         let t = target.to_string_lossy();
-        if t.starts_with("/dev/vfio/") || t.contains("[vfio-device]") || t.starts_with("/memfd:") {
+        if t.starts_with("/dev/vfio/")
+            || t.contains("[vfio-device]")
+            || t == "/dev/iommu"
+            || t.starts_with("/memfd:")
+        {
             // SAFETY: fcntl on an fd of this process.
             unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
         }
@@ -385,12 +537,19 @@ fn resume() -> Result<()> {
     let field = |l: &str, i: usize| l.split_whitespace().nth(i).unwrap_or("").to_string();
     let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap_or(0);
     let mut container = -1;
+    let mut iommufd = None;
     let mut devices = Vec::new();
     let mut slots = Vec::new();
     let mut suspended = Vec::new();
     for l in state.lines() {
         match l.split_whitespace().next() {
             Some("container") => container = field(l, 1).parse().unwrap_or(-1),
+            Some("iommufd") => {
+                iommufd = Some((
+                    field(l, 1).parse::<i32>().unwrap_or(-1),
+                    field(l, 2).parse::<u32>().unwrap_or(0),
+                ))
+            }
             Some("device") => devices.push(field(l, 1).parse::<i32>().unwrap_or(-1)),
             Some("slot") => slots.push((
                 hex(&field(l, 1)),
@@ -408,7 +567,8 @@ fn resume() -> Result<()> {
             _ => {}
         }
     }
-    let lck0 = vmlck();
+    let ctr = if iommufd.is_some() { "VmPin" } else { "VmLck" };
+    let lck0 = counter(ctr);
     // SAFETY: the fds crossed the exec for exactly this use.
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(slots.iter().map(|s| {
         (
@@ -418,8 +578,12 @@ fn resume() -> Result<()> {
         )
     }))
     .map_err(|e| Error::Invalid(format!("map guest RAM again: {e}")))?;
-    // SAFETY: the container fd crossed the exec and stays open.
-    let pinner = Pinner::with_type1_container(unsafe { BorrowedFd::borrow_raw(container) }, None)?;
+    let pinner = match iommufd {
+        // SAFETY: the context fd crossed the exec and stays open.
+        Some((fd, ioas)) => Pinner::with_iommufd_ioas(unsafe { BorrowedFd::borrow_raw(fd) }, ioas)?,
+        // SAFETY: the container fd crossed the exec and stays open.
+        None => Pinner::with_type1_container(unsafe { BorrowedFd::borrow_raw(container) }, None)?,
+    };
     let plan: Vec<numapin::guest::SuspendedSlot> = slots
         .iter()
         .map(|s| numapin::guest::SuspendedSlot {
@@ -435,11 +599,23 @@ fn resume() -> Result<()> {
         .collect();
     // SAFETY: `mem` maps the same files at the same offsets and outlives `ram`.
     let ram = unsafe { GuestRam::resume(pinner, Proof::Full, &mem, &plan) }?;
+    let grew = counter(ctr).saturating_sub(lck0);
     println!(
-        "live update: re-executed, {} slots adopted at their new addresses (VFIO_DMA_MAP_FLAG_VADDR); VmLck +{}",
+        "live update: re-executed, {} slots adopted at their new addresses ({}); {ctr} +{}",
         ram.slots().len(),
-        human_size(vmlck().saturating_sub(lck0))
+        if iommufd.is_some() {
+            "IOMMU_IOAS_CHANGE_PROCESS"
+        } else {
+            "VFIO_DMA_MAP_FLAG_VADDR"
+        },
+        human_size(grew)
     );
+    let total: u64 = slots.iter().map(|s| s.1).sum();
+    if grew != total {
+        return Err(Error::Invalid(format!(
+            "{ctr} of the new process grew by {grew:#x}, not by the {total:#x} bytes it took over"
+        )));
+    }
     let mut moved = 0;
     for (s, old) in ram.slots().iter().zip(&slots) {
         let now = numapin::phys::pfns(s.host_addr().raw(), s.len())?;
@@ -462,14 +638,15 @@ fn resume() -> Result<()> {
     println!(
         "live update: no page moved (PFNs compared), and every device still DMAs between the slots"
     );
-    verify_and_release(ram, lck0)?;
+    verify_and_release(ram, ctr, lck0)?;
     drop(mem);
     let _ = std::fs::remove_file(STATE);
     Ok(())
 }
 
-/// Verifies every slot, releases them all, and checks VmLck comes back.
-fn verify_and_release(ram: GuestRam, lck0: u64) -> Result<()> {
+/// Verifies every slot, releases them all, and checks the counter `ctr`
+/// comes back to `lck0`.
+fn verify_and_release(ram: GuestRam, ctr: &str, lck0: u64) -> Result<()> {
     println!("verify:");
     for (gpa, v) in ram.verify()? {
         let pfns = match v.pfn_changed {
@@ -492,9 +669,12 @@ fn verify_and_release(ram: GuestRam, lck0: u64) -> Result<()> {
         }
     }
     ram.release()?;
-    println!("released all slots: VmLck back to {}", human_size(vmlck()));
-    if vmlck() != lck0 {
-        return Err(Error::Invalid("VmLck did not come back".into()));
+    println!(
+        "released all slots: {ctr} back to {}",
+        human_size(counter(ctr))
+    );
+    if counter(ctr) != lck0 {
+        return Err(Error::Invalid(format!("{ctr} did not come back")));
     }
     Ok(())
 }
@@ -510,13 +690,15 @@ fn main() -> ExitCode {
         };
     }
     let mut devices = Vec::new();
+    let mut backend = "type1".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--device" | "-d", Some(d)) => devices.push(d),
+            ("--backend", Some(b)) if b == "type1" || b == "iommufd" => backend = b,
             _ => {
                 eprintln!(
-                    "usage: vmm_guest_ram [--device DEV]...  (default: every QEMU edu device)"
+                    "usage: vmm_guest_ram [--backend type1|iommufd] [--device DEV]...  (default: type1, every QEMU edu device)"
                 );
                 return ExitCode::from(2);
             }
@@ -525,13 +707,18 @@ fn main() -> ExitCode {
     if devices.is_empty() {
         devices = numapin::edu::find_all();
     }
-    if devices.is_empty() || !Path::new("/dev/vfio/vfio").exists() {
+    let dev_node = if backend == "iommufd" {
+        "/dev/iommu"
+    } else {
+        "/dev/vfio/vfio"
+    };
+    if devices.is_empty() || !Path::new(dev_node).exists() {
         eprintln!(
             "vmm_guest_ram: error: no QEMU edu device bound to vfio-pci; run it in the VM (`cargo xtask test`)"
         );
         return ExitCode::from(2);
     }
-    match run(&devices) {
+    match run(&devices, &backend) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm_guest_ram: error: {e}");

@@ -31,6 +31,8 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.map-file", map_file),
         ("i.caller-ioas", caller_ioas),
         ("i.cli.backend-flag", cli_backend),
+        ("i.by-file", by_file),
+        ("i.example.vmm_guest_ram", example_vmm),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -588,4 +590,175 @@ fn cli_backend(ctx: &Ctx) -> Result<String, String> {
         "a bad backend: exit {code}: {err}"
     );
     Ok(seen.join(", "))
+}
+
+/// Mapping by file on the pin path: a memfd region numapin allocates
+/// (`Backing::Memfd`, the service's) and caller memory with
+/// `PinRequest::file` are mapped with `IOMMU_IOAS_MAP_FILE` on 6.13+ and
+/// proven by `VmPin`; a `file` that does not back the memory is refused
+/// before anything is mapped; a region mapped by address cannot be
+/// suspended for a live update, and comes back intact.
+fn by_file(ctx: &Ctx) -> Result<String, String> {
+    use std::os::fd::AsFd;
+    let p = open(ctx)?;
+    let len: u64 = 4 << 20;
+    let file_ok = has_map_file();
+    let before = vmpin();
+    let owned = e(
+        p.pin(&PinRequest {
+            backing: numapin::Backing::Memfd,
+            ..PinRequest::new(ctx.home, len)
+        }),
+        "pin a memfd region",
+    )?;
+    ensure!(
+        owned.is_file_mapping() == file_ok,
+        "memfd region mapped by file: {}, kernel has MAP_FILE: {file_ok}",
+        owned.is_file_mapping()
+    );
+    ensure!(
+        vmpin() - before == len,
+        "VmPin grew by {:#x}",
+        vmpin() - before
+    );
+    ensure!(
+        e(owned.verify(), "verify")?.is_intact(),
+        "memfd region not intact"
+    );
+    let memfd = owned.memfd().ok_or("no memfd")?;
+    // The same file mapped again: caller memory backed by it.
+    // SAFETY: a new shared mapping of the region's memfd, raw pointers only.
+    let m = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            std::os::fd::AsRawFd::as_raw_fd(&memfd),
+            0,
+        )
+    };
+    ensure!(m != libc::MAP_FAILED, "mmap the memfd");
+    let at_vmpin = vmpin();
+    // A file that does not back this memory at that offset: refused.
+    // SAFETY: the mapping stays until the munmap below, after the regions go.
+    let wrong = unsafe {
+        p.pin_user(
+            m.cast(),
+            &PinRequest {
+                file: Some((memfd.as_fd(), 0x20_0000)),
+                ..PinRequest::any_node(len)
+            },
+        )
+    };
+    let wrong_msg = match wrong {
+        Err(Error::Invalid(m)) if m.contains("PinRequest::file") && m.contains("not 0x200000") => m,
+        Err(other) => return Err(format!("wrong offset: expected Invalid, got {other}")),
+        Ok(_) => return Err("a file at the wrong offset was accepted".into()),
+    };
+    ensure!(
+        vmpin() == at_vmpin,
+        "the refused pin left VmPin at {:#x}",
+        vmpin()
+    );
+    // SAFETY: as above.
+    let user = e(
+        unsafe {
+            p.pin_user(
+                m.cast(),
+                &PinRequest {
+                    file: Some((memfd.as_fd(), 0)),
+                    ..PinRequest::any_node(len)
+                },
+            )
+        },
+        "pin_user with its file",
+    )?;
+    ensure!(
+        user.is_file_mapping() == file_ok,
+        "caller memory mapped by file: {}",
+        user.is_file_mapping()
+    );
+    ensure!(
+        vmpin() - at_vmpin == len,
+        "VmPin grew by {:#x}",
+        vmpin() - at_vmpin
+    );
+    // Anonymous memory, mapped by address, cannot change process.
+    let anon = e(p.pin(&PinRequest::new(ctx.home, 2 << 20)), "pin anon")?;
+    ensure!(!anon.is_file_mapping(), "anonymous memory mapped by file");
+    let refused = match anon.suspend() {
+        Err(b) => {
+            let (err, region) = *b;
+            ensure!(
+                e(region.verify(), "verify")?.is_intact(),
+                "refused region broken"
+            );
+            e(region.release(), "release anon")?;
+            err.to_string()
+        }
+        Ok(_) => return Err("an anonymous region was suspended".into()),
+    };
+    ensure!(
+        refused.contains("cannot survive an exec"),
+        "suspend refusal: {refused}"
+    );
+    e(user.release(), "release user")?;
+    e(owned.release(), "release owned")?;
+    // SAFETY: our mapping; no region uses it any more.
+    unsafe { libc::munmap(m, len as usize) };
+    ensure!(
+        vmpin() == before,
+        "VmPin {:#x} after release, expected {before:#x}",
+        vmpin()
+    );
+    Ok(format!(
+        "memfd region and caller memory mapped by file: {file_ok}, VmPin +{len:#x} each and back; \
+         wrong offset refused ({wrong_msg}); anonymous region kept from suspend"
+    ))
+}
+
+/// examples/vmm_guest_ram on iommufd: the VMM's own context and IOAS with
+/// both edu devices attached, the memfd slots mapped by file and charged
+/// once, DMA, hot-add and remove, discard, fork, and a live update where the
+/// re-executed process takes the accounting over with
+/// `IOMMU_IOAS_CHANGE_PROCESS` and no page moves (PFNs compared).
+fn example_vmm(_: &Ctx) -> Result<String, String> {
+    let mut wants = vec![
+        "attached to IOAS",
+        "VmPin +128 MiB",
+        "guest RAM charged once",
+        "DMA between GPAs 0x0 and 0x100000000: bytes equal",
+        "hot-added slot GPA 0x200000000",
+        "CPU and device both read zeroes",
+        "forked and exec'd a helper",
+        "released all slots",
+    ];
+    if has_map_file() {
+        wants.extend([
+            "mapped by file (IOMMU_IOAS_MAP_FILE)",
+            "live update: 2 slots suspended (file mappings",
+            "live update: re-executed, 2 slots adopted at their new addresses (IOMMU_IOAS_CHANGE_PROCESS); VmPin +128 MiB",
+            "live update: no page moved (PFNs compared)",
+        ]);
+    }
+    let text = run_example("vmm_guest_ram", &["--backend", "iommufd"], &wants)?;
+    let devices = text
+        .lines()
+        .filter(|l| l.contains(": DMA between GPAs"))
+        .count();
+    ensure!(devices == 2, "expected both edu devices to DMA: {text}");
+    let intact = text
+        .lines()
+        .filter(|l| l.ends_with(": intact") && l.contains("PFNs unchanged"))
+        .count();
+    ensure!(
+        intact == 2,
+        "expected two intact slots with unchanged PFNs: {text}"
+    );
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("live update") || l.contains("charged once"))
+        .collect::<Vec<_>>()
+        .join("; "))
 }
