@@ -53,6 +53,10 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
+// The capability guard the guest programs use (capget/capset by hand).
+#[path = "../tests/common/caps.rs"]
+mod caps;
+
 const MIB: u64 = 1 << 20;
 const LOW: u64 = 0;
 const HIGH: u64 = 0x1_0000_0000;
@@ -264,7 +268,8 @@ impl Vfio {
     }
 
     /// The counter a pin grows here: type1 charges `VmLck`; iommufd grows
-    /// `VmPin` (as root its pages are charged to no limit).
+    /// `VmPin` (and, without CAP_IPC_LOCK, its user's locked memory, which
+    /// `/proc` does not show).
     fn counter(&self) -> &'static str {
         match self {
             Vfio::Type1 { .. } => "VmLck",
@@ -294,6 +299,31 @@ fn counter(name: &str) -> u64 {
 }
 
 fn run(devices: &[String], backend: &str) -> Result<()> {
+    // On iommufd, a process with CAP_IPC_LOCK maps pages charged to no one
+    // (IOPT_PAGES_ACCOUNT_NONE), and IOMMU_IOAS_CHANGE_PROCESS moves such
+    // pages without charging the new process, whose VmPin then goes below
+    // zero when they are unmapped (Linux 7.3: need_charge_update in
+    // drivers/iommu/iommufd/ioas.c, iopt_pages_update_pinned in pages.c).
+    // So this VMM maps guest RAM as an unprivileged VMM would: without
+    // CAP_IPC_LOCK, charged to its user's locked memory (the limit raised
+    // first), which the live update moves to the new process.
+    let _accounted = if backend == "iommufd" {
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+            return Err(Error::sys(
+                "raise RLIMIT_MEMLOCK",
+                "",
+                io::Error::last_os_error(),
+            ));
+        }
+        Some(caps::Effective::lower(&[caps::CAP_IPC_LOCK]).map_err(Error::Invalid)?)
+    } else {
+        None
+    };
     // The VMM's container or IOAS, every device in it.
     let vfio = match backend {
         "iommufd" => Vfio::iommufd(devices)?,

@@ -367,7 +367,11 @@ impl PinnedRegion {
     /// [`Error::Invalid`] for memory numapin allocated, private or
     /// anonymous memory, a region without an IOVA or pinned through
     /// io_uring, and on iommufd a region mapped by address (pin it with
-    /// [`crate::PinRequest::file`] on Linux 6.13+); the kernel's refusal on
+    /// [`crate::PinRequest::file`] on Linux 6.13+) or by a pinner made with
+    /// CAP_IPC_LOCK in effect (iommufd charges such pages to no one, and
+    /// `IOMMU_IOAS_CHANGE_PROCESS` would then leave the new process's
+    /// `VmPin` short and, once they are unmapped, below zero: pin without
+    /// CAP_IPC_LOCK and with a raised memlock limit); the kernel's refusal on
     /// type1 (`VFIO_UPDATE_VADDR` needs Linux 5.12+ and no mdev group). On
     /// error the region is still pinned and mapped, and handed back.
     pub fn suspend(mut self) -> std::result::Result<Suspended, Box<(Error, PinnedRegion)>> {

@@ -354,11 +354,28 @@ impl IovaMapper for IommufdMapper {
             .map_err(|e| file::map_file_error(&self.device, iova, len, e))
     }
 
-    fn suspend_vaddr(&self, _iova: Iova, _len: u64) -> Result<()> {
+    fn suspend_vaddr(&self, iova: Iova, _len: u64) -> Result<()> {
         // A file mapping does not refer to this process's addresses, so the
         // kernel has nothing to forget; the new process takes the
         // accounting over (resume_vaddr). PinnedRegion::suspend refuses
         // mappings made by address.
+        //
+        // Pages mapped with CAP_IPC_LOCK are charged to no one
+        // (IOPT_PAGES_ACCOUNT_NONE, iopt_alloc_pages in pages.c).
+        // CHANGE_PROCESS moves them without charging the new process
+        // (need_charge_update in ioas.c is false for them) but makes it
+        // their owner, so unmapping them later takes them off the new
+        // process's pinned_vm, which goes below zero (Linux 7.3,
+        // iopt_pages_update_pinned). Judged by the capability this mapper
+        // saw when it was made.
+        if self.ipc_lock {
+            return Err(Error::Invalid(format!(
+                "the mapping at {iova} was made with CAP_IPC_LOCK, so iommufd charged it to no one, and \
+                 IOMMU_IOAS_CHANGE_PROCESS would leave the new process's VmPin short by it and below zero once \
+                 it is unmapped; pin memory meant to survive an exec on iommufd without CAP_IPC_LOCK in effect \
+                 (raise RLIMIT_MEMLOCK instead)"
+            )));
+        }
         Ok(())
     }
 

@@ -703,6 +703,26 @@ fn by_file(ctx: &Ctx) -> Result<String, String> {
         refused.contains("cannot survive an exec"),
         "suspend refusal: {refused}"
     );
+    // A file mapping made with CAP_IPC_LOCK (this runner is root) is
+    // charged to no one; CHANGE_PROCESS would leave the next process's
+    // VmPin short, so numapin refuses to suspend it.
+    let user = if file_ok {
+        match user.suspend() {
+            Err(b) => {
+                let (err, region) = *b;
+                let msg = err.to_string();
+                ensure!(msg.contains("CAP_IPC_LOCK"), "suspend refusal: {msg}");
+                ensure!(
+                    e(region.verify(), "verify")?.is_intact(),
+                    "refused region broken"
+                );
+                region
+            }
+            Ok(_) => return Err("a mapping charged to no one was suspended".into()),
+        }
+    } else {
+        user
+    };
     e(user.release(), "release user")?;
     e(owned.release(), "release owned")?;
     // SAFETY: our mapping; no region uses it any more.
@@ -714,7 +734,7 @@ fn by_file(ctx: &Ctx) -> Result<String, String> {
     );
     Ok(format!(
         "memfd region and caller memory mapped by file: {file_ok}, VmPin +{len:#x} each and back; \
-         wrong offset refused ({wrong_msg}); anonymous region kept from suspend"
+         wrong offset refused ({wrong_msg}); anonymous and CAP_IPC_LOCK regions kept from suspend"
     ))
 }
 
