@@ -25,7 +25,7 @@ impl Pinner {
     /// caller's to keep.
     ///
     /// `kind` says what the container holds, or `None` to find out from
-    /// `VFIO_IOMMU_GET_INFO` ([`IommuInfo::has_iommu_domain`]):
+    /// `VFIO_IOMMU_GET_INFO` ([`crate::vfio::info::IommuInfo::has_iommu_domain`]):
     /// [`ContainerKind::Type1Iommu`] when an IOMMU-backed group is in it
     /// (MAP_DMA pins), [`ContainerKind::MdevOnly`] when only mdev groups are
     /// (numapin takes an io_uring pin before each mapping). A kind that
