@@ -172,10 +172,17 @@ impl PinnedRegion {
         self.kind
     }
 
-    /// What holds the pages: `"vfio-map-dma"` (IOMMU-backed type1) or
-    /// `"io_uring"` (mdev-only and no-IOMMU).
+    /// What holds the pages: `"vfio-map-dma"` (IOMMU-backed type1),
+    /// `"iommufd-ioas-map"` (iommufd, mapped by address),
+    /// `"iommufd-ioas-map-file"` (iommufd, mapped by file:
+    /// [`PinnedRegion::is_file_mapping`]) or `"io_uring"` (mdev-only and
+    /// no-IOMMU).
     pub fn pin_kind(&self) -> &'static str {
-        self.source.name()
+        if self.by_file {
+            "iommufd-ioas-map-file"
+        } else {
+            self.source.name()
+        }
     }
 
     /// The address the device uses for byte `offset` of the region: the
