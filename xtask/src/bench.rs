@@ -114,6 +114,7 @@ pub fn bench(opts: &Options) -> Result<ExitCode> {
             Console::Capture
         },
         timeout: Some(qemu::timeout()?),
+        silence: None,
         env: &env,
     })?;
     let text = std::fs::read(&outcome.results)

@@ -47,6 +47,7 @@ use crate::qemu::RunMode;
     after_help = "Environment:\n  \
         NUMAPIN_CACHE       kernel cache (default /var/cache/numapin as root, else ~/.cache/numapin)\n  \
         NUMAPIN_VM_TIMEOUT  hard timeout per VM in seconds (default 1200)\n  \
+        NUMAPIN_VM_SILENCE  a test VM silent this many seconds counts as stalled: killed, booted once more (default 240)\n  \
         NUMAPIN_DEBIAN_MIRROR  Debian archive for the pinned kernels (default http://deb.debian.org/debian)\n  \
         NUMAPIN_DEBIAN_SECURITY_MIRROR  its security archive (default http://deb.debian.org/debian-security)"
 )]

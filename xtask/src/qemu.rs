@@ -72,6 +72,9 @@ pub struct Run<'a> {
     pub console: Console,
     /// `None`: wait as long as it takes (interactive shell).
     pub timeout: Option<Duration>,
+    /// Kill the guest when neither its console nor its results channel has
+    /// written anything for this long (a stalled TCG guest); `None`: never.
+    pub silence: Option<Duration>,
     /// Extra `NUMAPIN_*=value` settings for /init (no spaces in values).
     pub env: &'a [String],
 }
@@ -85,6 +88,8 @@ pub enum Exit {
     Abnormal(ExitStatus),
     /// Killed by us at the hard timeout.
     TimedOut(Duration),
+    /// Killed by us after this long without a byte on either serial line.
+    Silent(Duration),
 }
 
 pub struct Outcome {
@@ -111,6 +116,11 @@ impl Outcome {
             Exit::TimedOut(limit) => problems.push(format!(
                 "timed out after {} (NUMAPIN_VM_TIMEOUT to change), QEMU killed",
                 cmd::secs(*limit)
+            )),
+            Exit::Silent(quiet) => problems.push(format!(
+                "the guest wrote nothing for {} (stalled; NUMAPIN_VM_SILENCE to change), QEMU killed; see {}",
+                cmd::secs(*quiet),
+                self.console_log.display()
             )),
         }
         let console = fs::read_to_string(&self.console_log).unwrap_or_default();
@@ -182,6 +192,25 @@ fn head_and_tail(lines: &[&str], head: usize, tail: usize) -> String {
     out.push(format!("[... {skipped} lines ...]"));
     out.extend(lines[lines.len() - tail..].iter().map(|l| l.to_string()));
     out.join("\n")
+}
+
+/// How long a test guest may stay silent on both serial lines before it
+/// counts as stalled: no scenario runs that long without a result line.
+/// Under TCG a guest has been seen to stall for good (RCU stalls, a lost
+/// timer wakeup) with no sign but silence. `NUMAPIN_VM_SILENCE` (seconds)
+/// overrides it.
+const DEFAULT_SILENCE: Duration = Duration::from_secs(240);
+
+/// The silence watchdog's limit.
+pub fn silence() -> Result<Duration> {
+    match std::env::var("NUMAPIN_VM_SILENCE") {
+        Ok(v) if !v.is_empty() => {
+            Ok(Duration::from_secs(v.parse().with_context(|| {
+                format!("NUMAPIN_VM_SILENCE={v:?} is not a number of seconds")
+            })?))
+        }
+        _ => Ok(DEFAULT_SILENCE),
+    }
 }
 
 /// The hard timeout per VM.
@@ -336,12 +365,15 @@ pub fn boot(run: &Run) -> Result<Outcome> {
     }
 
     let start = Instant::now();
+    // Milliseconds since `start` of the last byte on the console.
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut child = qemu
         .spawn()
         .with_context(|| format!("could not start {QEMU} (package qemu-system-x86)"))?;
     let copier = child.stdout.take().map(|mut out| {
         let mut log = File::create(stdout_log);
         let stream = run.console == Console::Stream;
+        let heard = heard.clone();
         std::thread::spawn(move || -> io::Result<()> {
             let log = log
                 .as_mut()
@@ -352,6 +384,10 @@ pub fn boot(run: &Run) -> Result<Outcome> {
                 if n == 0 {
                     return Ok(());
                 }
+                heard.store(
+                    start.elapsed().as_millis() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 log.write_all(&buf[..n])?;
                 if stream {
                     let mut stdout = io::stdout().lock();
@@ -362,6 +398,7 @@ pub fn boot(run: &Run) -> Result<Outcome> {
         })
     });
 
+    let (mut results_len, mut results_at) = (0u64, Duration::ZERO);
     let exit = loop {
         if let Some(status) = child.try_wait()? {
             break if status.success() {
@@ -376,6 +413,18 @@ pub fn boot(run: &Run) -> Result<Outcome> {
             let _ = child.kill();
             let _ = child.wait();
             break Exit::TimedOut(limit);
+        }
+        if let Some(quiet) = run.silence {
+            let len = fs::metadata(&results).map_or(0, |m| m.len());
+            if len != results_len {
+                (results_len, results_at) = (len, start.elapsed());
+            }
+            let console = Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed));
+            if start.elapsed().saturating_sub(console.max(results_at)) > quiet {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Exit::Silent(quiet);
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -423,6 +472,7 @@ mod tests {
             dir: Path::new("/t"),
             console,
             timeout: None,
+            silence: None,
             env: &[],
         };
         args(&run, Path::new("/t/results.jsonl")).join(" ")
@@ -461,6 +511,7 @@ mod tests {
             dir: Path::new("/t"),
             console: Console::Capture,
             timeout: None,
+            silence: None,
             env: &env,
         };
         let a = args(&run, Path::new("/t/r.jsonl")).join(" ");
@@ -507,6 +558,7 @@ mod tests {
             dir: Path::new("/t"),
             console: Console::Stream,
             timeout: None,
+            silence: None,
             env: &[],
         };
         let demo = args(&run("demo"), Path::new("/t/r.jsonl")).join(" ");
