@@ -370,21 +370,7 @@ impl Pinner {
             self.inner.topology.require(n)?;
         }
         if let Some((fd, offset)) = req.file {
-            match crate::sys::check_file_mapping(addr.raw(), len, fd, offset) {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
-                    return Err(Error::Invalid(format!(
-                        "PinRequest::file does not back the memory at {addr}: {why}"
-                    )));
-                }
-                Err(e) => {
-                    return Err(Error::sys(
-                        "check PinRequest::file against /proc/self/maps",
-                        "",
-                        e,
-                    ));
-                }
-            }
+            caller::check_backing_file(addr, len, fd, offset)?;
         }
         self.check_pin_resources(len)?;
         let reservation = self.reserve_iova(req.iova, len, iova_align(addr.raw(), len, page))?;
@@ -526,30 +512,6 @@ impl Pinner {
             iova,
             armed: true,
         }))
-    }
-
-    /// Maps the range from `file` (`IOMMU_IOAS_MAP_FILE`) when there is
-    /// one and the mapper is an iommufd IOAS; `Ok(false)` when the range
-    /// is to be mapped by address instead (no file, type1, or a kernel
-    /// before 6.13, whose refusal maps nothing).
-    fn map_by_file(&self, r: &Range, iova: Iova, file: Option<(RawFd, u64)>) -> Result<bool> {
-        let Some((fd, offset)) = file else {
-            return Ok(false);
-        };
-        let mapper = &self.inner.mapper;
-        if mapper.iommufd().is_none() {
-            return Ok(false);
-        }
-        // SAFETY: the caller keeps `fd` open for this call (pin_range's
-        // contract); the mapping's contract is the range's, as for `map`.
-        match unsafe { mapper.map_file(BorrowedFd::borrow_raw(fd), offset, r.len, iova) } {
-            Ok(()) => Ok(true),
-            Err(Error::IommufdUnavailable { .. }) => {
-                log::debug!("no IOMMU_IOAS_MAP_FILE on this kernel: mapping {iova} by address");
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
     }
 
     /// Takes the pin for this container kind, then proves it. Undoes

@@ -152,3 +152,24 @@ impl Pinner {
         }))
     }
 }
+
+/// Checks that `[addr, addr+len)` is a `MAP_SHARED` mapping of `fd` from
+/// byte `offset` (`PinRequest::file`), before anything is reserved.
+pub(super) fn check_backing_file(
+    addr: VirtAddr,
+    len: u64,
+    fd: BorrowedFd<'_>,
+    offset: u64,
+) -> Result<()> {
+    match crate::sys::check_file_mapping(addr.raw(), len, fd, offset) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(why)) => Err(Error::Invalid(format!(
+            "PinRequest::file does not back the memory at {addr}: {why}"
+        ))),
+        Err(e) => Err(Error::sys(
+            "check PinRequest::file against /proc/self/maps",
+            "",
+            e,
+        )),
+    }
+}

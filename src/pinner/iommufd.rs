@@ -2,7 +2,7 @@
 //! the iommufd details, memfd mappings (`IOMMU_IOAS_MAP_FILE`), and the
 //! DMA-mask ceiling every mapper's allocator can take.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 
 use super::Pinner;
@@ -111,6 +111,35 @@ impl Pinner {
                 len,
                 iova,
             )
+        }
+    }
+
+    /// Maps the range from `file` (`IOMMU_IOAS_MAP_FILE`) when there is
+    /// one and the mapper is an iommufd IOAS; `Ok(false)` when the range
+    /// is to be mapped by address instead (no file, type1, or a kernel
+    /// before 6.13, whose refusal maps nothing).
+    pub(super) fn map_by_file(
+        &self,
+        r: &crate::prove::Range,
+        iova: Iova,
+        file: Option<(RawFd, u64)>,
+    ) -> Result<bool> {
+        let Some((fd, offset)) = file else {
+            return Ok(false);
+        };
+        let mapper = &self.inner.mapper;
+        if mapper.iommufd().is_none() {
+            return Ok(false);
+        }
+        // SAFETY: the caller keeps `fd` open for this call (pin_range's
+        // contract); the mapping's contract is the range's, as for `map`.
+        match unsafe { mapper.map_file(BorrowedFd::borrow_raw(fd), offset, r.len, iova) } {
+            Ok(()) => Ok(true),
+            Err(Error::IommufdUnavailable { .. }) => {
+                log::debug!("no IOMMU_IOAS_MAP_FILE on this kernel: mapping {iova} by address");
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 }
