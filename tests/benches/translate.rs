@@ -3,7 +3,9 @@
 //! binary search: the baseline), measured in the same run.
 //!
 //! `cargo bench --bench translate` runs the criterion groups, then times
-//! each lookup itself (median of several passes), prints a table and exits
+//! each lookup itself (rounds that time every map and lookup in turn, so
+//! that other work on the machine weighs on all alike; medians of the
+//! rates and of the rounds' ratios), prints a table and exits
 //! non-zero if a target is missed: every [`AddressMap`] lookup at least
 //! [`TARGET`] lookups/s (issue 5, item 4); [`AddressMap`] at least [`SPEEDUP`]× the
 //! baseline with 1,000 regions, and with 100,000 regions no slower than
@@ -20,7 +22,7 @@
 //! - `1000_large`: 1,000 regions of 2 MiB to 1 GiB (about 300 GiB; the map
 //!   of the earlier rounds), IOVA order shuffled over all regions;
 //! - `1000` and `100000`: 1,000 and 100,000 regions of 2 MiB to 32 MiB
-//!   (about 10 MiB on average: 100,000 regions of up to 1 GiB would span
+//!   (about 14 MiB on average: 100,000 regions of up to 1 GiB would span
 //!   30 TiB), IOVA order shuffled within windows of 64 regions (inserting
 //!   100,000 regions in a fully random IOVA order would shift the sorted
 //!   arrays for minutes).
@@ -28,6 +30,8 @@
 //! Each lookup walks a pre-generated stream of 4,096 addresses, each in a
 //! uniformly random region (of all the map's regions) at a random byte
 //! offset, so every lookup hits and the branch predictor learns nothing.
+//! The stream is made before timing, the same way and of the same length
+//! for every map, so the timed loop only reads it (32 KiB, sequentially).
 
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -48,8 +52,9 @@ const SPEEDUP: f64 = 2.0;
 const SCALE: f64 = 1.25;
 /// Addresses per iteration.
 const STREAM: usize = 4_096;
-/// Timed passes per lookup kind for the checks.
-const PASSES: usize = 11;
+/// Rounds of timed passes for the checks (each round times every map and
+/// lookup once).
+const PASSES: usize = 15;
 /// The least time one timed pass runs.
 const PASS_TIME: Duration = Duration::from_millis(50);
 
@@ -297,25 +302,53 @@ fn criterion_groups(c: &mut Criterion, setups: &[Setup]) {
     }
 }
 
-/// Lookups per second of `pass`: the median of [`PASSES`] timed passes,
-/// each repeating the stream for at least [`PASS_TIME`].
-fn lookups_per_sec(s: &Setup, pass: Pass) -> f64 {
-    let timed = |reps: u32| {
-        let t = Instant::now();
-        for _ in 0..reps {
-            black_box(pass(black_box(s)));
-        }
-        t.elapsed()
-    };
+/// How many times one timed pass repeats the stream so that it runs for
+/// at least [`PASS_TIME`].
+fn calibrate(s: &Setup, pass: Pass) -> u32 {
     let mut reps = 1;
-    while timed(reps) < PASS_TIME {
+    while time_pass(s, pass, reps) < PASS_TIME {
         reps *= 2;
     }
-    let mut rates: Vec<f64> = (0..PASSES)
-        .map(|_| f64::from(reps) * STREAM as f64 / timed(reps).as_secs_f64())
+    reps
+}
+
+fn time_pass(s: &Setup, pass: Pass, reps: u32) -> Duration {
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(pass(black_box(s)));
+    }
+    t.elapsed()
+}
+
+/// Lookups per second, `rates[shape][kind][round]`: [`PASSES`] rounds,
+/// each timing every (map, lookup) pair once, in turn, so that load from
+/// other work on the machine falls on all of them alike.
+fn measure(setups: &[Setup]) -> Vec<Vec<Vec<f64>>> {
+    let reps: Vec<Vec<u32>> = setups
+        .iter()
+        .map(|s| KINDS.iter().map(|k| calibrate(s, k.2)).collect())
         .collect();
-    rates.sort_by(f64::total_cmp);
-    rates[PASSES / 2]
+    let mut rates = vec![vec![Vec::with_capacity(PASSES); KINDS.len()]; setups.len()];
+    for _ in 0..PASSES {
+        for (si, s) in setups.iter().enumerate() {
+            for (ki, k) in KINDS.iter().enumerate() {
+                let n = reps[si][ki];
+                let t = time_pass(s, k.2, n);
+                rates[si][ki].push(f64::from(n) * STREAM as f64 / t.as_secs_f64());
+            }
+        }
+    }
+    rates
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The median over rounds of `a[round] / b[round]`.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a.iter().zip(b).map(|(x, y)| x / y).collect())
 }
 
 fn mib(bytes: usize) -> f64 {
@@ -325,21 +358,27 @@ fn mib(bytes: usize) -> f64 {
 /// Times each lookup, prints the tables and names every missed target.
 fn check_targets(setups: &[Setup]) -> Vec<String> {
     let mut misses = vec![];
-    // rates[shape][kind]
-    let rates: Vec<Vec<f64>> = setups
+    let rounds = measure(setups);
+    // rates[shape][kind]: medians over the rounds.
+    let rates: Vec<Vec<f64>> = rounds
         .iter()
-        .map(|s| KINDS.iter().map(|k| lookups_per_sec(s, k.2)).collect())
+        .map(|r| r.iter().map(|x| median(x.clone())).collect())
         .collect();
     println!();
-    println!("translation throughput, median of {PASSES} passes (lookups/s):");
+    println!(
+        "translation throughput, lookups/s: median of {PASSES} rounds, each timing every map and \
+         lookup in turn over the same {STREAM} pre-generated addresses; ratios are medians of the \
+         rounds' ratios"
+    );
     println!(
         "{:<11} {:>7} {:>9} {:<9} {:>14} {:>14} {:>8}",
         "map", "regions", "GiB", "lookup", "sorted", "table", "table/sorted"
     );
-    for (s, r) in setups.iter().zip(&rates) {
+    for (si, s) in setups.iter().enumerate() {
+        let (r, per_round) = (&rates[si], &rounds[si]);
         for k in 0..3 {
             let (name, sorted, table) = (KINDS[2 * k].0, r[2 * k], r[2 * k + 1]);
-            let ratio = table / sorted;
+            let ratio = median_ratio(&per_round[2 * k + 1], &per_round[2 * k]);
             let mut notes = vec![];
             if table < TARGET {
                 notes.push(format!("below {TARGET:.0}/s"));
@@ -364,13 +403,18 @@ fn check_targets(setups: &[Setup]) -> Vec<String> {
         }
     }
     println!();
-    println!("memory (heap): structure, MiB");
+    println!("region sizes (2 MiB-aligned, log-uniform in 2 MiB units) and memory (heap, MiB):");
     for s in setups {
         println!(
-            "{:<11} sorted {:>9.2}  table {:>9.2} (the table includes its own sorted arrays)",
+            "{:<11} {:>7} regions of 2-{} MiB (mean {:.1} MiB)  sorted {:>8.2}  table {:>8.2} \
+             ({:.0} bytes per region; it includes its own sorted arrays)",
             s.shape.name,
+            s.shape.regions,
+            2u64 << (s.shape.buckets - 1),
+            s.bytes as f64 / s.shape.regions as f64 / f64::from(1 << 20),
             mib(s.sorted.heap_bytes()),
-            mib(s.table.heap_bytes())
+            mib(s.table.heap_bytes()),
+            s.table.heap_bytes() as f64 / s.shape.regions as f64,
         );
     }
     // The 100,000-region figure against the 1,000-region one of the same
@@ -380,8 +424,8 @@ fn check_targets(setups: &[Setup]) -> Vec<String> {
         println!();
         println!("table, 100000 regions against 1000 (time per lookup, target <= {SCALE}x):");
         for k in 0..3 {
-            let slow = rates[a][2 * k + 1] / rates[b][2 * k + 1];
-            let sorted_slow = rates[a][2 * k] / rates[b][2 * k];
+            let slow = median_ratio(&rounds[a][2 * k + 1], &rounds[b][2 * k + 1]);
+            let sorted_slow = median_ratio(&rounds[a][2 * k], &rounds[b][2 * k]);
             let met = slow <= SCALE;
             if !met {
                 misses.push(format!(
