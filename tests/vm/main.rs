@@ -14,6 +14,7 @@ mod bad_input;
 mod balancing;
 #[path = "../common/caps.rs"]
 mod caps;
+mod compaction;
 mod demo;
 mod errors;
 mod iommufd;
