@@ -32,8 +32,10 @@ pub struct Run {
     pub control: usize,
     /// The old PFN of each control page that moved.
     pub moved: Vec<u64>,
-    /// `pgmigrate_success` and `compact_migrate_scanned` grew by these.
+    /// `pgmigrate_success`, `pgmigrate_fail` and `compact_migrate_scanned`
+    /// grew by these (counted over the whole machine).
     pub migrated: u64,
+    pub failed: u64,
     pub scanned: u64,
 }
 
@@ -108,10 +110,12 @@ impl Filler {
     /// `control` moved.
     pub fn compact(&self, node: NodeId, control: &[usize]) -> Result<Run, String> {
         let m0 = vmstat("pgmigrate_success");
+        let f0 = vmstat("pgmigrate_fail");
         let s0 = vmstat("compact_migrate_scanned");
         let knob = format!("/sys/devices/system/node/node{}/compact", node.0);
         e(std::fs::write(&knob, "1"), &format!("write 1 to {knob}"))?;
         let migrated = vmstat("pgmigrate_success") - m0;
+        let failed = vmstat("pgmigrate_fail") - f0;
         let scanned = vmstat("compact_migrate_scanned") - s0;
         let after = pfns_or_holes(self.mem.addr(), self.mem.len())?;
         let moved = control
@@ -123,6 +127,7 @@ impl Filler {
             control: control.len(),
             moved,
             migrated,
+            failed,
             scanned,
         })
     }
