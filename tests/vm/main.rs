@@ -14,6 +14,7 @@ mod bad_input;
 mod balancing;
 #[path = "../common/caps.rs"]
 mod caps;
+mod compaction;
 mod demo;
 mod errors;
 mod iommufd;
@@ -23,6 +24,7 @@ mod pinless;
 mod procfs;
 mod proof;
 mod service;
+mod service_attack;
 #[path = "../common/step.rs"]
 mod step;
 mod type1;
@@ -44,6 +46,7 @@ fn suite(name: &str) -> Option<Vec<(&'static str, Scenario)>> {
             v.extend(locality::scenarios());
             v.extend(demo::scenarios());
             v.extend(service::scenarios());
+            v.extend(service_attack::scenarios());
             v.extend(proof::scenarios());
             Some(v)
         }

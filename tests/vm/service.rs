@@ -44,7 +44,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
 const LOG: &str = "/tmp/numapind/numapind.log";
 
 /// Runs a scenario with a fresh daemon log; a failure carries its tail.
-fn logged(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
+pub(crate) fn logged(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
     let _ = std::fs::create_dir_all("/tmp/numapind");
     let _ = std::fs::write(LOG, "");
     f().map_err(|err| {
@@ -55,7 +55,7 @@ fn logged(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> 
     })
 }
 
-const CONFIG: &str = r#"
+pub(crate) const CONFIG: &str = r#"
 users = ["pinner"]
 selftest_users = ["pinner"]
 [quota]
@@ -66,14 +66,14 @@ default = "16M"
 "#;
 
 /// A numapind child, ready.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
     socket: PathBuf,
     config: PathBuf,
 }
 
 impl Daemon {
-    fn start(ctx: &Ctx, config: &str) -> Result<Daemon, String> {
+    pub(crate) fn start(ctx: &Ctx, config: &str) -> Result<Daemon, String> {
         let dir = PathBuf::from("/tmp/numapind");
         let _ = std::fs::create_dir_all(&dir);
         let cfg = dir.join("numapind.toml");
@@ -146,7 +146,7 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    fn client(&self) -> Result<Client, String> {
+    pub(crate) fn client(&self) -> Result<Client, String> {
         e(Client::connect(&self.socket), "connect as root")
     }
 
@@ -194,6 +194,18 @@ impl Daemon {
         numapin::sys::parse_status_kb(&s, "VmLck").ok_or_else(|| "no VmLck".into())
     }
 
+    /// The PFNs the daemon pinned for `pid`'s region, one per base page,
+    /// from its own snapshot (asked for as root).
+    pub(crate) fn pinned_pfns(&self, pid: u32) -> Result<Vec<u64>, String> {
+        let inspected = e(self.client()?.inspect(Some(pid as i32)), "inspect")?;
+        let snap = inspected
+            .iter()
+            .find(|r| r.pid == pid as i32)
+            .and_then(|r| r.pfns.clone())
+            .ok_or_else(|| format!("no PFN snapshot for pid {pid}'s region"))?;
+        Ok(expand(&snap))
+    }
+
     fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
@@ -234,13 +246,13 @@ fn as_user(cmd: &mut Command, uid: u32, limit: u64) -> &mut Command {
 }
 
 /// `numapin pin --service` as uid 1000 holding `region`; its JSON document.
-struct Holder {
+pub(crate) struct Holder {
     child: Child,
     doc: Value,
 }
 
 impl Holder {
-    fn spawn(d: &Daemon, region: &str) -> Result<Holder, String> {
+    pub(crate) fn spawn(d: &Daemon, region: &str) -> Result<Holder, String> {
         let mut cmd = numapin();
         cmd.args([
             "pin",
@@ -275,12 +287,12 @@ impl Holder {
         }
     }
 
-    fn hex(&self, k: &str) -> Option<u64> {
+    pub(crate) fn hex(&self, k: &str) -> Option<u64> {
         let s = self.doc["regions"][0][k].as_str()?;
         u64::from_str_radix(s.strip_prefix("0x")?, 16).ok()
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -374,14 +386,7 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
         "the client has locked memory of its own"
     );
     // The client's frames are the ones the daemon pinned.
-    let root = d.client()?;
-    let inspected = e(root.inspect(Some(h.pid() as i32)), "inspect")?;
-    let snap = inspected
-        .iter()
-        .find(|r| r.pid == h.pid() as i32)
-        .and_then(|r| r.pfns.clone())
-        .ok_or("no PFN snapshot for the client's region")?;
-    let snap = expand(&snap);
+    let snap = d.pinned_pfns(h.pid())?;
     let mine = pfns_of(h.pid(), vaddr, LEN)?;
     ensure!(
         snap.len() == mine.len(),

@@ -699,32 +699,17 @@ fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
 /// Compaction. Its migrate scanner walks each zone upwards from the bottom,
 /// so the pinned pages are the lowest-PFN pages of a 128 MiB filler on the
 /// home node (gathered into one range with mremap and pinned there), and the
-/// rest of the filler, every other page freed, is the control. A control page
-/// above the pinned ones that moved shows the scanner went past the pinned
-/// pageblocks; without such a page the run proves nothing and fails.
+/// rest of the filler above them, three runs of 32 frames in four freed, is
+/// the control. A control page above the pinned ones that moved shows the
+/// scanner went past the pinned pageblocks; without such a page the run
+/// proves nothing and fails.
 fn e_compaction(ctx: &Ctx) -> Result<String, String> {
-    const FILL: usize = 128 << 20;
+    const FILL: u64 = 128 << 20;
     const PIN: usize = 2 << 20;
     let p = open(ctx)?;
-    let filler = control_region(ctx.home, FILL as u64)?;
-    let before = pfns(filler.addr(), FILL as u64)?;
-    let zones = zones()?;
-    // The zone holding most of the filler; its lowest filler pages get pinned.
-    let zone = zones
-        .iter()
-        .max_by_key(|z| before.iter().filter(|&&f| z.contains(f)).count())
-        .ok_or("no zones in /proc/zoneinfo")?;
-    let mut low: Vec<usize> = (0..before.len())
-        .filter(|&i| zone.contains(before[i]))
-        .collect();
-    low.sort_by_key(|&i| before[i]);
-    low.truncate(PIN / 4096);
-    let gathered = Gathered::new(
-        &low.iter()
-            // SAFETY: inside the filler mapping.
-            .map(|&i| unsafe { filler.as_ptr().add(i * 4096) })
-            .collect::<Vec<_>>(),
-    )?;
+    let filler = crate::compaction::Filler::new(ctx.home, FILL)?;
+    let low = filler.lowest(PIN / 4096);
+    let gathered = Gathered::new(&low.iter().map(|&i| filler.page(i)).collect::<Vec<_>>())?;
     let m = numapin::PinRequest::new(ctx.home, PIN as u64);
     // SAFETY: `gathered` stays mapped until after `pinned` is dropped.
     let pinned = e(
@@ -733,72 +718,32 @@ fn e_compaction(ctx: &Ctx) -> Result<String, String> {
     )?;
     let pinned_before = pfns(pinned.vaddr().as_usize(), PIN as u64)?;
     let top = pinned_before.iter().copied().max().unwrap_or(0);
-    // Above the pinned pages, the filler is cut by PFN into runs of 32
-    // frames; three runs in four are freed, the fourth kept as the control.
-    // Compaction's free scanner samples one frame in 32 of a pageblock once
-    // it finds little, and takes the buddy it hits: it finds these holes,
-    // where it would step over single free pages. The scanners meet where
-    // the movable pages below match the free pages above, so the more of
-    // the filler is free, the further above the pinned pages that is.
-    let above = |i: &usize| zone.contains(before[*i]) && before[*i] > top;
-    let (holes, control): (Vec<usize>, Vec<usize>) = (0..before.len())
-        .filter(above)
-        .partition(|&i| before[i] % 128 < 96);
-    // Freed pages go to per-CPU lists first (6.7+ grows those to tens of
-    // thousands of pages), where the free scanner cannot see them: keep the
-    // lists short while the holes are made, so the holes reach the buddy
-    // allocator. (A large fraction gives a small list.)
-    let pcp = Knob::set("/proc/sys/vm/percpu_pagelist_high_fraction", "100000")?;
-    for &i in &holes {
-        // SAFETY: dropping a page of memory this test owns.
-        unsafe {
-            libc::madvise(
-                filler.as_ptr().add(i * 4096).cast(),
-                4096,
-                libc::MADV_DONTNEED,
-            )
-        };
-    }
-    drop(pcp);
-    ensure!(
-        !control.is_empty() && !holes.is_empty(),
-        "too few filler pages above the pinned ones in zone {} of node {}: {} kept, {} freed",
-        zone.name,
-        zone.node,
-        control.len(),
-        holes.len()
-    );
-    let m0 = vmstat("pgmigrate_success");
-    let s0 = vmstat("compact_migrate_scanned");
-    let knob = format!("/sys/devices/system/node/node{}/compact", ctx.home.0);
-    e(std::fs::write(&knob, "1"), &format!("write 1 to {knob}"))?;
-    let migrated = vmstat("pgmigrate_success") - m0;
-    let scanned = vmstat("compact_migrate_scanned") - s0;
+    let control = filler.punch_above(top)?;
+    let run = filler.compact(ctx.home, &control)?;
     let pc = changed(
         &pinned_before,
         &pfns(pinned.vaddr().as_usize(), PIN as u64)?,
     );
     ensure!(pc == 0, "{pc} pinned PFNs changed under compaction");
-    let after = pfns_or_holes(filler.addr(), FILL)?;
-    let moved: Vec<u64> = control
-        .iter()
-        .filter(|&&i| after[i] != Some(before[i]))
-        .map(|&i| before[i])
-        .collect();
+    let zone = &filler.zone;
     ensure!(
-        !moved.is_empty(),
-        "compaction moved none of the {} control pages above the pinned ones (PFN > {top:#x}, zone {} of node {}): no evidence its scanner passed them (pgmigrate_success +{migrated}, {scanned} scanned)",
-        control.len(),
+        !run.moved.is_empty(),
+        "compaction moved none of the {} control pages above the pinned ones (PFN > {top:#x}, zone {} of node {}): no evidence its scanner passed them (pgmigrate_success +{}, {} scanned)",
+        run.control,
         zone.name,
-        zone.node
+        zone.node,
+        run.migrated,
+        run.scanned
     );
     Ok(format!(
-        "node {} zone {}: pinned the 512 lowest filler pages (PFN <= {top:#x}), 0 changed; {}/{} control pages above them moved, up to PFN {:#x}; pgmigrate_success +{migrated}, {scanned} scanned",
+        "node {} zone {}: pinned the 512 lowest filler pages (PFN <= {top:#x}), 0 changed; {}/{} control pages above them moved, up to PFN {:#x}; pgmigrate_success +{}, {} scanned",
         zone.node,
         zone.name,
-        moved.len(),
-        control.len(),
-        moved.iter().max().unwrap_or(&0)
+        run.moved.len(),
+        run.control,
+        run.moved.iter().max().unwrap_or(&0),
+        run.migrated,
+        run.scanned
     ))
 }
 
