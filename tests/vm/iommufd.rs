@@ -33,6 +33,9 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
         ("i.cli.backend-flag", cli_backend),
         ("i.by-file", by_file),
         ("i.example.vmm_guest_ram", example_vmm),
+        ("i.service-by-file", |c| {
+            crate::service::logged(|| service_by_file(c))
+        }),
     ];
     // The type1 scenarios that hold for any mapper that pins, run here
     // through Pinner::open (Auto: iommufd, checked by i.auto-backend).
@@ -781,4 +784,61 @@ fn example_vmm(_: &Ctx) -> Result<String, String> {
         .filter(|l| l.starts_with("live update") || l.contains("charged once"))
         .collect::<Vec<_>>()
         .join("; "))
+}
+
+/// numapind on iommufd (Backend::Auto picks it on this kernel): the memfd
+/// it serves an unprivileged client is mapped by file
+/// (`iommufd-ioas-map-file` on 6.13+), the daemon's `VmPin` grows by the
+/// region, and the client's frames are the ones the daemon pinned.
+fn service_by_file(ctx: &Ctx) -> Result<String, String> {
+    use crate::service::{CONFIG, Daemon, Holder};
+    const LEN: u64 = 4 << 20;
+    let d = Daemon::start(ctx, CONFIG)?;
+    let status = |pid: u32| -> Result<u64, String> {
+        let s = e(
+            std::fs::read_to_string(format!("/proc/{pid}/status")),
+            "daemon status",
+        )?;
+        sys::parse_status_kb(&s, "VmPin").ok_or_else(|| "no VmPin".to_string())
+    };
+    let pin0 = status(d.pid())?;
+    let h = Holder::spawn(&d, &format!("{}:4M", ctx.away.0))?;
+    let pin = h.doc["regions"][0]["pin"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let want = if has_map_file() {
+        "iommufd-ioas-map-file"
+    } else {
+        "iommufd-ioas-map"
+    };
+    ensure!(
+        pin == want,
+        "the daemon pinned by {pin:?}, expected {want}: {}",
+        h.doc
+    );
+    let grew = status(d.pid())? - pin0;
+    ensure!(
+        grew == LEN,
+        "the daemon's VmPin grew by {grew:#x}, not {LEN:#x}"
+    );
+    let vaddr = h.hex("vaddr").ok_or("no vaddr")?;
+    let theirs = d.pinned_pfns(h.pid())?;
+    let mine = pfns_of(h.pid(), vaddr, LEN)?;
+    ensure!(
+        theirs.len() == mine.len(),
+        "{} pinned PFNs, {} client PFNs",
+        theirs.len(),
+        mine.len()
+    );
+    let differ = changed(&theirs, &mine);
+    ensure!(
+        differ == 0,
+        "{differ} of the client's frames are not the pinned ones"
+    );
+    drop(h);
+    Ok(format!(
+        "pinned by {pin}; daemon VmPin +{grew:#x}; the client's {} frames are the pinned ones",
+        mine.len()
+    ))
 }

@@ -142,7 +142,7 @@ impl Daemon {
         Ok(d)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
@@ -248,7 +248,8 @@ fn as_user(cmd: &mut Command, uid: u32, limit: u64) -> &mut Command {
 /// `numapin pin --service` as uid 1000 holding `region`; its JSON document.
 pub(crate) struct Holder {
     child: Child,
-    doc: Value,
+    /// The client's `--json` report.
+    pub(crate) doc: Value,
 }
 
 impl Holder {
