@@ -83,8 +83,9 @@ enum Task {
         /// target/vm/bench-stock/, not docs/).
         #[arg(long, value_name = "LIST")]
         sizes: Option<String>,
-        /// Only phases whose name contains this, e.g. `thp` or
-        /// `numa-balancing` (report to target/vm/bench-stock/).
+        /// Only phases whose name contains this, e.g. `thp`,
+        /// `numa-balancing` or `service` (report to target/vm/bench-stock/;
+        /// only the targets of the phases run are judged).
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
         /// Stream the guest console while it runs.
