@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -48,8 +49,15 @@ pub struct Daemon {
 }
 
 /// Spawns `cmd` with `NOTIFY_SOCKET` set to `files.notify` and its stderr
-/// appended to `files.log`, and waits (up to `secs`) for `READY=1`.
-pub fn launch(mut cmd: Command, files: &Files, secs: u64) -> Result<Daemon, String> {
+/// appended to `files.log`, runs `before_ready` (which may return a
+/// connection to hold until then: a socket-activated daemon starts at its
+/// first one), and waits (up to `secs`) for `READY=1`.
+pub fn launch(
+    mut cmd: Command,
+    files: &Files,
+    secs: u64,
+    before_ready: impl FnOnce(&Daemon) -> Result<Option<OwnedFd>, String>,
+) -> Result<Daemon, String> {
     let _ = std::fs::remove_file(&files.notify);
     let ready =
         UnixDatagram::bind(&files.notify).map_err(|e| format!("bind NOTIFY_SOCKET: {e}"))?;
@@ -71,6 +79,7 @@ pub fn launch(mut cmd: Command, files: &Files, secs: u64) -> Result<Daemon, Stri
         socket: files.socket.clone(),
         log: files.log.clone(),
     };
+    let _held = before_ready(&d)?;
     let mut buf = [0u8; 256];
     let n = match ready.recv(&mut buf) {
         Ok(n) => n,
@@ -96,7 +105,7 @@ pub fn start(device: &str, config: &Path, files: &Files) -> Result<Daemon, Strin
         .arg(config)
         .arg("--socket")
         .arg(&files.socket);
-    launch(cmd, files, 60)
+    launch(cmd, files, 60, |_| Ok(None))
 }
 
 impl Daemon {

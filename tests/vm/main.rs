@@ -14,6 +14,8 @@ mod bad_input;
 mod balancing;
 #[path = "../common/caps.rs"]
 mod caps;
+#[path = "../common/daemon.rs"]
+mod daemon;
 mod demo;
 mod errors;
 mod iommufd;
