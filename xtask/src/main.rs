@@ -88,6 +88,10 @@ enum Task {
         /// only the targets of the phases run are judged).
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
+        /// The guest kernel: `stock` (6.1, the committed report) or
+        /// `backports` (7.3; report to target/vm/bench-backports/).
+        #[arg(long, value_enum, default_value_t = KernelKind::Stock)]
+        kernel: KernelKind,
         /// Stream the guest console while it runs.
         #[arg(long)]
         console: bool,
@@ -143,10 +147,12 @@ fn try_main() -> anyhow::Result<ExitCode> {
             sizes,
             only,
             console,
+            kernel,
         } => bench::bench(&bench::Options {
             sizes,
             only,
             console,
+            kernel,
         }),
         Task::Kernels => tasks::kernels(),
         Task::Vm {
