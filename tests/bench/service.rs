@@ -322,6 +322,18 @@ struct Cell {
 }
 
 pub fn run(ctx: &Ctx, out: &mut Out) -> Result<String, String> {
+    let dir = PathBuf::from("/tmp/numapind-bench");
+    let files = Files::in_dir(&dir);
+    let _ = std::fs::write(&files.log, "");
+    measure(ctx, out, &dir, &files).map_err(|err| {
+        let log = std::fs::read_to_string(&files.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!("{err} [numapind log: {}]", tail.join(" | "))
+    })
+}
+
+fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String, String> {
     let _thp = Knob::set(THP_ENABLED, "madvise")?;
     // Shmem THP only where a mapping asks for it (MADV_HUGEPAGE): the
     // library's and the daemon's memfds do not, so they stay on 4 KiB pages
@@ -341,8 +353,6 @@ pub fn run(ctx: &Ctx, out: &mut Out) -> Result<String, String> {
             cells.push(((ps, size), Cell::default()));
         }
     }
-    let dir = PathBuf::from("/tmp/numapind-bench");
-    let files = Files::in_dir(&dir);
     let config = dir.join("numapind.toml");
     e(std::fs::write(&config, CONFIG), "write the daemon config")?;
 
@@ -392,7 +402,7 @@ pub fn run(ctx: &Ctx, out: &mut Out) -> Result<String, String> {
             }
         }
         // --- The same through the daemon. ---
-        let d = daemon::start(&ctx.bdf, &config, &files)?;
+        let d = daemon::start(&ctx.bdf, &config, files)?;
         let client = e(Client::connect(&d.socket), "connect")?;
         for ((ps, size), cell) in cells.iter_mut() {
             for i in 0..=rounds(*size) {
