@@ -13,7 +13,10 @@
 //! - the DMA mappings (DMA_AVAIL entries) one region costs.
 //!
 //! Then NUMA balancing: hinting faults and migrations attributable to a
-//! numapin region touched from node 1, against default-policy memory.
+//! numapin region touched from node 1, against default-policy memory; and
+//! the pinning service (`service`): numapind's allocate and release against
+//! the library pinning the same memfd in-process, 8 clients' requests per
+//! second, and a 4 KiB memfd against THP-backed memory.
 //!
 //! The host computes medians and ratios; this program only sends raw samples
 //! in the results protocol of `xtask/src/results.rs`: a `plan` naming the
@@ -27,9 +30,12 @@ mod balancing;
 #[path = "../common/caps.rs"]
 mod caps;
 mod cases;
+#[path = "../common/daemon.rs"]
+mod daemon;
 #[path = "../common/procfs.rs"]
 mod procfs;
 mod raw;
+mod service;
 #[path = "../common/step.rs"]
 mod step;
 
@@ -202,6 +208,9 @@ fn fits(topo: &Topology, home: NodeId, mode: Mode, size: u64) -> Result<(), Stri
 }
 
 fn main() {
+    if let Some(socket) = args::value("--service-client") {
+        service::client_main(&socket);
+    }
     let only = args::value("--only");
     let file = args::open_results("numapin-bench");
     let mut out = Out { file };
@@ -233,6 +242,7 @@ fn main() {
         phases.push("setup".into());
     }
     phases.push(balance::PHASE.into());
+    phases.push(service::PHASE.into());
     if let Some(o) = &only {
         phases.retain(|p| p.contains(o.as_str()));
     }
@@ -270,6 +280,9 @@ fn main() {
 fn run_phase(ctx: &Ctx, out: &mut Out, phase: &str, sizes: &[u64]) -> Result<String, String> {
     if phase == balance::PHASE {
         return balance::run(ctx, out);
+    }
+    if phase == service::PHASE {
+        return service::run(ctx, out);
     }
     for mode in Mode::ALL {
         for &size in sizes {

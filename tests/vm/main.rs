@@ -15,6 +15,8 @@ mod balancing;
 #[path = "../common/caps.rs"]
 mod caps;
 mod compaction;
+#[path = "../common/daemon.rs"]
+mod daemon;
 mod demo;
 mod errors;
 mod iommufd;

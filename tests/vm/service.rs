@@ -8,9 +8,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use numapin::client::{Allocate, Client, wire};
 use serde_json::Value;
 
 use crate::Scenario;
+use crate::daemon;
 use crate::ensure;
 use crate::util::*;
 
@@ -65,9 +65,9 @@ regions = 16
 default = "16M"
 "#;
 
-/// A numapind child, ready.
+/// A numapind child, ready (stopped with SIGTERM on drop).
 pub(crate) struct Daemon {
-    child: Option<Child>,
+    inner: daemon::Daemon,
     socket: PathBuf,
     config: PathBuf,
 }
@@ -94,56 +94,26 @@ impl Daemon {
     /// a NOTIFY_SOCKET this runner listens on, runs `before_ready` (which
     /// may return a connection to hold until then), and waits for READY=1.
     fn launch(
-        mut cmd: Command,
+        cmd: Command,
         config: PathBuf,
         socket: PathBuf,
-        before_ready: impl FnOnce(&Daemon) -> Result<Option<OwnedFd>, String>,
+        before_ready: impl FnOnce(&Path) -> Result<Option<OwnedFd>, String>,
     ) -> Result<Daemon, String> {
-        let notify = PathBuf::from("/tmp/numapind/notify");
-        let _ = std::fs::remove_file(&notify);
-        let ready = e(UnixDatagram::bind(&notify), "bind NOTIFY_SOCKET")?;
-        e(
-            ready.set_read_timeout(Some(Duration::from_secs(60))),
-            "timeout",
-        )?;
-        cmd.env("NOTIFY_SOCKET", &notify);
-        let child = e(
-            cmd.stderr(e(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(LOG),
-                "open the daemon log",
-            )?)
-            .spawn(),
-            "spawn numapind",
-        )?;
-        let mut d = Daemon {
-            child: Some(child),
+        let files = daemon::Files {
+            socket: socket.clone(),
+            notify: PathBuf::from("/tmp/numapind/notify"),
+            log: PathBuf::from(LOG),
+        };
+        let inner = daemon::launch(cmd, &files, 60, |d| before_ready(&d.socket))?;
+        Ok(Daemon {
+            inner,
             socket,
             config,
-        };
-        let _held = before_ready(&d)?;
-        let mut buf = [0u8; 256];
-        let n = match ready.recv(&mut buf) {
-            Ok(n) => n,
-            Err(err) => {
-                return Err(format!(
-                    "numapind sent no READY=1 in 60 s ({err}): {}",
-                    d.stderr()
-                ));
-            }
-        };
-        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-        ensure!(
-            msg.contains("READY=1"),
-            "NOTIFY_SOCKET got {msg:?}, not READY=1"
-        );
-        Ok(d)
+        })
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.inner.pid()
     }
 
     pub(crate) fn client(&self) -> Result<Client, String> {
@@ -155,35 +125,17 @@ impl Daemon {
     }
 
     fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid() as i32, sig) };
+        self.inner.signal(sig);
     }
 
     /// Waits (bounded) for the exit status.
     fn wait(&mut self, secs: u64) -> Result<std::process::ExitStatus, String> {
-        let c = self.child.as_mut().ok_or("no child")?;
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = e(c.try_wait(), "wait numapind")? {
-                self.child = None;
-                return Ok(st);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "numapind did not exit within {secs} s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.inner.wait(secs)
     }
 
     /// Kills it and returns what the scenario's daemons printed.
     fn stderr(&mut self) -> String {
-        let Some(mut c) = self.child.take() else {
-            return String::new();
-        };
-        let _ = c.kill();
-        let _ = c.wait();
-        std::fs::read_to_string(LOG).unwrap_or_default()
+        self.inner.kill_and_log()
     }
 
     fn vmlck(&self) -> Result<u64, String> {
@@ -210,17 +162,6 @@ impl Daemon {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal(libc::SIGTERM);
-            if self.wait(30).is_err() {
-                let _ = self.stderr();
-            }
-        }
     }
 }
 
@@ -981,11 +922,11 @@ impl Daemon {
         // systemd-socket-activate execs the program at the first
         // connection: make one once the socket listens. Its file exists
         // from bind(2) on, and a connection before listen(2) is refused.
-        Daemon::launch(tool, config, socket, |d| {
+        Daemon::launch(tool, config, socket, |path| {
             let t = Instant::now();
             loop {
                 let within = t.elapsed() < Duration::from_secs(20);
-                match wire::connect(&d.socket) {
+                match wire::connect(path) {
                     Ok(fd) => return Ok(Some(fd)),
                     Err(err)
                         if within
@@ -1000,7 +941,7 @@ impl Daemon {
                     Err(err) => {
                         return Err(format!(
                             "first connection to {} (after {:.1} s): {err}",
-                            d.socket.display(),
+                            path.display(),
                             t.elapsed().as_secs_f64()
                         ));
                     }

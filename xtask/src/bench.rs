@@ -32,12 +32,15 @@ pub struct Options {
     pub only: Option<String>,
     /// Stream the guest console.
     pub console: bool,
+    /// The guest kernel.
+    pub kernel: kernel::KernelKind,
 }
 
 impl Options {
-    /// A partial run writes its report next to the VM's logs, not to docs/.
+    /// A partial run, or one on another kernel than the stock one, writes
+    /// its report next to the VM's logs, not to docs/.
     fn partial(&self) -> bool {
-        self.sizes.is_some() || self.only.is_some()
+        self.sizes.is_some() || self.only.is_some() || self.kernel != kernel::KernelKind::Stock
     }
 }
 
@@ -82,7 +85,12 @@ impl Machine {
 /// `cargo xtask bench`.
 pub fn bench(opts: &Options) -> Result<ExitCode> {
     let start = Instant::now();
-    let config = &vmconfig::BENCH;
+    let Some(config) = vmconfig::bench(opts.kernel) else {
+        bail!(
+            "the bench runs on the stock or backports kernel, not {}",
+            opts.kernel.name()
+        );
+    };
     tasks::ensure_packages([config.kernel])?;
     let binaries = tasks::build_guest_binaries()?;
     let kernel = kernel::prepare(config.kernel)?;

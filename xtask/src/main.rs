@@ -84,10 +84,15 @@ enum Task {
         /// target/vm/bench-stock/, not docs/).
         #[arg(long, value_name = "LIST")]
         sizes: Option<String>,
-        /// Only phases whose name contains this, e.g. `thp` or
-        /// `numa-balancing` (report to target/vm/bench-stock/).
+        /// Only phases whose name contains this, e.g. `thp`,
+        /// `numa-balancing` or `service` (report to target/vm/bench-stock/;
+        /// only the targets of the phases run are judged).
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
+        /// The guest kernel: `stock` (6.1, the committed report) or
+        /// `backports` (7.3; report to target/vm/bench-backports/).
+        #[arg(long, value_enum, default_value_t = KernelKind::Stock)]
+        kernel: KernelKind,
         /// Stream the guest console while it runs.
         #[arg(long)]
         console: bool,
@@ -143,10 +148,12 @@ fn try_main() -> anyhow::Result<ExitCode> {
             sizes,
             only,
             console,
+            kernel,
         } => bench::bench(&bench::Options {
             sizes,
             only,
             console,
+            kernel,
         }),
         Task::Kernels => tasks::kernels(),
         Task::Vm {

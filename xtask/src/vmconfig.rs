@@ -197,6 +197,24 @@ pub const BENCH: VmConfig = VmConfig {
     shape: &BENCH_SHAPE,
 };
 
+/// The bench VM on the newest stock kernel (trixie-backports' 7.3), for
+/// `cargo xtask bench --kernel backports`: the same machine as [`BENCH`].
+pub const BENCH_BACKPORTS: VmConfig = VmConfig {
+    name: "bench-backports",
+    kernel: KernelKind::Backports,
+    ..BENCH
+};
+
+/// The bench VM for a kernel: [`BENCH`] or [`BENCH_BACKPORTS`] (the
+/// self-built kernel cannot give node 0 two vCPUs, see [`BENCH`]).
+pub fn bench(kernel: KernelKind) -> Option<&'static VmConfig> {
+    match kernel {
+        KernelKind::Stock => Some(&BENCH),
+        KernelKind::Backports => Some(&BENCH_BACKPORTS),
+        KernelKind::Trixie | KernelKind::Custom => None,
+    }
+}
+
 /// Looks a configuration up by name.
 pub fn find(name: &str) -> Option<&'static VmConfig> {
     CONFIGS.iter().find(|c| c.name == name)

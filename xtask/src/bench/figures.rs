@@ -20,6 +20,19 @@ pub const PREFAULT_MIN_SIZE: u64 = 256 << 20;
 pub const PREFAULT_THREADS: usize = 2;
 /// `vfio_iommu_type1`'s default `dma_entry_limit`.
 pub const DEFAULT_DMA_ENTRIES: u64 = 65_535;
+/// The pinning service's phase.
+pub const SERVICE: &str = "service";
+/// The service's latency figures, one mode per page size.
+pub const SERVICE_MODES: [&str; 2] = ["service.4K", "service.2M"];
+/// The 4 KiB memfd against THP-backed memory.
+pub const SERVICE_THP: &str = "service.thp";
+/// The 8 clients' requests per second.
+pub const SERVICE_THROUGHPUT: &str = "service.throughput";
+/// Allocating through numapind may take this factor of the library pinning
+/// the same memfd in-process…
+pub const SERVICE_FACTOR: f64 = 1.10;
+/// …plus this many seconds.
+pub const SERVICE_SLACK: f64 = 1e-3;
 
 /// One figure: the samples of a metric for one mode and size.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +78,9 @@ pub fn floor_of(metric: &str) -> &'static str {
 pub struct Results {
     pub figures: Vec<Figure>,
     pub info: BTreeMap<String, String>,
+    /// The phases the run planned (`--only` leaves some out); empty means
+    /// every phase is expected.
+    pub phases: Vec<String>,
 }
 
 impl Results {
@@ -89,7 +105,27 @@ impl Results {
         Results {
             figures,
             info: report.info.iter().cloned().collect(),
+            phases: report.scenarios.iter().map(|s| s.name.clone()).collect(),
         }
+    }
+
+    /// Whether the run planned a phase `matches` accepts (every phase
+    /// counts as planned when the plan is unknown).
+    pub fn planned(&self, matches: impl Fn(&str) -> bool) -> bool {
+        self.phases.is_empty() || self.phases.iter().any(|p| matches(p))
+    }
+
+    /// Sizes with a `metric` figure in `mode`, ascending.
+    pub fn sizes_of(&self, mode: &str, metric: &str) -> Vec<u64> {
+        let mut s: Vec<u64> = self
+            .figures
+            .iter()
+            .filter(|f| f.mode == mode && f.metric == metric)
+            .map(|f| f.size)
+            .collect();
+        s.sort_unstable();
+        s.dedup();
+        s
     }
 
     pub fn get(&self, mode: &str, size: u64, metric: &str) -> Option<&Figure> {
@@ -188,6 +224,10 @@ fn target(name: String, met: bool, detail: String) -> Target {
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut out = Vec::new();
     for mode in MODES {
+        let prefix = format!("{mode}.");
+        if !r.planned(|p| p.starts_with(&prefix)) {
+            continue;
+        }
         let sizes = r.sizes(mode);
         if sizes.is_empty() {
             out.push(target(
@@ -261,6 +301,12 @@ pub fn targets(r: &Results) -> Vec<Target> {
             }
         }
     }
+    if r.planned(|p| p == SERVICE) {
+        out.extend(service_targets(r));
+    }
+    if !r.planned(|p| p == BALANCE) {
+        return out;
+    }
     // 4. No hinting faults or migrations attributable to numapin regions,
     // shown against a control that does take them. The process's other
     // mappings (stacks, heap) fault in idle and touching intervals alike;
@@ -304,6 +350,52 @@ pub fn targets(r: &Results) -> Vec<Target> {
     out
 }
 
+/// Allocate through numapind (the region mapped in the client) against
+/// `Pinner::pin` of the same memfd in-process, for every page size and
+/// size measured: within [`SERVICE_FACTOR`] × the library plus
+/// [`SERVICE_SLACK`].
+fn service_targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    for mode in SERVICE_MODES {
+        let page = mode.trim_start_matches("service.");
+        let sizes = r.sizes_of(mode, "library.pin");
+        if sizes.is_empty() {
+            out.push(target(
+                format!("service-latency.{page}"),
+                false,
+                "not measured".into(),
+            ));
+        }
+        for size in sizes {
+            let name = format!("service-latency.{page}.{}", size_name(size));
+            out.push(
+                match (
+                    r.median(mode, size, "service.allocate"),
+                    r.median(mode, size, "library.pin"),
+                ) {
+                    (Some(svc), Some(lib)) if lib > 0.0 => {
+                        let limit = SERVICE_FACTOR * lib + SERVICE_SLACK;
+                        target(
+                            name,
+                            svc <= limit,
+                            format!(
+                                "{:.2}x the library (numapind allocate {:.2} ms, Pinner::pin of the memfd {:.2} ms; limit {SERVICE_FACTOR:.1}x + {:.0} ms = {:.2} ms)",
+                                svc / lib,
+                                svc * 1e3,
+                                lib * 1e3,
+                                SERVICE_SLACK * 1e3,
+                                limit * 1e3
+                            ),
+                        )
+                    }
+                    _ => target(name, false, "not measured".into()),
+                },
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -313,8 +405,31 @@ pub(crate) mod tests {
     /// balancing figures; `pin` is the pin-only median, `par` the parallel
     /// prefault time (one thread takes 1.0 s).
     pub fn report(pin: f64, par: f64, numapin_touch_faults: u64) -> Report {
+        report_with_service(pin, par, numapin_touch_faults, 0.105)
+    }
+
+    /// The phases of a full run with one size.
+    const PHASES: [&str; 5] = [
+        "base.256M",
+        "thp.256M",
+        "hugetlb-2M.256M",
+        "numa-balancing",
+        "service",
+    ];
+
+    /// [`report`] with the service's 4K 64M allocate taking `svc_4k`
+    /// seconds against the library's 0.1 s (2M: 11.5 ms against 10 ms).
+    pub fn report_with_service(
+        pin: f64,
+        par: f64,
+        numapin_touch_faults: u64,
+        svc_4k: f64,
+    ) -> Report {
         let mut lines = vec![
-            r#"{"type":"plan","suite":"bench","kernel":"6.12.95","scenarios":["x"]}"#.to_string(),
+            format!(
+                r#"{{"type":"plan","suite":"bench","kernel":"6.12.95","scenarios":{:?}}}"#,
+                PHASES
+            ),
             r#"{"type":"info","key":"dma_avail.fresh","value":"65535"}"#.to_string(),
             r#"{"type":"info","key":"iova.usable_bytes","value":"549751619584"}"#.to_string(),
         ];
@@ -357,7 +472,58 @@ pub(crate) mod tests {
                 r#"{{"type":"measure","mode":"numa-balancing","size":67108864,"metric":"{metric}","unit":"count","samples":{samples:?}}}"#
             ));
         }
-        lines.push(r#"{"type":"result","name":"x","status":"pass","secs":1}"#.into());
+        let size = 64u64 << 20;
+        for (mode, metric, unit, samples) in [
+            ("service.4K", "library.pin", "s", vec![0.1, 0.1, 0.1]),
+            ("service.4K", "service.allocate", "s", vec![svc_4k; 3]),
+            ("service.4K", "library.release", "s", vec![0.02]),
+            ("service.4K", "service.release", "s", vec![0.021]),
+            ("service.2M", "library.pin", "s", vec![0.010]),
+            ("service.2M", "service.allocate", "s", vec![0.0115]),
+            ("service.thp", "memfd-4k.pin", "s", vec![0.1]),
+            ("service.thp", "anon-thp.pin", "s", vec![0.05]),
+            ("service.thp", "shmem-4k.by-hand", "s", vec![0.1]),
+            ("service.thp", "shmem-thp.by-hand", "s", vec![0.04]),
+            (
+                "service.thp",
+                "anon-thp.pmd-bytes",
+                "bytes",
+                vec![size as f64],
+            ),
+            (
+                "service.thp",
+                "shmem-thp.pmd-bytes",
+                "bytes",
+                vec![size as f64],
+            ),
+            (
+                "service.throughput",
+                "4K.requests-per-s",
+                "1/s",
+                vec![400.0, 420.0, 410.0],
+            ),
+            ("service.throughput", "clients", "count", vec![8.0]),
+            (
+                "service.throughput",
+                "cycles-per-client",
+                "count",
+                vec![40.0],
+            ),
+        ] {
+            let size = match (mode, metric) {
+                ("service.throughput", "clients" | "cycles-per-client") => 0,
+                ("service.throughput", _) => 64 << 10,
+                _ => size,
+            };
+            lines.push(format!(
+                r#"{{"type":"measure","mode":"{mode}","size":{size},"metric":"{metric}","unit":"{unit}","samples":{samples:?}}}"#
+            ));
+        }
+        for p in PHASES {
+            lines.push(format!(
+                r#"{{"type":"result","name":"{p}","status":"pass","secs":1}}"#
+            ));
+        }
         lines.push(r#"{"type":"done"}"#.into());
         Report::parse(&lines.join("\n"))
     }
@@ -390,8 +556,48 @@ pub(crate) mod tests {
         let t = targets(&Results::from_report(&report(0.0105, 0.5, 6)));
         let missed: Vec<_> = t.iter().filter(|t| !t.met).collect();
         assert!(missed.is_empty(), "{missed:#?}");
-        // 3 modes x (pin-only, one entry, prefault) + 2 balancing targets.
-        assert_eq!(t.len(), 11);
+        // 3 modes x (pin-only, one entry, prefault) + 2 balancing targets
+        // + the service's latency for 4K and 2M pages.
+        assert_eq!(t.len(), 13);
+    }
+
+    #[test]
+    fn the_service_is_judged_against_the_library_plus_a_millisecond() {
+        // 0.1 s library: the limit is 1.1 x 0.1 + 0.001 = 0.111 s.
+        let t = targets(&Results::from_report(&report_with_service(
+            0.0105, 0.5, 6, 0.112,
+        )));
+        let svc = t
+            .iter()
+            .find(|t| t.name == "service-latency.4K.64M")
+            .unwrap();
+        assert!(!svc.met, "{svc:?}");
+        assert!(
+            svc.detail
+                .starts_with("1.12x the library (numapind allocate 112.00 ms"),
+            "{}",
+            svc.detail
+        );
+        let t = targets(&Results::from_report(&report_with_service(
+            0.0105, 0.5, 6, 0.110,
+        )));
+        assert!(t.iter().all(|t| t.met), "{t:#?}");
+    }
+
+    #[test]
+    fn a_partial_run_judges_only_its_phases() {
+        let text = [
+            r#"{"type":"plan","suite":"bench","kernel":"6.1","scenarios":["service"]}"#,
+            r#"{"type":"measure","mode":"service.4K","size":2097152,"metric":"library.pin","unit":"s","samples":[0.01]}"#,
+            r#"{"type":"measure","mode":"service.4K","size":2097152,"metric":"service.allocate","unit":"s","samples":[0.01]}"#,
+            r#"{"type":"result","name":"service","status":"pass","secs":1}"#,
+            r#"{"type":"done"}"#,
+        ]
+        .join("\n");
+        let t = targets(&Results::from_report(&Report::parse(&text)));
+        let names: Vec<&str> = t.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["service-latency.4K.2M", "service-latency.2M"]);
+        assert!(t[0].met && !t[1].met);
     }
 
     #[test]

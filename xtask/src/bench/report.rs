@@ -4,8 +4,9 @@ use std::fmt::Write as _;
 
 use super::Machine;
 use super::figures::{
-    DEFAULT_DMA_ENTRIES, MODES, PIN_ONLY_MAX, PREFAULT_MIN_SIZE, PREFAULT_MIN_SPEEDUP, Results,
-    Target, floor_of, size_name,
+    DEFAULT_DMA_ENTRIES, Figure, MODES, PIN_ONLY_MAX, PREFAULT_MIN_SIZE, PREFAULT_MIN_SPEEDUP,
+    Results, SERVICE_FACTOR, SERVICE_MODES, SERVICE_SLACK, SERVICE_THP, SERVICE_THROUGHPUT, Target,
+    floor_of, size_name,
 };
 use crate::vmconfig::Shape;
 
@@ -297,6 +298,241 @@ fn balance_table(r: &Results) -> String {
     out
 }
 
+/// `12.3 ms (11.9–13.0 ms)`: a timed figure's median and spread.
+fn spread(f: &Figure) -> String {
+    format!(
+        "{} ({}–{})",
+        duration(f.median),
+        duration(f.min).trim_end_matches(" ms"),
+        duration(f.max)
+    )
+}
+
+/// `64K`, `2M`: sizes below a MiB in KiB.
+fn small_size(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{}K", bytes >> 10)
+    } else {
+        size_name(bytes)
+    }
+}
+
+/// Whether the daemon should offer THP-backed shmem, from the by-hand
+/// shmem figures: THP must have backed nearly all of the memfd and pinned
+/// it in at most this share of the 4 KiB memfd's time at 64 MiB and up.
+const SHMEM_THP_WORTH: f64 = 0.8;
+
+/// The service section (`None` when the phase did not run).
+pub fn service_section(r: &Results) -> Option<String> {
+    let any = r.figures.iter().any(|f| f.mode.starts_with("service."));
+    if !any {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "numapind, the pinning service, started in the VM on the edu device with a TOML \
+         config, ready on a `NOTIFY_SOCKET`; one client connection as root. **Allocate**: \
+         the request until the region is ready in the client (numapind made the memfd, \
+         bound it to node 0, prefaulted it on the node's CPUs, pinned it with the full \
+         proof, and sent it; the client received it and mapped it with `MAP_POPULATE`). \
+         **Release**: unmap, the request and its reply. The library figure is what the \
+         daemon calls, in this process: `Pinner::pin` with `Backing::Memfd`, \
+         `Proof::Full` and the node, then `release`. The library and the daemon cannot \
+         hold the device at once, so they ran in alternating blocks (library, daemon, \
+         library, daemon). Target: allocate within {SERVICE_FACTOR:.1}× the library plus \
+         {:.0} ms. Medians, min–max in brackets.\n\n\
+         | pages | size | library `pin` | numapind allocate | ratio | limit | library `release` | numapind release | ratio |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        SERVICE_SLACK * 1e3
+    );
+    for mode in SERVICE_MODES {
+        let page = mode.trim_start_matches("service.");
+        for size in r.sizes_of(mode, "library.pin") {
+            let get = |m: &str| r.get(mode, size, m);
+            let ratio = |a: Option<&Figure>, b: Option<&Figure>| match (a, b) {
+                (Some(a), Some(b)) if b.median > 0.0 => format!("{:.2}×", a.median / b.median),
+                _ => "–".into(),
+            };
+            let show = |f: Option<&Figure>| f.map_or("–".into(), spread);
+            let (lp, sa) = (get("library.pin"), get("service.allocate"));
+            let (lr, sr) = (get("library.release"), get("service.release"));
+            let limit = lp.map_or("–".into(), |f| {
+                duration(SERVICE_FACTOR * f.median + SERVICE_SLACK)
+            });
+            let _ = writeln!(
+                out,
+                "| {page} | {} | {} | {} | {} | {limit} | {} | {} | {} |",
+                size_name(size),
+                show(lp),
+                show(sa),
+                ratio(sa, lp),
+                show(lr),
+                show(sr),
+                ratio(sr, lr)
+            );
+        }
+    }
+
+    let clients = r.median(SERVICE_THROUGHPUT, 0, "clients").unwrap_or(0.0);
+    let cycles = r
+        .median(SERVICE_THROUGHPUT, 0, "cycles-per-client")
+        .unwrap_or(0.0);
+    let _ = write!(
+        out,
+        "\n**Requests per second**, {clients} client processes at once, each with its own \
+         connection doing {cycles} allocate/release cycles on node 0 (two requests per \
+         cycle), timed from the go to the last client's end after all had connected; \
+         median of the runs, min–max in brackets:\n\n\
+         | region | pages | requests/s | allocate/release cycles/s |\n| ---: | --- | ---: | ---: |\n"
+    );
+    let mut rows: Vec<&Figure> = r
+        .figures
+        .iter()
+        .filter(|f| f.mode == SERVICE_THROUGHPUT && f.metric.ends_with(".requests-per-s"))
+        .collect();
+    rows.sort_by(|a, b| (a.size, &a.metric).cmp(&(b.size, &b.metric)));
+    for f in rows {
+        let page = f.metric.trim_end_matches(".requests-per-s");
+        let _ = writeln!(
+            out,
+            "| {} | {page} | {:.0} ({:.0}–{:.0}) | {:.0} |",
+            small_size(f.size),
+            f.median,
+            f.min,
+            f.max,
+            f.median / 2.0
+        );
+    }
+
+    let was = r
+        .info("service.shmem_thp")
+        .and_then(|v| v.split_once("(was ")?.1.strip_suffix(')'))
+        .unwrap_or("unknown");
+    let _ = write!(
+        out,
+        "\n**A 4 KiB memfd against THP.** Library figures, in the same blocks as the \
+         ones above: the daemon's memfd (shmem, 4 KiB pages: the guest's \
+         `shmem_enabled` was `{was}`, Debian's default is `never`, and the daemon does not \
+         ask for THP); the library's \
+         default region (private anonymous memory with `MADV_HUGEPAGE`, THP `madvise`); \
+         and a sealed memfd made by hand (memfd_create, seals, `mmap` shared, `mbind`, \
+         `MADV_POPULATE_WRITE` by the node's threads, `pin_user` with the full proof), \
+         once as it is and once with `MADV_HUGEPAGE` under `shmem_enabled=advise` (set for \
+         the phase, restored after). \"THP\" is the share of the region mapped by PMD \
+         while pinned (`AnonHugePages`, `ShmemPmdMapped`).\n\n\
+         | size | memfd 4K (daemon's path) | anonymous THP | memfd ÷ THP | by hand: shmem 4K | shmem THP | THP | shmem THP ÷ 4K |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    );
+    let mut verdicts: Vec<(u64, f64, f64)> = Vec::new();
+    for size in r.sizes_of(SERVICE_THP, "memfd-4k.pin") {
+        let get = |m: &str| r.get(SERVICE_THP, size, m);
+        let show = |f: Option<&Figure>| f.map_or("–".into(), spread);
+        let ratio = |a: Option<&Figure>, b: Option<&Figure>| match (a, b) {
+            (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
+            _ => None,
+        };
+        let fmt = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.2}×"));
+        let share = |m: &str| r.median(SERVICE_THP, size, m).map(|b| b / size as f64);
+        let pct = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.0} %", 100.0 * x));
+        let (memfd, anon) = (get("memfd-4k.pin"), get("anon-thp.pin"));
+        let (s4, sthp) = (get("shmem-4k.by-hand"), get("shmem-thp.by-hand"));
+        let thp_share = share("shmem-thp.pmd-bytes");
+        let gain = ratio(sthp, s4);
+        if let (Some(g), Some(t)) = (gain, thp_share) {
+            verdicts.push((size, g, t));
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} (THP {}) | {} | {} | {} | {} | {} |",
+            size_name(size),
+            show(memfd),
+            show(anon),
+            pct(share("anon-thp.pmd-bytes")),
+            fmt(ratio(memfd, anon)),
+            show(s4),
+            show(sthp),
+            pct(thp_share),
+            fmt(gain)
+        );
+    }
+    out.push('\n');
+    out.push_str(&shmem_conclusion(r, &verdicts));
+    Some(out)
+}
+
+/// The paragraph on THP-backed shmem, from (size, shmem THP ÷ 4K, THP
+/// share) of each size.
+fn shmem_conclusion(r: &Results, v: &[(u64, f64, f64)]) -> String {
+    let cost: Vec<String> = r
+        .sizes_of(SERVICE_THP, "memfd-4k.pin")
+        .into_iter()
+        .filter_map(|s| {
+            let m = r.median(SERVICE_THP, s, "memfd-4k.pin")?;
+            let a = r.median(SERVICE_THP, s, "anon-thp.pin")?;
+            (a > 0.0).then(|| format!("{:.2}× at {}", m / a, size_name(s)))
+        })
+        .collect();
+    let mut out = format!(
+        "**Conclusion.** What the daemon's 4 KiB memfd costs against the library's \
+         THP-backed anonymous region of the same size, to allocate, prefault, pin and \
+         prove: {}. ",
+        if cost.is_empty() {
+            "not measured".to_string()
+        } else {
+            cost.join(", ")
+        }
+    );
+    let large: Vec<&(u64, f64, f64)> = v.iter().filter(|(s, _, _)| *s >= 64 << 20).collect();
+    if large.is_empty() {
+        out.push_str(
+            "Shmem THP could not be measured in this guest (no `shmem_enabled`, or no \
+             figure at 64 MiB or more), so this run says nothing on whether the daemon \
+             should offer it.\n",
+        );
+        return out;
+    }
+    let each: Vec<String> = large
+        .iter()
+        .map(|(s, g, t)| {
+            format!(
+                "{g:.2}× the 4 KiB memfd's time at {} ({:.0} % in huge pages)",
+                size_name(*s),
+                100.0 * t
+            )
+        })
+        .collect();
+    let _ = write!(
+        out,
+        "The same memfd with shmem THP pinned in {}. ",
+        each.join(", ")
+    );
+    let worth = large
+        .iter()
+        .all(|(_, g, t)| *g <= SHMEM_THP_WORTH && *t >= 0.9);
+    if worth {
+        let _ = writeln!(
+            out,
+            "That is worth offering: the daemon should accept a request for THP-backed \
+             shmem (`MADV_HUGEPAGE` on its own mapping before the prefault) where the \
+             administrator set `shmem_enabled` to `advise`, and report the share that \
+             came in huge pages, since THP falls back to 4 KiB pages silently when no \
+             huge page is free and the pin then holds what it got. 4 KiB stays the \
+             default: it needs no system-wide setting, and hugetlb (2M) already gives \
+             huge pages from a reserved pool."
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "That is not enough to be worth a new kind of region (the rule: at most \
+             {SHMEM_THP_WORTH:.1}× with 90 % or more in huge pages at 64 MiB and up): the \
+             daemon should keep 4 KiB memfds and hugetlb (2M) pages, which come from a \
+             reserved pool and need no system-wide THP setting."
+        );
+    }
+    out
+}
+
 /// Everything `docs/benchmarks.md` is made of.
 pub struct Page<'a> {
     pub results: &'a Results,
@@ -339,9 +575,12 @@ pub fn markdown(p: &Page) -> String {
         "\nThe targets: pin-only (`pin_user` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
          the raw ioctl; one DMA mapping per region whatever its size; prefault with the \
          node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread for \
-         {} or more; no hinting faults or migrations attributable to numapin regions. \
+         {} or more; no hinting faults or migrations attributable to numapin regions; allocating \
+         through numapind within {SERVICE_FACTOR:.1}× the library pinning the same memfd \
+         in-process plus {:.0} ms. \
          `cargo xtask bench` exits non-zero and names each missed target.\n\n",
-        size_name(PREFAULT_MIN_SIZE)
+        size_name(PREFAULT_MIN_SIZE),
+        SERVICE_SLACK * 1e3
     );
 
     out.push_str("## Machine and VM\n\n");
@@ -429,6 +668,12 @@ pub fn markdown(p: &Page) -> String {
     out.push_str(&balance_table(r));
     out.push('\n');
 
+    if let Some(service) = service_section(r) {
+        out.push_str("## The pinning service\n\n");
+        out.push_str(&service);
+        out.push('\n');
+    }
+
     let _ = writeln!(
         out,
         "## Raw data\n\n[{}]({}): one line per figure (mode, size, metric, unit, samples, \
@@ -444,6 +689,10 @@ pub fn table_for_terminal(r: &Results) -> String {
     if r.balance("numapin.pages-moved").is_some() {
         out.push_str("### NUMA balancing\n\n");
         out.push_str(&balance_table(r));
+    }
+    if let Some(service) = service_section(r) {
+        out.push_str("\n### The pinning service\n\n");
+        out.push_str(&service);
     }
     out
 }
@@ -517,6 +766,13 @@ mod tests {
             "65535 × 2 MiB = 128.0 GiB",
             "| numapin (`mbind(MPOL_BIND)`, pinned) | 6 | 6 | -1 |",
             "[benchmarks/bench.csv](benchmarks/bench.csv)",
+            "| `service-latency.4K.64M` | met | 1.05x the library",
+            "## The pinning service",
+            "| 4K | 64M | 100 ms (100–100 ms) | 105 ms (105–105 ms) | 1.05× | 111 ms |",
+            "| 64K | 4K | 410 (400–420) | 205 |",
+            "| 64M | 100 ms (100–100 ms) | 50.00 ms (50.00–50.00 ms) (THP 100 %) | 2.00× |",
+            "**Requests per second**, 8 client processes at once, each with its own connection doing 40 allocate/release cycles",
+            "0.40× the 4 KiB memfd's time at 64M (100 % in huge pages). That is worth offering",
         ] {
             assert!(md.contains(want), "missing {want:?} in\n{md}");
         }
