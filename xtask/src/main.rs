@@ -69,6 +69,11 @@ enum Task {
         /// Stream each guest console to the terminal while it runs.
         #[arg(long)]
         console: bool,
+        /// Run only the scenarios whose name contains this, e.g.
+        /// `s.compaction` or `i.` (for iterating; the summary counts only
+        /// those).
+        #[arg(long, value_name = "TEXT")]
+        only: Option<String>,
     },
     /// Boot the VM and run `numapin demo` inside, streaming its output.
     Demo {
@@ -142,7 +147,8 @@ fn try_main() -> anyhow::Result<ExitCode> {
             vms,
             no_host_tests,
             console,
-        } => tasks::test(&vms, !no_host_tests, console),
+            only,
+        } => tasks::test(&vms, !no_host_tests, console, only.as_deref()),
         Task::Demo { kernel } => tasks::demo(kernel),
         Task::Bench {
             sizes,

@@ -60,7 +60,21 @@ impl Tally {
 }
 
 /// `cargo xtask test`: host tests, guest binaries, kernels, then each VM.
-pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCode> {
+pub fn test(
+    names: &[String],
+    host_tests: bool,
+    console: bool,
+    only: Option<&str>,
+) -> Result<ExitCode> {
+    if let Some(o) = only
+        && (o.is_empty() || o.contains(char::is_whitespace))
+    {
+        anyhow::bail!("--only {o:?}: give part of a scenario name, without spaces");
+    }
+    let env: Vec<String> = only
+        .map(|o| format!("NUMAPIN_ONLY={o}"))
+        .into_iter()
+        .collect();
     let start = Instant::now();
     let configs = select(names)?;
     ensure_packages(configs.iter().map(|c| c.kernel))?;
@@ -135,7 +149,7 @@ pub fn test(names: &[String], host_tests: bool, console: bool) -> Result<ExitCod
                 },
                 timeout: Some(timeout),
                 silence: Some(silence),
-                env: &[],
+                env: &env,
             })
         };
         let mut outcome = boot()?;
