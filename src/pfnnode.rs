@@ -130,22 +130,42 @@ impl BlockMap {
 }
 
 impl BlockMap {
+    /// The run of blocks holding frame `pfn` (of `page` bytes), as the
+    /// frames it spans, `[first, end)`, and its node.
+    fn run_of(&self, pfn: u64, page: u64) -> Option<(u64, u64, u32)> {
+        let block = pfn.checked_mul(page)? / self.block_bytes;
+        let i = self
+            .runs
+            .partition_point(|&(first, _, _)| first <= block)
+            .checked_sub(1)?;
+        let (first, n, node) = self.runs[i];
+        if block - first >= n {
+            return None;
+        }
+        // Frames per block; a block that is not a whole number of pages
+        // (never seen) gives a run of this frame alone.
+        let per = self.block_bytes / page;
+        if per == 0 || self.block_bytes % page != 0 {
+            return Some((pfn, pfn + 1, node));
+        }
+        let lo = first.checked_mul(per)?;
+        let hi = (first + n).saturating_mul(per);
+        Some((lo, hi, node))
+    }
+
     /// Counts the frames `pfns[0], pfns[stride], ..` that are not on
     /// `node`, and names the first: `(its index in the strided sequence,
-    /// its node)`. `None` if a frame is outside every block.
+    /// its node)`. `None` if a frame is outside every block. A frame in the
+    /// run of blocks of the frame before costs two compares (no division,
+    /// no search).
     fn off_node(&self, pfns: &[u64], stride: usize, page: u64, node: u32) -> Option<OffNode> {
         let mut out = OffNode::default();
-        let mut last: Option<(u64, u32)> = None;
+        // The run last found: its frames `[lo, hi)` and its node.
+        let (mut lo, mut hi, mut n) = (1u64, 0u64, 0u32);
         for (i, &pfn) in pfns.iter().step_by(stride.max(1)).enumerate() {
-            let block = pfn.checked_mul(page)? / self.block_bytes;
-            let n = match last {
-                Some((b, n)) if b == block => n,
-                _ => {
-                    let n = self.node_of(pfn, page)?;
-                    last = Some((block, n));
-                    n
-                }
-            };
+            if pfn < lo || pfn >= hi {
+                (lo, hi, n) = self.run_of(pfn, page)?;
+            }
             out.pages += 1;
             if n != node {
                 out.off += 1;
@@ -289,6 +309,42 @@ mod tests {
             })
         );
         assert_eq!(m.off_node(&[9 * per_block], 1, page, 0), None);
+    }
+
+    #[test]
+    fn counting_by_runs_agrees_with_each_frame_looked_up() {
+        let d = fake("8000000\n", &[(0, &[0, 1, 2, 3, 8]), (1, &[4, 5, 6, 7, 9])]);
+        let m = BlockMap::read(d.path()).unwrap();
+        let page = 4096;
+        let per_block = (128 << 20) / page;
+        // Frames at and around every block edge, up and down.
+        let mut frames = Vec::new();
+        for b in 0..10u64 {
+            for d in [0, 1, per_block - 1] {
+                frames.push(b * per_block + d);
+            }
+        }
+        let mut down = frames.clone();
+        down.reverse();
+        frames.extend(down);
+        for node in [0, 1] {
+            for stride in [1, 2, 3] {
+                let mut want = OffNode::default();
+                for (i, &f) in frames.iter().step_by(stride).enumerate() {
+                    let n = m.node_of(f, page).unwrap();
+                    want.pages += 1;
+                    if n != node {
+                        want.off += 1;
+                        want.first.get_or_insert((i, n));
+                    }
+                }
+                assert_eq!(m.off_node(&frames, stride, page, node), Some(want));
+            }
+        }
+        // A frame in the hole after the last block ends the count.
+        let mut holed = frames.clone();
+        holed.push(10 * per_block);
+        assert_eq!(m.off_node(&holed, 1, page, 0), None);
     }
 
     #[test]

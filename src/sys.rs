@@ -191,7 +191,36 @@ pub fn set_thread_affinity(cpus: &[u32]) -> io::Result<()> {
 
 /// Reads a `kB` field (e.g. `VmLck`) from `/proc/self/status`, in bytes.
 pub fn proc_status_kb(field: &str) -> io::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+    use std::io::Read;
+    // One read into a buffer on the stack (the text is about 1.5 KiB): the
+    // kernel writes the whole file at the first read, so a larger one
+    // only spills into a heap buffer.
+    let mut f = std::fs::File::open("/proc/self/status")?;
+    let mut buf = [0u8; 8192];
+    let mut filled = 0;
+    let mut spill = Vec::new();
+    loop {
+        match f.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                filled += n;
+                if filled == buf.len() {
+                    spill.extend_from_slice(&buf);
+                    f.read_to_end(&mut spill)?;
+                    filled = 0;
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let bytes = if spill.is_empty() {
+        &buf[..filled]
+    } else {
+        &spill[..]
+    };
+    let status = String::from_utf8_lossy(bytes);
     parse_status_kb(&status, field).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
