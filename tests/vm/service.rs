@@ -343,24 +343,32 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
     );
     // An outside attack: move the client's pages to node 0.
     let control = control_region(ctx.away, 4 << 20)?;
-    let moved_control = e(
-        numapin::sys::move_pages(
-            std::process::id() as i32,
-            &(0..control.len())
-                .step_by(4096)
-                .map(|o| control.addr() + o)
-                .collect::<Vec<_>>(),
-            Some(&vec![ctx.home.0 as i32; control.len() / 4096]),
-            &mut vec![0; control.len() / 4096],
-        ),
-        "move control",
-    );
-    moved_control?;
-    let ctl = e(
-        numapin::numa::nodes_of(control.addr(), control.len(), 4096),
-        "control nodes",
-    )?;
-    let ctl_moved = on_node(&ctl, ctx.home);
+    // move_pages is best effort (a page busy at that moment stays): ask
+    // the control up to three times, 100 ms apart.
+    let mut ctl_moved = 0;
+    for _ in 0..3 {
+        e(
+            numapin::sys::move_pages(
+                std::process::id() as i32,
+                &(0..control.len())
+                    .step_by(4096)
+                    .map(|o| control.addr() + o)
+                    .collect::<Vec<_>>(),
+                Some(&vec![ctx.home.0 as i32; control.len() / 4096]),
+                &mut vec![0; control.len() / 4096],
+            ),
+            "move control",
+        )?;
+        let ctl = e(
+            numapin::numa::nodes_of(control.addr(), control.len(), 4096),
+            "control nodes",
+        )?;
+        ctl_moved = on_node(&ctl, ctx.home);
+        if ctl_moved > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ensure!(
         ctl_moved > 0,
         "the unpinned control did not move: the attack proves nothing"
