@@ -344,9 +344,11 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
     // An outside attack: move the client's pages to node 0.
     let control = control_region(ctx.away, 4 << 20)?;
     // move_pages is best effort (a page busy at that moment stays): ask
-    // the control up to three times, 100 ms apart.
+    // the control up to ten times, 200 ms apart, keeping the kernel's
+    // per-page answers for the error.
     let mut ctl_moved = 0;
-    for _ in 0..3 {
+    let mut status = vec![0i32; control.len() / 4096];
+    for _ in 0..10 {
         e(
             numapin::sys::move_pages(
                 std::process::id() as i32,
@@ -355,7 +357,7 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
                     .map(|o| control.addr() + o)
                     .collect::<Vec<_>>(),
                 Some(&vec![ctx.home.0 as i32; control.len() / 4096]),
-                &mut vec![0; control.len() / 4096],
+                &mut status,
             ),
             "move control",
         )?;
@@ -367,11 +369,17 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
         if ctl_moved > 0 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for st in &status {
+        *counts.entry(*st).or_insert(0) += 1;
     }
     ensure!(
         ctl_moved > 0,
-        "the unpinned control did not move: the attack proves nothing"
+        "the unpinned control did not move in 10 asks (last per-page answers, node or -errno: {counts:?}; node {} MemFree {} kB): the attack proves nothing",
+        ctx.home,
+        node_mem_free_kb(ctx.home)
     );
     let _ = move_pid_range(h.pid(), vaddr, LEN, ctx.home)?;
     let nodes = nodes_of_pid(h.pid(), vaddr, LEN, page)?;
