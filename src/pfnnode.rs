@@ -94,13 +94,7 @@ impl BlockMap {
     /// The node of the frame `pfn` (of `page` bytes), if a known block
     /// holds it.
     pub(crate) fn node_of(&self, pfn: u64, page: u64) -> Option<u32> {
-        let block = pfn.checked_mul(page)? / self.block_bytes;
-        let i = self
-            .runs
-            .partition_point(|&(first, _, _)| first <= block)
-            .checked_sub(1)?;
-        let (first, n, node) = self.runs[i];
-        (block - first < n).then_some(node)
+        self.run_of(pfn, page).map(|(_, _, node)| node)
     }
 
     /// The node of every frame, or `None` if one is outside every block.
