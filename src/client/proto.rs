@@ -83,6 +83,21 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The operation's name on the wire (`allocate`, `release`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello { .. } => "hello",
+            Op::Allocate(_) => "allocate",
+            Op::Release { .. } => "release",
+            Op::Verify { .. } => "verify",
+            Op::Status => "status",
+            Op::Inspect { .. } => "inspect",
+            Op::SelftestDma { .. } => "selftest-dma",
+        }
+    }
+}
+
 /// What to allocate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocate {
@@ -427,6 +442,9 @@ mod tests {
         for r in reqs {
             let bytes = encode(&r);
             assert_eq!(decode_request(&bytes).unwrap(), r);
+            // The name the daemon logs is the wire's tag.
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(v["op"], r.op.name());
         }
     }
 

@@ -48,13 +48,28 @@ const DEFAULT_CONFIG: &str = "/etc/numapin/numapind.toml";
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    init_log();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("numapind: error: {e}");
+            log::error!("{e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// The log on stderr (the journal under systemd): `info` and up unless
+/// `RUST_LOG` says otherwise (`RUST_LOG=debug` adds a line per request
+/// with its timing). Lines read `numapind: message`, with the level
+/// before the message when it is not `info`.
+fn init_log() {
+    use std::io::Write as _;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|f, r| match r.level() {
+            log::Level::Info => writeln!(f, "numapind: {}", r.args()),
+            l => writeln!(f, "numapind: {}: {}", l.as_str().to_lowercase(), r.args()),
+        })
+        .init();
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -63,14 +78,14 @@ fn run(args: Args) -> Result<(), String> {
         None => (PathBuf::from(DEFAULT_CONFIG), true),
     };
     let config = config::Config::load(&config_path, optional)?;
-    eprintln!("numapind: config from {}", config.source);
+    log::info!("config from {}", config.source);
     // Block the signals before any thread starts: every thread inherits
     // the mask, and only the signal thread takes them.
     let set = server::block_signals()?;
     let mut devices = Vec::new();
     for d in &args.device {
         let p = Pinner::open(d).map_err(|e| format!("open {d}: {e}"))?;
-        eprintln!("numapind: serving {d} ({})", p.kind().name());
+        log::info!("serving {d} ({})", p.kind().name());
         devices.push((d.clone(), p));
     }
     let listener = listener(&args)?;
@@ -83,14 +98,14 @@ fn run(args: Args) -> Result<(), String> {
     ));
     server::spawn_signal_thread(shared.clone(), set);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    eprintln!("numapind: ready (pid {})", std::process::id());
+    log::info!("ready (pid {})", std::process::id());
     server::accept_loop(&shared, listener.as_fd());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shared.wait_for_connections();
     if !args.socket.as_os_str().is_empty() && !server::ACTIVATED.load(Ordering::Relaxed) {
         let _ = std::fs::remove_file(&args.socket);
     }
-    eprintln!("numapind: stopped, every region released");
+    log::info!("stopped, every region released");
     Ok(())
 }
 
@@ -100,7 +115,7 @@ fn listener(args: &Args) -> Result<OwnedFd, String> {
         .map_err(|e| format!("LISTEN_FDS: {e}"))?
         .collect();
     if let Some(&fd) = fds.first() {
-        eprintln!("numapind: socket activation: listening on fd {fd}");
+        log::info!("socket activation: listening on fd {fd}");
         server::ACTIVATED.store(true, Ordering::Relaxed);
         // SAFETY: systemd passed the fd to this process to own.
         return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -121,6 +136,6 @@ fn listener(args: &Args) -> Result<OwnedFd, String> {
     }
     let fd = wire::listen(path, 64).map_err(|e| format!("listen on {}: {e}", path.display()))?;
     server::set_socket_owner(path, args.socket_group.as_deref())?;
-    eprintln!("numapind: listening on {}", path.display());
+    log::info!("listening on {}", path.display());
     Ok(fd)
 }

@@ -123,10 +123,10 @@ impl Shared {
     fn reload(&self) {
         match Config::load(&self.config_path, self.config_optional) {
             Ok(c) => {
-                eprintln!("numapind: SIGHUP: config reloaded from {}", c.source);
+                log::info!("SIGHUP: config reloaded from {}", c.source);
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
             }
-            Err(e) => eprintln!("numapind: SIGHUP: {e}; keeping the old config"),
+            Err(e) => log::error!("SIGHUP: {e}; keeping the old config"),
         }
     }
 }
@@ -161,7 +161,7 @@ pub fn spawn_signal_thread(shared: Arc<Shared>, set: libc::sigset_t) {
             if sig == libc::SIGHUP {
                 shared.reload();
             } else {
-                eprintln!("numapind: signal {sig}: shutting down");
+                log::info!("signal {sig}: shutting down");
                 shared.shutdown.store(true, Ordering::SeqCst);
                 return;
             }
@@ -212,7 +212,7 @@ pub fn accept_loop(shared: &Arc<Shared>, listener: BorrowedFd<'_>) {
         let sock = match wire::accept(listener) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("numapind: accept: {e}");
+                log::warn!("accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }

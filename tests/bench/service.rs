@@ -312,6 +312,13 @@ struct Cell {
     lib_release: Vec<Duration>,
     svc_alloc: Vec<Duration>,
     svc_release: Vec<Duration>,
+    /// The daemon's own times (its debug log): the library pin inside it,
+    /// and the request from its arrival to the reply sent.
+    daemon_pin: Vec<Duration>,
+    daemon_answer: Vec<Duration>,
+    /// A second `MAP_POPULATE` mapping of the region's memfd: what the
+    /// client's own mapping costs inside `allocate`.
+    map_populate: Vec<Duration>,
     anon_thp: Vec<Duration>,
     shmem_4k: Vec<Duration>,
     shmem_thp: Vec<Duration>,
@@ -402,8 +409,9 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
             }
         }
         // --- The same through the daemon. ---
-        let d = daemon::start(&ctx.bdf, &config, files)?;
+        let d = daemon::start_debug(&ctx.bdf, &config, files)?;
         let client = e(Client::connect(&d.socket), "connect")?;
+        let log_from = std::fs::metadata(&files.log).map_or(0, |m| m.len());
         for ((ps, size), cell) in cells.iter_mut() {
             for i in 0..=rounds(*size) {
                 let t = Instant::now();
@@ -419,15 +427,18 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
                 let a = t.elapsed();
                 // SAFETY: inside the client's mapping.
                 unsafe { std::ptr::write_volatile(r.as_ptr(), i as u8) };
+                let m = map_populate(r.memfd(), r.len())?;
                 let t = Instant::now();
                 e(r.release(), "release through numapind")?;
                 let rd = t.elapsed();
                 if i > 0 {
                     cell.svc_alloc.push(a);
                     cell.svc_release.push(rd);
+                    cell.map_populate.push(m);
                 }
             }
         }
+        daemon_times(&files.log, log_from, &mut cells)?;
         if block == 1 {
             throughput(out, &d, ctx.home.0)?;
         }
@@ -443,11 +454,23 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
         out.measure(m, size, "library.release", "s", &secs(&cell.lib_release));
         out.measure(m, size, "service.allocate", "s", &secs(&cell.svc_alloc));
         out.measure(m, size, "service.release", "s", &secs(&cell.svc_release));
+        out.measure(m, size, "daemon.pin", "s", &secs(&cell.daemon_pin));
+        out.measure(m, size, "daemon.answer", "s", &secs(&cell.daemon_answer));
+        out.measure(
+            m,
+            size,
+            "client.map-populate",
+            "s",
+            &secs(&cell.map_populate),
+        );
         summary.push(format!(
-            "{} {}: service {:.2} ms / library {:.2} ms",
+            "{} {}: service {:.2} ms (daemon pin {:.2}, answer {:.2}, map {:.2}) / library {:.2} ms",
             m,
             size_name(size),
             median(&cell.svc_alloc) * 1e3,
+            median(&cell.daemon_pin) * 1e3,
+            median(&cell.daemon_answer) * 1e3,
+            median(&cell.map_populate) * 1e3,
             median(&cell.lib_pin) * 1e3
         ));
         if *ps != PageSize::Base {
@@ -489,6 +512,78 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
         }
     }
     Ok(summary.join("; "))
+}
+
+/// A `MAP_POPULATE` shared mapping of `fd` (`len` bytes), timed from the
+/// call to its return, then unmapped.
+fn map_populate(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> Result<Duration, String> {
+    let t = Instant::now();
+    // SAFETY: a fresh mapping at a kernel-chosen address, unmapped below
+    // and never touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    let d = t.elapsed();
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(p, len as usize) };
+    Ok(d)
+}
+
+/// The milliseconds after `key` in `line` (`… key 1.234 ms …`).
+fn ms_after(line: &str, key: &str) -> Option<Duration> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let v: f64 = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(v / 1e3))
+}
+
+/// Reads the daemon's debug lines from byte `from` of its log: one
+/// `pinned in` and one `allocate: answered in` line per allocation, in
+/// the order of the latency loop (warm-up rounds included, dropped here
+/// as there).
+fn daemon_times(
+    log: &Path,
+    from: u64,
+    cells: &mut [((PageSize, u64), Cell)],
+) -> Result<(), String> {
+    let text = e(std::fs::read(log), "read the daemon log")?;
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let pins: Vec<Duration> = text
+        .lines()
+        .filter_map(|l| ms_after(l, "pinned in"))
+        .collect();
+    let answers: Vec<Duration> = text
+        .lines()
+        .filter_map(|l| ms_after(l, "allocate: answered in"))
+        .collect();
+    let want: usize = cells.iter().map(|((_, size), _)| rounds(*size) + 1).sum();
+    if pins.len() != want || answers.len() != want {
+        return Err(format!(
+            "the daemon log has {} pin and {} answer lines for {want} allocations",
+            pins.len(),
+            answers.len()
+        ));
+    }
+    let mut k = 0;
+    for ((_, size), cell) in cells.iter_mut() {
+        for i in 0..=rounds(*size) {
+            if i > 0 {
+                cell.daemon_pin.push(pins[k]);
+                cell.daemon_answer.push(answers[k]);
+            }
+            k += 1;
+        }
+    }
+    Ok(())
 }
 
 /// SIGTERM, and a clean exit within 30 s.

@@ -100,12 +100,24 @@ pub fn launch(
 /// Starts numapind on `device` with the config file `config`, listening
 /// on `files.socket`.
 pub fn start(device: &str, config: &Path, files: &Files) -> Result<Daemon, String> {
+    launch(command(device, config, files), files, 60, |_| Ok(None))
+}
+
+/// [`start`] with `RUST_LOG=debug`: the log gets a line per request with
+/// its timing (the bench reads them).
+pub fn start_debug(device: &str, config: &Path, files: &Files) -> Result<Daemon, String> {
+    let mut cmd = command(device, config, files);
+    cmd.env("RUST_LOG", "debug");
+    launch(cmd, files, 60, |_| Ok(None))
+}
+
+fn command(device: &str, config: &Path, files: &Files) -> Command {
     let mut cmd = Command::new(sibling("numapind"));
     cmd.args(["--device", device, "--config"])
         .arg(config)
         .arg("--socket")
         .arg(&files.socket);
-    launch(cmd, files, 60, |_| Ok(None))
+    cmd
 }
 
 impl Daemon {

@@ -102,7 +102,9 @@ impl Conn<'_> {
             backing: Backing::Memfd,
             ..PinRequest::new(NodeId(node), size)
         };
+        let started = std::time::Instant::now();
         let pinned = pinner.pin(&req);
+        let pin_time = started.elapsed();
         let mut s = self.shared.state();
         if page_size == PageSize::Base {
             if let Some(p) = s.pending.get_mut(&node) {
@@ -170,6 +172,13 @@ impl Conn<'_> {
             },
         );
         drop(s);
+        log::debug!(
+            "pid {} region {id}: {} on node {node} pinned in {:.3} ms, ready to send in {:.3} ms",
+            self.pid,
+            numapin::addr::human_size(size),
+            pin_time.as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         self.regions.insert(id, Held { region, node, dev });
         Ok((info, fd))
     }

@@ -55,17 +55,14 @@ impl Conn<'_> {
         let (pid, uid, gid) = match wire::peer_cred(sock.as_fd()) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("numapind: SO_PEERCRED: {e}");
+                log::warn!("SO_PEERCRED: {e}");
                 return;
             }
         };
         let groups = wire::peer_groups(sock.as_fd()).unwrap_or_default();
         let config = shared.config();
         if !config.allows(uid, gid, &groups) {
-            eprintln!(
-                "numapind: refused uid {uid} (pid {pid}): not in {}",
-                config.source
-            );
+            log::warn!("refused uid {uid} (pid {pid}): not in {}", config.source);
             refuse(
                 sock.as_fd(),
                 error(
@@ -101,10 +98,7 @@ impl Conn<'_> {
         let ids: Vec<u64> = c.regions.keys().copied().collect();
         for r in ids {
             if let Err(e) = c.release(r) {
-                eprintln!(
-                    "numapind: releasing region {r} of pid {}: {}",
-                    c.pid, e.message
-                );
+                log::error!("releasing region {r} of pid {}: {}", c.pid, e.message);
             }
         }
     }
@@ -164,6 +158,8 @@ impl Conn<'_> {
                     continue;
                 }
             };
+            let started = std::time::Instant::now();
+            let what = req.op.name();
             let (result, fd, close) = self.handle(req.op);
             let mut m = Message::Reply { id: req.id, result };
             if proto::encode(&m).len() > proto::MAX_REPLY {
@@ -180,6 +176,11 @@ impl Conn<'_> {
             if wire::send(self.sock.as_fd(), &proto::encode(&m), &fds).is_err() {
                 return;
             }
+            log::debug!(
+                "pid {} {what}: answered in {:.3} ms",
+                self.pid,
+                started.elapsed().as_secs_f64() * 1e3
+            );
             if close {
                 return;
             }
