@@ -11,8 +11,9 @@
 //!   anonymous region, and what a THP-backed shmem memfd would give.
 //!
 //! The library and the daemon cannot hold the device at once, so the
-//! library's rounds and the daemon's run in alternating blocks (two of
-//! each), which spreads the VM's slow and fast spells over both.
+//! library's rounds and the daemon's run in alternating blocks
+//! ([`BLOCKS`] of each), which spreads the VM's slow and fast spells over
+//! both.
 
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -54,16 +55,13 @@ regions = 64
 default = "64M"
 "#;
 
-/// Timed rounds per block (two blocks each for the library and the
-/// daemon); one more untimed round warms up each block.
+/// Blocks each for the library and the daemon, alternating: the VM's
+/// slow and fast spells (the host is shared) fall on both.
+const BLOCKS: usize = 4;
+
+/// Timed rounds per block; one more untimed round warms up each block.
 fn rounds(size: u64) -> usize {
-    if size <= 2 << 20 {
-        8
-    } else if size <= 64 << 20 {
-        4
-    } else {
-        3
-    }
+    if size <= 2 << 20 { 4 } else { 2 }
 }
 
 /// The figures' mode for a page size: `service.4K`, `service.2M`.
@@ -314,8 +312,12 @@ struct Cell {
     svc_release: Vec<Duration>,
     /// The daemon's own times (its debug log): the library pin inside it,
     /// and the request from its arrival to the reply sent.
+    daemon_checks: Vec<Duration>,
     daemon_pin: Vec<Duration>,
+    daemon_ready: Vec<Duration>,
+    daemon_handled: Vec<Duration>,
     daemon_answer: Vec<Duration>,
+    reply_bytes: Vec<f64>,
     /// A second `MAP_POPULATE` mapping of the region's memfd: what the
     /// client's own mapping costs inside `allocate`.
     map_populate: Vec<Duration>,
@@ -363,7 +365,7 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
     let config = dir.join("numapind.toml");
     e(std::fs::write(&config, CONFIG), "write the daemon config")?;
 
-    for block in 0..2 {
+    for block in 0..BLOCKS {
         // --- The library in this process. ---
         {
             let pinner = e(Pinner::open(&ctx.bdf), "Pinner::open")?;
@@ -439,7 +441,7 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
             }
         }
         daemon_times(&files.log, log_from, &mut cells)?;
-        if block == 1 {
+        if block == BLOCKS - 1 {
             throughput(out, &d, ctx.home.0)?;
         }
         drop(client);
@@ -454,8 +456,18 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
         out.measure(m, size, "library.release", "s", &secs(&cell.lib_release));
         out.measure(m, size, "service.allocate", "s", &secs(&cell.svc_alloc));
         out.measure(m, size, "service.release", "s", &secs(&cell.svc_release));
+        out.measure(m, size, "daemon.checks", "s", &secs(&cell.daemon_checks));
         out.measure(m, size, "daemon.pin", "s", &secs(&cell.daemon_pin));
+        out.measure(
+            m,
+            size,
+            "daemon.pin-to-reply",
+            "s",
+            &secs(&cell.daemon_ready),
+        );
+        out.measure(m, size, "daemon.handled", "s", &secs(&cell.daemon_handled));
         out.measure(m, size, "daemon.answer", "s", &secs(&cell.daemon_answer));
+        out.measure(m, size, "daemon.reply", "bytes", &cell.reply_bytes);
         out.measure(
             m,
             size,
@@ -464,12 +476,16 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
             &secs(&cell.map_populate),
         );
         summary.push(format!(
-            "{} {}: service {:.2} ms (daemon pin {:.2}, answer {:.2}, map {:.2}) / library {:.2} ms",
+            "{} {}: service {:.2} ms (daemon checks {:.2}, pin {:.2}, reply ready {:.2}, handled {:.2}, answer {:.2}, reply {} B, map {:.2}) / library {:.2} ms",
             m,
             size_name(size),
             median(&cell.svc_alloc) * 1e3,
+            median(&cell.daemon_checks) * 1e3,
             median(&cell.daemon_pin) * 1e3,
+            median(&cell.daemon_ready) * 1e3,
+            median(&cell.daemon_handled) * 1e3,
             median(&cell.daemon_answer) * 1e3,
+            cell.reply_bytes.iter().copied().fold(0.0, f64::max),
             median(&cell.map_populate) * 1e3,
             median(&cell.lib_pin) * 1e3
         ));
@@ -557,13 +573,29 @@ fn daemon_times(
 ) -> Result<(), String> {
     let text = e(std::fs::read(log), "read the daemon log")?;
     let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
-    let pins: Vec<Duration> = text
+    // (checked, pinned, ready) from the pin lines; (answered, handled,
+    // reply bytes) from the answer lines.
+    let pins: Vec<(Duration, Duration, Duration)> = text
         .lines()
-        .filter_map(|l| ms_after(l, "pinned in"))
+        .filter_map(|l| {
+            Some((
+                ms_after(l, "checked in")?,
+                ms_after(l, "pinned in")?,
+                ms_after(l, "ready to send in")?,
+            ))
+        })
         .collect();
-    let answers: Vec<Duration> = text
+    let answers: Vec<(Duration, Duration, f64)> = text
         .lines()
-        .filter_map(|l| ms_after(l, "allocate: answered in"))
+        .filter(|l| l.contains("allocate: answered in"))
+        .filter_map(|l| {
+            let bytes = l.rsplit("a ").next()?.split('-').next()?.parse().ok()?;
+            Some((
+                ms_after(l, "answered in")?,
+                ms_after(l, "handled in")?,
+                bytes,
+            ))
+        })
         .collect();
     let want: usize = cells.iter().map(|((_, size), _)| rounds(*size) + 1).sum();
     if pins.len() != want || answers.len() != want {
@@ -577,8 +609,12 @@ fn daemon_times(
     for ((_, size), cell) in cells.iter_mut() {
         for i in 0..=rounds(*size) {
             if i > 0 {
-                cell.daemon_pin.push(pins[k]);
-                cell.daemon_answer.push(answers[k]);
+                cell.daemon_checks.push(pins[k].0);
+                cell.daemon_pin.push(pins[k].1);
+                cell.daemon_ready.push(pins[k].2);
+                cell.daemon_answer.push(answers[k].0);
+                cell.daemon_handled.push(answers[k].1);
+                cell.reply_bytes.push(answers[k].2);
             }
             k += 1;
         }

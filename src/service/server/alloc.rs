@@ -9,6 +9,7 @@ impl Conn<'_> {
         &mut self,
         a: &Allocate,
     ) -> Result<(proto::Allocated, OwnedFd), ErrorBody> {
+        let checks_started = std::time::Instant::now();
         let dev = self.device(a.device.as_deref())?;
         let (dev_name, pinner) = &self.shared.devices[dev];
         let page_size = PageSize::ALL
@@ -105,6 +106,7 @@ impl Conn<'_> {
         let started = std::time::Instant::now();
         let pinned = pinner.pin(&req);
         let pin_time = started.elapsed();
+        let checked = checks_started.elapsed() - pin_time;
         let mut s = self.shared.state();
         if page_size == PageSize::Base {
             if let Some(p) = s.pending.get_mut(&node) {
@@ -173,9 +175,10 @@ impl Conn<'_> {
         );
         drop(s);
         log::debug!(
-            "pid {} region {id}: {} on node {node} pinned in {:.3} ms, ready to send in {:.3} ms",
+            "pid {} region {id}: {} on node {node} checked in {:.3} ms, pinned in {:.3} ms, ready to send in {:.3} ms",
             self.pid,
             numapin::addr::human_size(size),
+            checked.as_secs_f64() * 1e3,
             pin_time.as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3
         );

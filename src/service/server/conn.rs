@@ -161,25 +161,29 @@ impl Conn<'_> {
             let started = std::time::Instant::now();
             let what = req.op.name();
             let (result, fd, close) = self.handle(req.op);
-            let mut m = Message::Reply { id: req.id, result };
-            if proto::encode(&m).len() > proto::MAX_REPLY {
-                m = Message::Reply {
+            let handled = started.elapsed();
+            let mut bytes = proto::encode(&Message::Reply { id: req.id, result });
+            if bytes.len() > proto::MAX_REPLY {
+                bytes = proto::encode(&Message::Reply {
                     id: req.id,
                     result: Outcome::Error(error(
                         ErrorKind::Internal,
                         format!("the reply is over the {}-byte limit", proto::MAX_REPLY),
                         "report this to numapin's developers",
                     )),
-                };
+                });
             }
             let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-            if wire::send(self.sock.as_fd(), &proto::encode(&m), &fds).is_err() {
+            if wire::send(self.sock.as_fd(), &bytes, &fds).is_err() {
                 return;
             }
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             log::debug!(
-                "pid {} {what}: answered in {:.3} ms",
+                "pid {} {what}: answered in {:.3} ms (handled in {:.3} ms, a {}-byte reply)",
                 self.pid,
-                started.elapsed().as_secs_f64() * 1e3
+                ms(started.elapsed()),
+                ms(handled),
+                bytes.len()
             );
             if close {
                 return;
