@@ -310,6 +310,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\n# /etc/numapin/numapind.toml")
+            .expect("the README shows a numapind.toml")
+            + "```toml\n".len();
+        let text = &readme[start..];
+        let text = &text[..text.find("```").expect("the block ends")];
+        let c = Config::parse(text, &ids()).unwrap();
+        assert!(c.allows(1001, 1001, &[]) && c.allows(1002, 1002, &[]));
+        assert!(c.phys(1001));
+        assert_eq!(c.quota(1001).bytes_per_node, 8 << 30);
+        assert_eq!(c.quota(1000).bytes_per_node, 2 << 30);
+        assert_eq!((c.floor(0), c.floor(1)), (64 << 20, 1 << 30));
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let e = Config::parse("users = [\"nobody-here\"]", &ids()).unwrap_err();
         assert!(e.contains("nobody-here"), "{e}");
