@@ -206,6 +206,19 @@ pub(crate) trait IovaMapper: Send + Sync {
             let _ = a.lock().unwrap_or_else(|p| p.into_inner()).free(iova);
         }
     }
+
+    /// Marks `[iova, iova+len)` used after [`IovaMapper::resume_vaddr`]
+    /// adopted a mapping from before an exec, so the allocator never hands
+    /// it out. A range outside the allocator's is logged, not refused: the
+    /// kernel already holds the mapping.
+    fn reserve_resumed(&self, iova: Iova, len: u64) {
+        if let Some(a) = self.allocator() {
+            let mut a = a.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = a.reserve(iova, len) {
+                log::warn!("resumed mapping {iova}+{len:#x} outside numapin's allocator: {e}");
+            }
+        }
+    }
 }
 
 /// The mapper of a device in VFIO no-IOMMU mode: it has no IOVAs, the

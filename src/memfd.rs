@@ -25,8 +25,15 @@ use crate::addr::PageSize;
 use crate::error::{Error, Result};
 
 /// Creates the sealed memfd of `len` bytes of `page_size` pages and maps it
-/// shared, read-write. Returns the mapping and the fd.
-pub(crate) fn map_sealed(len: usize, page_size: PageSize) -> Result<(*mut libc::c_void, OwnedFd)> {
+/// shared, read-write. Returns the mapping's address and the fd; the
+/// caller owns both and unmaps the mapping (`munmap(addr, len)`) when done
+/// (`Backing::Memfd` regions do so on release).
+///
+/// # Errors
+/// [`Error::Sys`] naming the call that failed: `memfd_create` (hugetlb
+/// memfds need a pool of that page size), `ftruncate`, `F_ADD_SEALS`,
+/// `mmap`. Nothing is left open on error.
+pub fn map_sealed(len: usize, page_size: PageSize) -> Result<(*mut libc::c_void, OwnedFd)> {
     let fd = create(len, page_size)?;
     // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
     // address aliases nothing.

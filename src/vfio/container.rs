@@ -409,11 +409,7 @@ impl IovaMapper for Type1Container {
                 e,
             )
         })?;
-        // The IOVA is in use again: keep the allocator from handing it out.
-        let mut a = self.iova.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = a.reserve(iova, len) {
-            log::warn!("resumed mapping {iova}+{len:#x} outside numapin's allocator: {e}");
-        }
+        self.reserve_resumed(iova, len);
         Ok(())
     }
 

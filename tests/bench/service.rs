@@ -16,7 +16,7 @@
 //! both.
 
 use std::io::{BufRead, BufReader, Write as _};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,39 +191,10 @@ fn by_hand(
     let len = size as usize;
     let pmd0 = pmd_bytes("ShmemPmdMapped");
     let t = Instant::now();
-    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-    // SAFETY: a valid name; the kernel returns a new fd.
-    let raw = unsafe { libc::memfd_create(c"numapin-bench".as_ptr(), flags) };
-    if raw < 0 {
-        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a new fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: ftruncate and fcntl on our own fd.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0
-        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0
-    {
-        return Err(format!(
-            "size and seal the memfd: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a fresh shared mapping of our memfd; unmapped below, only
-    // raw accesses and system calls touch it.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
-    }
+    let (p, fd) = e(
+        numapin::memfd::map_sealed(len, PageSize::Base),
+        "a sealed memfd",
+    )?;
     let unmap = || {
         // SAFETY: the mapping made above, no longer pinned or used.
         unsafe { libc::munmap(p, len) };
