@@ -447,7 +447,7 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
             &secs(&cell.map_populate),
         );
         summary.push(format!(
-            "{} {}: service {:.2} ms (daemon checks {:.2}, pin {:.2}, reply ready {:.2}, handled {:.2}, answer {:.2}, reply {} B, map {:.2}) / library {:.2} ms",
+            "{} {}: service {:.2} ms (daemon checks {:.2}, pin {:.2}, pin to reply {:.2}, handled {:.2}, answer {:.2}, reply {} B, map {:.2}) / library {:.2} ms",
             m,
             size_name(size),
             median(&cell.svc_alloc) * 1e3,
@@ -582,7 +582,8 @@ fn daemon_times(
             if i > 0 {
                 cell.daemon_checks.push(pins[k].0);
                 cell.daemon_pin.push(pins[k].1);
-                cell.daemon_ready.push(pins[k].2);
+                // From the pin's end to the reply ready.
+                cell.daemon_ready.push(pins[k].2.saturating_sub(pins[k].1));
                 cell.daemon_answer.push(answers[k].0);
                 cell.daemon_handled.push(answers[k].1);
                 cell.reply_bytes.push(answers[k].2);

@@ -339,8 +339,8 @@ pub fn service_section(r: &Results) -> Option<String> {
          **Release**: unmap, the request and its reply. The library figure is what the \
          daemon calls, in this process: `Pinner::pin` with `Backing::Memfd`, \
          `Proof::Full` and the node, then `release`. The library and the daemon cannot \
-         hold the device at once, so they ran in alternating blocks (library, daemon, \
-         library, daemon). Target: allocate within {SERVICE_FACTOR:.1}× the library plus \
+         hold the device at once, so they ran in alternating blocks (four of each, the \
+         daemon started afresh for each of its blocks). Target: allocate within {SERVICE_FACTOR:.1}× the library plus \
          {:.0} ms. Medians, min–max in brackets.\n\n\
          | pages | size | library `pin` | numapind allocate | ratio | limit | library `release` | numapind release | ratio |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
@@ -373,6 +373,8 @@ pub fn service_section(r: &Results) -> Option<String> {
             );
         }
     }
+
+    out.push_str(&service_breakdown(r));
 
     let clients = r.median(SERVICE_THROUGHPUT, 0, "clients").unwrap_or(0.0);
     let cycles = r
@@ -693,6 +695,50 @@ pub fn table_for_terminal(r: &Results) -> String {
     if let Some(service) = service_section(r) {
         out.push_str("\n### The pinning service\n\n");
         out.push_str(&service);
+    }
+    out
+}
+
+/// Where numapind's allocate goes: the daemon's own times (its debug log)
+/// and the client's mapping, medians of the same rounds as the latency
+/// table.
+fn service_breakdown(r: &Results) -> String {
+    let mut out = String::from(
+        "\n**Where the time goes.** From numapind's debug log (`RUST_LOG=debug`): the \
+         checks before the pin (quota, the floor's read of the node's `MemFree`), the \
+         library pin inside the daemon, from the pin to the reply ready (the PFN \
+         snapshot as extents, the region's entry), the request handled, and the reply \
+         sent (JSON encoding, `sendmsg` with the memfd); then, in the client, a second \
+         `MAP_POPULATE` mapping of the region's memfd timed alone (what the client's own \
+         mapping inside allocate costs), and the rest of allocate (the client's \
+         request, receive, decode, and its mapping). Medians.\n\n\
+         | pages | size | checks | daemon pin | pin to reply | handled | sent | reply bytes | client `MAP_POPULATE` | client rest |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for mode in SERVICE_MODES {
+        let page = mode.trim_start_matches("service.");
+        for size in r.sizes_of(mode, "daemon.pin") {
+            let m = |k: &str| r.median(mode, size, k);
+            let ms = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:.2} ms", v * 1e3));
+            let rest = match (m("service.allocate"), m("daemon.answer")) {
+                (Some(a), Some(d)) => Some(a - d),
+                _ => None,
+            };
+            let _ = writeln!(
+                out,
+                "| {page} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                size_name(size),
+                ms(m("daemon.checks")),
+                ms(m("daemon.pin")),
+                ms(m("daemon.pin-to-reply")),
+                ms(m("daemon.handled")),
+                ms(m("daemon.answer")),
+                r.get(mode, size, "daemon.reply")
+                    .map_or("–".into(), |f| format!("{:.0}", f.max)),
+                ms(m("client.map-populate")),
+                ms(rest)
+            );
+        }
     }
     out
 }
