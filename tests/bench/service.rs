@@ -411,7 +411,7 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
                 }
             }
         }
-        daemon_times(&files.log, log_from, &mut cells)?;
+        daemon_times(out, block, &files.log, log_from, &mut cells)?;
         if block == BLOCKS - 1 {
             throughput(out, &d, ctx.home.0)?;
         }
@@ -538,6 +538,8 @@ fn ms_after(line: &str, key: &str) -> Option<Duration> {
 /// the order of the latency loop (warm-up rounds included, dropped here
 /// as there).
 fn daemon_times(
+    out: &mut Out,
+    block: usize,
     log: &Path,
     from: u64,
     cells: &mut [((PageSize, u64), Cell)],
@@ -576,8 +578,19 @@ fn daemon_times(
             answers.len()
         ));
     }
+    // The last pin line of each cell, whole, for the record.
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ready to send in"))
+        .collect();
     let mut k = 0;
-    for ((_, size), cell) in cells.iter_mut() {
+    for ((ps, size), cell) in cells.iter_mut() {
+        if let Some(l) = lines.get(k + rounds(*size)) {
+            out.info(
+                &format!("{}.{}.daemon-log.{block}", mode(*ps), size_name(*size)),
+                l.trim(),
+            );
+        }
         for i in 0..=rounds(*size) {
             if i > 0 {
                 cell.daemon_checks.push(pins[k].0);

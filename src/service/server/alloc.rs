@@ -120,6 +120,7 @@ impl Conn<'_> {
                 return Err(from_lib(&e));
             }
         };
+        let t_lock = started.elapsed();
         let fd = match region.memfd().map(|f| f.try_clone_to_owned()) {
             Some(Ok(fd)) => fd,
             other => {
@@ -143,6 +144,7 @@ impl Conn<'_> {
                 })
                 .collect()
         });
+        let t_snapshot = started.elapsed();
         let id = self.next_region;
         self.next_region += 1;
         let info = proto::Allocated {
@@ -159,6 +161,7 @@ impl Conn<'_> {
             page_size: page_size.bytes(),
             pin: region.pin_kind().into(),
         };
+        let t_info = started.elapsed();
         s.directory.insert(
             (self.id, id),
             Entry {
@@ -173,14 +176,19 @@ impl Conn<'_> {
                 pfns: snapshot,
             },
         );
+        let t_entry = started.elapsed();
         drop(s);
         log::debug!(
-            "pid {} region {id}: {} on node {node} checked in {:.3} ms, pinned in {:.3} ms, ready to send in {:.3} ms",
+            "pid {} region {id}: {} on node {node} checked in {:.3} ms, pinned in {:.3} ms, ready to send in {:.3} ms (lock {:.3}, snapshot {:.3}, info {:.3}, entry {:.3})",
             self.pid,
             numapin::addr::human_size(size),
             checked.as_secs_f64() * 1e3,
             pin_time.as_secs_f64() * 1e3,
-            started.elapsed().as_secs_f64() * 1e3
+            started.elapsed().as_secs_f64() * 1e3,
+            t_lock.as_secs_f64() * 1e3,
+            t_snapshot.as_secs_f64() * 1e3,
+            t_info.as_secs_f64() * 1e3,
+            t_entry.as_secs_f64() * 1e3
         );
         self.regions.insert(id, Held { region, node, dev });
         Ok((info, fd))

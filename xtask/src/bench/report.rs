@@ -709,9 +709,10 @@ fn service_breakdown(r: &Results) -> String {
          library pin inside the daemon, from the pin to the reply ready (the PFN \
          snapshot as extents, the region's entry), the request handled, and the reply \
          sent (JSON encoding, `sendmsg` with the memfd); then, in the client, a second \
-         `MAP_POPULATE` mapping of the region's memfd timed alone (what the client's own \
-         mapping inside allocate costs), and the rest of allocate (the client's \
-         request, receive, decode, and its mapping). Medians.\n\n\
+         `MAP_POPULATE` mapping of the region's memfd on one thread, timed alone (the \
+         client's own mapping inside allocate populates base-page regions of 64 MiB and \
+         more on up to four threads), and the rest of allocate (the client's request, \
+         receive, decode, and its mapping). Medians.\n\n\
          | pages | size | checks | daemon pin | pin to reply | handled | sent | reply bytes | client `MAP_POPULATE` | client rest |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
