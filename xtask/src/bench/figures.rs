@@ -1,5 +1,6 @@
 //! From samples to figures: medians, ratios to the floor measured in the
-//! same run, and the targets of issue 5.
+//! same run, and the targets (issue 5's, and issue 14's proof and
+//! prefault ceiling).
 
 use std::collections::BTreeMap;
 
@@ -18,6 +19,15 @@ pub const PREFAULT_MIN_SPEEDUP: f64 = 1.6;
 pub const PREFAULT_MIN_SIZE: u64 = 256 << 20;
 /// …on a node with this many vCPUs.
 pub const PREFAULT_THREADS: usize = 2;
+/// The pin with its full proof (placement, PFN snapshot, accounting) must
+/// stay within this factor of one raw `MAP_DMA`…
+pub const PROOF_MAX: f64 = 1.30;
+/// …or, where the floor is a few milliseconds, add at most this many
+/// seconds to it (issue 14: judged by ratio or a stated overhead).
+pub const PROOF_SLACK: f64 = 1e-3;
+/// Prefault with the node's threads must reach this share of the same
+/// split done without numapin (the ceiling), from [`PREFAULT_MIN_SIZE`].
+pub const PREFAULT_CEILING: f64 = 0.95;
 /// `vfio_iommu_type1`'s default `dma_entry_limit`.
 pub const DEFAULT_DMA_ENTRIES: u64 = 65_535;
 /// The pinning service's phase.
@@ -254,6 +264,26 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 }
                 _ => target(format!("pin-only.{tag}"), false, "not measured".into()),
             });
+            // 1b. The proved pin within PROOF_MAX of the raw ioctl, or
+            // PROOF_SLACK over it.
+            out.push(match (r.get(mode, size, "numapin.pin-proved"), r.median(mode, size, "floor.map")) {
+                (Some(f), Some(floor)) if floor > 0.0 => {
+                    let ratio = f.median / floor;
+                    let over = f.median - floor;
+                    target(
+                        format!("proof.{tag}"),
+                        ratio <= PROOF_MAX || over <= PROOF_SLACK,
+                        format!(
+                            "{ratio:.2}x raw MAP_DMA, {:+.3} ms (pin with the full proof {:.3} ms, MAP_DMA {:.3} ms; limit {PROOF_MAX:.2}x or {:+.0} ms)",
+                            over * 1e3,
+                            f.median * 1e3,
+                            floor * 1e3,
+                            PROOF_SLACK * 1e3
+                        ),
+                    )
+                }
+                _ => target(format!("proof.{tag}"), false, "not measured".into()),
+            });
             // 2. One DMA mapping per region, whatever its size.
             out.push(match r.median(mode, size, "entries.numapin") {
                 Some(n) => target(
@@ -292,6 +322,31 @@ pub fn targets(r: &Results) -> Vec<Target> {
                                     "{speedup:.2}x faster with {threads} threads ({:.0} ms vs {:.0} ms; at least {PREFAULT_MIN_SPEEDUP:.1}x{ceiling})",
                                     all * 1e3,
                                     one * 1e3
+                                ),
+                            )
+                        }
+                        _ => target(name, false, "not measured".into()),
+                    },
+                );
+                // 3b. The node's threads with numapin against the same
+                // split without it.
+                let name = format!("prefault-ceiling.{tag}");
+                out.push(
+                    match (
+                        r.median(mode, size, "prefault.raw-split"),
+                        r.median(mode, size, "prefault.node-threads"),
+                    ) {
+                        (Some(raw), Some(all)) if raw > 0.0 && all > 0.0 => {
+                            let share = raw / all;
+                            target(
+                                name,
+                                share >= PREFAULT_CEILING,
+                                format!(
+                                    "{:.0} % of the ceiling (numapin {:.0} ms, the same split without numapin {:.0} ms; at least {:.0} %)",
+                                    share * 100.0,
+                                    all * 1e3,
+                                    raw * 1e3,
+                                    PREFAULT_CEILING * 100.0
                                 ),
                             )
                         }
@@ -439,6 +494,7 @@ pub(crate) mod tests {
                 ("floor.map", "s", vec![0.010, 0.011, 0.009]),
                 ("floor.unmap", "s", vec![0.020, 0.020, 0.020]),
                 ("numapin.pin-only", "s", vec![pin, pin, pin]),
+                ("numapin.pin-proved", "s", vec![pin + 0.002, pin + 0.002]),
                 ("numapin.release", "s", vec![0.021]),
                 ("per-page.map", "s", vec![0.5]),
                 ("prefault.1-thread", "s", vec![1.0, 1.0, 1.0]),
@@ -556,9 +612,9 @@ pub(crate) mod tests {
         let t = targets(&Results::from_report(&report(0.0105, 0.5, 6)));
         let missed: Vec<_> = t.iter().filter(|t| !t.met).collect();
         assert!(missed.is_empty(), "{missed:#?}");
-        // 3 modes x (pin-only, one entry, prefault) + 2 balancing targets
-        // + the service's latency for 4K and 2M pages.
-        assert_eq!(t.len(), 13);
+        // 3 modes x (pin-only, proof, one entry, prefault, its ceiling)
+        // + 2 balancing targets + the service's latency for 4K and 2M pages.
+        assert_eq!(t.len(), 19);
     }
 
     #[test]
@@ -615,6 +671,17 @@ pub(crate) mod tests {
         );
         assert!(missed.contains(&"numa-balancing.numapin"), "{missed:?}");
         assert!(!missed.contains(&"one-dma-entry.thp.256M"), "{missed:?}");
+        // 14.5 ms proved against a 10 ms floor: 1.45x and 4.5 ms over.
+        assert!(missed.contains(&"proof.base.256M"), "{missed:?}");
+        // 0.7 s against a 0.6 s split without numapin: 86 %.
+        let ceil = t
+            .iter()
+            .find(|t| t.name == "prefault-ceiling.thp.256M")
+            .unwrap();
+        assert!(
+            !ceil.met && ceil.detail.starts_with("86 % of the ceiling"),
+            "{ceil:?}"
+        );
         let pre = t
             .iter()
             .find(|t| t.name == "parallel-prefault.base.256M")
@@ -631,6 +698,30 @@ pub(crate) mod tests {
             "{}",
             pin.detail
         );
+    }
+
+    #[test]
+    fn a_small_floor_is_judged_by_the_overhead() {
+        let run = |proved: f64| {
+            let text = [
+                r#"{"type":"plan","suite":"bench","kernel":"6.1","scenarios":["hugetlb-2M.64M"]}"#.to_string(),
+                r#"{"type":"measure","mode":"hugetlb-2M","size":67108864,"metric":"floor.map","unit":"s","samples":[0.0006]}"#.to_string(),
+                format!(r#"{{"type":"measure","mode":"hugetlb-2M","size":67108864,"metric":"numapin.pin-proved","unit":"s","samples":[{proved}]}}"#),
+                r#"{"type":"done"}"#.to_string(),
+            ]
+            .join("\n");
+            targets(&Results::from_report(&Report::parse(&text)))
+                .into_iter()
+                .find(|t| t.name == "proof.hugetlb-2M.64M")
+                .unwrap()
+        };
+        // 2.33x, but 0.8 ms over: met; 1.6 ms over: missed.
+        let t = run(0.0014);
+        assert!(
+            t.met && t.detail.starts_with("2.33x raw MAP_DMA, +0.800 ms"),
+            "{t:?}"
+        );
+        assert!(!run(0.0022).met);
     }
 
     #[test]
