@@ -124,7 +124,10 @@ impl Client {
         &self.hello
     }
 
-    /// Allocates, pins and maps a region.
+    /// Allocates, pins and maps a region. The region is mapped shared and
+    /// every page is mapped before this returns (no first-touch faults); a
+    /// base-page region of 64 MiB or more is mapped by up to four
+    /// short-lived threads.
     ///
     /// # Errors
     /// The daemon's refusal ([`Error::Service`] with the library's class:
