@@ -1036,8 +1036,18 @@ fn vma_of(pid: u32, vaddr: u64) -> Result<(u64, u64, u64), String> {
 /// must not change; whether the memfd control migrated says whether this
 /// kernel's balancing attacks shmem at all (reported: 7.3's does, 6.1's does
 /// not). A twin run touching only the controls for as long gives the
-/// hinting faults attributable to the client's memory (reported: vmstat
-/// counts every process's).
+/// hinting faults attributable to the client's memory under that reset
+/// (reported: vmstat counts every process's).
+///
+/// Before the reset, as the daemon serves it (bound to its node), the
+/// client's memory must take no hinting faults: a thread on the other node
+/// that touches only it counts its own (`/proc/thread-self/sched`), beside
+/// a thread touching an anonymous control, which must take thousands.
+/// Hinting faults the thread touching only the client's memory may take
+/// with the daemon's binding in place: its own stack and TLS pages. One
+/// scan pass over the client's 4096 pages would take up to 4096.
+const BOUND_FAULTS_MAX: u64 = 64;
+
 fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1079,6 +1089,54 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     ensure!(
         changed(&snap, &pfns(addr, LEN)?) == 0,
         "the runner's mapping of the memfd does not share the client's frames"
+    );
+    // First as served: the memfd keeps the daemon's binding. One thread on
+    // the other node touches only the client's memory, another only an
+    // anonymous control; each counts its own hinting faults.
+    let bound = crate::balancing::with_fast_balancing(|| {
+        use crate::type1::counted_toucher;
+        let control = control_region(ctx.home, LEN)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let client_t = counted_toucher((addr, LEN as usize), ctx.away_cpus.clone(), stop.clone());
+        let control_t = counted_toucher(
+            (control.addr(), LEN as usize),
+            ctx.away_cpus.clone(),
+            stop.clone(),
+        );
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(500));
+            let n = numapin::numa::nodes_of(control.addr(), LEN as usize, 4096).unwrap_or_default();
+            if t.elapsed() > Duration::from_secs(4)
+                && on_node(&n, ctx.away) * 2 >= n.len()
+                && !n.is_empty()
+            {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (cp, cf) = client_t.join().map_err(|_| "the client toucher panicked")?;
+        let (kp, kf) = control_t
+            .join()
+            .map_err(|_| "the control toucher panicked")?;
+        let (Some(cf), Some(kf)) = (cf, kf) else {
+            return Err("this kernel shows no total_numa_faults in /proc/thread-self/sched".into());
+        };
+        Ok((t.elapsed(), cf, cp, kf, kp))
+    })?;
+    let (bound_secs, client_faults, client_passes, control_faults, control_passes) = bound;
+    // The scanner must have reached the control: thousands of its 4096
+    // pages. One pass over the client's 4096 pages would add as many; the
+    // thread's own stack and TLS make a handful.
+    ensure!(
+        control_faults >= 1024,
+        "the control thread took only {control_faults} hinting faults in {:.0}s ({control_passes} passes): balancing did not run, so the client figure proves nothing",
+        bound_secs.as_secs_f64()
+    );
+    ensure!(
+        client_faults <= BOUND_FAULTS_MAX,
+        "the thread touching only the client's memory (the daemon's binding in place) took {client_faults} hinting faults in {:.0}s ({client_passes} passes; the control's thread {control_faults})",
+        bound_secs.as_secs_f64()
     );
     e(
         numapin::sys::mbind_default(addr, LEN as usize),
@@ -1166,7 +1224,8 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
             _ => "no excess over the twin".to_string(),
         };
         Ok(format!(
-            "{:.0}s from node {}: client 0/{} frames changed; controls changed: anonymous {cc}/{}, {shm_note}; numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the controls {twin_faults}: {excess}",
+            "as served (the daemon's binding): in {:.0}s the thread touching only the client's memory took {client_faults} hinting faults (at most {BOUND_FAULTS_MAX}), the control's {control_faults}; binding reset to the default: {:.0}s from node {}: client 0/{} frames changed; controls changed: anonymous {cc}/{}, {shm_note}; numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the controls {twin_faults}: {excess}",
+            bound_secs.as_secs_f64(),
             secs.as_secs_f64(),
             ctx.away,
             snap.len(),

@@ -620,6 +620,48 @@ pub(crate) fn toucher(
     })
 }
 
+/// This thread's NUMA hinting faults as the scheduler counts them
+/// (`total_numa_faults` in `/proc/thread-self/sched`: faults taken by this
+/// task, halved at each placement pass), if the kernel shows them.
+pub(crate) fn own_numa_faults() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/sched")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == "total_numa_faults").then(|| v.trim().parse().ok())?
+        })
+}
+
+/// [`toucher`] over one range that also returns the most NUMA hinting
+/// faults its own thread had at any pass (see [`own_numa_faults`]):
+/// `(passes, Some(max faults))`, or `None` where the kernel hides them.
+/// A thread that touches only one mapping takes faults only there and
+/// on its own few stack pages.
+pub(crate) fn counted_toucher(
+    range: (usize, usize),
+    cpus: Vec<u32>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Option<u64>)> {
+    std::thread::spawn(move || {
+        let _ = sys::set_thread_affinity(&cpus);
+        let (mut passes, mut most) = (0, own_numa_faults());
+        while !stop.load(Ordering::Relaxed) {
+            for off in (0..range.1).step_by(4096) {
+                // SAFETY: as in `toucher`: a range the scenario keeps
+                // mapped until this thread is joined; volatile access.
+                unsafe {
+                    let p = (range.0 + off) as *mut u8;
+                    std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
+                }
+            }
+            passes += 1;
+            most = most.max(own_numa_faults());
+        }
+        (passes, most)
+    })
+}
+
 fn d_numa_balancing(ctx: &Ctx) -> Result<String, String> {
     const LEN: u64 = 32 << 20;
     crate::balancing::with_fast_balancing(|| {
