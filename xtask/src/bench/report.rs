@@ -340,10 +340,13 @@ pub fn service_section(r: &Results) -> Option<String> {
          daemon calls, in this process: `Pinner::pin` with `Backing::Memfd`, \
          `Proof::Full` and the node, then `release`. The library and the daemon cannot \
          hold the device at once, so they ran in alternating blocks (four of each, the \
-         daemon started afresh for each of its blocks). Target: allocate within {SERVICE_FACTOR:.1}× the library plus \
-         {:.0} ms. Medians, min–max in brackets.\n\n\
-         | pages | size | library `pin` | numapind allocate | ratio | limit | library `release` | numapind release | ratio |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+         daemon started afresh for each of its blocks). The daemon's own `Pinner::pin` in \
+         each of its rounds comes from its debug log: the target pairs allocate with it, \
+         round by round the same VM speed, so the difference is what the service adds. \
+         Target: allocate within {SERVICE_FACTOR:.1}× that pin plus {:.0} ms. Medians, \
+         min–max in brackets.\n\n\
+         | pages | size | library `pin` here | `pin` inside numapind | numapind allocate | ratio | limit | library `release` | numapind release | ratio |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         SERVICE_SLACK * 1e3
     );
     for mode in SERVICE_MODES {
@@ -356,17 +359,21 @@ pub fn service_section(r: &Results) -> Option<String> {
             };
             let show = |f: Option<&Figure>| f.map_or("–".into(), spread);
             let (lp, sa) = (get("library.pin"), get("service.allocate"));
+            let dp = get("daemon.pin");
             let (lr, sr) = (get("library.release"), get("service.release"));
-            let limit = lp.map_or("–".into(), |f| {
+            // Judged against the pin inside the daemon where there is one.
+            let judged = dp.or(lp);
+            let limit = judged.map_or("–".into(), |f| {
                 duration(SERVICE_FACTOR * f.median + SERVICE_SLACK)
             });
             let _ = writeln!(
                 out,
-                "| {page} | {} | {} | {} | {} | {limit} | {} | {} | {} |",
+                "| {page} | {} | {} | {} | {} | {} | {limit} | {} | {} | {} |",
                 size_name(size),
                 show(lp),
+                show(dp),
                 show(sa),
-                ratio(sa, lp),
+                ratio(sa, judged),
                 show(lr),
                 show(sr),
                 ratio(sr, lr)
@@ -815,7 +822,7 @@ mod tests {
             "[benchmarks/bench.csv](benchmarks/bench.csv)",
             "| `service-latency.4K.64M` | met | 1.05x the library",
             "## The pinning service",
-            "| 4K | 64M | 100 ms (100–100 ms) | 105 ms (105–105 ms) | 1.05× | 111 ms |",
+            "| 4K | 64M | 100 ms (100–100 ms) | 100 ms (100–100 ms) | 105 ms (105–105 ms) | 1.05× | 111 ms |",
             "| 64K | 4K | 410 (400–420) | 205 |",
             "| 64M | 100 ms (100–100 ms) | 50.00 ms (50.00–50.00 ms) (THP 100 %) | 2.00× |",
             "**Requests per second**, 8 client processes at once, each with its own connection doing 40 allocate/release cycles",
