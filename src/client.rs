@@ -47,6 +47,10 @@ pub struct Allocate {
     pub iova: Option<u64>,
     /// The shortest physically contiguous extent accepted.
     pub min_extent: Option<u64>,
+    /// Ask for the region's physical extents ([`Region::info`]'s `phys`;
+    /// users in the daemon's `phys_users` only). A no-IOMMU device's
+    /// extents come unasked: they are its DMA addresses.
+    pub phys: bool,
 }
 
 struct Conn {
@@ -144,6 +148,7 @@ impl Client {
             },
             iova: req.iova,
             min_extent: req.min_extent,
+            phys: req.phys,
         });
         let (out, fds) = call(&self.conn, op)?;
         let info = match out {

@@ -180,6 +180,7 @@ struct PinArgs {
     regions: Vec<RegionArg>,
     /// Also print each region's physical extents (needs CAP_SYS_ADMIN;
     /// always printed for a no-IOMMU device, whose DMA addresses they are).
+    /// With --service: ask numapind for them (users in its phys_users).
     #[arg(long)]
     phys: bool,
     /// Fail unless every physically contiguous extent of each region is at

@@ -32,6 +32,7 @@ pub(super) fn pin(args: PinArgs, socket: &Path) -> Result<()> {
             page_size: r.page_size.bytes(),
             iova: r.iova.map(|i| i.raw()),
             min_extent: args.min_extent,
+            phys: args.phys,
         })?);
     }
     let docs: Vec<_> = regions

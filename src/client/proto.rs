@@ -117,6 +117,11 @@ pub struct Allocate {
     /// The shortest physically contiguous extent accepted.
     #[serde(default)]
     pub min_extent: Option<u64>,
+    /// Send the region's physical extents with the reply. Only users the
+    /// config lists in `phys_users` get them; a no-IOMMU device's reply
+    /// has them whether asked or not (they are its DMA addresses).
+    #[serde(default)]
+    pub phys: bool,
 }
 
 /// A message from the daemon.
@@ -252,8 +257,9 @@ pub struct Allocated {
     pub device: String,
     /// The IOVA of byte 0 (`None` for a no-IOMMU device).
     pub iova: Option<u64>,
-    /// Physical extents, only for users the config allows to see them and
-    /// only up to [`MAX_EXTENTS`] (`phys_extents` counts them all).
+    /// Physical extents, only when asked for (or for a no-IOMMU device),
+    /// only for users the config allows to see them, and only up to
+    /// [`MAX_EXTENTS`] (`phys_extents` counts them all).
     pub phys: Option<Vec<Extent>>,
     /// How many physical extents the region has (for those users).
     #[serde(default)]
@@ -419,6 +425,7 @@ mod tests {
                     page_size: 2 << 20,
                     iova: Some(1 << 32),
                     min_extent: None,
+                    phys: true,
                 }),
             },
             Request {
@@ -460,6 +467,7 @@ mod tests {
                 node: 1,
                 size: 4096,
                 device: None,
+                phys: false,
                 ..
             })
         ));

@@ -204,6 +204,8 @@ impl Holder {
             region,
             "--json",
             "--hold-forever",
+            // Asked for, and still refused to uid 1000 (not in phys_users).
+            "--phys",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -318,6 +320,40 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
         "uid 1000 was sent physical addresses: {}",
         h.doc
     );
+    // Root gets the extents when it asks, they are its mapping's frames,
+    // and a reply without the ask has none.
+    let root = d.client()?;
+    let ask = |phys| {
+        e(
+            root.allocate(&Allocate {
+                node: ctx.away.0,
+                size: 2 << 20,
+                page_size: page,
+                phys,
+                ..Allocate::default()
+            }),
+            "root's allocate",
+        )
+    };
+    let asked = ask(true)?;
+    let ext = asked
+        .info()
+        .phys
+        .clone()
+        .ok_or("root asked for physical extents and got none")?;
+    let frames = numapin::phys::merge_extents(pfns(asked.as_ptr() as usize, 2 << 20)?, 4096);
+    ensure!(
+        ext.len() == frames.len()
+            && ext.iter().zip(&frames).all(|(x, f)| x.addr == f.pa.raw() && x.len == f.len),
+        "the extents sent ({ext:?}) are not root's mapping's frames ({frames:?})"
+    );
+    let plain = ask(false)?;
+    ensure!(
+        plain.info().phys.is_none() && plain.info().phys_extents.is_none(),
+        "extents came unasked: {:?}",
+        plain.info()
+    );
+    drop((asked, plain));
     let lck = d.vmlck()? - lck0;
     ensure!(
         lck == LEN,

@@ -27,7 +27,11 @@ impl Conn<'_> {
             })?;
         let config = self.shared.config();
         let phys = config.phys(self.uid);
-        if pinner.kind() == ContainerKind::NoIommu && !phys {
+        let no_iommu = pinner.kind() == ContainerKind::NoIommu;
+        // The extents go out when asked for, and always where they are
+        // the DMA addresses.
+        let send_phys = phys && (a.phys || no_iommu);
+        if no_iommu && !phys {
             return Err(error(
                 ErrorKind::Permission,
                 format!(
@@ -152,10 +156,13 @@ impl Conn<'_> {
             device: dev_name.clone(),
             iova: region.iova().map(|i| i.raw()),
             phys: match &snapshot {
-                Some(v) if phys && v.len() <= proto::MAX_EXTENTS => Some(v.clone()),
+                Some(v) if send_phys && v.len() <= proto::MAX_EXTENTS => Some(v.clone()),
                 _ => None,
             },
-            phys_extents: snapshot.as_ref().filter(|_| phys).map(|v| v.len() as u64),
+            phys_extents: snapshot
+                .as_ref()
+                .filter(|_| send_phys)
+                .map(|v| v.len() as u64),
             len: region.len(),
             node,
             page_size: page_size.bytes(),
