@@ -61,7 +61,7 @@ complete -c numapin -n "__fish_numapin_using_subcommand pin" -s r -l region -d '
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l min-extent -d 'Fail unless every physically contiguous extent of each region is at least this long (e.g. 2M; hugepages give extents of their size)' -r
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l hold -d 'Hold the pins this many seconds (or until SIGINT/SIGTERM), then release' -r
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l threads -d 'Prefault threads per region (default: one per CPU of the node)' -r
-complete -c numapin -n "__fish_numapin_using_subcommand pin" -l phys -d 'Also print each region\'s physical extents (needs CAP_SYS_ADMIN; always printed for a no-IOMMU device, whose DMA addresses they are)'
+complete -c numapin -n "__fish_numapin_using_subcommand pin" -l phys -d 'Also print each region\'s physical extents (needs CAP_SYS_ADMIN; always printed for a no-IOMMU device, whose DMA addresses they are). With --service: ask numapind for them (users in its phys_users)'
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l json -d 'Print one JSON document instead of a table'
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -l hold-forever -d 'Hold the pins until SIGINT/SIGTERM (the default)'
 complete -c numapin -n "__fish_numapin_using_subcommand pin" -s h -l help -d 'Print help'
