@@ -1080,7 +1080,7 @@ fn vma_of(pid: u32, vaddr: u64) -> Result<(u64, u64, u64), String> {
 /// hinting faults (`/proc/thread-self/sched`), beside a thread touching an
 /// anonymous control, which must take thousands (balancing ran). The
 /// client thread's count is reported: 7.3 takes none on the client's
-/// memory, 6.1 about a thousand in a few seconds.
+/// memory, 6.1 none in some runs and about a thousand in others.
 /// Hinting faults a thread touching only the client's memory takes on its
 /// own stack and TLS pages: at most this many. One scan pass over the
 /// client's 4096 pages would take up to 4096.
@@ -1177,9 +1177,9 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
         .find(|l| l.starts_with(&format!("{addr:x} ")))
         .unwrap_or("not in numa_maps")
         .to_string();
-    // Reported, not judged: 7.3 skips the bound shmem mapping (the
-    // thread's own pages only), 6.1 takes about a thousand hinting faults
-    // on it in a few seconds and migrates none (the binding and the pin).
+    // Reported, not judged: on 7.3 the thread takes faults on its own
+    // pages only; on 6.1 sometimes so, sometimes about a thousand on the
+    // bound shmem mapping in a few seconds (migrating none).
     let bound_note = if client_faults <= BOUND_FAULTS_MAX {
         format!(
             "{client_faults} hinting faults (its own stack and TLS: none on the client's memory)"
