@@ -309,10 +309,13 @@ fn map_populated(fd: BorrowedFd<'_>, len: usize, page_size: u64) -> *mut libc::c
     let share = (len / threads).next_multiple_of(2 << 20);
     let base = p as usize;
     let ok = std::thread::scope(|s| {
+        // A thread that cannot be created (RLIMIT_NPROC, pids.max) fails
+        // the threaded populate: the mapping is made again with
+        // MAP_POPULATE below.
         let hs: Vec<_> = (0..threads)
             .filter(|i| i * share < len)
             .map(|i| {
-                s.spawn(move || {
+                std::thread::Builder::new().spawn_scoped(s, move || {
                     let off = i * share;
                     // SAFETY: advice on a part of the mapping made above.
                     let r = unsafe {
@@ -326,7 +329,9 @@ fn map_populated(fd: BorrowedFd<'_>, len: usize, page_size: u64) -> *mut libc::c
                 })
             })
             .collect();
-        hs.into_iter().all(|h| h.join().unwrap_or(false))
+        // The scope joins any thread left when this stops at a failure.
+        hs.into_iter()
+            .all(|h| h.is_ok_and(|h| h.join().unwrap_or(false)))
     });
     if ok {
         return p;

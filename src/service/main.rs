@@ -66,14 +66,16 @@ fn init_log() {
     use std::io::Write as _;
     // vfio-ioctls warns about every IRQ index a device lacks (edu has no
     // MSI-X): not the operator's concern.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,vfio_ioctls=error"),
-    )
-    .format(|f, r| match r.level() {
-        log::Level::Info => writeln!(f, "numapind: {}", r.args()),
-        l => writeln!(f, "numapind: {}: {}", l.as_str().to_lowercase(), r.args()),
-    })
-    .init();
+    // RUST_LOG adds to these defaults (a directive for the same module
+    // replaces its default), so RUST_LOG=debug keeps vfio-ioctls quiet.
+    env_logger::Builder::new()
+        .parse_filters("info,vfio_ioctls=error")
+        .parse_env(env_logger::Env::default())
+        .format(|f, r| match r.level() {
+            log::Level::Info => writeln!(f, "numapind: {}", r.args()),
+            l => writeln!(f, "numapind: {}: {}", l.as_str().to_lowercase(), r.args()),
+        })
+        .init();
 }
 
 fn run(args: Args) -> Result<(), String> {

@@ -429,6 +429,14 @@ fn measure(ctx: &Ctx, out: &mut Out, dir: &Path, files: &Files) -> Result<String
         out.measure(m, size, "service.release", "s", &secs(&cell.svc_release));
         out.measure(m, size, "daemon.checks", "s", &secs(&cell.daemon_checks));
         out.measure(m, size, "daemon.pin", "s", &secs(&cell.daemon_pin));
+        // Round by round: what the service added to the pin inside it.
+        let overhead: Vec<f64> = cell
+            .svc_alloc
+            .iter()
+            .zip(&cell.daemon_pin)
+            .map(|(a, p)| a.as_secs_f64() - p.as_secs_f64())
+            .collect();
+        out.measure(m, size, "service.overhead", "s", &overhead);
         out.measure(
             m,
             size,

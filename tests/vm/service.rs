@@ -344,7 +344,10 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
     let frames = numapin::phys::merge_extents(pfns(asked.as_ptr() as usize, 2 << 20)?, 4096);
     ensure!(
         ext.len() == frames.len()
-            && ext.iter().zip(&frames).all(|(x, f)| x.addr == f.pa.raw() && x.len == f.len),
+            && ext
+                .iter()
+                .zip(&frames)
+                .all(|(x, f)| x.addr == f.pa.raw() && x.len == f.len),
         "the extents sent ({ext:?}) are not root's mapping's frames ({frames:?})"
     );
     let plain = ask(false)?;
