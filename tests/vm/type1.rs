@@ -620,17 +620,19 @@ pub(crate) fn toucher(
     })
 }
 
-/// This thread's NUMA hinting faults as the scheduler counts them
-/// (`total_numa_faults` in `/proc/thread-self/sched`: faults taken by this
-/// task, halved at each placement pass), if the kernel shows them.
-pub(crate) fn own_numa_faults() -> Option<u64> {
-    std::fs::read_to_string("/proc/thread-self/sched")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == "total_numa_faults").then(|| v.trim().parse().ok())?
-        })
+/// A thread's NUMA hinting faults as the scheduler counts them
+/// (`total_numa_faults` in its `/proc/thread-self/sched`, opened by that
+/// thread: faults taken by the task, halved at each placement pass), if
+/// the kernel shows them. Read into a stack buffer, so that counting
+/// touches no heap page of its own.
+pub(crate) fn own_numa_faults(sched: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 8192];
+    let n = sched.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "total_numa_faults").then(|| v.trim().parse().ok())?
+    })
 }
 
 /// [`toucher`] over one range that also returns the most NUMA hinting
@@ -645,7 +647,10 @@ pub(crate) fn counted_toucher(
 ) -> std::thread::JoinHandle<(u64, Option<u64>)> {
     std::thread::spawn(move || {
         let _ = sys::set_thread_affinity(&cpus);
-        let (mut passes, mut most) = (0, own_numa_faults());
+        let Ok(sched) = std::fs::File::open("/proc/thread-self/sched") else {
+            return (0, None);
+        };
+        let (mut passes, mut most) = (0, own_numa_faults(&sched));
         while !stop.load(Ordering::Relaxed) {
             for off in (0..range.1).step_by(4096) {
                 // SAFETY: as in `toucher`: a range the scenario keeps
@@ -656,7 +661,7 @@ pub(crate) fn counted_toucher(
                 }
             }
             passes += 1;
-            most = most.max(own_numa_faults());
+            most = most.max(own_numa_faults(&sched));
         }
         (passes, most)
     })
