@@ -74,6 +74,20 @@ pub(super) fn pin(args: PinArgs, socket: &Path) -> Result<()> {
                 i.device,
                 i.pin
             );
+            match (&i.phys, i.phys_extents) {
+                (Some(v), _) => {
+                    for e in v {
+                        println!("  phys {} + {:#x}", hex(e.addr), e.len);
+                    }
+                }
+                (None, Some(n)) => println!(
+                    "  phys: {n} extents, more than one reply carries (ask for hugepages or --min-extent)"
+                ),
+                (None, None) if args.phys => println!(
+                    "  phys: not sent (numapind gives physical addresses only to the users in its phys_users)"
+                ),
+                _ => {}
+            }
         }
     }
     std::io::stdout().flush().ok();

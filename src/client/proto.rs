@@ -437,6 +437,17 @@ mod tests {
                 op: Op::Status,
             },
             Request {
+                id: 6,
+                op: Op::Verify { region: 2 },
+            },
+            Request {
+                id: 7,
+                op: Op::Inspect {
+                    pid: Some(42),
+                    from: 1024,
+                },
+            },
+            Request {
                 id: 5,
                 op: Op::SelftestDma {
                     region: 1,

@@ -279,9 +279,11 @@ mod tests {
 
     #[test]
     fn node_free_reads_the_node_and_fails_closed() {
-        // Every Linux host has node 0; no host has node 4095 (MAX_NUMNODES
+        // A NUMA kernel has node 0; no host has node 4095 (MAX_NUMNODES
         // is at most 1024).
-        assert!(node_free(0) > 0);
+        if std::path::Path::new("/sys/devices/system/node/node0").exists() {
+            assert!(node_free(0) > 0);
+        }
         assert_eq!(node_free(4095), 0);
     }
 }
