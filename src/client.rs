@@ -306,9 +306,30 @@ fn map_populated(fd: BorrowedFd<'_>, len: usize, page_size: u64) -> *mut libc::c
     if p == libc::MAP_FAILED {
         return p;
     }
+    if populate_in_threads(p as usize, len, threads) {
+        return p;
+    }
+    // SAFETY: the mapping made above; nothing refers to it yet.
+    unsafe { libc::munmap(p, len) };
+    map(libc::MAP_POPULATE)
+}
+
+/// `MADV_POPULATE_READ` over `[base, base+len)` in `threads` shares
+/// (2 MiB-aligned), one thread each; false if any thread could not be
+/// created or any share failed.
+fn populate_in_threads(base: usize, len: usize, threads: usize) -> bool {
     let share = (len / threads).next_multiple_of(2 << 20);
-    let base = p as usize;
-    let ok = std::thread::scope(|s| {
+    // No thread populates before all exist: creating a thread maps its
+    // stack, which needs the mmap lock for writing and so would wait for a
+    // sibling's whole MADV_POPULATE_READ, which holds it for reading (the
+    // library's prefault gates its threads for the same reason). The gate
+    // holds (threads ready, open, abandon).
+    let gate = (
+        Mutex::new((0usize, false, false)),
+        std::sync::Condvar::new(),
+    );
+    std::thread::scope(|s| {
+        let gate = &gate;
         // A thread that cannot be created (RLIMIT_NPROC, pids.max) fails
         // the threaded populate: the mapping is made again with
         // MAP_POPULATE below.
@@ -316,6 +337,16 @@ fn map_populated(fd: BorrowedFd<'_>, len: usize, page_size: u64) -> *mut libc::c
             .filter(|i| i * share < len)
             .map(|i| {
                 std::thread::Builder::new().spawn_scoped(s, move || {
+                    let mut g = gate.0.lock().unwrap_or_else(|p| p.into_inner());
+                    g.0 += 1;
+                    gate.1.notify_all();
+                    while !g.1 {
+                        g = gate.1.wait(g).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if g.2 {
+                        return false;
+                    }
+                    drop(g);
                     let off = i * share;
                     // SAFETY: advice on a part of the mapping made above.
                     let r = unsafe {
@@ -329,16 +360,19 @@ fn map_populated(fd: BorrowedFd<'_>, len: usize, page_size: u64) -> *mut libc::c
                 })
             })
             .collect();
+        let started = hs.iter().filter(|h| h.is_ok()).count();
+        let mut g = gate.0.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0 < started {
+            g = gate.1.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.1 = true;
+        g.2 = started < hs.len();
+        gate.1.notify_all();
+        drop(g);
         // The scope joins any thread left when this stops at a failure.
         hs.into_iter()
             .all(|h| h.is_ok_and(|h| h.join().unwrap_or(false)))
-    });
-    if ok {
-        return p;
-    }
-    // SAFETY: the mapping made above; nothing refers to it yet.
-    unsafe { libc::munmap(p, len) };
-    map(libc::MAP_POPULATE)
+    })
 }
 
 /// One request, its reply (and any fds that came with it).
@@ -558,6 +592,20 @@ mod tests {
             .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
             .unwrap()
             * 1024
+    }
+
+    #[test]
+    fn threads_populate_every_share() {
+        let len = 9usize << 20;
+        let (p, _fd) = crate::memfd::map_sealed(len, crate::PageSize::Base).unwrap();
+        // Four 4 MiB shares over 9 MiB: the last thread has none, the third
+        // a short one. MADV_POPULATE_READ is Linux 5.14; the host runs 6.1.
+        assert!(populate_in_threads(p as usize, len, 4));
+        assert_eq!(rss_at(p as usize), len as u64);
+        // A range that is not mapped fails rather than passing silently.
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, len) };
+        assert!(!populate_in_threads(p as usize, len, 2));
     }
 
     #[test]
