@@ -186,14 +186,16 @@ impl Conn<'_> {
             },
         );
         drop(s);
-        log::debug!(
-            "pid {} region {id}: {} on node {node} checked in {:.3} ms, pinned in {:.3} ms, ready to send in {:.3} ms",
-            self.pid,
-            numapin::addr::human_size(size),
-            checked.as_secs_f64() * 1e3,
-            pin_time.as_secs_f64() * 1e3,
-            started.elapsed().as_secs_f64() * 1e3
-        );
+        // Logged once the reply is out, so that the log costs the client
+        // nothing.
+        self.timing = Some(AllocTiming {
+            region: id,
+            size,
+            node,
+            checked,
+            pinned: pin_time,
+            ready: started.elapsed(),
+        });
         self.regions.insert(id, Held { region, node, dev });
         Ok((info, fd))
     }

@@ -48,6 +48,21 @@ pub(super) struct Conn<'a> {
     pub(super) hello: bool,
     pub(super) regions: BTreeMap<u64, Held>,
     pub(super) next_region: u64,
+    /// The last allocation's times, for the debug log after its reply.
+    pub(super) timing: Option<AllocTiming>,
+}
+
+/// Where an allocation's time went, logged at debug level.
+pub(super) struct AllocTiming {
+    pub(super) region: u64,
+    pub(super) size: u64,
+    pub(super) node: u32,
+    /// From the request to the pin: quota, floor, reservation.
+    pub(super) checked: std::time::Duration,
+    /// `Pinner::pin`.
+    pub(super) pinned: std::time::Duration,
+    /// From the pin's start to the reply ready.
+    pub(super) ready: std::time::Duration,
 }
 
 impl Conn<'_> {
@@ -87,6 +102,7 @@ impl Conn<'_> {
             hello: false,
             regions: BTreeMap::new(),
             next_region: 1,
+            timing: None,
         };
         c.run();
         if shared.shutdown.load(Ordering::SeqCst) {
@@ -177,11 +193,24 @@ impl Conn<'_> {
             if wire::send(self.sock.as_fd(), &bytes, &fds).is_err() {
                 return;
             }
+            let answered = started.elapsed();
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            if let Some(t) = self.timing.take() {
+                log::debug!(
+                    "pid {} region {}: {} on node {} checked in {:.3} ms, pinned in {:.3} ms, ready to send in {:.3} ms",
+                    self.pid,
+                    t.region,
+                    numapin::addr::human_size(t.size),
+                    t.node,
+                    ms(t.checked),
+                    ms(t.pinned),
+                    ms(t.ready)
+                );
+            }
             log::debug!(
                 "pid {} {what}: answered in {:.3} ms (handled in {:.3} ms, a {}-byte reply)",
                 self.pid,
-                ms(started.elapsed()),
+                ms(answered),
                 ms(handled),
                 bytes.len()
             );
