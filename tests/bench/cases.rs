@@ -58,6 +58,11 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     let len = size as usize;
     let ps = mode.page_size();
     let topo = e(Topology::read(), "topology")?;
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    if mode != Mode::Base {
+        base_page_register(out, mode, size, ctx, reps.fast)?;
+        mode.apply()?;
+    }
     let thp0 = anon_huge_bytes();
     // The caller memory every "on prefaulted memory" figure maps.
     let mem = e(
@@ -65,7 +70,6 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         "allocate caller memory",
     )?;
     let thp = anon_huge_bytes().saturating_sub(thp0);
-    let tag = format!("{}.{}", mode.name(), size_name(size));
     out.info(&format!("{tag}.thp_bytes"), thp);
     match mode {
         Mode::Thp if thp < size / 2 => {
@@ -152,6 +156,28 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         }
         out.seconds(mode, size, "uring.register", &reg);
         out.seconds(mode, size, "uring.unregister", &unreg);
+        // The same registration in rings of a fixed size, each ring set up
+        // inside the timing: where the cost per byte stops depending on
+        // the bytes per ring.
+        for ring_bytes in RING_SWEEP {
+            if ring_bytes >= size {
+                continue;
+            }
+            let mut reg = Vec::new();
+            for i in 0..=reps.fast {
+                // SAFETY: as above.
+                let r = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
+                if i > 0 {
+                    reg.push(r);
+                }
+            }
+            out.seconds(
+                mode,
+                size,
+                &format!("uring.register.rings-{}", size_name(ring_bytes)),
+                &reg,
+            );
+        }
     }
     numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
 
@@ -343,9 +369,99 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     ))
 }
 
+/// Ring sizes the raw registration is also measured in.
+const RING_SWEEP: [u64; 3] = [4 << 20, 16 << 20, 64 << 20];
+
+/// Raw `IORING_REGISTER_BUFFERS` of `[addr, addr+len)` in rings of `ring`
+/// bytes (buffers of at most 1 GiB), each ring's `io_uring_setup` timed
+/// with its registration; then every ring unregisters and closes.
+///
+/// # Safety
+/// The memory must stay mapped until this returns.
+unsafe fn register_in_rings(addr: usize, len: usize, ring: usize) -> Result<Duration, String> {
+    let t = Instant::now();
+    let mut rings = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let n = ring.min(len - off);
+        let r = io_uring::IoUring::new(1).map_err(|e| format!("io_uring_setup: {e}"))?;
+        let iovecs: Vec<libc::iovec> = (off..off + n)
+            .step_by(1 << 30)
+            .map(|o| libc::iovec {
+                iov_base: (addr + o) as *mut libc::c_void,
+                iov_len: (1usize << 30).min(off + n - o),
+            })
+            .collect();
+        // SAFETY: the caller keeps the memory mapped; unregistered below.
+        unsafe { r.submitter().register_buffers(&iovecs) }
+            .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
+        rings.push(r);
+        off += n;
+    }
+    let d = t.elapsed();
+    for r in rings {
+        r.submitter()
+            .unregister_buffers()
+            .map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
+    }
+    Ok(d)
+}
+
+/// The figure every io_uring pin is judged against: raw
+/// `IORING_REGISTER_BUFFERS` (buffers of at most 1 GiB, one ring) of the
+/// same amount of base-page memory on the same node, with transparent
+/// hugepages off while it is allocated (the caller restores the mode).
+/// Not measured (and said so) when the node has no room for it.
+fn base_page_register(
+    out: &mut Out,
+    mode: Mode,
+    size: u64,
+    ctx: &Ctx,
+    reps: usize,
+) -> Result<(), String> {
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    let topo = e(Topology::read(), "topology")?;
+    let free = topo.require(ctx.home).map_or(0, |n| n.mem_free);
+    if free < size + (512 << 20) {
+        out.info(
+            &format!("{tag}.uring.register.base-pages"),
+            format!(
+                "not measured: needs {} MiB free, node has {} MiB",
+                (size + (512 << 20)) >> 20,
+                free >> 20
+            ),
+        );
+        return Ok(());
+    }
+    Mode::Base.apply()?;
+    let thp0 = anon_huge_bytes();
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.home, size, Mode::Base.page_size(), 0, None, None),
+        "allocate base-page memory",
+    )?;
+    let thp = anon_huge_bytes().saturating_sub(thp0);
+    if thp > 0 {
+        return Err(format!(
+            "the base-page reference memory came with {} MiB in transparent hugepages",
+            thp >> 20
+        ));
+    }
+    let ring = Uring::new()?;
+    // SAFETY: `mem` outlives the calls.
+    unsafe { ring.register_unregister(mem.addr(), size as usize) }?;
+    let mut reg = Vec::new();
+    for _ in 0..reps {
+        // SAFETY: as above.
+        reg.push(unsafe { ring.register_unregister(mem.addr(), size as usize) }?.0);
+    }
+    out.seconds(mode, size, "uring.register.base-pages", &reg);
+    Ok(())
+}
+
 /// numapin's own io_uring long-term pin (the path for mdev and no-IOMMU
 /// containers, which `MAP_DMA` does not pin), on the same memory: the
-/// library's `UringPin` and its release.
+/// library's `UringPin` and its release, and the rings (descriptors) it
+/// keeps per region.
 fn numapin_uring_pin(
     out: &mut Out,
     mode: Mode,
@@ -354,19 +470,35 @@ fn numapin_uring_pin(
     reps: usize,
 ) -> Result<(), String> {
     let mut pin = Vec::new();
+    let mut rings = 0;
     for i in 0..=reps {
         let t = Instant::now();
         // SAFETY: `mem` stays mapped until after the release below.
         let p = e(
-            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size) },
+            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size, mode.page_size()) },
             "UringPin::new",
         )?;
         let d = t.elapsed();
+        rings = p.rings();
         e(p.release(), "UringPin::release")?;
         if i > 0 {
             pin.push(d);
         }
     }
     out.seconds(mode, size, "numapin.uring-pin", &pin);
+    out.measure(
+        mode.name(),
+        size,
+        "numapin.uring-rings",
+        "count",
+        &[rings as f64],
+    );
+    out.measure(
+        mode.name(),
+        size,
+        "numapin.uring-fds-per-gib",
+        "count",
+        &[numapin::uring::fds_per_gib(mode.page_size()) as f64],
+    );
     Ok(())
 }
