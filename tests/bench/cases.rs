@@ -163,20 +163,23 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
             if ring_bytes >= size {
                 continue;
             }
-            let mut reg = Vec::new();
-            for i in 0..=reps.fast {
-                // SAFETY: as above.
-                let r = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
-                if i > 0 {
-                    reg.push(r);
+            for mmap in [true, false] {
+                let mut reg = Vec::new();
+                for i in 0..=reps.fast {
+                    // SAFETY: as above.
+                    let r =
+                        unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize, mmap) }?;
+                    if i > 0 {
+                        reg.push(r);
+                    }
                 }
+                let metric = format!(
+                    "uring.register.rings-{}{}",
+                    size_name(ring_bytes),
+                    if mmap { "" } else { ".fd-only" }
+                );
+                out.seconds(mode, size, &metric, &reg);
             }
-            out.seconds(
-                mode,
-                size,
-                &format!("uring.register.rings-{}", size_name(ring_bytes)),
-                &reg,
-            );
         }
     }
     numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
@@ -374,17 +377,27 @@ const RING_SWEEP: [u64; 3] = [4 << 20, 16 << 20, 64 << 20];
 
 /// Raw `IORING_REGISTER_BUFFERS` of `[addr, addr+len)` in rings of `ring`
 /// bytes (buffers of at most 1 GiB), each ring's `io_uring_setup` timed
-/// with its registration; then every ring unregisters and closes.
+/// with its registration; then every ring unregisters and closes. With
+/// `mmap` the rings are made as the io-uring crate makes them (SQ, CQ and
+/// SQE arrays mapped), without it by the bare system calls (an fd only).
 ///
 /// # Safety
 /// The memory must stay mapped until this returns.
-unsafe fn register_in_rings(addr: usize, len: usize, ring: usize) -> Result<Duration, String> {
+unsafe fn register_in_rings(
+    addr: usize,
+    len: usize,
+    ring: usize,
+    mmap: bool,
+) -> Result<Duration, String> {
+    enum Ring {
+        Crate(Box<io_uring::IoUring>),
+        Fd(std::os::fd::OwnedFd),
+    }
     let t = Instant::now();
     let mut rings = Vec::new();
     let mut off = 0;
     while off < len {
         let n = ring.min(len - off);
-        let r = io_uring::IoUring::new(1).map_err(|e| format!("io_uring_setup: {e}"))?;
         let iovecs: Vec<libc::iovec> = (off..off + n)
             .step_by(1 << 30)
             .map(|o| libc::iovec {
@@ -392,17 +405,71 @@ unsafe fn register_in_rings(addr: usize, len: usize, ring: usize) -> Result<Dura
                 iov_len: (1usize << 30).min(off + n - o),
             })
             .collect();
-        // SAFETY: the caller keeps the memory mapped; unregistered below.
-        unsafe { r.submitter().register_buffers(&iovecs) }
-            .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
+        let r = if mmap {
+            let r = io_uring::IoUring::new(1).map_err(|e| format!("io_uring_setup: {e}"))?;
+            // SAFETY: the caller keeps the memory mapped; unregistered below.
+            unsafe { r.submitter().register_buffers(&iovecs) }
+                .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
+            Ring::Crate(Box::new(r))
+        } else {
+            // struct io_uring_params: 120 bytes, zero asks for defaults.
+            let mut params = [0u32; 30];
+            // SAFETY: params is as large as the kernel's struct.
+            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+            if fd < 0 {
+                return Err(format!(
+                    "io_uring_setup: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: a fresh fd of our own.
+            let fd =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+            // SAFETY: IORING_REGISTER_BUFFERS (0) reads the iovec array;
+            // the memory stays mapped until unregistered below.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_io_uring_register,
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    0u32,
+                    iovecs.as_ptr(),
+                    iovecs.len() as u32,
+                )
+            };
+            if rc < 0 {
+                return Err(format!(
+                    "IORING_REGISTER_BUFFERS of {n:#x} bytes: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ring::Fd(fd)
+        };
         rings.push(r);
         off += n;
     }
     let d = t.elapsed();
     for r in rings {
-        r.submitter()
-            .unregister_buffers()
-            .map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
+        let rc = match &r {
+            Ring::Crate(r) => r.submitter().unregister_buffers().map(drop),
+            Ring::Fd(fd) => {
+                // SAFETY: IORING_UNREGISTER_BUFFERS (1) takes no argument.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_io_uring_register,
+                        std::os::fd::AsRawFd::as_raw_fd(fd),
+                        1u32,
+                        std::ptr::null::<libc::c_void>(),
+                        0u32,
+                    )
+                };
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        rc.map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
     }
     Ok(d)
 }
