@@ -163,23 +163,24 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
             if ring_bytes >= size {
                 continue;
             }
-            for mmap in [true, false] {
-                let mut reg = Vec::new();
-                for i in 0..=reps.fast {
-                    // SAFETY: as above.
-                    let r =
-                        unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize, mmap) }?;
-                    if i > 0 {
-                        reg.push(r);
-                    }
+            let mut reg = Vec::new();
+            let mut unreg = Vec::new();
+            for i in 0..=reps.fast {
+                // SAFETY: as above.
+                let (r, u) = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
+                if i > 0 {
+                    reg.push(r);
+                    unreg.push(u);
                 }
-                let metric = format!(
-                    "uring.register.rings-{}{}",
-                    size_name(ring_bytes),
-                    if mmap { "" } else { ".fd-only" }
-                );
-                out.seconds(mode, size, &metric, &reg);
             }
+            let name = size_name(ring_bytes);
+            out.seconds(mode, size, &format!("uring.register.rings-{name}"), &reg);
+            out.seconds(
+                mode,
+                size,
+                &format!("uring.unregister.rings-{name}"),
+                &unreg,
+            );
         }
     }
     numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
@@ -373,13 +374,13 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
 }
 
 /// Ring sizes the raw registration is also measured in.
-const RING_SWEEP: [u64; 3] = [4 << 20, 16 << 20, 64 << 20];
+const RING_SWEEP: [u64; 4] = [4 << 20, 16 << 20, 32 << 20, 64 << 20];
 
 /// Raw `IORING_REGISTER_BUFFERS` of `[addr, addr+len)` in rings of `ring`
 /// bytes (buffers of at most 1 GiB), each ring's `io_uring_setup` timed
-/// with its registration; then every ring unregisters and closes. With
-/// `mmap` the rings are made as the io-uring crate makes them (SQ, CQ and
-/// SQE arrays mapped), without it by the bare system calls (an fd only).
+/// with its registration: bare rings (the fd only, no SQ/CQ mapped), as
+/// numapin makes them. Then every ring unregisters, one after the other,
+/// and closes: (register, unregister).
 ///
 /// # Safety
 /// The memory must stay mapped until this returns.
@@ -387,12 +388,19 @@ unsafe fn register_in_rings(
     addr: usize,
     len: usize,
     ring: usize,
-    mmap: bool,
-) -> Result<Duration, String> {
-    enum Ring {
-        Crate(Box<io_uring::IoUring>),
-        Fd(std::os::fd::OwnedFd),
-    }
+) -> Result<(Duration, Duration), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let register = |fd: &OwnedFd, opcode: u32, arg: *const libc::iovec, n: u32| {
+        // SAFETY: opcode 0 (IORING_REGISTER_BUFFERS) reads `n` iovecs at
+        // `arg`, 1 (UNREGISTER) reads nothing.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_io_uring_register, fd.as_raw_fd(), opcode, arg, n) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
     let t = Instant::now();
     let mut rings = Vec::new();
     let mut off = 0;
@@ -405,73 +413,32 @@ unsafe fn register_in_rings(
                 iov_len: (1usize << 30).min(off + n - o),
             })
             .collect();
-        let r = if mmap {
-            let r = io_uring::IoUring::new(1).map_err(|e| format!("io_uring_setup: {e}"))?;
-            // SAFETY: the caller keeps the memory mapped; unregistered below.
-            unsafe { r.submitter().register_buffers(&iovecs) }
-                .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
-            Ring::Crate(Box::new(r))
-        } else {
-            // struct io_uring_params: 120 bytes, zero asks for defaults.
-            let mut params = [0u32; 30];
-            // SAFETY: params is as large as the kernel's struct.
-            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-            if fd < 0 {
-                return Err(format!(
-                    "io_uring_setup: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            // SAFETY: a fresh fd of our own.
-            let fd =
-                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-            // SAFETY: IORING_REGISTER_BUFFERS (0) reads the iovec array;
-            // the memory stays mapped until unregistered below.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_io_uring_register,
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    0u32,
-                    iovecs.as_ptr(),
-                    iovecs.len() as u32,
-                )
-            };
-            if rc < 0 {
-                return Err(format!(
-                    "IORING_REGISTER_BUFFERS of {n:#x} bytes: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            Ring::Fd(fd)
-        };
-        rings.push(r);
+        // struct io_uring_params: 120 bytes, zero asks for defaults.
+        let mut params = [0u32; 30];
+        // SAFETY: params is as large as the kernel's struct.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        if fd < 0 {
+            return Err(format!(
+                "io_uring_setup: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a fresh fd of our own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // The caller keeps the memory mapped; unregistered below.
+        register(&fd, 0, iovecs.as_ptr(), iovecs.len() as u32)
+            .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
+        rings.push(fd);
         off += n;
     }
-    let d = t.elapsed();
-    for r in rings {
-        let rc = match &r {
-            Ring::Crate(r) => r.submitter().unregister_buffers().map(drop),
-            Ring::Fd(fd) => {
-                // SAFETY: IORING_UNREGISTER_BUFFERS (1) takes no argument.
-                let rc = unsafe {
-                    libc::syscall(
-                        libc::SYS_io_uring_register,
-                        std::os::fd::AsRawFd::as_raw_fd(fd),
-                        1u32,
-                        std::ptr::null::<libc::c_void>(),
-                        0u32,
-                    )
-                };
-                if rc < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            }
-        };
-        rc.map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
+    let reg = t.elapsed();
+    let t = Instant::now();
+    for fd in &rings {
+        register(fd, 1, std::ptr::null(), 0)
+            .map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
     }
-    Ok(d)
+    let unreg = t.elapsed();
+    Ok((reg, unreg))
 }
 
 /// The figure every io_uring pin is judged against: raw
@@ -537,6 +504,7 @@ fn numapin_uring_pin(
     reps: usize,
 ) -> Result<(), String> {
     let mut pin = Vec::new();
+    let mut release = Vec::new();
     let mut rings = 0;
     for i in 0..=reps {
         let t = Instant::now();
@@ -547,12 +515,16 @@ fn numapin_uring_pin(
         )?;
         let d = t.elapsed();
         rings = p.rings();
+        let t = Instant::now();
         e(p.release(), "UringPin::release")?;
+        let rd = t.elapsed();
         if i > 0 {
             pin.push(d);
+            release.push(rd);
         }
     }
     out.seconds(mode, size, "numapin.uring-pin", &pin);
+    out.seconds(mode, size, "numapin.uring-release", &release);
     out.measure(
         mode.name(),
         size,

@@ -57,15 +57,23 @@ pub const ROWS: &[(&str, &str)] = &[
     ("uring.unregister", "io_uring `UNREGISTER_BUFFERS` (raw)"),
     (
         "uring.register.rings-4M",
-        "… raw, in rings of 4 MiB (each ring's setup timed)",
+        "… raw, in rings of 4 MiB (bare rings, each ring's setup timed)",
     ),
     (
         "uring.register.rings-16M",
-        "… raw, in rings of 16 MiB (each ring's setup timed)",
+        "… raw, in rings of 16 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.register.rings-32M",
+        "… raw, in rings of 32 MiB (bare rings, each ring's setup timed)",
     ),
     (
         "uring.register.rings-64M",
-        "… raw, in rings of 64 MiB (each ring's setup timed)",
+        "… raw, in rings of 64 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.unregister.rings-32M",
+        "… their `UNREGISTER_BUFFERS`, 32 MiB rings one after the other",
     ),
     (
         "uring.register.base-pages",
@@ -75,6 +83,7 @@ pub const ROWS: &[(&str, &str)] = &[
         "numapin.uring-pin",
         "numapin's io_uring pin (mdev / no-IOMMU containers)",
     ),
+    ("numapin.uring-release", "… its `release`"),
     ("prefault.1-thread", "prefault, 1 thread"),
     (
         "prefault.node-threads",
@@ -682,7 +691,7 @@ pub fn markdown(p: &Page) -> String {
          - **io_uring**: `IORING_REGISTER_BUFFERS` of the same memory in buffers of at \
          most 1 GiB (the io_uring long-term pin), then `UNREGISTER`; and numapin's own \
          io_uring pin (`uring::UringPin`, used for mdev and no-IOMMU containers) on the \
-         same memory. Beside them the raw registration in rings of 4, 16 and 64 MiB \
+         same memory. Beside them the raw registration in rings of 4, 16, 32 and 64 MiB \
          (where registering compound pages stops costing more per byte on kernels \
          whose accounting scans the ring), and, in the THP and hugetlb phases, the raw \
          registration of as much base-page memory on the same node (THP off while it is \
