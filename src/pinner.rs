@@ -289,7 +289,7 @@ impl Pinner {
         precheck::check_hugepage_reservations(size, page_size)?;
         precheck::check_node_memory(node, size, page_size)?;
         precheck::check_memcg(size, page_size)?;
-        self.check_pin_resources(size)?;
+        self.check_pin_resources(None, size, page_size)?;
         // NodeMemory puts a region of 2 MiB or more on a 2 MiB boundary
         // (so any 2 MiB-aligned address stands for it here).
         let align = iova_align(0, size, page_size.bytes());
@@ -372,7 +372,7 @@ impl Pinner {
         if let Some((fd, offset)) = req.file {
             caller::check_backing_file(addr, len, fd, offset)?;
         }
-        self.check_pin_resources(len)?;
+        self.check_pin_resources(Some(addr.raw() as usize), len, req.page_size)?;
         let reservation = self.reserve_iova(req.iova, len, iova_align(addr.raw(), len, page))?;
         let range = Range {
             vaddr: addr,
@@ -451,12 +451,19 @@ impl Pinner {
     }
 
     /// What the pin itself consumes: memlock (by the pin source's rule),
-    /// the ring descriptors of an io_uring pin, a DMA mapping entry.
-    fn check_pin_resources(&self, len: u64) -> Result<()> {
+    /// the ring descriptors of an io_uring pin (as many as its rings, for
+    /// memory of `page_size` at `vaddr`, or at any start when numapin has
+    /// not allocated it yet), a DMA mapping entry.
+    fn check_pin_resources(
+        &self,
+        vaddr: Option<usize>,
+        len: u64,
+        page_size: crate::PageSize,
+    ) -> Result<()> {
         let s = &self.inner;
         check_memlock(s.source.accounting(), len, s.ipc_lock)?;
         if s.source == PinSource::Uring {
-            precheck::check_fds(crate::uring::rings_for(len))?;
+            precheck::check_fds(crate::uring::rings_for(vaddr, len, page_size))?;
         }
         if s.mapper.addressing() == DmaAddressing::Iova {
             if let Some(0) = s
@@ -541,7 +548,7 @@ impl Pinner {
                     // releases the pin (owned NodeMemory, or caller memory
                     // under pin_user's contract); on failure below the pin
                     // is dropped first.
-                    let pin = unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len) };
+                    let pin = unsafe { UringPin::new(r.vaddr.as_mut_ptr(), r.len, r.page_size) };
                     Some(pin.map_err(unmapped)?)
                 }
             };

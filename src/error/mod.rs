@@ -464,7 +464,7 @@ pub enum Error {
     },
     /// The process (or the system) ran out of file descriptors.
     #[error(
-        "{op} failed: {}; each io_uring-pinned region keeps one ring fd open: raise the limit (`ulimit -n`, \
+        "{op} failed: {}; an io_uring-pinned region keeps ring fds open (one, or one per 32 MiB of memory that can hold huge pages before Linux 7.3): raise the limit (`ulimit -n`, \
          LimitNOFILE= in systemd){}",
         match (system, limit) {
             (true, _) => "the system's file table is full (ENFILE, fs.file-max)".to_string(),

@@ -58,6 +58,11 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     let len = size as usize;
     let ps = mode.page_size();
     let topo = e(Topology::read(), "topology")?;
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    if mode != Mode::Base {
+        base_page_register(out, mode, size, ctx, reps.fast)?;
+        mode.apply()?;
+    }
     let thp0 = anon_huge_bytes();
     // The caller memory every "on prefaulted memory" figure maps.
     let mem = e(
@@ -65,7 +70,6 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         "allocate caller memory",
     )?;
     let thp = anon_huge_bytes().saturating_sub(thp0);
-    let tag = format!("{}.{}", mode.name(), size_name(size));
     out.info(&format!("{tag}.thp_bytes"), thp);
     match mode {
         Mode::Thp if thp < size / 2 => {
@@ -152,6 +156,35 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         }
         out.seconds(mode, size, "uring.register", &reg);
         out.seconds(mode, size, "uring.unregister", &unreg);
+        // The same registration in rings of a fixed size, each ring set up
+        // inside the timing: where the cost per byte stops depending on
+        // the bytes per ring.
+        // At one size only: on 6.1 every ring's unregister waits a grace
+        // period (about 18 ms), so the sweep at every size would take the
+        // full bench past its VM's time limit.
+        for ring_bytes in RING_SWEEP {
+            if ring_bytes >= size || size != RING_SWEEP_SIZE {
+                continue;
+            }
+            let mut reg = Vec::new();
+            let mut unreg = Vec::new();
+            for i in 0..=reps.fast {
+                // SAFETY: as above.
+                let (r, u) = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
+                if i > 0 {
+                    reg.push(r);
+                    unreg.push(u);
+                }
+            }
+            let name = size_name(ring_bytes);
+            out.seconds(mode, size, &format!("uring.register.rings-{name}"), &reg);
+            out.seconds(
+                mode,
+                size,
+                &format!("uring.unregister.rings-{name}"),
+                &unreg,
+            );
+        }
     }
     numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
 
@@ -343,9 +376,131 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     ))
 }
 
+/// Ring sizes the raw registration is also measured in.
+const RING_SWEEP: [u64; 4] = [4 << 20, 16 << 20, 32 << 20, 64 << 20];
+/// The one region size the ring sweep runs at.
+const RING_SWEEP_SIZE: u64 = 1 << 30;
+
+/// Raw `IORING_REGISTER_BUFFERS` of `[addr, addr+len)` in rings of `ring`
+/// bytes (buffers of at most 1 GiB), each ring's `io_uring_setup` timed
+/// with its registration: bare rings (the fd only, no SQ/CQ mapped), as
+/// numapin makes them. Then every ring unregisters, one after the other,
+/// and closes: (register, unregister).
+///
+/// # Safety
+/// The memory must stay mapped until this returns.
+unsafe fn register_in_rings(
+    addr: usize,
+    len: usize,
+    ring: usize,
+) -> Result<(Duration, Duration), String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let register = |fd: &OwnedFd, opcode: u32, arg: *const libc::iovec, n: u32| {
+        // SAFETY: opcode 0 (IORING_REGISTER_BUFFERS) reads `n` iovecs at
+        // `arg`, 1 (UNREGISTER) reads nothing.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_io_uring_register, fd.as_raw_fd(), opcode, arg, n) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let t = Instant::now();
+    let mut rings = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let n = ring.min(len - off);
+        let iovecs: Vec<libc::iovec> = (off..off + n)
+            .step_by(1 << 30)
+            .map(|o| libc::iovec {
+                iov_base: (addr + o) as *mut libc::c_void,
+                iov_len: (1usize << 30).min(off + n - o),
+            })
+            .collect();
+        // struct io_uring_params: 120 bytes, zero asks for defaults.
+        let mut params = [0u32; 30];
+        // SAFETY: params is as large as the kernel's struct.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        if fd < 0 {
+            return Err(format!(
+                "io_uring_setup: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: a fresh fd of our own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // The caller keeps the memory mapped; unregistered below.
+        register(&fd, 0, iovecs.as_ptr(), iovecs.len() as u32)
+            .map_err(|e| format!("IORING_REGISTER_BUFFERS of {n:#x} bytes: {e}"))?;
+        rings.push(fd);
+        off += n;
+    }
+    let reg = t.elapsed();
+    let t = Instant::now();
+    for fd in &rings {
+        register(fd, 1, std::ptr::null(), 0)
+            .map_err(|e| format!("IORING_UNREGISTER_BUFFERS: {e}"))?;
+    }
+    let unreg = t.elapsed();
+    Ok((reg, unreg))
+}
+
+/// The figure every io_uring pin is judged against: raw
+/// `IORING_REGISTER_BUFFERS` (buffers of at most 1 GiB, one ring) of the
+/// same amount of base-page memory on the same node, with transparent
+/// hugepages off while it is allocated (the caller restores the mode).
+/// Not measured (and said so) when the node has no room for it.
+fn base_page_register(
+    out: &mut Out,
+    mode: Mode,
+    size: u64,
+    ctx: &Ctx,
+    reps: usize,
+) -> Result<(), String> {
+    let tag = format!("{}.{}", mode.name(), size_name(size));
+    let topo = e(Topology::read(), "topology")?;
+    let free = topo.require(ctx.home).map_or(0, |n| n.mem_free);
+    if free < size + (512 << 20) {
+        out.info(
+            &format!("{tag}.uring.register.base-pages"),
+            format!(
+                "not measured: needs {} MiB free, node has {} MiB",
+                (size + (512 << 20)) >> 20,
+                free >> 20
+            ),
+        );
+        return Ok(());
+    }
+    Mode::Base.apply()?;
+    let thp0 = anon_huge_bytes();
+    let mem = e(
+        NodeMemory::allocate(&topo, ctx.home, size, Mode::Base.page_size(), 0, None, None),
+        "allocate base-page memory",
+    )?;
+    let thp = anon_huge_bytes().saturating_sub(thp0);
+    if thp > 0 {
+        return Err(format!(
+            "the base-page reference memory came with {} MiB in transparent hugepages",
+            thp >> 20
+        ));
+    }
+    let ring = Uring::new()?;
+    // SAFETY: `mem` outlives the calls.
+    unsafe { ring.register_unregister(mem.addr(), size as usize) }?;
+    let mut reg = Vec::new();
+    for _ in 0..reps {
+        // SAFETY: as above.
+        reg.push(unsafe { ring.register_unregister(mem.addr(), size as usize) }?.0);
+    }
+    out.seconds(mode, size, "uring.register.base-pages", &reg);
+    Ok(())
+}
+
 /// numapin's own io_uring long-term pin (the path for mdev and no-IOMMU
 /// containers, which `MAP_DMA` does not pin), on the same memory: the
-/// library's `UringPin` and its release.
+/// library's `UringPin` and its release, and the rings (descriptors) it
+/// keeps per region.
 fn numapin_uring_pin(
     out: &mut Out,
     mode: Mode,
@@ -354,19 +509,40 @@ fn numapin_uring_pin(
     reps: usize,
 ) -> Result<(), String> {
     let mut pin = Vec::new();
+    let mut release = Vec::new();
+    let mut rings = 0;
     for i in 0..=reps {
         let t = Instant::now();
         // SAFETY: `mem` stays mapped until after the release below.
         let p = e(
-            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size) },
+            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size, mode.page_size()) },
             "UringPin::new",
         )?;
         let d = t.elapsed();
+        rings = p.rings();
+        let t = Instant::now();
         e(p.release(), "UringPin::release")?;
+        let rd = t.elapsed();
         if i > 0 {
             pin.push(d);
+            release.push(rd);
         }
     }
     out.seconds(mode, size, "numapin.uring-pin", &pin);
+    out.seconds(mode, size, "numapin.uring-release", &release);
+    out.measure(
+        mode.name(),
+        size,
+        "numapin.uring-rings",
+        "count",
+        &[rings as f64],
+    );
+    out.measure(
+        mode.name(),
+        size,
+        "numapin.uring-fds-per-gib",
+        "count",
+        &[numapin::uring::fds_per_gib(mode.page_size()) as f64],
+    );
     Ok(())
 }

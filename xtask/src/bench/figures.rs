@@ -13,6 +13,9 @@ pub const BALANCE: &str = "numa-balancing";
 
 /// Pin-only must stay within this factor of one raw `MAP_DMA`.
 pub const PIN_ONLY_MAX: f64 = 1.10;
+/// numapin's io_uring pin must stay within this factor of the raw
+/// `IORING_REGISTER_BUFFERS` of as much base-page memory (issue 14).
+pub const URING_PIN_MAX: f64 = 1.2;
 /// Prefault with the node's threads must be this much faster than one thread…
 pub const PREFAULT_MIN_SPEEDUP: f64 = 1.6;
 /// …for regions of at least this size…
@@ -293,6 +296,35 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 ),
                 None => target(format!("one-dma-entry.{tag}"), false, "not measured".into()),
             });
+            // 2b. numapin's io_uring pin within 1.2x of the raw registration
+            // of as much base-page memory, measured in the same phase (in the
+            // base phase that is the raw registration of the same memory).
+            let reference = if mode == "base" {
+                "uring.register"
+            } else {
+                "uring.register.base-pages"
+            };
+            let name = format!("uring-pin.{tag}");
+            out.push(
+                match (r.get(mode, size, "numapin.uring-pin"), r.median(mode, size, reference)) {
+                    (Some(f), Some(raw)) if raw > 0.0 => {
+                        let ratio = f.median / raw;
+                        let rings = r
+                            .median(mode, size, "numapin.uring-rings")
+                            .map_or(String::new(), |n| format!(", {n} ring(s)"));
+                        target(
+                            name,
+                            ratio <= URING_PIN_MAX,
+                            format!(
+                                "{ratio:.2}x raw REGISTER_BUFFERS of base pages (UringPin {:.3} ms{rings}, base-page register {:.3} ms; limit {URING_PIN_MAX:.1}x)",
+                                f.median * 1e3,
+                                raw * 1e3
+                            ),
+                        )
+                    }
+                    _ => target(name, false, "not measured".into()),
+                },
+            );
             // 3. Parallel prefault, for 256 MiB and more.
             if size >= PREFAULT_MIN_SIZE {
                 let name = format!("parallel-prefault.{tag}");
@@ -487,6 +519,13 @@ pub(crate) mod tests {
         report_with_service(pin, par, numapin_touch_faults, 0.105)
     }
 
+    /// [`report`] with numapin's io_uring pin taking `uring` seconds in
+    /// every mode (base's raw register 30 ms, the base-page reference of
+    /// the THP and hugetlb phases 25 ms).
+    pub fn report_with_uring(uring: f64) -> Report {
+        report_full(0.0105, 0.5, 6, 0.105, uring)
+    }
+
     /// The phases of a full run with one size.
     const PHASES: [&str; 5] = [
         "base.256M",
@@ -503,6 +542,16 @@ pub(crate) mod tests {
         par: f64,
         numapin_touch_faults: u64,
         svc_4k: f64,
+    ) -> Report {
+        report_full(pin, par, numapin_touch_faults, svc_4k, 0.027)
+    }
+
+    fn report_full(
+        pin: f64,
+        par: f64,
+        numapin_touch_faults: u64,
+        svc_4k: f64,
+        uring: f64,
     ) -> Report {
         let mut lines = vec![
             format!(
@@ -526,6 +575,10 @@ pub(crate) mod tests {
                 ("prefault.raw-split", "s", vec![0.6, 0.6, 0.6]),
                 ("prefault.threads", "count", vec![2.0]),
                 ("entries.numapin", "count", vec![1.0]),
+                ("uring.register", "s", vec![0.030, 0.031, 0.029]),
+                ("uring.register.base-pages", "s", vec![0.025, 0.025, 0.026]),
+                ("numapin.uring-pin", "s", vec![uring, uring, uring]),
+                ("numapin.uring-rings", "count", vec![16.0]),
                 ("entries.per-page", "count", vec![128.0]),
             ] {
                 lines.push(format!(
@@ -640,9 +693,45 @@ pub(crate) mod tests {
         let t = targets(&Results::from_report(&report(0.0105, 0.5, 6)));
         let missed: Vec<_> = t.iter().filter(|t| !t.met).collect();
         assert!(missed.is_empty(), "{missed:#?}");
-        // 3 modes x (pin-only, proof, one entry, prefault, its ceiling)
-        // + 2 balancing targets + the service's latency for 4K and 2M pages.
-        assert_eq!(t.len(), 19);
+        // 3 modes x (pin-only, proof, one entry, io_uring pin, prefault,
+        // its ceiling) + 2 balancing targets + the service's latency for 4K
+        // and 2M pages.
+        assert_eq!(t.len(), 22);
+    }
+
+    #[test]
+    fn the_uring_pin_is_judged_against_base_pages_of_the_same_phase() {
+        // 27 ms: 0.90x base's own raw register (30 ms), 1.08x the 25 ms
+        // base-page reference of THP and hugetlb: all met.
+        let t = targets(&Results::from_report(&report_with_uring(0.027)));
+        assert!(t.iter().all(|t| t.met), "{t:#?}");
+        let thp = t.iter().find(|t| t.name == "uring-pin.thp.256M").unwrap();
+        assert!(
+            thp.detail.starts_with(
+                "1.08x raw REGISTER_BUFFERS of base pages (UringPin 27.000 ms, 16 ring(s), base-page register 25.000 ms"
+            ),
+            "{}",
+            thp.detail
+        );
+        // 31 ms: 1.03x in base, 1.24x in THP and hugetlb.
+        let t = targets(&Results::from_report(&report_with_uring(0.031)));
+        let missed: Vec<&str> = t
+            .iter()
+            .filter(|t| !t.met)
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(missed, ["uring-pin.thp.256M", "uring-pin.hugetlb-2M.256M"]);
+        // Without the reference the target is missed, not skipped.
+        let text = [
+            r#"{"type":"plan","suite":"bench","kernel":"6.1","scenarios":["thp.64M"]}"#,
+            r#"{"type":"measure","mode":"thp","size":67108864,"metric":"floor.map","unit":"s","samples":[0.01]}"#,
+            r#"{"type":"measure","mode":"thp","size":67108864,"metric":"numapin.uring-pin","unit":"s","samples":[0.01]}"#,
+            r#"{"type":"done"}"#,
+        ]
+        .join("\n");
+        let t = targets(&Results::from_report(&Report::parse(&text)));
+        let u = t.iter().find(|t| t.name == "uring-pin.thp.64M").unwrap();
+        assert!(!u.met && u.detail == "not measured", "{u:?}");
     }
 
     #[test]

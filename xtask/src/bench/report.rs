@@ -6,7 +6,7 @@ use super::Machine;
 use super::figures::{
     DEFAULT_DMA_ENTRIES, Figure, MODES, PIN_ONLY_MAX, PREFAULT_MIN_SIZE, PREFAULT_MIN_SPEEDUP,
     Results, SERVICE_FACTOR, SERVICE_MODES, SERVICE_SLACK, SERVICE_THP, SERVICE_THROUGHPUT, Target,
-    floor_of, size_name,
+    URING_PIN_MAX, floor_of, size_name,
 };
 use crate::vmconfig::Shape;
 
@@ -56,9 +56,34 @@ pub const ROWS: &[(&str, &str)] = &[
     ("uring.register", "io_uring `REGISTER_BUFFERS` (raw)"),
     ("uring.unregister", "io_uring `UNREGISTER_BUFFERS` (raw)"),
     (
+        "uring.register.rings-4M",
+        "… raw, in rings of 4 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.register.rings-16M",
+        "… raw, in rings of 16 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.register.rings-32M",
+        "… raw, in rings of 32 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.register.rings-64M",
+        "… raw, in rings of 64 MiB (bare rings, each ring's setup timed)",
+    ),
+    (
+        "uring.unregister.rings-32M",
+        "… their `UNREGISTER_BUFFERS`, 32 MiB rings one after the other",
+    ),
+    (
+        "uring.register.base-pages",
+        "io_uring `REGISTER_BUFFERS` (raw) of as much base-page memory (the io_uring target's reference)",
+    ),
+    (
         "numapin.uring-pin",
         "numapin's io_uring pin (mdev / no-IOMMU containers)",
     ),
+    ("numapin.uring-release", "… its `release`"),
     ("prefault.1-thread", "prefault, 1 thread"),
     (
         "prefault.node-threads",
@@ -192,6 +217,21 @@ pub fn result_tables(r: &Results) -> String {
             }
             out.push('\n');
         }
+        let _ = write!(
+            out,
+            "| numapin's io_uring rings (fds) per region, most per GiB |"
+        );
+        for s in &sizes {
+            let c = match (
+                r.median(mode, *s, "numapin.uring-rings"),
+                r.median(mode, *s, "numapin.uring-fds-per-gib"),
+            ) {
+                (Some(n), Some(g)) => format!("{n} ({g}/GiB)"),
+                _ => "–".into(),
+            };
+            let _ = write!(out, " {c} |");
+        }
+        out.push('\n');
         let _ = write!(out, "| THP-backed share of the caller memory |");
         for s in &sizes {
             let thp: f64 = r
@@ -587,7 +627,8 @@ pub fn markdown(p: &Page) -> String {
         "\nThe targets: pin-only (`pin_user` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
          the raw ioctl; one DMA mapping per region whatever its size; prefault with the \
          node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread for \
-         {} or more; no hinting faults or migrations attributable to numapin regions; allocating \
+         {} or more; numapin's io_uring pin within {URING_PIN_MAX:.1}× of raw `IORING_REGISTER_BUFFERS` \
+         of as much base-page memory in the same phase; no hinting faults or migrations attributable to numapin regions; allocating \
          through numapind within {SERVICE_FACTOR:.1}× the library pinning the same memfd \
          in-process plus {:.0} ms. \
          `cargo xtask bench` exits non-zero and names each missed target.\n\n",
@@ -662,7 +703,11 @@ pub fn markdown(p: &Page) -> String {
          - **io_uring**: `IORING_REGISTER_BUFFERS` of the same memory in buffers of at \
          most 1 GiB (the io_uring long-term pin), then `UNREGISTER`; and numapin's own \
          io_uring pin (`uring::UringPin`, used for mdev and no-IOMMU containers) on the \
-         same memory.\n\
+         same memory. Beside them the raw registration in rings of 4, 16, 32 and 64 MiB \
+         (where registering compound pages stops costing more per byte on kernels \
+         whose accounting scans the ring), and, in the THP and hugetlb phases, the raw \
+         registration of as much base-page memory on the same node (THP off while it is \
+         allocated), the reference of the io_uring target.\n\
          - **prefault**: `NodeMemory::allocate` (mmap, `mbind`, `MADV_POPULATE_WRITE`) \
          with one thread, and with one thread per CPU of node 0. Beside them, the \
          ceiling of this VM without numapin's prefault code: one thread per CPU of \
