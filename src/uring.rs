@@ -63,7 +63,7 @@
 
 use std::io;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use crate::PageSize;
 use crate::error::{Error, Result};
@@ -111,33 +111,16 @@ impl std::fmt::Debug for UringPin {
 /// One io_uring instance used only to hold registered buffers: the fd of
 /// `io_uring_setup` with one entry, its submission and completion rings
 /// never mapped (nothing is ever submitted), which saves three `mmap`s and
-/// `munmap`s per ring.
+/// `munmap`s per ring. The io-uring crate always maps them; rustix's
+/// `io_uring_setup` and `io_uring_register` are the bare calls.
 struct Ring(OwnedFd);
-
-/// `IORING_REGISTER_BUFFERS` and `IORING_UNREGISTER_BUFFERS`
-/// (`include/uapi/linux/io_uring.h`).
-const IORING_REGISTER_BUFFERS: libc::c_uint = 0;
-const IORING_UNREGISTER_BUFFERS: libc::c_uint = 1;
 
 impl Ring {
     fn new() -> io::Result<Ring> {
-        // `struct io_uring_params` is 120 bytes; all zero asks for the
-        // defaults.
-        let mut params = [0u32; 30];
-        // SAFETY: `params` is as large as the kernel's struct and outlives
-        // the call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_io_uring_setup,
-                1 as libc::c_uint,
-                params.as_mut_ptr(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor of our own.
-        Ok(Ring(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) }))
+        let mut params = rustix::io_uring::io_uring_params::default();
+        // SAFETY: `params` is the kernel's struct, all zero: the defaults.
+        let fd = unsafe { rustix::io_uring::io_uring_setup(1, &mut params) }?;
+        Ok(Ring(fd))
     }
 
     /// # Safety
@@ -146,38 +129,28 @@ impl Ring {
     unsafe fn register(&self, iov: &[libc::iovec]) -> io::Result<()> {
         // SAFETY: the kernel reads `iov.len()` iovecs; the caller keeps
         // the memory they describe mapped.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_io_uring_register,
-                self.0.as_raw_fd(),
-                IORING_REGISTER_BUFFERS,
-                iov.as_ptr(),
-                iov.len() as libc::c_uint,
+        unsafe {
+            rustix::io_uring::io_uring_register(
+                &self.0,
+                rustix::io_uring::IoringRegisterOp::RegisterBuffers,
+                iov.as_ptr().cast(),
+                iov.len() as u32,
             )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        }?;
+        Ok(())
     }
 
     fn unregister(&self) -> io::Result<()> {
         // SAFETY: this opcode takes no argument.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_io_uring_register,
-                self.0.as_raw_fd(),
-                IORING_UNREGISTER_BUFFERS,
-                std::ptr::null::<libc::c_void>(),
-                0 as libc::c_uint,
+        unsafe {
+            rustix::io_uring::io_uring_register(
+                &self.0,
+                rustix::io_uring::IoringRegisterOp::UnregisterBuffers,
+                std::ptr::null(),
+                0,
             )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        }?;
+        Ok(())
     }
 }
 
