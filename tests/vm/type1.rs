@@ -603,21 +603,27 @@ pub(crate) fn toucher(
         let _ = sys::set_thread_affinity(&cpus);
         let mut passes = 0;
         while !stop.load(Ordering::Relaxed) {
-            for &(a, l) in &addrs {
-                for off in (0..l).step_by(4096) {
-                    // SAFETY: the pages belong to regions the scenario owns and
-                    // keeps alive until this thread is joined; volatile access,
-                    // no references.
-                    unsafe {
-                        let p = (a + off) as *mut u8;
-                        std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
-                    }
-                }
+            for &range in &addrs {
+                touch_pass(range);
             }
             passes += 1;
         }
         passes
     })
+}
+
+/// One read-modify-write of a byte in every 4 KiB page of `(addr, len)`.
+/// The pages belong to regions a scenario owns and keeps mapped until the
+/// touching thread is joined.
+fn touch_pass((a, l): (usize, usize)) {
+    for off in (0..l).step_by(4096) {
+        // SAFETY: as above: mapped, owned by the scenario; volatile
+        // access, no references.
+        unsafe {
+            let p = (a + off) as *mut u8;
+            std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
+        }
+    }
 }
 
 /// A thread's NUMA hinting faults as the scheduler counts them
@@ -652,14 +658,7 @@ pub(crate) fn counted_toucher(
         };
         let (mut passes, mut most) = (0, own_numa_faults(&sched));
         while !stop.load(Ordering::Relaxed) {
-            for off in (0..range.1).step_by(4096) {
-                // SAFETY: as in `toucher`: a range the scenario keeps
-                // mapped until this thread is joined; volatile access.
-                unsafe {
-                    let p = (range.0 + off) as *mut u8;
-                    std::ptr::write_volatile(p, std::ptr::read_volatile(p).wrapping_add(1));
-                }
-            }
+            touch_pass(range);
             passes += 1;
             most = most.max(own_numa_faults(&sched));
         }
