@@ -86,6 +86,64 @@ pub fn floor_of(metric: &str) -> &'static str {
     }
 }
 
+/// A least-squares line `time = intercept + slope × size` through
+/// `(bytes, seconds)` points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fit {
+    /// Seconds per byte.
+    pub slope: f64,
+    /// Seconds.
+    pub intercept: f64,
+    /// Coefficient of determination.
+    pub r2: f64,
+    /// The point farthest from the line, as a signed share of the line's
+    /// value there.
+    pub worst: f64,
+    /// The slope of ln time against ln size from the smallest to the
+    /// largest point: 1 for linear growth, 2 for quadratic.
+    pub exponent: f64,
+}
+
+/// Fits [`Fit`] to at least three points with distinct sizes and
+/// positive times; `None` otherwise.
+pub fn linear_fit(points: &[(f64, f64)]) -> Option<Fit> {
+    if points.len() < 3 || points.iter().any(|p| p.0 <= 0.0 || p.1 <= 0.0) {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    if slope <= 0.0 {
+        return None;
+    }
+    let intercept = my - slope * mx;
+    let line = |x: f64| intercept + slope * x;
+    let ss_res: f64 = points.iter().map(|p| (p.1 - line(p.0)).powi(2)).sum();
+    let r2 = if syy > 0.0 { 1.0 - ss_res / syy } else { 1.0 };
+    let worst = points
+        .iter()
+        .map(|p| (p.1 - line(p.0)) / line(p.0))
+        .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+        .unwrap_or(0.0);
+    let lo = points.iter().min_by(|a, b| a.0.total_cmp(&b.0))?;
+    let hi = points.iter().max_by(|a, b| a.0.total_cmp(&b.0))?;
+    let exponent = (hi.1 / lo.1).ln() / (hi.0 / lo.0).ln();
+    Some(Fit {
+        slope,
+        intercept,
+        r2,
+        worst,
+        exponent,
+    })
+}
+
 /// Everything one bench run measured.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -663,6 +721,27 @@ pub(crate) mod tests {
         }
         lines.push(r#"{"type":"done"}"#.into());
         Report::parse(&lines.join("\n"))
+    }
+
+    #[test]
+    fn a_linear_fit_finds_throughput_fixed_cost_and_growth() {
+        // 1 ms fixed plus 1 GB/s.
+        let pts: Vec<(f64, f64)> = [64e6, 256e6, 1e9, 2e9]
+            .iter()
+            .map(|&b| (b, 1e-3 + b / 1e9))
+            .collect();
+        let f = linear_fit(&pts).unwrap();
+        assert!((1e-9 / f.slope - 1.0).abs() < 1e-9, "{f:?}");
+        assert!((f.intercept - 1e-3).abs() < 1e-9, "{f:?}");
+        assert!((f.r2 - 1.0).abs() < 1e-9 && f.worst.abs() < 1e-9, "{f:?}");
+        assert!((f.exponent - 1.0).abs() < 0.02, "{f:?}");
+        // Quadratic growth shows in the exponent and in the misses.
+        let q: Vec<(f64, f64)> = [1.0, 2.0, 4.0, 8.0].iter().map(|&x| (x, x * x)).collect();
+        let f = linear_fit(&q).unwrap();
+        assert!((f.exponent - 2.0).abs() < 1e-9, "{f:?}");
+        assert!(f.worst.abs() > 0.2, "{f:?}");
+        assert_eq!(linear_fit(&pts[..2]), None);
+        assert_eq!(linear_fit(&[(1.0, 1.0), (1.0, 2.0), (1.0, 3.0)]), None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! The bench plot: one panel per page mode, region size against time as a
-//! multiple of the floor (one raw `MAP_DMA`), both axes logarithmic. SVG,
-//! so that no fonts or image libraries are needed to draw it.
+//! The bench plot: a row of panels per kernel, one panel per page mode,
+//! region size against time as a multiple of that kernel's floor (one raw
+//! `MAP_DMA`), both axes logarithmic and shared by every panel. SVG, so
+//! that no fonts or image libraries are needed to draw it.
 
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 
+use super::KernelRun;
 use super::figures::{MODES, PIN_ONLY_MAX, Results};
 
 /// The plotted series: metric and legend label.
@@ -53,26 +55,29 @@ fn size_label(log2: f64) -> String {
     super::figures::size_name(1u64 << log2.round() as u32)
 }
 
-/// Writes the plot to `path`.
-pub fn svg(r: &Results, path: &Path) -> Result<()> {
-    draw(r, path).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+/// Writes the plot of `runs` to `path`.
+pub fn svg(runs: &[KernelRun], path: &Path) -> Result<()> {
+    draw(runs, path).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
 }
 
-fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1500, 560)).into_drawing_area();
+fn draw(runs: &[KernelRun], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = runs.len().max(1);
+    let root = SVGBackend::new(path, (1500, 40 + 520 * rows as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let (title, body) = root.split_vertically(40);
     title.draw(&Text::new(
-        "numapin: time as a multiple of one raw VFIO_IOMMU_MAP_DMA (same VM run, medians)",
+        "numapin: time as a multiple of one raw VFIO_IOMMU_MAP_DMA (same VM run and kernel, medians)",
         (20, 12),
         ("sans-serif", 20),
     ))?;
-    let all: Vec<(f64, f64)> = MODES
+    let all: Vec<(f64, f64)> = runs
         .iter()
-        .flat_map(|m| {
-            SERIES
-                .iter()
-                .flat_map(move |(metric, _)| points(r, m, metric))
+        .flat_map(|run| {
+            MODES.iter().flat_map(move |m| {
+                SERIES
+                    .iter()
+                    .flat_map(move |(metric, _)| points(&run.results, m, metric))
+            })
         })
         .collect();
     let (xmin, xmax) = all
@@ -91,10 +96,30 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         ((ymin / 1.5).min(0.5), (ymax * 1.5).max(2.0))
     };
-    let panels = body.split_evenly((1, MODES.len()));
+    for (row, (area, run)) in body.split_evenly((rows, 1)).iter().zip(runs).enumerate() {
+        panel_row(area, run, row == 0, (xmin, xmax), (ymin, ymax))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// One kernel's row: a panel per page mode, the legend in the first
+/// panel of the first row.
+fn panel_row(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    run: &KernelRun,
+    legend: bool,
+    (xmin, xmax): (f64, f64),
+    (ymin, ymax): (f64, f64),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let r = &run.results;
+    let panels = area.split_evenly((1, MODES.len()));
     for (i, (panel, mode)) in panels.iter().zip(MODES).enumerate() {
         let mut chart = ChartBuilder::on(panel)
-            .caption(mode, ("sans-serif", 18))
+            .caption(
+                format!("{mode} on {} ({})", run.label, run.release),
+                ("sans-serif", 16),
+            )
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(if i == 0 { 60 } else { 40 })
@@ -124,14 +149,14 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
             let series = chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
-            if i == 0 {
+            if i == 0 && legend {
                 series.label(*label).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
             }
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
-        if i == 0 {
+        if i == 0 && legend {
             chart
                 .configure_series_labels()
                 .position(SeriesLabelPosition::UpperLeft)
@@ -141,7 +166,6 @@ fn draw(r: &Results, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .draw()?;
         }
     }
-    root.present()?;
     Ok(())
 }
 
@@ -152,15 +176,30 @@ mod tests {
 
     #[test]
     fn writes_an_svg_with_every_panel() {
-        let r = Results::from_report(&report(0.0105, 0.5, 6));
+        let runs = [
+            KernelRun::for_test(
+                "6.1.0-56-amd64",
+                Results::from_report(&report(0.0105, 0.5, 6)),
+            ),
+            KernelRun::for_test(
+                "7.3.4+deb13-amd64",
+                Results::from_report(&report(0.011, 0.5, 6)),
+            ),
+        ];
         let path = std::env::temp_dir().join(format!("numapin-plot-{}.svg", std::process::id()));
-        svg(&r, &path).unwrap();
+        svg(&runs, &path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
         assert_eq!(size_label(30.0), "1G");
         assert_eq!(size_label(28.5), "");
-        for want in ["base", "thp", "hugetlb-2M", "numapin pin only", "256M"] {
+        for want in [
+            "base on 6.1",
+            "thp on 7.3",
+            "hugetlb-2M",
+            "numapin pin only",
+            "256M",
+        ] {
             assert!(text.contains(want), "no {want:?} in the SVG");
         }
     }

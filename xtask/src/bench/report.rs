@@ -2,12 +2,12 @@
 
 use std::fmt::Write as _;
 
-use super::Machine;
 use super::figures::{
-    DEFAULT_DMA_ENTRIES, Figure, MODES, PIN_ONLY_MAX, PREFAULT_MIN_SIZE, PREFAULT_MIN_SPEEDUP,
-    Results, SERVICE_FACTOR, SERVICE_MODES, SERVICE_SLACK, SERVICE_THP, SERVICE_THROUGHPUT, Target,
-    URING_PIN_MAX, floor_of, size_name,
+    DEFAULT_DMA_ENTRIES, Figure, MODES, PIN_ONLY_MAX, PREFAULT_CEILING, PREFAULT_MIN_SIZE,
+    PREFAULT_MIN_SPEEDUP, PROOF_MAX, PROOF_SLACK, Results, SERVICE_FACTOR, SERVICE_MODES,
+    SERVICE_SLACK, SERVICE_THP, SERVICE_THROUGHPUT, URING_PIN_MAX, floor_of, linear_fit, size_name,
 };
+use super::{KernelRun, Machine};
 use crate::vmconfig::Shape;
 
 /// The timed rows of the result tables, in order, with their labels.
@@ -109,39 +109,44 @@ pub fn duration(secs: f64) -> String {
     }
 }
 
-/// Every figure, one line each; samples space-separated.
-pub fn csv(r: &Results) -> String {
+/// Every figure of every kernel's run, one line each; samples
+/// space-separated.
+pub fn csv(runs: &[KernelRun]) -> String {
     let mut out = String::from(
-        "mode,size_bytes,size,metric,unit,n,median,min,max,floor_metric,ratio_to_floor,samples\n",
+        "kernel,mode,size_bytes,size,metric,unit,n,median,min,max,floor_metric,ratio_to_floor,samples\n",
     );
     let order = |mode: &str| MODES.iter().position(|m| *m == mode).unwrap_or(MODES.len());
-    let mut figures: Vec<_> = r.figures.iter().collect();
-    figures.sort_by(|a, b| {
-        (order(&a.mode), a.size, &a.metric).cmp(&(order(&b.mode), b.size, &b.metric))
-    });
-    for f in figures {
-        let ratio = r.ratio(f);
-        let samples: Vec<String> = f.samples.iter().map(|s| format!("{s}")).collect();
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
-            f.mode,
-            f.size,
-            size_name(f.size),
-            f.metric,
-            f.unit,
-            f.samples.len(),
-            f.median,
-            f.min,
-            f.max,
-            if ratio.is_some() {
-                floor_of(&f.metric)
-            } else {
-                ""
-            },
-            ratio.map(|r| format!("{r:.4}")).unwrap_or_default(),
-            samples.join(" ")
-        );
+    for run in runs {
+        let r = &run.results;
+        let mut figures: Vec<_> = r.figures.iter().collect();
+        figures.sort_by(|a, b| {
+            (order(&a.mode), a.size, &a.metric).cmp(&(order(&b.mode), b.size, &b.metric))
+        });
+        for f in figures {
+            let ratio = r.ratio(f);
+            let samples: Vec<String> = f.samples.iter().map(|s| format!("{s}")).collect();
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                run.release,
+                f.mode,
+                f.size,
+                size_name(f.size),
+                f.metric,
+                f.unit,
+                f.samples.len(),
+                f.median,
+                f.min,
+                f.max,
+                if ratio.is_some() {
+                    floor_of(&f.metric)
+                } else {
+                    ""
+                },
+                ratio.map(|r| format!("{r:.4}")).unwrap_or_default(),
+                samples.join(" ")
+            );
+        }
     }
     out
 }
@@ -211,6 +216,25 @@ pub fn result_tables(r: &Results) -> String {
                 let threads = r.median(mode, *s, "prefault.threads").unwrap_or(0.0);
                 let c = match (one, all) {
                     (Some(o), Some(a)) if a > 0.0 => format!("{:.2}× ({threads} threads)", o / a),
+                    _ => "–".into(),
+                };
+                let _ = write!(out, " {c} |");
+            }
+            out.push('\n');
+        }
+        for (label, metric) in [
+            ("pin throughput, pin only (GB/s)", "numapin.pin-only"),
+            ("pin throughput, full proof (GB/s)", "numapin.pin-proved"),
+            ("raw `MAP_DMA` throughput (GB/s)", "floor.map"),
+            (
+                "prefault throughput, node threads (GB/s)",
+                "prefault.node-threads",
+            ),
+        ] {
+            let _ = write!(out, "| {label} |");
+            for s in &sizes {
+                let c = match r.median(mode, *s, metric) {
+                    Some(t) if t > 0.0 => format!("{:.2}", *s as f64 / t / 1e9),
                     _ => "–".into(),
                 };
                 let _ = write!(out, " {c} |");
@@ -587,51 +611,122 @@ fn shmem_conclusion(r: &Results, v: &[(u64, f64, f64)]) -> String {
 
 /// Everything `docs/benchmarks.md` is made of.
 pub struct Page<'a> {
-    pub results: &'a Results,
-    pub targets: &'a [Target],
+    /// One run per kernel, in report order.
+    pub runs: &'a [KernelRun],
     pub machine: &'a Machine,
     pub shape: &'a Shape,
     /// Paths relative to the page.
     pub svg: &'a str,
     pub csv: &'a str,
-    pub vm_secs: f64,
+}
+
+/// The metrics whose growth with region size the fit table states.
+const GROWTH: &[(&str, &str)] = &[
+    ("floor.map", "raw `MAP_DMA` (the floor)"),
+    ("numapin.pin-only", "numapin pin only"),
+    ("numapin.pin-proved", "numapin pin, full proof"),
+    ("numapin.uring-pin", "numapin io_uring pin"),
+    ("prefault.node-threads", "prefault, node threads"),
+];
+
+/// How each kernel's times grow with region size: a least-squares line
+/// through the medians, its slope as GB/s, and how far the medians stray
+/// from it.
+pub fn growth_table(runs: &[KernelRun]) -> String {
+    let mut out = String::from(
+        "| kernel | page mode | what | sizes | GB/s (slope) | fixed cost | R² | largest miss of the line | exponent |\n\
+         | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for run in runs {
+        for mode in MODES {
+            for (metric, label) in GROWTH {
+                let pts: Vec<(f64, f64)> = run
+                    .results
+                    .sizes_of(mode, metric)
+                    .into_iter()
+                    .filter_map(|s| Some((s as f64, run.results.median(mode, s, metric)?)))
+                    .collect();
+                let Some(fit) = linear_fit(&pts) else {
+                    continue;
+                };
+                let sizes: Vec<String> = pts.iter().map(|p| size_name(p.0 as u64)).collect();
+                let _ = writeln!(
+                    out,
+                    "| {} | {mode} | {label} | {} | {:.2} | {} | {:.4} | {:+.1} % | {:.2} |",
+                    run.label,
+                    sizes.join(", "),
+                    1e-9 / fit.slope,
+                    if fit.intercept >= 0.0 {
+                        duration(fit.intercept)
+                    } else {
+                        "below 0".into()
+                    },
+                    fit.r2,
+                    (1000.0 * fit.worst).round() / 10.0 + 0.0,
+                    fit.exponent
+                );
+            }
+        }
+    }
+    out.push_str(
+        "\nEach line is fitted to the medians by least squares: time = fixed cost + size / \
+         throughput. \"Largest miss\" is the median farthest from the line, as a share of the \
+         line's value there; \"exponent\" is the slope of log time against log size between \
+         the smallest and largest region (1.00 is linear, 2.00 quadratic; a fixed cost pulls it \
+         below 1). A fixed cost \"below 0\" means the times grow faster than a line. The \
+         largest region is the largest that fits node 0 of the bench VM beside the bench's \
+         other memory.\n",
+    );
+    out
 }
 
 pub fn markdown(p: &Page) -> String {
-    let r = p.results;
     let m = p.machine;
+    let kernels: Vec<String> = p
+        .runs
+        .iter()
+        .map(|r| format!("{} ({})", r.label, r.release))
+        .collect();
     let mut out = String::new();
-    out.push_str(
+    let _ = write!(
+        out,
         "# numapin benchmarks\n\n\
          <!-- Generated by `cargo xtask bench` (xtask/src/bench/report.rs); do not edit by hand. -->\n\n\
          What pinning costs with numapin, against the floor: one raw \
-         `VFIO_IOMMU_MAP_DMA` ioctl on memory that is already faulted in. Every figure is \
-         the median of repeated runs in one boot of the bench VM, and every time is also \
-         given as a ratio to the floor measured in the same run, for the same page mode \
-         and region size (unmapping, unregistering and releasing against the floor's \
-         `UNMAP_DMA`). Run it with `cargo xtask bench`.\n\n",
+         `VFIO_IOMMU_MAP_DMA` ioctl on memory that is already faulted in. The bench VM \
+         boots once per kernel ({}); every figure is the median of repeated runs in that \
+         boot, with its spread (min–max) in the CSV and the service tables, and every time \
+         is also given as a ratio to the floor measured in the same run on the same kernel, \
+         for the same page mode and region size (unmapping, unregistering and releasing \
+         against the floor's `UNMAP_DMA`). Run it with `cargo xtask bench`.\n\n",
+        kernels.join(", ")
     );
 
-    out.push_str("## Targets\n\n| target | | result |\n| --- | --- | --- |\n");
-    for t in p.targets {
-        let _ = writeln!(
-            out,
-            "| `{}` | {} | {} |",
-            t.name,
-            if t.met { "met" } else { "**missed**" },
-            t.detail
-        );
+    out.push_str("## Targets\n\n| kernel | target | | result |\n| --- | --- | --- | --- |\n");
+    for run in p.runs {
+        for t in &run.targets {
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {} | {} |",
+                run.label,
+                t.name,
+                if t.met { "met" } else { "**missed**" },
+                t.detail
+            );
+        }
     }
     let _ = write!(
         out,
-        "\nThe targets: pin-only (`pin_user` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
-         the raw ioctl; one DMA mapping per region whatever its size; prefault with the \
-         node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread for \
-         {} or more; numapin's io_uring pin within {URING_PIN_MAX:.1}× of raw `IORING_REGISTER_BUFFERS` \
+        "\nThe targets, on each kernel: pin-only (`pin_user` with `Proof::None` on caller memory) within {PIN_ONLY_MAX:.2}× of \
+         the raw ioctl; the pin with its full proof within {PROOF_MAX:.1}× of it or at most {:.0} ms over it; \
+         one DMA mapping per region whatever its size; prefault with the \
+         node's two vCPUs at least {PREFAULT_MIN_SPEEDUP:.1}× faster than one thread, and at least \
+         {:.0} % of the same split done without numapin, for {} or more; numapin's io_uring pin within {URING_PIN_MAX:.1}× of raw `IORING_REGISTER_BUFFERS` \
          of as much base-page memory in the same phase; no hinting faults or migrations attributable to numapin regions; allocating \
-         through numapind within {SERVICE_FACTOR:.1}× the library pinning the same memfd \
-         in-process plus {:.0} ms. \
+         through numapind within {SERVICE_FACTOR:.1}× the daemon's own pin plus {:.0} ms. \
          `cargo xtask bench` exits non-zero and names each missed target.\n\n",
+        PROOF_SLACK * 1e3,
+        PREFAULT_CEILING * 100.0,
         size_name(PREFAULT_MIN_SIZE),
         SERVICE_SLACK * 1e3
     );
@@ -652,9 +747,7 @@ pub fn markdown(p: &Page) -> String {
          | machine | q35, `intel-iommu` (interrupt remapping, caching mode), QEMU `edu` DMA device bound to vfio-pci |\n\
          | NUMA | node 0: vCPUs {}, {} MiB; node 1: vCPUs {}, {} MiB |\n\
          | hugepages | `{}` |\n\
-         | guest kernel | {} ({}) |\n\
-         | regions | on node 0; IOVA 0x100000000 for the raw mappings |\n\
-         | VM run time | {:.0} s |\n\n",
+         | regions | on node 0; IOVA 0x100000000 for the raw mappings |\n",
         m.host_cpu,
         m.host_cores,
         m.host_mem_gib,
@@ -664,12 +757,23 @@ pub fn markdown(p: &Page) -> String {
         cpus(1),
         shape.node_mib[1],
         shape.hugepages,
-        m.guest_kernel,
-        m.kernel_origin,
-        p.vm_secs
     );
-    if let Some(left) = r.info("sizes.left-out").filter(|s| !s.is_empty()) {
-        let _ = writeln!(out, "Sizes left out (they do not fit the VM): {left}.\n");
+    for run in p.runs {
+        let _ = writeln!(
+            out,
+            "| guest kernel {} | {} ({}); VM ran {:.0} s |",
+            run.label, run.release, run.origin, run.vm_secs
+        );
+    }
+    out.push('\n');
+    for run in p.runs {
+        if let Some(left) = run.results.info("sizes.left-out").filter(|s| !s.is_empty()) {
+            let _ = writeln!(
+                out,
+                "Sizes left out on {} (they do not fit the VM): {left}.\n",
+                run.label
+            );
+        }
     }
     out.push_str(
         "Under TCG every guest instruction is emulated, so absolute times are far above \
@@ -680,11 +784,15 @@ pub fn markdown(p: &Page) -> String {
     out.push_str("## Plot\n\n");
     let _ = writeln!(
         out,
-        "![time relative to one raw MAP_DMA, per page mode and region size]({})\n",
+        "![time relative to one raw MAP_DMA, per kernel, page mode and region size]({})\n",
         p.svg
     );
 
-    out.push_str("## Results\n\n");
+    out.push_str("## How the time grows with region size\n\n");
+    out.push_str(&growth_table(p.runs));
+    out.push('\n');
+
+    out.push_str("## What the rows measure\n\n");
     out.push_str(
         "- **floor**: one `VFIO_IOMMU_MAP_DMA` of the whole region on memory bound to \
          node 0 and faulted in, through a type1v2 container opened with vfio-ioctls \
@@ -715,25 +823,32 @@ pub fn markdown(p: &Page) -> String {
          share with one `MADV_POPULATE_WRITE`; its ratio to numapin's one thread is \
          what two vCPUs on this host can give at all.\n\n",
     );
-    out.push_str(&result_tables(r));
 
-    out.push_str("## DMA mappings\n\n");
-    out.push_str(&entries_table(r));
-    out.push('\n');
+    for run in p.runs {
+        let r = &run.results;
+        let _ = writeln!(out, "## Results on {} ({})\n", run.label, run.release);
+        out.push_str(&result_tables(r));
 
-    out.push_str("## NUMA balancing\n\n");
-    out.push_str(&balance_table(r));
-    out.push('\n');
-
-    if let Some(service) = service_section(r) {
-        out.push_str("## The pinning service\n\n");
-        out.push_str(&service);
+        out.push_str("### DMA mappings\n\n");
+        out.push_str(&entries_table(r));
         out.push('\n');
+
+        if r.balance("numapin.pages-moved").is_some() {
+            out.push_str("### NUMA balancing\n\n");
+            out.push_str(&balance_table(r));
+            out.push('\n');
+        }
+
+        if let Some(service) = service_section(r) {
+            out.push_str("### The pinning service\n\n");
+            out.push_str(&service);
+            out.push('\n');
+        }
     }
 
     let _ = writeln!(
         out,
-        "## Raw data\n\n[{}]({}): one line per figure (mode, size, metric, unit, samples, \
+        "## Raw data\n\n[{}]({}): one line per figure (kernel, mode, size, metric, unit, samples, \
          median, min, max, the floor it is compared with, and the ratio).",
         p.csv, p.csv
     );
@@ -802,7 +917,7 @@ fn service_breakdown(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::figures::{targets, tests::report};
+    use crate::bench::figures::tests::report;
     use crate::vmconfig::BENCH_SHAPE;
 
     fn machine() -> Machine {
@@ -811,9 +926,49 @@ mod tests {
             host_cores: 2,
             host_mem_gib: 23.4,
             qemu: "QEMU emulator version 7.2.22".into(),
-            guest_kernel: "6.12.95".into(),
-            kernel_origin: "linux-source-6.12".into(),
         }
+    }
+
+    #[test]
+    fn growth_is_fitted_per_kernel_and_mode() {
+        let fig = |metric: &str, size: u64, t: f64| Figure {
+            mode: "base".into(),
+            size,
+            metric: metric.into(),
+            unit: "s".into(),
+            samples: vec![t],
+            median: t,
+            min: t,
+            max: t,
+        };
+        // 2 ms fixed plus 4 GB/s; the proof grows quadratically.
+        let mut figures = Vec::new();
+        for size in [64u64 << 20, 256 << 20, 1 << 30] {
+            figures.push(fig("floor.map", size, 2e-3 + size as f64 / 4e9));
+            figures.push(fig(
+                "numapin.pin-proved",
+                size,
+                (size as f64 / (64u64 << 20) as f64).powi(2),
+            ));
+        }
+        let run = KernelRun::for_test(
+            "7.3.4+deb13-amd64",
+            Results {
+                figures,
+                ..Results::default()
+            },
+        );
+        let t = growth_table(&[run]);
+        assert!(
+            t.contains("| 7.3 | base | raw `MAP_DMA` (the floor) | 64M, 256M, 1G | 4.00 | 2.00 ms | 1.0000 | +0.0 % | 0.96 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| 7.3 | base | numapin pin, full proof | 64M, 256M, 1G |")
+                && t.contains("| 2.00 |"),
+            "{t}"
+        );
+        assert!(!t.contains("prefault"), "{t}");
     }
 
     #[test]
@@ -826,38 +981,63 @@ mod tests {
 
     #[test]
     fn csv_has_a_line_per_figure_with_ratios() {
-        let r = Results::from_report(&report(0.0105, 0.5, 6));
-        let text = csv(&r);
+        let runs = [
+            KernelRun::for_test(
+                "6.1.0-56-amd64",
+                Results::from_report(&report(0.0105, 0.5, 6)),
+            ),
+            KernelRun::for_test(
+                "7.3.4+deb13-amd64",
+                Results::from_report(&report(0.0105, 0.5, 6)),
+            ),
+        ];
+        let text = csv(&runs);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 1 + r.figures.len());
-        assert!(lines[0].starts_with("mode,size_bytes,size,metric"));
+        assert_eq!(lines.len(), 1 + 2 * runs[0].results.figures.len());
+        assert!(lines[0].starts_with("kernel,mode,size_bytes,size,metric"));
         let pin = lines
             .iter()
-            .find(|l| l.starts_with("base,268435456,256M,numapin.pin-only,s,3,"))
+            .find(|l| l.starts_with("7.3.4+deb13-amd64,base,268435456,256M,numapin.pin-only,s,3,"))
             .unwrap();
         assert!(
             pin.ends_with(",floor.map,1.0500,0.0105 0.0105 0.0105"),
             "{pin}"
         );
-        assert!(lines.iter().any(|l| l.starts_with("numa-balancing,")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("6.1.0-56-amd64,numa-balancing,"))
+        );
     }
 
     #[test]
     fn markdown_has_targets_machine_plot_tables_and_raw_data() {
-        let r = Results::from_report(&report(0.0125, 0.5, 6));
-        let t = targets(&r);
+        let runs = [
+            KernelRun::for_test(
+                "6.1.0-56-amd64",
+                Results::from_report(&report(0.0125, 0.5, 6)),
+            ),
+            KernelRun::for_test(
+                "7.3.4+deb13-amd64",
+                Results::from_report(&report(0.0105, 0.5, 6)),
+            ),
+        ];
         let md = markdown(&Page {
-            results: &r,
-            targets: &t,
+            runs: &runs,
             machine: &machine(),
             shape: &BENCH_SHAPE,
             svg: "benchmarks/bench.svg",
             csv: "benchmarks/bench.csv",
-            vm_secs: 600.0,
         });
         for want in [
-            "| `pin-only.base.256M` | **missed** | 1.25x raw MAP_DMA",
-            "| `one-dma-entry.thp.256M` | met |",
+            "| 6.1 | `pin-only.base.256M` | **missed** | 1.25x raw MAP_DMA",
+            "| 7.3 | `pin-only.base.256M` | met | 1.05x raw MAP_DMA",
+            "| 6.1 | `one-dma-entry.thp.256M` | met |",
+            "| guest kernel 7.3 | 7.3.4+deb13-amd64 (test); VM ran 600 s |",
+            "## Results on 6.1 (6.1.0-56-amd64)",
+            "## Results on 7.3 (7.3.4+deb13-amd64)",
+            "## How the time grows with region size",
+            "| pin throughput, pin only (GB/s) |",
             "| host CPU | AMD EPYC (2 cores) |",
             "| QEMU | QEMU emulator version 7.2.22 |",
             "node 0: vCPUs 0–1, 5632 MiB",
@@ -868,7 +1048,7 @@ mod tests {
             "65535 × 2 MiB = 128.0 GiB",
             "| numapin (`mbind(MPOL_BIND)`, pinned) | 6 | 6 | -1 |",
             "[benchmarks/bench.csv](benchmarks/bench.csv)",
-            "| `service-latency.4K.64M` | met | numapind adds 5.00 ms to the pin inside it",
+            "| 6.1 | `service-latency.4K.64M` | met | numapind adds 5.00 ms to the pin inside it",
             "## The pinning service",
             "| 4K | 64M | 100 ms (100–100 ms) | 100 ms (100–100 ms) | 105 ms (105–105 ms) | 1.05× | 111 ms |",
             "| 64K | 4K | 410 (400–420) | 205 |",
