@@ -154,9 +154,18 @@ pub fn csv(runs: &[KernelRun]) -> String {
 /// One table cell: median and ratio to the floor, or why there is none.
 fn cell(r: &Results, mode: &str, size: u64, metric: &str) -> String {
     if let Some(f) = r.get(mode, size, metric) {
+        let range = if f.samples.len() > 1 {
+            format!(
+                " [{}–{}]",
+                duration(f.min).trim_end_matches(" ms"),
+                duration(f.max)
+            )
+        } else {
+            String::new()
+        };
         return match r.ratio(f) {
-            Some(x) => format!("{} ({x:.2}×)", duration(f.median)),
-            None => duration(f.median),
+            Some(x) => format!("{} ({x:.2}×){range}", duration(f.median)),
+            None => format!("{}{range}", duration(f.median)),
         };
     }
     let tag = format!("{mode}.{}", size_name(size));
@@ -183,7 +192,7 @@ pub fn result_tables(r: &Results) -> String {
             _ => "2 MiB hugetlb pages",
         };
         let _ = writeln!(out, "### {title}\n");
-        let _ = write!(out, "| median (× floor) |");
+        let _ = write!(out, "| median (× floor) [min–max] |");
         for s in &sizes {
             let _ = write!(out, " {} |", size_name(*s));
         }
@@ -695,7 +704,7 @@ pub fn markdown(p: &Page) -> String {
          What pinning costs with numapin, against the floor: one raw \
          `VFIO_IOMMU_MAP_DMA` ioctl on memory that is already faulted in. The bench VM \
          boots once per kernel ({}); every figure is the median of repeated runs in that \
-         boot, with its spread (min–max) in the CSV and the service tables, and every time \
+         boot, with its spread (min–max) beside it in brackets, and every time \
          is also given as a ratio to the floor measured in the same run on the same kernel, \
          for the same page mode and region size (unmapping, unregistering and releasing \
          against the floor's `UNMAP_DMA`). Run it with `cargo xtask bench`.\n\n",
@@ -1043,7 +1052,7 @@ mod tests {
             "node 0: vCPUs 0–1, 5632 MiB",
             "![time relative to one raw MAP_DMA",
             "(benchmarks/bench.svg)",
-            "| numapin `pin_user`, `Proof::None`: pin only | 12.50 ms (1.25×) |",
+            "| numapin `pin_user`, `Proof::None`: pin only | 12.50 ms (1.25×) [12.50–12.50 ms] |",
             "| prefault speedup, node threads vs 1 | 2.00× (2 threads) |",
             "65535 × 2 MiB = 128.0 GiB",
             "| numapin (`mbind(MPOL_BIND)`, pinned) | 6 | 6 | -1 |",
