@@ -1088,8 +1088,8 @@ const BOUND_FAULTS_MAX: u64 = 64;
 /// hinting faults (`/proc/thread-self/sched`), beside a thread touching an
 /// anonymous control, whose pages must move or whose thread must take
 /// thousands of faults (balancing ran). The
-/// client thread's count is reported: 7.3 takes none on the client's
-/// memory, 6.1 none in some runs and about a thousand in others.
+/// client thread's faults on the client's node must stay at the level a
+/// toucher takes on its own pages.
 fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1134,21 +1134,37 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
     );
     // First as served: the memfd keeps the daemon's binding. One thread on
     // the other node touches only the client's memory, another only an
-    // anonymous control; each counts its own hinting faults.
+    // anonymous control; each counts its own hinting faults, in all and on
+    // memory of the client's node. THP is off for this process meanwhile:
+    // on 6.1 a thread's stack can be a transparent huge page (6.8 made
+    // MAP_STACK VM_NOHUGEPAGE), and one hinting fault on it counts 512.
     let bound = crate::balancing::with_fast_balancing(|| {
         use crate::type1::counted_toucher;
+        let _thp = ThpOff::set()?;
         let control = control_region(ctx.home, LEN)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let client_t = counted_toucher((addr, LEN as usize), ctx.away_cpus.clone(), stop.clone());
+        let home = ctx.home.0;
+        let client_t = counted_toucher(
+            (addr, LEN as usize),
+            ctx.away_cpus.clone(),
+            home,
+            stop.clone(),
+        );
         let control_t = counted_toucher(
             (control.addr(), LEN as usize),
             ctx.away_cpus.clone(),
+            home,
             stop.clone(),
         );
         // The same loop over one page of its own: what a toucher takes on
         // its own stack, TLS and that page, beside the others.
         let page = control_region(ctx.home, 4096)?;
-        let base_t = counted_toucher((page.addr(), 4096), ctx.away_cpus.clone(), stop.clone());
+        let base_t = counted_toucher(
+            (page.addr(), 4096),
+            ctx.away_cpus.clone(),
+            home,
+            stop.clone(),
+        );
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(500));
@@ -1171,26 +1187,28 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
         let (Some(cf), Some(kf), Some(bf)) = (cf, kf, bf) else {
             return Err("this kernel shows no total_numa_faults in /proc/thread-self/sched".into());
         };
-        Ok((t.elapsed(), cf, cp, kf, kp, bf, moved))
+        Ok(Bound {
+            secs: t.elapsed().as_secs_f64(),
+            client: cf,
+            client_passes: cp,
+            control: kf.0,
+            control_passes: kp,
+            base: bf,
+            control_moved: moved,
+        })
     })?;
-    let (
-        bound_secs,
-        client_faults,
-        client_passes,
-        control_faults,
-        control_passes,
-        base_faults,
-        control_moved,
-    ) = bound;
     // The scanner must have reached the control: its pages moved to the
     // toucher's node, or its thread took thousands of faults. The count
     // alone cannot say so: the kernel folds a task's faults into
     // total_numa_faults only at its placement pass, halving the old ones,
     // so a thread whose pages moved in one scan can show a hundred.
     ensure!(
-        control_moved * 2 >= LEN as usize / 4096 || control_faults >= 1024,
-        "the control thread took only {control_faults} hinting faults in {:.0}s ({control_passes} passes) and {control_moved} of its {} pages moved to node {}: balancing did not run, so the client figure proves nothing",
-        bound_secs.as_secs_f64(),
+        bound.control_moved * 2 >= LEN as usize / 4096 || bound.control >= 1024,
+        "the control thread took only {} hinting faults in {:.0}s ({} passes) and {} of its {} pages moved to node {}: balancing did not run, so the client figure proves nothing",
+        bound.control,
+        bound.secs,
+        bound.control_passes,
+        bound.control_moved,
         LEN / 4096,
         ctx.away
     );
@@ -1200,18 +1218,17 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
         .find(|l| l.starts_with(&format!("{addr:x} ")))
         .unwrap_or("not in numa_maps")
         .to_string();
-    // Reported, not judged: on 7.3 the thread takes faults on its own
-    // pages only; on 6.1 sometimes so, sometimes about a thousand on the
-    // bound shmem mapping in a few seconds (migrating none).
-    let bound_note = if client_faults <= base_faults.max(BOUND_FAULTS_MAX) {
-        format!(
-            "{client_faults} hinting faults, the one-page baseline thread {base_faults}: none attributable to the client's memory"
-        )
-    } else {
-        format!(
-            "{client_faults} hinting faults, the one-page baseline thread {base_faults}: the bound shmem mapping took faults ({policy})"
-        )
-    };
+    // The client's memory is all on the home node; the thread's stack is
+    // on the other one. Faults on home-node memory beyond the handful a
+    // toucher takes on its own TLS and one page are the client's.
+    let bound_note = format!(
+        "{} hinting faults, {} of them on node {} (the client's), the one-page baseline thread {} and {}",
+        bound.client.0, bound.client.1, ctx.home, bound.base.0, bound.base.1
+    );
+    ensure!(
+        bound.client.1 <= BOUND_FAULTS_MAX,
+        "the thread touching only the client's memory took {bound_note}: the bound shmem mapping took hinting faults ({policy})"
+    );
     e(
         numapin::sys::mbind_default(addr, LEN as usize),
         "mbind MPOL_DEFAULT on the memfd",
@@ -1298,8 +1315,11 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
             _ => "no excess over the twin".to_string(),
         };
         Ok(format!(
-            "as served (the daemon's binding): in {:.0}s the thread touching only the client's memory ({client_passes} passes) took {bound_note}, the control's {control_faults} ({control_moved}/{} of its pages moved); binding reset to the default: {:.0}s from node {}: client 0/{} frames changed; controls changed: anonymous {cc}/{}, {shm_note}; numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the controls {twin_faults}: {excess}",
-            bound_secs.as_secs_f64(),
+            "as served (the daemon's binding): in {:.0}s the thread touching only the client's memory ({} passes) took {bound_note}, the control's {} ({}/{} of its pages moved); binding reset to the default: {:.0}s from node {}: client 0/{} frames changed; controls changed: anonymous {cc}/{}, {shm_note}; numa_pages_migrated +{migrated}; hinting faults {faults}, twin run touching only the controls {twin_faults}: {excess}",
+            bound.secs,
+            bound.client_passes,
+            bound.control,
+            bound.control_moved,
             LEN / 4096,
             secs.as_secs_f64(),
             ctx.away,
@@ -1307,6 +1327,41 @@ fn numa_balancing(ctx: &Ctx) -> Result<String, String> {
             control_before.len(),
         ))
     })
+}
+
+/// What the bound phase of [`numa_balancing`] saw: fault counts are
+/// `(total, on the client's node)` maxima of the scheduler's windows.
+struct Bound {
+    secs: f64,
+    client: (u64, u64),
+    client_passes: u64,
+    control: u64,
+    control_passes: u64,
+    base: (u64, u64),
+    control_moved: usize,
+}
+
+/// THP off for this process (`PR_SET_THP_DISABLE`) until dropped.
+struct ThpOff;
+
+impl ThpOff {
+    fn set() -> Result<ThpOff, String> {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        ensure!(
+            rc == 0,
+            "prctl(PR_SET_THP_DISABLE): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(ThpOff)
+    }
+}
+
+impl Drop for ThpOff {
+    fn drop(&mut self) {
+        // SAFETY: as in `set`.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0) };
+    }
 }
 
 /// A mapping this runner made, unmapped on drop: `(address, length)`.

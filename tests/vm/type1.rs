@@ -626,41 +626,62 @@ fn touch_pass((a, l): (usize, usize)) {
     }
 }
 
-/// A thread's NUMA hinting faults as the scheduler counts them
-/// (`total_numa_faults` in its `/proc/thread-self/sched`, opened by that
-/// thread: faults taken by the task, halved at each placement pass), if
-/// the kernel shows them. Read into a stack buffer, so that counting
-/// touches no heap page of its own.
-pub(crate) fn own_numa_faults(sched: &std::fs::File) -> Option<u64> {
+/// A thread's NUMA hinting faults as the scheduler counts them, from its
+/// `/proc/thread-self/sched` (opened by that thread), if the kernel shows
+/// them: `(total_numa_faults, the faults on memory of node)`. Both are the
+/// scheduler's windows (`numa_faults` of `kernel/sched/fair.c`): faults
+/// are folded in at each placement pass and the old ones halved, and a
+/// fault on a huge page counts its base pages. Read into a stack buffer,
+/// so that counting touches no heap page of its own.
+pub(crate) fn own_numa_faults(sched: &std::fs::File, node: u32) -> Option<(u64, u64)> {
     use std::os::unix::fs::FileExt;
     let mut buf = [0u8; 8192];
     let n = sched.read_at(&mut buf, 0).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()?.lines().find_map(|l| {
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let total = text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         (k.trim() == "total_numa_faults").then(|| v.trim().parse().ok())?
-    })
+    })?;
+    // "numa_faults node=1 task_private=12 task_shared=3 group_private=…"
+    let want = format!("node={node}");
+    let on_node = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("numa_faults "))
+        .find(|l| l.split_whitespace().next() == Some(want.as_str()))
+        .map_or(0, |l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .filter(|(k, _)| *k == "task_private" || *k == "task_shared")
+                .filter_map(|(_, v)| v.parse::<u64>().ok())
+                .sum()
+        });
+    Some((total, on_node))
 }
 
 /// [`toucher`] over one range that also returns the most NUMA hinting
-/// faults its own thread had at any pass (see [`own_numa_faults`]):
-/// `(passes, Some(max faults))`, or `None` where the kernel hides them.
-/// A thread that touches only one mapping takes faults only there and
-/// on its own few stack pages.
+/// faults its own thread had at any pass (see [`own_numa_faults`]), in
+/// all and on memory of `node`: `(passes, Some((total, on node)))`, or
+/// `None` where the kernel hides them. A thread that touches only one
+/// mapping takes faults only there and on its own few stack pages.
 pub(crate) fn counted_toucher(
     range: (usize, usize),
     cpus: Vec<u32>,
+    node: u32,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, Option<u64>)> {
+) -> std::thread::JoinHandle<(u64, Option<(u64, u64)>)> {
     std::thread::spawn(move || {
         let _ = sys::set_thread_affinity(&cpus);
         let Ok(sched) = std::fs::File::open("/proc/thread-self/sched") else {
             return (0, None);
         };
-        let (mut passes, mut most) = (0, own_numa_faults(&sched));
+        let mut passes = 0;
+        let mut most = own_numa_faults(&sched, node);
         while !stop.load(Ordering::Relaxed) {
             touch_pass(range);
             passes += 1;
-            most = most.max(own_numa_faults(&sched));
+            if let (Some(m), Some(now)) = (most.as_mut(), own_numa_faults(&sched, node)) {
+                *m = (m.0.max(now.0), m.1.max(now.1));
+            }
         }
         (passes, most)
     })
