@@ -122,6 +122,23 @@ impl KernelRun {
     }
 }
 
+/// Test runs on both bench kernels: the fixture report with pin-only at
+/// `pin_61` and `pin_73` seconds.
+#[cfg(test)]
+pub fn two_test_runs(pin_61: f64, pin_73: f64) -> [KernelRun; 2] {
+    use figures::tests::report;
+    [
+        KernelRun::for_test(
+            "6.1.0-56-amd64",
+            Results::from_report(&report(pin_61, 0.5, 6)),
+        ),
+        KernelRun::for_test(
+            "7.3.4+deb13-amd64",
+            Results::from_report(&report(pin_73, 0.5, 6)),
+        ),
+    ]
+}
+
 /// `6.1` from `6.1.0-56-amd64`, `7.3` from `7.3.4+deb13-amd64`.
 fn short_release(release: &str) -> String {
     release.split('.').take(2).collect::<Vec<_>>().join(".")

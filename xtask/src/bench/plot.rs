@@ -172,20 +172,10 @@ fn panel_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::figures::tests::report;
 
     #[test]
     fn writes_an_svg_with_every_panel() {
-        let runs = [
-            KernelRun::for_test(
-                "6.1.0-56-amd64",
-                Results::from_report(&report(0.0105, 0.5, 6)),
-            ),
-            KernelRun::for_test(
-                "7.3.4+deb13-amd64",
-                Results::from_report(&report(0.011, 0.5, 6)),
-            ),
-        ];
+        let runs = crate::bench::two_test_runs(0.0105, 0.011);
         let path = std::env::temp_dir().join(format!("numapin-plot-{}.svg", std::process::id()));
         svg(&runs, &path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

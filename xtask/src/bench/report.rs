@@ -926,7 +926,6 @@ fn service_breakdown(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::figures::tests::report;
     use crate::vmconfig::BENCH_SHAPE;
 
     fn machine() -> Machine {
@@ -990,16 +989,7 @@ mod tests {
 
     #[test]
     fn csv_has_a_line_per_figure_with_ratios() {
-        let runs = [
-            KernelRun::for_test(
-                "6.1.0-56-amd64",
-                Results::from_report(&report(0.0105, 0.5, 6)),
-            ),
-            KernelRun::for_test(
-                "7.3.4+deb13-amd64",
-                Results::from_report(&report(0.0105, 0.5, 6)),
-            ),
-        ];
+        let runs = crate::bench::two_test_runs(0.0105, 0.0105);
         let text = csv(&runs);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1 + 2 * runs[0].results.figures.len());
@@ -1021,16 +1011,7 @@ mod tests {
 
     #[test]
     fn markdown_has_targets_machine_plot_tables_and_raw_data() {
-        let runs = [
-            KernelRun::for_test(
-                "6.1.0-56-amd64",
-                Results::from_report(&report(0.0125, 0.5, 6)),
-            ),
-            KernelRun::for_test(
-                "7.3.4+deb13-amd64",
-                Results::from_report(&report(0.0105, 0.5, 6)),
-            ),
-        ];
+        let runs = crate::bench::two_test_runs(0.0125, 0.0105);
         let md = markdown(&Page {
             runs: &runs,
             machine: &machine(),
