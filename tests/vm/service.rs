@@ -1065,9 +1065,10 @@ fn vma_of(pid: u32, vaddr: u64) -> Result<(u64, u64, u64), String> {
     Err(format!("no mapping of pid {pid} holds {vaddr:#x}"))
 }
 
-/// Hinting faults a thread touching only the client's memory takes on its
-/// own stack and TLS pages: at most this many. One scan pass over the
-/// client's 4096 pages would take up to 4096.
+/// Hinting faults on memory of the client's node that a thread touching
+/// only the client's memory may take (on its own TLS, where the parent
+/// thread placed it): at most this many. One scan pass over the client's
+/// 4096 pages would take up to 4096.
 const BOUND_FAULTS_MAX: u64 = 64;
 
 /// NUMA balancing against a service region. The runner maps the client's
