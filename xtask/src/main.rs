@@ -71,7 +71,8 @@ enum Task {
         console: bool,
         /// Run only the scenarios whose name contains this, e.g.
         /// `s.compaction` or `i.` (for iterating; the summary counts only
-        /// those).
+        /// those, a VM with none of them is listed, not failed, and a text
+        /// that matches nothing anywhere fails).
         #[arg(long, value_name = "TEXT")]
         only: Option<String>,
     },

@@ -22,6 +22,10 @@
 
 use serde::Deserialize;
 
+/// The problem of a run whose plan lists no scenario (with `--only`, a VM
+/// in which nothing matched).
+pub const NO_SCENARIO: &str = "the plan lists no scenario";
+
 #[derive(Debug, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 enum Line {
@@ -170,7 +174,7 @@ impl Report {
                         });
                     }
                     if report.scenarios.is_empty() {
-                        report.problems.push("the plan lists no scenario".into());
+                        report.problems.push(NO_SCENARIO.into());
                     }
                 }
                 Ok(Line::Result {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::kernel::{self, Kernel, KernelKind};
 use crate::qemu::{self, Console, RunMode};
-use crate::results::{Outcome as ScenarioOutcome, Report};
+use crate::results::{NO_SCENARIO, Outcome as ScenarioOutcome, Report};
 use crate::vmconfig::{self, Iommu, VmConfig};
 use crate::{cmd, deps, initramfs, layout};
 
@@ -37,6 +37,8 @@ struct Tally {
     passed: usize,
     failed: usize,
     skipped: usize,
+    /// VMs in which no scenario matched `--only` (booted, nothing run).
+    unmatched: Vec<&'static str>,
     /// VMs that stalled (silent) and were booted once more, with where.
     stalls: Vec<String>,
 }
@@ -175,7 +177,7 @@ pub fn test(
             outcome = boot()?;
         }
         timings.push(format!("{} {}", config.name, cmd::secs(outcome.elapsed)));
-        report_run(config, &outcome, &mut tally);
+        report_run(config, &outcome, only.is_some(), &mut tally);
     }
 
     println!(
@@ -186,8 +188,21 @@ pub fn test(
     if !host_ok {
         println!("host tests: FAILED (see above)");
     }
+    let mut none_matched = false;
+    if let Some(o) = only
+        && !tally.unmatched.is_empty()
+    {
+        println!(
+            "no scenario matches --only {o} in: {}",
+            tally.unmatched.join(", ")
+        );
+        none_matched = tally.passed + tally.failed + tally.skipped == 0;
+        if none_matched {
+            println!("--only {o} matches no scenario in any VM: nothing was tested");
+        }
+    }
     println!("{}", tally.summary());
-    let ok = host_ok && tally.failed == 0 && tally.skipped == 0;
+    let ok = host_ok && tally.failed == 0 && tally.skipped == 0 && !none_matched;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -195,8 +210,16 @@ pub fn test(
     })
 }
 
-/// Prints one VM's scenarios and problems, and adds them to `tally`.
-fn report_run(config: &VmConfig, outcome: &qemu::Outcome, tally: &mut Tally) {
+/// Whether a VM ran nothing because `--only` matched none of its
+/// scenarios: a filtered run, an empty plan, and no problem but that one.
+fn nothing_matched(filtered: bool, no_scenarios: bool, problems: &[String]) -> bool {
+    filtered && no_scenarios && problems.iter().all(|p| p == NO_SCENARIO)
+}
+
+/// Prints one VM's scenarios and problems, and adds them to `tally`. With
+/// `filtered` (`--only`), a VM whose plan came empty and that had no other
+/// problem ran nothing that matched: it is listed, not failed.
+fn report_run(config: &VmConfig, outcome: &qemu::Outcome, filtered: bool, tally: &mut Tally) {
     let text = std::fs::read(&outcome.results).unwrap_or_default();
     let report = Report::parse(&String::from_utf8_lossy(&text));
     let width = report
@@ -240,6 +263,11 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, tally: &mut Tally) {
         ));
     }
     problems.extend(report.problems.iter().cloned());
+    if nothing_matched(filtered, report.scenarios.is_empty(), &problems) {
+        println!("    {}: no scenario matches --only", config.name);
+        tally.unmatched.push(config.name);
+        return;
+    }
     let kernel = report.kernel.as_deref().unwrap_or("?");
     if problems.is_empty() {
         println!(
@@ -394,7 +422,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
     match mode {
         VmMode::Run(RunMode::Test) => {
             let mut tally = Tally::default();
-            report_run(config, &outcome, &mut tally);
+            report_run(config, &outcome, false, &mut tally);
             println!("{}", tally.summary());
             Ok(if tally.failed + tally.skipped == 0 {
                 ExitCode::SUCCESS
@@ -532,6 +560,7 @@ mod tests {
             passed: 2,
             failed: 0,
             skipped: 0,
+            unmatched: Vec::new(),
             stalls: Vec::new(),
         };
         assert_eq!(t.summary(), "vm: 2 passed, 0 failed");
@@ -543,6 +572,19 @@ mod tests {
             t.summary(),
             "vm: 2 passed, 0 failed, 1 skipped\nvm stalled and booted again: type1-backports (after a.cli.info-topology)"
         );
+    }
+
+    #[test]
+    fn an_empty_plan_fails_unless_only_filtered_it_out() {
+        let empty = [NO_SCENARIO.to_string()];
+        assert!(nothing_matched(true, true, &empty));
+        // Without --only an empty plan is a broken runner.
+        assert!(!nothing_matched(false, true, &empty));
+        // Any other problem (a crash, a timeout) still fails the VM.
+        let crashed = [NO_SCENARIO.to_string(), "exit code 101".to_string()];
+        assert!(!nothing_matched(true, true, &crashed));
+        // A plan with scenarios is judged by them.
+        assert!(!nothing_matched(true, false, &[]));
     }
 
     #[test]
