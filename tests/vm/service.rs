@@ -18,6 +18,11 @@ use numapin::client::{Allocate, Client, wire};
 use serde_json::Value;
 
 use crate::Scenario;
+
+/// How often the attack's unpinned control is asked to move, and how far
+/// apart: moving pages is best effort (see [`ask_until_moved`]).
+const CONTROL_ASKS: usize = 10;
+const CONTROL_PAUSE: Duration = Duration::from_millis(200);
 use crate::daemon;
 use crate::ensure;
 use crate::util::*;
@@ -382,12 +387,9 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
     );
     // An outside attack: move the client's pages to node 0.
     let control = control_region(ctx.away, 4 << 20)?;
-    // move_pages is best effort (a page busy at that moment stays): ask
-    // the control up to ten times, 200 ms apart, keeping the kernel's
-    // per-page answers for the error.
-    let mut ctl_moved = 0;
+    // Keep the kernel's per-page answers of the last ask for the error.
     let mut status = vec![0i32; control.len() / 4096];
-    for _ in 0..10 {
+    let ctl_moved = ask_until_moved(CONTROL_ASKS, CONTROL_PAUSE, || {
         e(
             numapin::sys::move_pages(
                 std::process::id() as i32,
@@ -404,19 +406,15 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
             numapin::numa::nodes_of(control.addr(), control.len(), 4096),
             "control nodes",
         )?;
-        ctl_moved = on_node(&ctl, ctx.home);
-        if ctl_moved > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(on_node(&ctl, ctx.home))
+    })?;
     let mut counts = std::collections::BTreeMap::new();
     for st in &status {
         *counts.entry(*st).or_insert(0) += 1;
     }
     ensure!(
         ctl_moved > 0,
-        "the unpinned control did not move in 10 asks (last per-page answers, node or -errno: {counts:?}; node {} MemFree {} kB): the attack proves nothing",
+        "the unpinned control did not move in {CONTROL_ASKS} asks (last per-page answers, node or -errno: {counts:?}; node {} MemFree {} kB): the attack proves nothing",
         ctx.home,
         node_mem_free_kb(ctx.home)
     );
@@ -455,26 +453,20 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
         changed(&snap, &after)
     );
     // migrate_pages is best effort too (CI on 6.1 once saw it move none of
-    // the control in one call): ask up to ten times, 200 ms apart, keeping
-    // the kernel's count of pages it could not move for the error.
+    // the control in one call): keep the kernel's count of pages it could
+    // not move, per ask, for the error.
     let mut not_moved = Vec::new();
-    let mut ctl = Vec::new();
-    let mut ctl_back = 0;
-    for _ in 0..10 {
+    let ctl_back = ask_until_moved(CONTROL_ASKS, CONTROL_PAUSE, || {
         not_moved.push(e(
             numapin::sys::migrate_pages(0, ctx.home, ctx.away),
             "migrate_pages of the control",
         )?);
-        ctl = e(
+        let ctl = e(
             numapin::numa::nodes_of(control.addr(), control.len(), 4096),
             "control nodes",
         )?;
-        ctl_back = on_node(&ctl, ctx.away);
-        if ctl_back > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(on_node(&ctl, ctx.away))
+    })?;
     // The runner's pages go home again for the scenarios that follow.
     let _ = numapin::sys::migrate_pages(0, ctx.away, ctx.home);
     ensure!(
@@ -488,7 +480,7 @@ fn unprivileged(ctx: &Ctx, page: u64) -> Result<String, String> {
         "{} PFNs match the daemon's snapshot; move_pages and migrate_pages moved 0 of {} pages (control: {ctl_moved} and {ctl_back} of {} moved); daemon VmLck +64 MiB, client VmLck 0 under memlock 64 KiB",
         mine.len(),
         nodes.len(),
-        ctl.len()
+        control.len() / 4096
     ))
 }
 

@@ -222,6 +222,29 @@ pub fn move_pid_range(pid: u32, addr: u64, len: u64, to: NodeId) -> Result<usize
     Ok(status.iter().filter(|&&s| s == to.0 as i32).count())
 }
 
+/// Asks `ask` up to `asks` times, `pause` apart, until it reports that some
+/// pages of an unpinned control moved (a count above 0); returns that
+/// count, or the last ask's 0. The kernel moves pages best effort (a page
+/// busy at that moment stays where it is), so a control that must move is
+/// asked again. An error from `ask` ends it.
+pub fn ask_until_moved(
+    asks: usize,
+    pause: Duration,
+    mut ask: impl FnMut() -> Result<usize, String>,
+) -> Result<usize, String> {
+    let mut moved = 0;
+    for i in 0..asks {
+        if i > 0 {
+            std::thread::sleep(pause);
+        }
+        moved = ask()?;
+        if moved > 0 {
+            break;
+        }
+    }
+    Ok(moved)
+}
+
 /// Counts entries equal to `node`.
 pub fn on_node(status: &[i32], node: NodeId) -> usize {
     status.iter().filter(|&&s| s == node.0 as i32).count()
