@@ -102,6 +102,38 @@ fn create(len: usize, page_size: PageSize) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Frees every page of the memfd `fd` (`len` bytes from offset 0) however
+/// many processes still hold or map it: `fallocate(FALLOC_FL_PUNCH_HOLE |
+/// FALLOC_FL_KEEP_SIZE)` over the whole file (shmem: Linux 3.5; hugetlbfs:
+/// 4.3). Every mapping of the file loses its pages (their PTEs are
+/// zapped); a later touch through one faults in a fresh zeroed page,
+/// allocated and charged where that fault happens. The size seals do not
+/// forbid it; only `F_SEAL_WRITE` would, and numapin never sets it.
+///
+/// The pinning service calls it when a region ends, after the unpin, so
+/// that a client that kept its copy of the fd (or a mapping of it) keeps
+/// no memory beyond its region's life.
+///
+/// # Errors
+/// The `fallocate` errno (`EPERM` under `F_SEAL_WRITE`, `EOPNOTSUPP` for a
+/// file that cannot punch holes).
+pub fn discard(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a borrowed fd with integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// The seals on `fd` (`F_GET_SEALS`).
 ///
 /// # Errors
@@ -121,6 +153,32 @@ mod tests {
     use std::os::fd::AsFd;
 
     use super::*;
+
+    #[test]
+    fn discard_frees_the_pages_under_every_mapping() {
+        let len = 2usize << 20;
+        let (p, fd) = map_sealed(len, PageSize::Base).unwrap();
+        // SAFETY: the mapping is ours and `len` long.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0xa5, len) };
+        // st_blocks counts the file's pages in 512-byte units.
+        let stat = |fd: &OwnedFd| {
+            // SAFETY: all-zero is a valid `stat`.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat of our own fd into a stat we own.
+            assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+            (st.st_blocks as u64 * 512, st.st_size as usize)
+        };
+        assert_eq!(stat(&fd).0, len as u64);
+        discard(fd.as_fd(), len as u64).unwrap();
+        // The pages are gone, the size stays, the mapping reads a fresh
+        // zero page.
+        assert_eq!(stat(&fd), (0, len), "the file still holds pages");
+        // SAFETY: inside the mapping; then unmapped.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p.cast::<u8>().add(4096)), 0);
+            libc::munmap(p, len);
+        }
+    }
 
     #[test]
     fn a_sealed_memfd_keeps_its_size() {

@@ -50,6 +50,8 @@ pub(super) struct Conn<'a> {
     pub(super) next_region: u64,
     /// The last allocation's times, for the debug log after its reply.
     pub(super) timing: Option<AllocTiming>,
+    /// The id of the request being handled (an early reply carries it).
+    pub(super) request: u64,
 }
 
 /// Where an allocation's time went, logged at debug level.
@@ -103,6 +105,7 @@ impl Conn<'_> {
             regions: BTreeMap::new(),
             next_region: 1,
             timing: None,
+            request: 0,
         };
         c.run();
         if shared.shutdown.load(Ordering::SeqCst) {
@@ -176,6 +179,7 @@ impl Conn<'_> {
             };
             let started = std::time::Instant::now();
             let what = req.op.name();
+            self.request = req.id;
             let (result, fd, close) = self.handle(req.op);
             let handled = started.elapsed();
             let mut bytes = proto::encode(&Message::Reply { id: req.id, result });
@@ -354,7 +358,26 @@ impl Conn<'_> {
             .remove(&region)
             .ok_or_else(|| self.not_mine(region))?;
         let len = held.region.len();
+        // The client may keep its copy of the memfd, or a mapping of it,
+        // after the region ends; without the hole those pages would live
+        // on, charged to the daemon and outside every quota.
+        let file = held.region.memfd().map(|f| f.try_clone_to_owned());
         let r = held.region.release();
+        match file {
+            Some(Ok(f)) => {
+                if let Err(e) = numapin::memfd::discard(f.as_fd(), len) {
+                    log::error!(
+                        "region {region} of pid {}: punching its memfd failed ({e}); a client that kept the fd keeps its pages",
+                        self.pid
+                    );
+                }
+            }
+            Some(Err(e)) => log::error!(
+                "region {region} of pid {}: no fd to punch its memfd ({e}); a client that kept the fd keeps its pages",
+                self.pid
+            ),
+            None => {}
+        }
         let mut s = self.shared.state();
         s.directory.remove(&(self.id, region));
         unaccount(&mut s, self.uid, held.node, len);
