@@ -131,11 +131,15 @@ impl Client {
     /// Allocates, pins and maps a region. The region is mapped shared and
     /// every page is mapped before this returns (no first-touch faults); a
     /// base-page region of 64 MiB or more is mapped by up to four
-    /// short-lived threads.
+    /// short-lived threads. The client asks for the memfd early
+    /// ([`proto::Allocate::early_memfd`]): it maps and populates the
+    /// region while the daemon still pins and proves it, so the two costs
+    /// overlap instead of adding up.
     ///
     /// # Errors
     /// The daemon's refusal ([`Error::Service`] with the library's class:
-    /// quota, floor, node, sizes), or the mapping's failure.
+    /// quota, floor, node, sizes), or the mapping's failure. An early
+    /// mapping of a region that then fails is unmapped and its fd closed.
     pub fn allocate(&self, req: &Allocate) -> Result<Region> {
         let op = Op::Allocate(proto::Allocate {
             device: req.device.clone(),
@@ -149,44 +153,73 @@ impl Client {
             iova: req.iova,
             min_extent: req.min_extent,
             phys: req.phys,
+            early_memfd: true,
         });
-        let (out, fds) = call(&self.conn, op)?;
+        // The early mapping: (address or MAP_FAILED, length, fd).
+        let mut early: Option<Mapped> = None;
+        let got = call_with(&self.conn, op, &mut |o, fds| {
+            if let (Outcome::Placed { len, page_size }, Some(fd)) = (o, fds.into_iter().next()) {
+                let p = map_populated(fd.as_fd(), *len as usize, *page_size);
+                early = Some(Mapped {
+                    ptr: p,
+                    len: *len,
+                    fd,
+                });
+            }
+        });
+        let (out, fds) = match got {
+            Ok(r) => r,
+            Err(e) => {
+                drop(early);
+                return Err(e);
+            }
+        };
         let info = match out {
             Outcome::Allocated(a) => a,
             other => return Err(unexpected(&other)),
         };
-        let mut fds = fds.into_iter();
-        let Some(memfd) = fds.next() else {
+        let release = |why: Error| {
             let _ = call(
                 &self.conn,
                 Op::Release {
                     region: info.region,
                 },
             );
-            return Err(Error::Service {
-                kind: ErrorKind::Internal,
-                message: "numapind's allocate reply carried no memfd".into(),
-                hint: Some("report this; the region was released".into()),
-            });
+            why
         };
-        let p = map_populated(memfd.as_fd(), info.len as usize, info.page_size);
-        if p == libc::MAP_FAILED {
+        // The early mapping serves if it is of the region's length; else
+        // (an old daemon, or none came) the final reply's memfd is mapped.
+        let m = match early.take() {
+            Some(m) if m.len == info.len && m.ptr != libc::MAP_FAILED => m,
+            other => {
+                drop(other);
+                let Some(fd) = fds.into_iter().next() else {
+                    return Err(release(Error::Service {
+                        kind: ErrorKind::Internal,
+                        message: "numapind's allocate reply carried no memfd".into(),
+                        hint: Some("report this; the region was released".into()),
+                    }));
+                };
+                let ptr = map_populated(fd.as_fd(), info.len as usize, info.page_size);
+                Mapped {
+                    ptr,
+                    len: info.len,
+                    fd,
+                }
+            }
+        };
+        if m.ptr == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
-            let _ = call(
-                &self.conn,
-                Op::Release {
-                    region: info.region,
-                },
-            );
-            return Err(Error::sys(
+            return Err(release(Error::sys(
                 format!("mmap of the {:#x}-byte region numapind sent", info.len),
                 "",
                 err,
-            ));
+            )));
         }
+        let (ptr, memfd) = m.into_parts();
         Ok(Region {
             client: self.clone(),
-            ptr: p.cast(),
+            ptr: ptr.cast(),
             memfd,
             info,
             released: false,
@@ -375,8 +408,45 @@ fn populate_in_threads(base: usize, len: usize, threads: usize) -> bool {
     })
 }
 
+/// A mapping of a region's memfd (unmapped and closed on drop unless
+/// taken apart).
+struct Mapped {
+    /// The address, or `MAP_FAILED`.
+    ptr: *mut libc::c_void,
+    len: u64,
+    fd: OwnedFd,
+}
+
+impl Mapped {
+    fn into_parts(self) -> (*mut libc::c_void, OwnedFd) {
+        let m = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `m` is never dropped, so the fd is moved out once.
+        (m.ptr, unsafe { std::ptr::read(&m.fd) })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if self.ptr != libc::MAP_FAILED {
+            // SAFETY: the mapping map_populated made; nothing refers to it.
+            unsafe { libc::munmap(self.ptr, self.len as usize) };
+        }
+    }
+}
+
 /// One request, its reply (and any fds that came with it).
 fn call(conn: &Mutex<Conn>, op: Op) -> Result<(Outcome, Vec<OwnedFd>)> {
+    call_with(conn, op, &mut |_, _| {})
+}
+
+/// [`call`], handing an early reply to the same request
+/// ([`Outcome::Placed`]) and its fds to `early` before waiting on for the
+/// final one.
+fn call_with(
+    conn: &Mutex<Conn>,
+    op: Op,
+    early: &mut dyn FnMut(&Outcome, Vec<OwnedFd>),
+) -> Result<(Outcome, Vec<OwnedFd>)> {
     let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(why) = &c.gone {
         return Err(gone_error(why));
@@ -427,6 +497,10 @@ fn call(conn: &Mutex<Conn>, op: Op) -> Result<(Outcome, Vec<OwnedFd>)> {
             hint: Some("update numapin and numapind to the same version".into()),
         })?;
         match msg {
+            Message::Reply {
+                id: rid,
+                result: result @ Outcome::Placed { .. },
+            } if rid == id => early(&result, got.fds),
             Message::Reply { id: rid, result } if rid == id => {
                 return match result {
                     Outcome::Error(b) => Err(Error::Service {

@@ -90,5 +90,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use numa::Backing;
 pub use pinner::Pinner;
 pub use region::{PinnedRegion, Suspended, Verification};
-pub use request::{PinRequest, Proof};
+pub use request::{OnMemfd, PinRequest, Proof};
 pub use vfio::{ContainerKind, DeviceInfo};

@@ -325,6 +325,9 @@ impl Pinner {
             min_extent: req.min_extent,
             proof: req.proof,
         };
+        if let (Some(f), Some(fd)) = (req.on_memfd, mem.memfd()) {
+            f(fd);
+        }
         // A memfd region is mapped by file where the backend can.
         let file = mem.memfd().map(|f| (f.as_raw_fd(), 0));
         self.pin_range(reservation, range, file, Some(mem))

@@ -80,7 +80,23 @@ pub struct PinRequest<'a> {
     /// it: a region numapin allocates as a memfd ([`Backing::Memfd`]) is
     /// mapped by file wherever the backend can.
     pub file: Option<(std::os::fd::BorrowedFd<'a>, u64)>,
+    /// For [`crate::Pinner::pin`] with [`Backing::Memfd`]: called once
+    /// with the region's memfd when its memory is allocated, placed and
+    /// faulted in, before the pin is taken. A process the fd goes to may
+    /// map it and fault its own mapping in while numapin pins and proves
+    /// the region (what numapind does to hide a client's populate behind
+    /// its pin). Until `pin` returns the pages are not pinned yet: the
+    /// long-term pin may still migrate one out of `ZONE_MOVABLE` or CMA,
+    /// and migration updates every mapping of the file, so an early mapping
+    /// ends on the pinned frames all the same; if `pin` fails the region is
+    /// gone and whoever holds the fd holds the file's pages until it closes
+    /// or punches it ([`crate::memfd::discard`]). Not called for anonymous
+    /// memory or by [`crate::Pinner::pin_user`].
+    pub on_memfd: Option<OnMemfd<'a>>,
 }
+
+/// [`PinRequest::on_memfd`]: called with the region's memfd before the pin.
+pub type OnMemfd<'a> = &'a (dyn Fn(std::os::fd::BorrowedFd<'_>) + Sync);
 
 impl std::fmt::Debug for PinRequest<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +111,7 @@ impl std::fmt::Debug for PinRequest<'_> {
             .field("threads", &self.threads)
             .field("cancellable", &self.cancel.is_some())
             .field("file", &self.file)
+            .field("on_memfd", &self.on_memfd.is_some())
             .finish()
     }
 }

@@ -122,6 +122,13 @@ pub struct Allocate {
     /// has them whether asked or not (they are its DMA addresses).
     #[serde(default)]
     pub phys: bool,
+    /// Send the memfd as soon as the memory is placed, in a
+    /// [`Outcome::Placed`] reply before the final one, so that the client
+    /// maps it while the daemon pins and proves the region. The final
+    /// reply still carries the memfd. Absent (false) for clients that
+    /// expect one reply.
+    #[serde(default)]
+    pub early_memfd: bool,
 }
 
 /// A message from the daemon.
@@ -147,6 +154,16 @@ pub enum Outcome {
     Hello(Hello),
     /// `allocate` (the memfd comes with the message).
     Allocated(Allocated),
+    /// `allocate` with `early_memfd`: the region's memory is allocated and
+    /// placed, its memfd comes with this message, the pin is being taken.
+    /// The final reply (with the same id) follows: `allocated`, or an error
+    /// after which the memfd holds nothing (the daemon punched it).
+    Placed {
+        /// Bytes (the memfd's size).
+        len: u64,
+        /// Page size in bytes.
+        page_size: u64,
+    },
     /// `release`.
     Released {
         /// The region released.
@@ -426,6 +443,7 @@ mod tests {
                     iova: Some(1 << 32),
                     min_extent: None,
                     phys: true,
+                    early_memfd: true,
                 }),
             },
             Request {
@@ -479,9 +497,24 @@ mod tests {
                 size: 4096,
                 device: None,
                 phys: false,
+                early_memfd: false,
                 ..
             })
         ));
+        // The early reply an early_memfd allocate gets before the final one.
+        let placed = Message::Reply {
+            id: 9,
+            result: Outcome::Placed {
+                len: 4096,
+                page_size: 4096,
+            },
+        };
+        let text = String::from_utf8(encode(&placed)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"reply","id":9,"result":{"placed":{"len":4096,"page_size":4096}}}"#
+        );
+        assert_eq!(decode_message(text.as_bytes()).unwrap(), placed);
         let m = Message::Reply {
             id: 9,
             result: Outcome::Error(ErrorBody {

@@ -99,17 +99,53 @@ impl Conn<'_> {
             *s.bytes.entry((self.uid, node)).or_default() += size;
             *s.regions.entry(self.uid).or_default() += 1;
         }
+        // With early_memfd the client gets the memfd once the memory is
+        // placed and maps it while the pin and its proof run; a copy stays
+        // here to punch the file if the pin then fails.
+        let early: Mutex<Option<OwnedFd>> = Mutex::new(None);
+        let (sock, id) = (self.sock.as_fd(), self.request);
+        let send_early = |fd: BorrowedFd<'_>| {
+            let Ok(kept) = fd.try_clone_to_owned() else {
+                return;
+            };
+            let m = Message::Reply {
+                id,
+                result: Outcome::Placed {
+                    len: size,
+                    page_size: page_size.bytes(),
+                },
+            };
+            // A failed send fails the final reply too, which ends the
+            // connection and the region with it.
+            let _ = wire::send(sock, &proto::encode(&m), &[fd]);
+            *early.lock().unwrap_or_else(|p| p.into_inner()) = Some(kept);
+        };
         let req = PinRequest {
             page_size,
             iova: a.iova.map(Iova),
             min_extent: a.min_extent,
             proof: Proof::Full,
             backing: Backing::Memfd,
+            on_memfd: if a.early_memfd {
+                Some(&send_early)
+            } else {
+                None
+            },
             ..PinRequest::new(NodeId(node), size)
         };
         let started = std::time::Instant::now();
         let pinned = pinner.pin(&req);
         let pin_time = started.elapsed();
+        let early = early.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let (Err(_), Some(f)) = (&pinned, &early) {
+            if let Err(e) = numapin::memfd::discard(f.as_fd(), size) {
+                log::error!(
+                    "pid {}: punching the memfd of a failed allocation failed ({e}); the client may keep its pages",
+                    self.pid
+                );
+            }
+        }
+        drop(early);
         let checked = checks_started.elapsed() - pin_time;
         // The snapshot's extents are built outside the state lock (a large
         // base-page region has millions of PFNs); the lock only settles the
