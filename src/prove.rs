@@ -2,8 +2,9 @@
 //! accounting, the placement, the PFN snapshot and the minimum extent.
 //!
 //! Each check reads the kernel's own view: `/proc/self/status` for the
-//! accounting, `/proc/self/pagemap` for the frames (every entry; a hugetlb
-//! page is checked to be one frame, so its head speaks for it), and for
+//! accounting, `/proc/self/pagemap` for the frames (every entry; for
+//! hugetlb each page's head, whose frame the kernel's other entries of the
+//! page are computed from: `phys::pfns_by_page`), and for
 //! placement the node of each frame
 //! from sysfs's memory-block map (`pfnnode`). Where the frames are hidden
 //! (no CAP_SYS_ADMIN) or a frame is in no known block (or in one listed

@@ -279,12 +279,16 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "numapin.pin-proved.unprivileged", &pin_unpriv);
     out.seconds(mode, size, "numapin.release", &release);
     // What pin-only does besides the ioctl, each step timed alone on the
-    // same memory: the PFN snapshot from pagemap, the move_pages node query
+    // same memory: the PFN snapshot from pagemap as the proof reads it (one
+    // entry per hugetlb page), the move_pages node query
     // at the region's page size, and one VmLck read (it reads two).
     let (mut pfns, mut nodes, mut vmlck) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps.fast {
         let t = Instant::now();
-        e(numapin::phys::pfns(mem.addr() as u64, size), "pagemap")?;
+        e(
+            numapin::phys::pfns_by_page(mem.addr() as u64, size, ps.bytes()),
+            "pagemap",
+        )?;
         pfns.push(t.elapsed());
         let t = Instant::now();
         e(

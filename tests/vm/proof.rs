@@ -18,6 +18,7 @@ pub fn scenarios() -> Vec<(&'static str, Scenario)> {
             "p.proof.pfn-changed-after-discard",
             pfn_changed_after_discard,
         ),
+        ("p.proof.thp-heads", thp_heads),
     ]
 }
 
@@ -232,5 +233,166 @@ fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
     Ok(format!(
         "{off_node}/{pages} huge pages off node caught; snapshot of {} base pages exact",
         snap.len()
+    ))
+}
+
+/// 8 MiB of private anonymous memory bound to `node`, 2 MiB-aligned, with
+/// MADV_HUGEPAGE, touched: transparent huge pages where the kernel gives
+/// them.
+struct Thp {
+    raw: *mut libc::c_void,
+    ptr: *mut u8,
+}
+
+const THP_LEN: usize = 8 << 20;
+const PMD: usize = 2 << 20;
+
+impl Thp {
+    fn on(node: NodeId) -> Result<Thp, String> {
+        // SAFETY: a fresh private anonymous mapping, unmapped in drop.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                THP_LEN + PMD,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        ensure!(
+            raw != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let t = Thp {
+            raw,
+            ptr: (raw as usize).next_multiple_of(PMD) as *mut u8,
+        };
+        // SAFETY: advice on memory this test owns.
+        unsafe { libc::madvise(t.ptr.cast(), THP_LEN, libc::MADV_HUGEPAGE) };
+        e(
+            numapin::sys::mbind(t.ptr as usize, THP_LEN, node, 0),
+            "mbind",
+        )?;
+        for off in (0..THP_LEN).step_by(4096) {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::write_volatile(t.ptr.add(off), 1) };
+        }
+        Ok(t)
+    }
+
+    /// Every frame, one pagemap entry per base page (the reference).
+    fn every_entry(&self) -> Result<Vec<u64>, String> {
+        let entries = e(
+            numapin::phys::read_pagemap(self.ptr as u64, THP_LEN / 4096),
+            "pagemap",
+        )?;
+        entries
+            .iter()
+            .map(|x| x.pfn().ok_or_else(|| "a page is not present".to_string()))
+            .collect()
+    }
+}
+
+impl Drop for Thp {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `on`.
+        unsafe { libc::munmap(self.raw, THP_LEN + PMD) };
+    }
+}
+
+/// The 2 MiB pages of `frames` that are one huge frame (aligned, in a run).
+fn huge_chunks(frames: &[u64]) -> Vec<usize> {
+    frames
+        .chunks(PMD / 4096)
+        .enumerate()
+        .filter(|(_, c)| c[0] % 512 == 0 && c.iter().zip(c[0]..).all(|(&p, w)| p == w))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// THP memory: the full proof's snapshot (which, where the kernel has
+/// PAGEMAP_SCAN, 6.7+, reads one entry per PMD-mapped huge page) equals
+/// one entry read per base page; a huge page split by discarding one of
+/// its base pages and touching it again is read page by page, so verify
+/// names exactly that one changed frame; THP memory on the away node
+/// pinned as on the home node is caught as Misplaced, every page.
+fn thp_heads(ctx: &Ctx) -> Result<String, String> {
+    let p = e(Pinner::open(&ctx.device), "open")?;
+    let m = Thp::on(ctx.home)?;
+    let all = m.every_entry()?;
+    let huge = huge_chunks(&all);
+    ensure!(
+        huge.len() >= 2,
+        "only {} of {} 2 MiB pages are huge: no THP to test",
+        huge.len(),
+        THP_LEN / PMD
+    );
+    let req = PinRequest {
+        proof: Proof::Full,
+        ..PinRequest::new(ctx.home, THP_LEN as u64)
+    };
+    // SAFETY: `m` outlives the region.
+    let r = e(unsafe { p.pin_user(m.ptr, &req) }, "pin_user")?;
+    let snap = r
+        .pinned_pfns()
+        .ok_or("no snapshot (root sees the frames)")?;
+    ensure!(
+        snap == all.as_slice(),
+        "the proof's snapshot differs from every entry read at {} of {} pages",
+        snap.iter().zip(&all).filter(|(a, b)| a != b).count(),
+        all.len()
+    );
+    // Split the second huge page: discard one base page inside it and
+    // touch it again (a new frame; the IOMMU keeps the old one).
+    let split = huge[1];
+    let at = split * PMD + 5 * 4096;
+    // SAFETY: discards one page of memory this test owns, then touches it.
+    let rc = unsafe { libc::madvise(m.ptr.add(at).cast(), 4096, libc::MADV_DONTNEED) };
+    ensure!(rc == 0, "madvise: {}", std::io::Error::last_os_error());
+    // SAFETY: inside the mapping.
+    unsafe { std::ptr::write_volatile(m.ptr.add(at), 2) };
+    let now = m.every_entry()?;
+    let changed: Vec<usize> = (0..all.len()).filter(|&i| all[i] != now[i]).collect();
+    ensure!(
+        changed == [at / 4096],
+        "the control: discarding page {} changed frames {changed:?}",
+        at / 4096
+    );
+    let v = e(r.verify(), "verify after the split")?;
+    ensure!(
+        v.pfn_changed == Some(1) && !v.is_intact(),
+        "verify after splitting a huge page and replacing one of its frames: {v:?}, wanted 1 changed frame"
+    );
+    e(r.release(), "release")?;
+    drop(m);
+
+    let away = Thp::on(ctx.away)?;
+    let away_huge = huge_chunks(&away.every_entry()?).len();
+    // SAFETY: `away` outlives any region made here.
+    let err = match unsafe { p.pin_user(away.ptr, &req) } {
+        Ok(r) => {
+            drop(r);
+            return Err("pinned THP memory of the away node as on the home node".into());
+        }
+        Err(e) => e,
+    };
+    let Error::Misplaced {
+        pages, off_node, ..
+    } = err
+    else {
+        return Err(format!("wanted Misplaced, got: {err}"));
+    };
+    let want = (THP_LEN / 4096) as u64;
+    ensure!(
+        pages == want && off_node == want,
+        "Misplaced counted {off_node} of {pages} pages off node, wanted {want} of {want}"
+    );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(format!(
+        "kernel {}: {} of 4 huge pages, snapshot = every entry; one frame of a split huge page changed, verify: {v:?}; away ({away_huge} huge): {off_node}/{pages} off node",
+        kernel.trim(),
+        huge.len()
     ))
 }
