@@ -453,6 +453,18 @@ impl Pair {
 /// node.
 fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
     let pr = pair(ctx)?;
+    // Where the control starts, and the home node's free memory then: a
+    // control already on the away node (the home node ran short when it
+    // was faulted) cannot show a move.
+    let start = e(
+        numa::nodes_of(pr.control.addr(), PAIR as usize, 4096),
+        "control nodes",
+    )?;
+    let mut started_on = std::collections::BTreeMap::new();
+    for n in &start {
+        *started_on.entry(*n).or_insert(0) += 1;
+    }
+    let home_free = node_mem_free_kb(ctx.home);
     let mut control_moved = 0;
     let mut asked = 0;
     const ASKS: u32 = 6;
@@ -502,10 +514,11 @@ fn c_move_pages(ctx: &Ctx) -> Result<String, String> {
         .filter(|p| p.is_some())
         .count();
     Err(format!(
-        "control: only {control_moved} of {asked} moved in {ASKS} asks; one more: {again:?}, status counts {counts:?} (node, or -errno); pagemap: {present} of {} present; node {} MemFree {} kB",
+        "control: only {control_moved} of {asked} moved in {ASKS} asks; one more: {again:?}, status counts {counts:?} (node, or -errno); pagemap: {present} of {} present; node {} MemFree {} kB; the control started on nodes {started_on:?} (node: pages) with home node {} MemFree {home_free} kB",
         pages.len(),
         ctx.away,
-        node_mem_free_kb(ctx.away)
+        node_mem_free_kb(ctx.away),
+        ctx.home
     ))
 }
 
