@@ -196,19 +196,8 @@ fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
         ..PinRequest::new(node, HLEN)
     };
     // SAFETY: `mem` outlives any region made here.
-    let err = match unsafe { p.pin_user(mem.as_ptr(), &req(ctx.home)) } {
-        Ok(r) => {
-            drop(r);
-            return Err("pinned huge pages of the away node as on the home node".into());
-        }
-        Err(e) => e,
-    };
-    let Error::Misplaced {
-        pages, off_node, ..
-    } = err
-    else {
-        return Err(format!("wanted Misplaced, got: {err}"));
-    };
+    let (pages, off_node) =
+        unsafe { expect_misplaced(&p, mem.as_ptr(), &req(ctx.home), "huge pages") }?;
     ensure!(
         pages == 4 && off_node == 4,
         "Misplaced counted {off_node} of {pages} huge pages off node, wanted 4 of 4"
@@ -371,19 +360,7 @@ fn thp_heads(ctx: &Ctx) -> Result<String, String> {
     let away = Thp::on(ctx.away)?;
     let away_huge = huge_chunks(&away.every_entry()?).len();
     // SAFETY: `away` outlives any region made here.
-    let err = match unsafe { p.pin_user(away.ptr, &req) } {
-        Ok(r) => {
-            drop(r);
-            return Err("pinned THP memory of the away node as on the home node".into());
-        }
-        Err(e) => e,
-    };
-    let Error::Misplaced {
-        pages, off_node, ..
-    } = err
-    else {
-        return Err(format!("wanted Misplaced, got: {err}"));
-    };
+    let (pages, off_node) = unsafe { expect_misplaced(&p, away.ptr, &req, "THP memory") }?;
     let want = (THP_LEN / 4096) as u64;
     ensure!(
         pages == want && off_node == want,
@@ -395,4 +372,30 @@ fn thp_heads(ctx: &Ctx) -> Result<String, String> {
         kernel.trim(),
         huge.len()
     ))
+}
+
+/// Pins memory of the away node as if on `req`'s node: the pin must fail
+/// with Misplaced; its (pages, off-node pages).
+///
+/// # Safety
+/// As [`Pinner::pin_user`] for `ptr` and `req.size`.
+unsafe fn expect_misplaced(
+    p: &Pinner,
+    ptr: *mut u8,
+    req: &PinRequest<'_>,
+    what: &str,
+) -> Result<(u64, u64), String> {
+    // SAFETY: the caller's contract.
+    match unsafe { p.pin_user(ptr, req) } {
+        Ok(r) => {
+            drop(r);
+            Err(format!(
+                "pinned {what} of the away node as on the home node"
+            ))
+        }
+        Err(Error::Misplaced {
+            pages, off_node, ..
+        }) => Ok((pages, off_node)),
+        Err(err) => Err(format!("wanted Misplaced, got: {err}")),
+    }
 }

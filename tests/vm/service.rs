@@ -838,13 +838,9 @@ fn kept_memfd(ctx: &Ctx) -> Result<String, String> {
     ))
 }
 
-/// A pin that fails after the early memfd went out (a minimum extent of
-/// the whole 4K region, which scattered base pages do not meet): on the
-/// wire, the `placed` reply's memfd held the region's pages, and after the
-/// final error it holds none; through `numapin::client`, the failed
-/// allocate leaves no memfd and no mapping in this process; the daemon's
-/// VmLck and the node's free memory come back.
-fn failed_after_early_memfd(ctx: &Ctx, d: &Daemon, len: u64) -> Result<String, String> {
+/// A raw connection to `d` past its hello (for messages the client
+/// library would not send).
+fn raw_hello(d: &Daemon) -> Result<OwnedFd, String> {
     let sock = e(wire::connect(&d.socket), "connect")?;
     let hello = proto::encode(&proto::Request {
         id: 1,
@@ -854,6 +850,17 @@ fn failed_after_early_memfd(ctx: &Ctx, d: &Daemon, len: u64) -> Result<String, S
     });
     e(wire::send(sock.as_fd(), &hello, &[]), "hello")?;
     e(wire::recv(sock.as_fd(), proto::MAX_REPLY), "hello reply")?;
+    Ok(sock)
+}
+
+/// A pin that fails after the early memfd went out (a minimum extent of
+/// the whole 4K region, which scattered base pages do not meet): on the
+/// wire, the `placed` reply's memfd held the region's pages, and after the
+/// final error it holds none; through `numapin::client`, the failed
+/// allocate leaves no memfd and no mapping in this process; the daemon's
+/// VmLck and the node's free memory come back.
+fn failed_after_early_memfd(ctx: &Ctx, d: &Daemon, len: u64) -> Result<String, String> {
+    let sock = raw_hello(d)?;
     let (lck0, free0) = (d.vmlck()?, node_free_kb(ctx.away));
     let ask = proto::Allocate {
         device: None,
@@ -1097,15 +1104,7 @@ fn parallel(ctx: &Ctx) -> Result<String, String> {
 fn fuzz(ctx: &Ctx) -> Result<String, String> {
     let d = Daemon::start(ctx, CONFIG)?;
     let fds0 = d.fds();
-    let sock = e(wire::connect(&d.socket), "connect")?;
-    let hello = proto::encode(&proto::Request {
-        id: 1,
-        op: Op::Hello {
-            version: proto::VERSION,
-        },
-    });
-    e(wire::send(sock.as_fd(), &hello, &[]), "hello")?;
-    e(wire::recv(sock.as_fd(), proto::MAX_REPLY), "hello reply")?;
+    let sock = raw_hello(&d)?;
     let devnull: OwnedFd = e(std::fs::File::open("/dev/null"), "open /dev/null")?.into();
     // Size 0: a mutation that still parses is refused quickly, or (a digit
     // changed) allocates a small region, which is released below.
