@@ -348,8 +348,12 @@ pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
     let pmd = page * (page / ENTRY_LEN as u64);
     if len >= SCAN_MIN && is_aligned(vaddr, page) {
         if let Some(huge) = scan::huge_ranges(&file, vaddr, vaddr + len) {
-            if let Some(out) = pfns_by_heads(&file, vaddr, len, pmd, &huge)? {
-                if scan::huge_ranges(&file, vaddr, vaddr + len).as_ref() == Some(&huge) {
+            if let Ok(out) = pfns_by_heads(&file, vaddr, len, pmd, &huge)? {
+                // Without huge ranges every entry was read: nothing to
+                // confirm.
+                if huge.is_empty()
+                    || scan::huge_ranges(&file, vaddr, vaddr + len).as_ref() == Some(&huge)
+                {
                     return Ok(out);
                 }
             }
@@ -396,15 +400,17 @@ fn decode_in_place(vaddr: u64, out: &mut [u64], first: usize) -> Result<(), Phys
 }
 
 /// [`pfns`] with the huge ranges known: every entry outside them, one per
-/// `pmd` bytes inside. `Ok(None)` when a head is not aligned as a huge
-/// page's (the caller reads every entry instead).
+/// `pmd` bytes inside (the head of each huge page of that size, the rest
+/// filled in from it). `Ok(Err(at))` when the head at `at` is not aligned
+/// as a huge page's, or a range is not `pmd`-aligned (`at` is its start):
+/// [`pfns`] then reads every entry, [`pfns_by_page`] refuses.
 fn pfns_by_heads(
     file: &File,
     vaddr: u64,
     len: u64,
     pmd: u64,
     huge: &[(u64, u64)],
-) -> Result<Option<Vec<u64>>, PhysError> {
+) -> Result<Result<Vec<u64>, u64>, PhysError> {
     let page = base_page_size();
     let per = (pmd / page) as usize;
     let idx = |a: u64| ((a - vaddr) / page) as usize;
@@ -415,7 +421,7 @@ fn pfns_by_heads(
     for &(s, e) in huge.iter().chain(std::iter::once(&(end, end))) {
         let (s, e) = (s.clamp(at, end), e.clamp(at, end));
         if s < e && (!is_aligned(s, pmd) || !is_aligned(e, pmd)) {
-            return Ok(None);
+            return Ok(Err(s));
         }
         if s > at {
             let gap = &mut out[idx(at)..idx(s)];
@@ -432,7 +438,7 @@ fn pfns_by_heads(
             if head == 0 {
                 // Hidden frames: nothing to fill in.
             } else if head % per as u64 != 0 {
-                return Ok(None);
+                return Ok(Err(h));
             } else {
                 any_frame = true;
                 for (k, p) in out[i..i + per].iter_mut().enumerate() {
@@ -449,7 +455,7 @@ fn pfns_by_heads(
             pages: out.len(),
         });
     }
-    Ok(Some(out))
+    Ok(Ok(out))
 }
 
 /// Like [`pfns`], for a range of pages of `page_size` bytes (hugetlb): one
@@ -479,34 +485,20 @@ pub fn pfns_by_page(vaddr: u64, len: u64, page_size: u64) -> Result<Vec<u64>, Ph
         len,
         page_size,
     };
-    if !is_aligned(vaddr, page_size) || !is_aligned(len, page_size) {
+    if !is_aligned(vaddr, page_size)
+        || !is_aligned(len, page_size)
+        || vaddr.checked_add(len).is_none()
+    {
         return Err(bad);
     }
-    let per = page_size / base;
-    let pages = (len / base) as usize;
-    let file = open_pagemap()?;
-    let mut out = Vec::with_capacity(pages);
-    let mut all_zero = true;
-    for i in 0..len / page_size {
-        let at = vaddr + i * page_size;
-        let mut b = [0u8; ENTRY_LEN];
-        read_raw(&file, at, 1, &mut b)?;
-        let Some(head) = PagemapEntry(u64::from_le_bytes(b)).pfn() else {
-            return Err(PhysError::NotPresent { vaddr: at });
-        };
-        all_zero &= head == 0;
-        if head % per != 0 {
-            return Err(PhysError::NotHuge {
-                vaddr: at,
-                page_size,
-            });
-        }
-        out.extend(head..head + per);
+    let whole = [(vaddr, vaddr + len)];
+    match pfns_by_heads(&open_pagemap()?, vaddr, len, page_size, &whole)? {
+        Ok(out) => Ok(out),
+        Err(at) => Err(PhysError::NotHuge {
+            vaddr: at,
+            page_size,
+        }),
     }
-    if all_zero && pages > 0 {
-        return Err(PhysError::PfnHidden { vaddr, pages });
-    }
-    Ok(out)
 }
 
 /// The physical extents backing `[vaddr, vaddr + len)`, in virtual order,
@@ -604,7 +596,7 @@ mod tests {
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(raw, LEN + PMD as usize) };
         if let Some(got) = got {
-            assert_eq!(got, Some(all));
+            assert_eq!(got, Ok(all));
         }
     }
 
