@@ -22,18 +22,25 @@ struct Reps {
 }
 
 fn reps(size: u64) -> Reps {
-    if size <= 256 << 20 {
-        Reps {
-            fast: 9,
+    // The round-by-round ratios of a few-millisecond pin spread over
+    // 0.8-1.4x in the TCG VM: small regions, which cost little, take more
+    // rounds for a median that holds from run to run.
+    match size {
+        s if s <= 64 << 20 => Reps {
+            fast: 21,
             slow: 4,
             prefault: 11,
-        }
-    } else {
-        Reps {
-            fast: 5,
+        },
+        s if s <= 256 << 20 => Reps {
+            fast: 15,
+            slow: 4,
+            prefault: 11,
+        },
+        _ => Reps {
+            fast: 7,
             slow: 4,
             prefault: 5,
-        }
+        },
     }
 }
 
@@ -88,9 +95,94 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         _ => {}
     }
 
-    // --- Without numapin: raw ioctls on a container of our own. ---
+    // --- io_uring's long-term pin of the same memory: the raw
+    // registration and numapin's `UringPin` in the same rounds, the order
+    // alternating, round 0 a warm-up. ---
+    {
+        let ring = Uring::new()?;
+        let mut reg = Vec::new();
+        let mut unreg = Vec::new();
+        let mut pin = Vec::new();
+        let mut unpin = Vec::new();
+        let mut rings = 0;
+        for i in 0..=reps.fast {
+            for step in [i % 2, 1 - i % 2] {
+                if step == 0 {
+                    // SAFETY: `mem` outlives the calls.
+                    let (r, u) = unsafe { ring.register_unregister(mem.addr(), len) }?;
+                    if i > 0 {
+                        reg.push(r);
+                        unreg.push(u);
+                    }
+                } else {
+                    let (p, r, n) = numapin_uring_pin(mode, size, &mem)?;
+                    rings = n;
+                    if i > 0 {
+                        pin.push(p);
+                        unpin.push(r);
+                    }
+                }
+            }
+        }
+        out.seconds(mode, size, "uring.register", &reg);
+        out.seconds(mode, size, "uring.unregister", &unreg);
+        out.seconds(mode, size, "numapin.uring-pin", &pin);
+        out.seconds(mode, size, "numapin.uring-release", &unpin);
+        out.measure(
+            mode.name(),
+            size,
+            "numapin.uring-rings",
+            "count",
+            &[rings as f64],
+        );
+        out.measure(
+            mode.name(),
+            size,
+            "numapin.uring-fds-per-gib",
+            "count",
+            &[numapin::uring::fds_per_gib(mode.page_size()) as f64],
+        );
+        // The same registration in rings of a fixed size, each ring set up
+        // inside the timing: where the cost per byte stops depending on
+        // the bytes per ring.
+        // At one size only: on 6.1 every ring's unregister waits a grace
+        // period (about 18 ms), so the sweep at every size would take the
+        // full bench past its VM's time limit.
+        for ring_bytes in RING_SWEEP {
+            if ring_bytes >= size || size != RING_SWEEP_SIZE {
+                continue;
+            }
+            let mut reg = Vec::new();
+            let mut unreg = Vec::new();
+            for i in 0..=reps.fast {
+                // SAFETY: as above.
+                let (r, u) = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
+                if i > 0 {
+                    reg.push(r);
+                    unreg.push(u);
+                }
+            }
+            let name = size_name(ring_bytes);
+            out.seconds(mode, size, &format!("uring.register.rings-{name}"), &reg);
+            out.seconds(
+                mode,
+                size,
+                &format!("uring.unregister.rings-{name}"),
+                &unreg,
+            );
+        }
+    }
+
+    // --- Without numapin and with it, on one container: the raw ioctls
+    // and numapin's pin on the same container, timed side by side. ---
     let mut floor_map = Vec::new();
     let mut floor_unmap = Vec::new();
+    let mut pin_only = Vec::new();
+    let mut release = Vec::new();
+    let mut pin_proved = Vec::new();
+    let mut pin_nonode = Vec::new();
+    let mut pin_unpriv = Vec::new();
+    let mut entries = 0;
     {
         let raw = RawVfio::open(&ctx.sysfs)?;
         let avail0 = raw.dma_avail()?;
@@ -98,15 +190,15 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         // and this code holds no references into it.
         // Warm-up (first-touch effects in the IOMMU page tables).
         unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;
-        let entries = avail0 - raw.dma_avail()?;
+        let raw_entries = avail0 - raw.dma_avail()?;
         raw.unmap(IOVA_BASE, len)?;
-        out.measure(mode.name(), size, "entries.raw", "count", &[entries as f64]);
-        for _ in 0..reps.fast {
-            floor_map.push(unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?);
-            floor_unmap.push(raw.unmap(IOVA_BASE, len)?);
-        }
-        out.seconds(mode, size, "floor.map", &floor_map);
-        out.seconds(mode, size, "floor.unmap", &floor_unmap);
+        out.measure(
+            mode.name(),
+            size,
+            "entries.raw",
+            "count",
+            &[raw_entries as f64],
+        );
 
         // One MAP_DMA per page, as DPDK maps one per memseg.
         let page = mode.dma_page();
@@ -139,133 +231,107 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
             out.seconds(mode, size, "per-page.map", &map);
             out.seconds(mode, size, "per-page.unmap", &unmap);
         }
-    }
 
-    // --- io_uring's long-term pin of the same memory. ---
-    {
-        let ring = Uring::new()?;
-        // SAFETY: `mem` outlives the calls.
-        unsafe { ring.register_unregister(mem.addr(), len) }?;
-        let mut reg = Vec::new();
-        let mut unreg = Vec::new();
-        for _ in 0..reps.fast {
-            // SAFETY: as above.
-            let (r, u) = unsafe { ring.register_unregister(mem.addr(), len) }?;
-            reg.push(r);
-            unreg.push(u);
-        }
-        out.seconds(mode, size, "uring.register", &reg);
-        out.seconds(mode, size, "uring.unregister", &unreg);
-        // The same registration in rings of a fixed size, each ring set up
-        // inside the timing: where the cost per byte stops depending on
-        // the bytes per ring.
-        // At one size only: on 6.1 every ring's unregister waits a grace
-        // period (about 18 ms), so the sweep at every size would take the
-        // full bench past its VM's time limit.
-        for ring_bytes in RING_SWEEP {
-            if ring_bytes >= size || size != RING_SWEEP_SIZE {
-                continue;
-            }
-            let mut reg = Vec::new();
-            let mut unreg = Vec::new();
-            for i in 0..=reps.fast {
-                // SAFETY: as above.
-                let (r, u) = unsafe { register_in_rings(mem.addr(), len, ring_bytes as usize) }?;
-                if i > 0 {
-                    reg.push(r);
-                    unreg.push(u);
-                }
-            }
-            let name = size_name(ring_bytes);
-            out.seconds(mode, size, &format!("uring.register.rings-{name}"), &reg);
-            out.seconds(
-                mode,
-                size,
-                &format!("uring.unregister.rings-{name}"),
-                &unreg,
-            );
-        }
-    }
-    numapin_uring_pin(out, mode, size, &mem, reps.fast)?;
-
-    // --- numapin on the same device. ---
-    let pinner = e(Pinner::open(&ctx.bdf), "Pinner::open")?;
-    let avail = |p: &Pinner| -> Result<u32, String> {
-        e(p.refresh_info(), "GET_INFO")?
-            .and_then(|i| i.dma_avail)
-            .ok_or_else(|| "no DMA_AVAIL".to_string())
-    };
-    // The pin-only figure: caller memory pinned with `Proof::None` (the
-    // pin call alone, the VMM fast path). Beside it, the default full proof
-    // with the node checked, and full proof without a node, to show what the
-    // evidence costs. Every variant maps at the floor's IOVA, as a VMM
-    // passes its guest-physical address: how the IOMMU can lay out a range
-    // depends on the IOVA (superpages need it to agree with the physical
-    // address), and that is not numapin's cost.
-    let mut pin_only = Vec::new();
-    let mut release = Vec::new();
-    let mut pin_proved = Vec::new();
-    let mut pin_nonode = Vec::new();
-    let mut pin_unpriv = Vec::new();
-    let mut entries = 0;
-    for i in 0..=reps.fast {
-        for variant in 0..4 {
-            let (node, proof) = match variant {
-                0 => (None, numapin::Proof::None),
-                1 | 3 => (Some(ctx.home), numapin::Proof::Full),
-                _ => (None, numapin::Proof::Full),
-            };
-            let m = numapin::PinRequest {
-                node,
-                page_size: ps,
-                proof,
-                iova: Some(numapin::Iova(IOVA_BASE)),
-                ..numapin::PinRequest::any_node(size)
-            };
-            let before = avail(&pinner)?;
-            // Variant 3: the same proof as a caller without CAP_SYS_ADMIN,
-            // whose pagemap shows no frames (the proof asks move_pages;
-            // capabilities are per thread, and pagemap checks its opener's
-            // at open).
-            let _unprivileged = if variant == 3 {
-                Some(crate::caps::Effective::lower(&[
-                    crate::caps::CAP_SYS_ADMIN,
-                ])?)
-            } else {
-                None
-            };
-            let t = Instant::now();
-            // SAFETY: `mem` stays mapped until after the release below and is
-            // not referenced while pinned.
-            let r = unsafe { pinner.pin_user(mem.as_ptr(), &m) };
-            let d = t.elapsed();
-            drop(_unprivileged);
-            let r = e(r, "pin_user")?;
-            if variant == 3 && r.pinned_pfns().is_some() {
-                return Err(
-                    "the unprivileged pin saw the frames: CAP_SYS_ADMIN was not dropped".into(),
-                );
-            }
-            if variant == 0 {
-                entries = before - avail(&pinner)?;
-            }
-            let t = Instant::now();
-            e(r.release(), "release")?;
-            let rd = t.elapsed();
-            // Round 0 warms up.
-            if i > 0 {
-                match variant {
-                    0 => {
-                        pin_only.push(d);
-                        release.push(rd);
+        // numapin on the raw figures' own container (a VMM's container,
+        // `Pinner::with_type1_container`): the same ioctl on the same
+        // container, so what is left between the two is numapin's.
+        let pinner = e(
+            Pinner::with_type1_container(raw.container_fd(), None),
+            "Pinner::with_type1_container",
+        )?;
+        let avail = |p: &Pinner| -> Result<u32, String> {
+            e(p.refresh_info(), "GET_INFO")?
+                .and_then(|i| i.dma_avail)
+                .ok_or_else(|| "no DMA_AVAIL".to_string())
+        };
+        // Each round times the raw MAP_DMA/UNMAP_DMA pair (the floor) and
+        // four numapin pins of the same memory: `Proof::None` (the pin call
+        // alone, the VMM fast path), the default full proof with the node
+        // checked, the full proof without a node, and the full proof as a
+        // caller without CAP_SYS_ADMIN. The floor is in every round, so a
+        // round's ratio does not depend on how fast the VM ran in another
+        // (the verdicts take the median of the rounds' ratios); the order
+        // in a round rotates, so that none always follows the same one.
+        // Every pin maps at the floor's IOVA, as a VMM passes its
+        // guest-physical address: how the IOMMU can lay out a range
+        // depends on the IOVA (superpages need it to agree with the
+        // physical address), and that is not numapin's cost.
+        const STEPS: usize = 5;
+        for i in 0..=reps.fast {
+            for k in 0..STEPS {
+                let step = (k + i) % STEPS;
+                if step == 0 {
+                    let m = unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;
+                    let u = raw.unmap(IOVA_BASE, len)?;
+                    // Round 0 warms up.
+                    if i > 0 {
+                        floor_map.push(m);
+                        floor_unmap.push(u);
                     }
-                    1 => pin_proved.push(d),
-                    2 => pin_nonode.push(d),
-                    _ => pin_unpriv.push(d),
+                    continue;
+                }
+                let variant = step - 1;
+                let (node, proof) = match variant {
+                    0 => (None, numapin::Proof::None),
+                    1 | 3 => (Some(ctx.home), numapin::Proof::Full),
+                    _ => (None, numapin::Proof::Full),
+                };
+                let m = numapin::PinRequest {
+                    node,
+                    page_size: ps,
+                    proof,
+                    iova: Some(numapin::Iova(IOVA_BASE)),
+                    ..numapin::PinRequest::any_node(size)
+                };
+                let before = avail(&pinner)?;
+                // Variant 3: the same proof as a caller without
+                // CAP_SYS_ADMIN, whose pagemap shows no frames (the proof
+                // asks move_pages; capabilities are per thread, and pagemap
+                // checks its opener's at open).
+                let _unprivileged = if variant == 3 {
+                    Some(crate::caps::Effective::lower(&[
+                        crate::caps::CAP_SYS_ADMIN,
+                    ])?)
+                } else {
+                    None
+                };
+                let t = Instant::now();
+                // SAFETY: `mem` stays mapped until after the release below
+                // and is not referenced while pinned.
+                let r = unsafe { pinner.pin_user(mem.as_ptr(), &m) };
+                let d = t.elapsed();
+                drop(_unprivileged);
+                let r = e(r, "pin_user")?;
+                if variant == 3 && r.pinned_pfns().is_some() {
+                    return Err(
+                        "the unprivileged pin saw the frames: CAP_SYS_ADMIN was not dropped".into(),
+                    );
+                }
+                if variant == 0 {
+                    entries = before - avail(&pinner)?;
+                }
+                let t = Instant::now();
+                e(r.release(), "release")?;
+                let rd = t.elapsed();
+                if i > 0 {
+                    match variant {
+                        0 => {
+                            pin_only.push(d);
+                            release.push(rd);
+                        }
+                        1 => pin_proved.push(d),
+                        2 => pin_nonode.push(d),
+                        _ => pin_unpriv.push(d),
+                    }
                 }
             }
         }
+        // The pinner's duplicate of the container fd goes before the
+        // group: nothing of this container is left for `Pinner::open`.
+        drop(pinner);
     }
+    out.seconds(mode, size, "floor.map", &floor_map);
+    out.seconds(mode, size, "floor.unmap", &floor_unmap);
     out.measure(
         mode.name(),
         size,
@@ -301,11 +367,35 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         vmlck.push(t.elapsed());
     }
     out.seconds(mode, size, "step.pagemap-pfns", &pfns);
+    // The same read from a thread bound to one CPU: pagemap reads of a
+    // range spread over the CPUs the caller may run on; this is the
+    // reading without that.
+    let cpu = ctx.home_cpus[0];
+    let one_cpu = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Vec<Duration>, String> {
+            e(numapin::sys::set_thread_affinity(&[cpu]), "bind to one CPU")?;
+            let mut v = Vec::new();
+            for _ in 0..reps.fast {
+                let t = Instant::now();
+                e(
+                    numapin::phys::pfns_by_page(mem.addr() as u64, size, ps.bytes()),
+                    "pagemap",
+                )?;
+                v.push(t.elapsed());
+            }
+            Ok(v)
+        })
+        .join()
+        .map_err(|_| "the one-CPU pagemap thread panicked".to_string())?
+    })?;
+    out.seconds(mode, size, "step.pagemap-pfns.one-cpu", &one_cpu);
     out.seconds(mode, size, "step.node-query", &nodes);
     out.seconds(mode, size, "step.vmlck-read", &vmlck);
     drop(mem);
 
-    // Allocate + prefault + pin + verify, numapin's own memory.
+    // Allocate + prefault + pin + verify, numapin's own memory, on a
+    // device numapin opens (the backend `Pinner::open` chooses).
+    let pinner = e(Pinner::open(&ctx.bdf), "Pinner::open")?;
     let mut full = Vec::new();
     let mut verify = Vec::new();
     for _ in 0..reps.slow {
@@ -502,51 +592,22 @@ fn base_page_register(
 }
 
 /// numapin's own io_uring long-term pin (the path for mdev and no-IOMMU
-/// containers, which `MAP_DMA` does not pin), on the same memory: the
-/// library's `UringPin` and its release, and the rings (descriptors) it
-/// keeps per region.
+/// containers, which `MAP_DMA` does not pin) of `mem`, once: the library's
+/// `UringPin`, its release, and the rings (descriptors) it kept.
 fn numapin_uring_pin(
-    out: &mut Out,
     mode: Mode,
     size: u64,
     mem: &NodeMemory,
-    reps: usize,
-) -> Result<(), String> {
-    let mut pin = Vec::new();
-    let mut release = Vec::new();
-    let mut rings = 0;
-    for i in 0..=reps {
-        let t = Instant::now();
-        // SAFETY: `mem` stays mapped until after the release below.
-        let p = e(
-            unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size, mode.page_size()) },
-            "UringPin::new",
-        )?;
-        let d = t.elapsed();
-        rings = p.rings();
-        let t = Instant::now();
-        e(p.release(), "UringPin::release")?;
-        let rd = t.elapsed();
-        if i > 0 {
-            pin.push(d);
-            release.push(rd);
-        }
-    }
-    out.seconds(mode, size, "numapin.uring-pin", &pin);
-    out.seconds(mode, size, "numapin.uring-release", &release);
-    out.measure(
-        mode.name(),
-        size,
-        "numapin.uring-rings",
-        "count",
-        &[rings as f64],
-    );
-    out.measure(
-        mode.name(),
-        size,
-        "numapin.uring-fds-per-gib",
-        "count",
-        &[numapin::uring::fds_per_gib(mode.page_size()) as f64],
-    );
-    Ok(())
+) -> Result<(Duration, Duration, usize), String> {
+    let t = Instant::now();
+    // SAFETY: `mem` stays mapped until after the release below.
+    let p = e(
+        unsafe { numapin::uring::UringPin::new(mem.as_ptr(), size, mode.page_size()) },
+        "UringPin::new",
+    )?;
+    let pin = t.elapsed();
+    let rings = p.rings();
+    let t = Instant::now();
+    e(p.release(), "UringPin::release")?;
+    Ok((pin, t.elapsed(), rings))
 }

@@ -52,6 +52,13 @@ impl RawVfio {
         Ok(raw)
     }
 
+    /// The container's fd, for a numapin `Pinner` on the same container
+    /// (`Pinner::with_type1_container`), so that numapin's pin and the raw
+    /// ioctl are timed side by side in each round.
+    pub fn container_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        numapin_fd(&self.container)
+    }
+
     /// DMA mappings left in the container (the DMA_AVAIL capability).
     pub fn dma_avail(&self) -> Result<u32, String> {
         numapin::vfio::container::get_info(numapin_fd(&self.container))

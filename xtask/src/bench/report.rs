@@ -35,6 +35,10 @@ pub const ROWS: &[(&str, &str)] = &[
         "… its step: PFN snapshot from `/proc/self/pagemap`",
     ),
     (
+        "step.pagemap-pfns.one-cpu",
+        "… the same snapshot from a thread bound to one CPU (no reader threads)",
+    ),
+    (
         "step.node-query",
         "… its step: `move_pages` node query of every page",
     ),
@@ -680,7 +684,7 @@ pub fn growth_table(runs: &[KernelRun]) -> String {
     out.push_str(
         "\nEach line is fitted to the medians by least squares: time = fixed cost + size / \
          throughput. \"Largest miss\" is the median farthest from the line, as a share of the \
-         line's value there; \"exponent\" is the slope of log time against log size between \
+         measured median; \"exponent\" is the slope of log time against log size between \
          the smallest and largest region (1.00 is linear, 2.00 quadratic; a fixed cost pulls it \
          below 1). A fixed cost \"below 0\" means the times grow faster than a line. The \
          largest region is the largest that fits node 0 of the bench VM beside the bench's \
@@ -809,9 +813,13 @@ pub fn markdown(p: &Page) -> String {
          - **pin only**: numapin's `Pinner::pin_user` on that same memory with \
          `Proof::None` (the VMM fast path: the pin call and its bookkeeping); beside it \
          `pin_user` with the default full proof (accounting, node query, PFN snapshot), \
-         with the node to check and without one. All at the floor's IOVA, as a VMM passes \
-         its guest-physical address: the IOMMU's superpages depend on the IOVA, which is \
-         not numapin's cost.\n\
+         with the node to check and without one. numapin works on the floor's own \
+         container (`Pinner::with_type1_container`, as a VMM hands it its container), so \
+         both make the same ioctl; each round times the floor and the four pins, in an \
+         order that rotates from round to round, and their ratio is the median of the \
+         rounds' ratios (the VM's speed drifts between rounds, not within one). All at \
+         the floor's IOVA, as a VMM passes its guest-physical address: the IOMMU's \
+         superpages depend on the IOVA, which is not numapin's cost.\n\
          - **allocate + prefault + pin + verify**: `Pinner::pin` followed by \
          `PinnedRegion::verify`, numapin's whole path on memory of its own.\n\
          - **one `MAP_DMA` per page**: 4 KiB pages for base pages, 2 MiB for THP and \
