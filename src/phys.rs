@@ -22,16 +22,10 @@
 //! ([`read_pagemap`], [`phys_extents`]). pagemap shows the *current* page
 //! table: it proves where pinned pages are only while the mapping that
 //! pinned them is still in place.
-//!
-//! Long reads are spread over a few scoped threads (`in_pieces`): they
-//! borrow the caller's buffer and the open file, so `std::thread::scope`
-//! is all it takes; no pool crate would be cheaper for a handful of
-//! threads per proof.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Mutex, PoisonError};
 
 use crate::addr::{PhysAddr, base_page_size, is_aligned};
 
@@ -336,13 +330,11 @@ fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(),
 /// heads, the read per page against a base-page region's in the same run
 /// fell from 0.43 to 0.16 (hugetlb: 0.36 to 0.11). Each `pread` costs
 /// there about what a 512-entry chunk does (a system call under TCG is
-/// dear), so the proof is still well above the pin on this VM.
-///
-/// A range of many reads is split at 2 MiB boundaries over up to
-/// [`MAX_READERS`] threads, one per CPU this thread may run on (see
-/// `in_pieces`): pagemap reads take the mm's lock shared, so they run side
-/// by side; the result and the first error are those one thread reading
-/// in address order would give.
+/// dear), so the proof is still well above the pin on this VM. Spreading
+/// the reads over the caller's CPUs does not help there: in one run (6.1,
+/// 2 vCPUs, hugetlb) two reader threads took 3.08 ms for 64 MiB and
+/// 50.8 ms for 2 GiB, one thread 1.70 and 47.9 ms, so the reads stay on
+/// the calling thread.
 ///
 /// # Errors
 /// As [`decode_pfns`], and the I/O errors of [`read_pagemap`].
@@ -372,11 +364,8 @@ pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
         }
     }
     let mut out = vec![0u64; pages];
-    let chunks = pages.div_ceil(CHUNK_ENTRIES);
-    in_pieces(vaddr, &mut out, page, chunks, |at, piece| {
-        read_into(&file, at, piece)?;
-        decode_in_place(at, piece, 0)
-    })?;
+    read_into(&file, vaddr, &mut out)?;
+    decode_in_place(vaddr, &mut out, 0)?;
     if pages > 0 && out.iter().all(|&p| p == 0) {
         return Err(PhysError::PfnHidden { vaddr, pages });
     }
@@ -427,49 +416,12 @@ fn pfns_by_heads(
     huge: &[(u64, u64)],
 ) -> Result<Result<Vec<u64>, u64>, PhysError> {
     let page = base_page_size();
-    let end = vaddr + len;
-    let mut out = vec![0u64; (len / page) as usize];
-    // The reads: one per huge page, one per chunk of the rest.
-    let in_huge: u64 = huge
-        .iter()
-        .map(|&(s, e)| e.clamp(vaddr, end) - s.clamp(vaddr, end))
-        .sum();
-    let reads = (in_huge / pmd) as usize + ((len - in_huge) / page) as usize / CHUNK_ENTRIES;
-    let pieces = in_pieces(vaddr, &mut out, pmd, reads, |at, piece| {
-        fill_by_heads(file, at, piece, pmd, huge)
-    })?;
-    let mut any_frame = false;
-    for p in pieces {
-        match p {
-            Ok(any) => any_frame |= any,
-            Err(at) => return Ok(Err(at)),
-        }
-    }
-    if !any_frame && !out.is_empty() {
-        return Err(PhysError::PfnHidden {
-            vaddr,
-            pages: out.len(),
-        });
-    }
-    Ok(Ok(out))
-}
-
-/// [`pfns_by_heads`] for the pages of `out`, from `vaddr` (a multiple of
-/// `pmd`, or the range's start): whether any frame was seen, or where a
-/// head or range is misaligned.
-fn fill_by_heads(
-    file: &File,
-    vaddr: u64,
-    out: &mut [u64],
-    pmd: u64,
-    huge: &[(u64, u64)],
-) -> Result<Result<bool, u64>, PhysError> {
-    let page = base_page_size();
     let per = (pmd / page) as usize;
     let idx = |a: u64| ((a - vaddr) / page) as usize;
+    let mut out = vec![0u64; (len / page) as usize];
     let mut at = vaddr;
     let mut any_frame = false;
-    let end = vaddr + out.len() as u64 * page;
+    let end = vaddr + len;
     for &(s, e) in huge.iter().chain(std::iter::once(&(end, end))) {
         let (s, e) = (s.clamp(at, end), e.clamp(at, end));
         if s < e && (!is_aligned(s, pmd) || !is_aligned(e, pmd)) {
@@ -478,14 +430,14 @@ fn fill_by_heads(
         if s > at {
             let gap = &mut out[idx(at)..idx(s)];
             read_into(file, at, gap)?;
-            decode_in_place(at, gap, 0)?;
+            decode_in_place(vaddr, gap, idx(at))?;
             any_frame |= gap.iter().any(|&p| p != 0);
         }
         let mut h = s;
         while h < e {
             let i = idx(h);
             read_into(file, h, &mut out[i..i + 1])?;
-            decode_in_place(h, &mut out[i..i + 1], 0)?;
+            decode_in_place(vaddr, &mut out[i..i + 1], i)?;
             let head = out[i];
             if head == 0 {
                 // Hidden frames: nothing to fill in.
@@ -501,108 +453,13 @@ fn fill_by_heads(
         }
         at = e.max(at);
     }
-    Ok(Ok(any_frame))
-}
-
-/// Entries the kernel walks per chunk of a pagemap read
-/// (`PAGEMAP_WALK_SIZE` in `fs/proc/task_mmu.c`: one PMD's worth).
-const CHUNK_ENTRIES: usize = 512;
-
-/// Reads of one range given to each reader thread at least: below it, a
-/// thread costs more than the reads it takes over (in the bench VM, a
-/// `pread` of pagemap costs some 25 µs, a thread some 100–200 µs).
-const READS_PER_READER: usize = 16;
-
-/// Reader threads of one range at most.
-pub const MAX_READERS: usize = 4;
-
-/// How many threads read a range of `reads` reads: one per CPU this
-/// thread may run on (`sched_getaffinity`, through
-/// `available_parallelism`), at most [`MAX_READERS`], each with at least
-/// [`READS_PER_READER`].
-fn readers(reads: usize) -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cpus.min(MAX_READERS).min(reads / READS_PER_READER).max(1)
-}
-
-/// A piece of a read, until a thread takes it: its address and entries.
-type Cell<'a> = Mutex<Option<(u64, &'a mut [u64])>>;
-
-/// Runs `read` on consecutive pieces of `out` (the entries of the pages
-/// from `vaddr`), each starting at a multiple of `align` bytes, on
-/// [`readers`]`(reads)` threads (the calling one for the first piece):
-/// pagemap reads take the mm's lock shared and have no file position, so
-/// they run side by side. The results in address order, or the error of
-/// the lowest piece that failed, as one thread reading in order would.
-///
-/// Written here because the pieces borrow `out` and the file: a scoped
-/// thread per piece is all it takes; a pool crate would not be cheaper for
-/// a handful of calls.
-fn in_pieces<R: Send>(
-    vaddr: u64,
-    out: &mut [u64],
-    align: u64,
-    reads: usize,
-    read: impl Fn(u64, &mut [u64]) -> Result<R, PhysError> + Sync,
-) -> Result<Vec<R>, PhysError> {
-    let page = base_page_size();
-    let n = readers(reads);
-    let len = out.len() as u64 * page;
-    if n <= 1 || len == 0 {
-        return Ok(vec![read(vaddr, out)?]);
+    if !any_frame && !out.is_empty() {
+        return Err(PhysError::PfnHidden {
+            vaddr,
+            pages: out.len(),
+        });
     }
-    // Cut points: multiples of `align` (a huge page's head stays in its
-    // piece), so every piece but the first starts aligned.
-    let mut pieces = Vec::with_capacity(n);
-    let mut rest = out;
-    let mut at = vaddr;
-    for k in 1..=n as u64 {
-        let cut = if k == n as u64 {
-            vaddr + len
-        } else {
-            (vaddr + len * k / n as u64)
-                .next_multiple_of(align)
-                .min(vaddr + len)
-        };
-        let (piece, tail) = rest.split_at_mut(((cut.max(at) - at) / page) as usize);
-        if !piece.is_empty() {
-            pieces.push((at, piece));
-        }
-        rest = tail;
-        at = cut.max(at);
-    }
-    // Each piece waits in a cell: its thread takes it, and if the thread
-    // cannot be made (a thread limit), this one reads it instead.
-    let cells: Vec<Cell<'_>> = pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
-    let take = |c: &Cell<'_>| {
-        c.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .map(|(at, piece)| read(at, piece))
-    };
-    std::thread::scope(|s| {
-        let threads: Vec<_> = cells
-            .iter()
-            .skip(1)
-            .map(|c| {
-                std::thread::Builder::new()
-                    .name("numapin-pagemap".into())
-                    .spawn_scoped(s, || take(c))
-                    .inspect_err(|e| log::debug!("pagemap: no reader thread ({e}); reading here"))
-                    .ok()
-            })
-            .collect();
-        let mut results = Vec::with_capacity(cells.len());
-        results.extend(take(&cells[0]));
-        for (t, c) in threads.into_iter().zip(cells.iter().skip(1)) {
-            let r = match t {
-                Some(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                None => take(c),
-            };
-            results.extend(r);
-        }
-        results.into_iter().collect()
-    })
+    Ok(Ok(out))
 }
 
 /// Like [`pfns`], for a range of pages of `page_size` bytes (hugetlb): one
@@ -615,10 +472,9 @@ fn in_pieces<R: Send>(
 /// other 511 entries of a 2 MiB page proves nothing more, and costs: in
 /// the bench VM (6.1, TCG) reading all 524,288 entries of 2 GiB took 27 ms
 /// of the proof's 31 ms over the raw pin (per page, 0.49 of a base-page
-/// region's read in the same run; with the heads 0.22). A head that is
-/// not aligned to its page's base-page count is refused
-/// ([`PhysError::NotHuge`]): it is not a hugetlb page's head. The head
-/// reads are spread over threads as in [`pfns`].
+/// region's read in the same run; with the heads 0.22). A head that is not aligned to its
+/// page's base-page count is refused ([`PhysError::NotHuge`]): it is not a
+/// hugetlb page's head.
 ///
 /// # Errors
 /// As [`pfns`]; [`PhysError::NotHuge`] for a page whose head frame is not
@@ -693,57 +549,6 @@ mod tests {
     use proptest::prelude::*;
 
     const PS: u64 = 4096;
-
-    /// The pieces cover the range in order, each but the first starting
-    /// at a multiple of the alignment, and a failure is the lowest
-    /// piece's, as one thread reading in order would report it.
-    #[test]
-    fn pieces_cover_the_range_in_order() {
-        let page = base_page_size();
-        let align = 2 << 20;
-        let vaddr = 0x4000_0000 + 3 * page;
-        let mut out = vec![0u64; 10_000];
-        let starts = in_pieces(vaddr, &mut out, align, 1000, |at, piece| {
-            for (i, p) in piece.iter_mut().enumerate() {
-                *p = at / page + i as u64;
-            }
-            Ok((at, piece.len()))
-        })
-        .unwrap();
-        let expect = readers(1000);
-        assert_eq!(starts.len(), expect, "{starts:?}");
-        assert_eq!(starts[0].0, vaddr);
-        let mut next = vaddr;
-        for &(at, n) in &starts {
-            assert_eq!(at, next);
-            assert!(at == vaddr || at % align == 0, "{at:#x}");
-            next = at + n as u64 * page;
-        }
-        assert_eq!(next, vaddr + out.len() as u64 * page);
-        assert!(
-            out.iter()
-                .enumerate()
-                .all(|(i, &p)| p == vaddr / page + i as u64)
-        );
-        // A few reads stay on this thread.
-        assert_eq!(
-            in_pieces(vaddr, &mut out, align, 3, |at, p| Ok((at, p.len()))).unwrap(),
-            [(vaddr, 10_000)]
-        );
-        if expect > 1 {
-            let failed = in_pieces(vaddr, &mut out, align, 1000, |at, _| {
-                if at > vaddr {
-                    Err(PhysError::NotPresent { vaddr: at })
-                } else {
-                    Ok(())
-                }
-            });
-            match failed {
-                Err(PhysError::NotPresent { vaddr: at }) => assert_eq!(at, starts[1].0),
-                other => panic!("{other:?}"),
-            }
-        }
-    }
 
     /// Reading one entry per huge page where the ranges are huge gives
     /// what reading every entry gives. The huge ranges are the ones the

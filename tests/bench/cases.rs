@@ -367,28 +367,6 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         vmlck.push(t.elapsed());
     }
     out.seconds(mode, size, "step.pagemap-pfns", &pfns);
-    // The same read from a thread bound to one CPU: pagemap reads of a
-    // range spread over the CPUs the caller may run on; this is the
-    // reading without that.
-    let cpu = ctx.home_cpus[0];
-    let one_cpu = std::thread::scope(|s| {
-        s.spawn(|| -> Result<Vec<Duration>, String> {
-            e(numapin::sys::set_thread_affinity(&[cpu]), "bind to one CPU")?;
-            let mut v = Vec::new();
-            for _ in 0..reps.fast {
-                let t = Instant::now();
-                e(
-                    numapin::phys::pfns_by_page(mem.addr() as u64, size, ps.bytes()),
-                    "pagemap",
-                )?;
-                v.push(t.elapsed());
-            }
-            Ok(v)
-        })
-        .join()
-        .map_err(|_| "the one-CPU pagemap thread panicked".to_string())?
-    })?;
-    out.seconds(mode, size, "step.pagemap-pfns.one-cpu", &one_cpu);
     out.seconds(mode, size, "step.node-query", &nodes);
     out.seconds(mode, size, "step.vmlck-read", &vmlck);
     drop(mem);

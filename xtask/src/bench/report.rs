@@ -35,10 +35,6 @@ pub const ROWS: &[(&str, &str)] = &[
         "… its step: PFN snapshot from `/proc/self/pagemap`",
     ),
     (
-        "step.pagemap-pfns.one-cpu",
-        "… the same snapshot from a thread bound to one CPU (no reader threads)",
-    ),
-    (
         "step.node-query",
         "… its step: `move_pages` node query of every page",
     ),
