@@ -66,7 +66,7 @@ fn draw(runs: &[KernelRun], path: &Path) -> Result<(), Box<dyn std::error::Error
     root.fill(&WHITE)?;
     let (title, body) = root.split_vertically(40);
     title.draw(&Text::new(
-        "numapin: time as a multiple of one raw VFIO_IOMMU_MAP_DMA (same VM run and kernel, medians)",
+        "numapin: time as a multiple of one raw VFIO_IOMMU_MAP_DMA (same VM run and kernel; median of the rounds' ratios where timed in the floor's rounds, else of medians)",
         (20, 12),
         ("sans-serif", 20),
     ))?;

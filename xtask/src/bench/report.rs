@@ -707,7 +707,10 @@ pub fn markdown(p: &Page) -> String {
          boot, with its spread (min–max) beside it in brackets, and every time \
          is also given as a ratio to the floor measured in the same run on the same kernel, \
          for the same page mode and region size (unmapping, unregistering and releasing \
-         against the floor's `UNMAP_DMA`). Run it with `cargo xtask bench`.\n\n",
+         against the floor's `UNMAP_DMA`). Where a row is timed in the floor's own rounds \
+         (numapin's pins and release), the ratio is the median of the rounds' ratios, \
+         so it can differ from the median shown divided by the floor's. Run it with \
+         `cargo xtask bench`.\n\n",
         kernels.join(", ")
     );
 
@@ -824,7 +827,10 @@ pub fn markdown(p: &Page) -> String {
          - **io_uring**: `IORING_REGISTER_BUFFERS` of the same memory in buffers of at \
          most 1 GiB (the io_uring long-term pin), then `UNREGISTER`; and numapin's own \
          io_uring pin (`uring::UringPin`, used for mdev and no-IOMMU containers) on the \
-         same memory. Beside them the raw registration in rings of 4, 16, 32 and 64 MiB \
+         same memory, the two alternating in the same rounds (in the base-page phase \
+         the io_uring target is the median of those rounds' ratios; in the THP and \
+         hugetlb phases it is the ratio of medians against the base-page registration \
+         below, timed just before). Beside them the raw registration in rings of 4, 16, 32 and 64 MiB \
          (where registering compound pages stops costing more per byte on kernels \
          whose accounting scans the ring), and, in the THP and hugetlb phases, the raw \
          registration of as much base-page memory on the same node (THP off while it is \
