@@ -36,7 +36,16 @@ pub struct Options {
     pub console: bool,
     /// One guest kernel instead of both bench kernels.
     pub kernel: Option<kernel::KernelKind>,
+    /// Write the report again from the last full run's results
+    /// ([`RUN_FILE`] and `results.jsonl` in each bench VM's directory)
+    /// instead of booting.
+    pub render: bool,
 }
+
+/// What a bench boot leaves beside its `results.jsonl` for `--render`:
+/// `release=`, `origin=`, `vm_secs=` and `full=` (`true` unless the run
+/// was partial), one per line.
+pub const RUN_FILE: &str = "bench-run.txt";
 
 /// The bench kernels, in report order: Debian 12's stock 6.1 and the
 /// newest stock kernel the test bed boots (trixie-backports' 7.3).
@@ -105,6 +114,21 @@ pub struct KernelRun {
     pub results: Results,
     pub targets: Vec<figures::Target>,
     pub vm_secs: f64,
+}
+
+impl KernelRun {
+    /// The run of `release` whose guest wrote `report`, its targets judged.
+    fn new(release: String, origin: String, report: &Report, vm_secs: f64) -> KernelRun {
+        let results = Results::from_report(report);
+        KernelRun {
+            label: short_release(&release),
+            release,
+            origin,
+            targets: figures::targets(&results),
+            results,
+            vm_secs,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -225,26 +249,97 @@ fn run_kernel(opts: &Options, kind: kernel::KernelKind) -> Result<KernelRun> {
             kernel.release
         );
     }
-    let results = Results::from_report(&report);
-    let targets = figures::targets(&results);
     let release = report.kernel.clone().unwrap_or(kernel.release.clone());
-    Ok(KernelRun {
-        label: short_release(&release),
+    let run = KernelRun::new(
         release,
-        origin: kernel.origin.clone(),
-        results,
-        targets,
-        vm_secs: outcome.elapsed.as_secs_f64(),
-    })
+        kernel.origin.clone(),
+        &report,
+        outcome.elapsed.as_secs_f64(),
+    );
+    std::fs::write(
+        dir.join(RUN_FILE),
+        format!(
+            "release={}\norigin={}\nvm_secs={}\nfull={}\n",
+            run.release,
+            run.origin,
+            run.vm_secs,
+            !opts.partial()
+        ),
+    )?;
+    Ok(run)
+}
+
+/// The run of `kind` that the last full bench left in its VM directory.
+fn rendered_run(kind: kernel::KernelKind) -> Result<KernelRun> {
+    let Some(config) = vmconfig::bench(kind) else {
+        bail!(
+            "the bench runs on the stock or backports kernel, not {}",
+            kind.name()
+        );
+    };
+    let dir = layout::vm_dir(config.name);
+    let path = dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "no bench run to render: {} (run `cargo xtask bench` first)",
+            path.display()
+        )
+    })?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .with_context(|| format!("{} has no {key}=", path.display()))
+    };
+    if field("full")? != "true" {
+        bail!(
+            "{} is from a partial run; --render writes docs/ from full runs only",
+            path.display()
+        );
+    }
+    let vm_secs: f64 = field("vm_secs")?
+        .parse()
+        .with_context(|| format!("{}: vm_secs", path.display()))?;
+    let results = dir.join("results.jsonl");
+    let jsonl = std::fs::read(&results)
+        .with_context(|| format!("no results file {}", results.display()))?;
+    let report = Report::parse(&String::from_utf8_lossy(&jsonl));
+    let failed: Vec<&str> = report
+        .scenarios
+        .iter()
+        .filter(|s| s.outcome != Outcome::Pass)
+        .map(|s| s.name.as_str())
+        .collect();
+    if !report.problems.is_empty() || !failed.is_empty() {
+        bail!(
+            "{} is not a complete run (problems: {:?}; phases not passed: {failed:?})",
+            results.display(),
+            report.problems
+        );
+    }
+    Ok(KernelRun::new(
+        field("release")?.into(),
+        field("origin")?.into(),
+        &report,
+        vm_secs,
+    ))
 }
 
 /// `cargo xtask bench`.
 pub fn bench(opts: &Options) -> Result<ExitCode> {
     let start = Instant::now();
     let kinds = opts.kernels();
+    if opts.render && opts.partial() {
+        bail!(
+            "--render writes docs/ from the last full run: it takes no --sizes, --only or --kernel"
+        );
+    }
     let mut runs = Vec::new();
     for kind in &kinds {
-        runs.push(run_kernel(opts, *kind)?);
+        runs.push(if opts.render {
+            rendered_run(*kind)?
+        } else {
+            run_kernel(opts, *kind)?
+        });
     }
     let machine = Machine::read();
     let (md_path, out_dir) = if opts.partial() {

@@ -102,6 +102,11 @@ enum Task {
         /// Stream the guest console while it runs.
         #[arg(long)]
         console: bool,
+        /// Do not boot: write docs/benchmarks.md, its CSV and plot again
+        /// from the last full run's results under target/vm/bench-*/
+        /// (after a change to the report's code).
+        #[arg(long, conflicts_with_all = ["sizes", "only", "kernel", "console"])]
+        render: bool,
     },
     /// Fetch and build every guest kernel into the cache, print where they are.
     Kernels,
@@ -156,11 +161,13 @@ fn try_main() -> anyhow::Result<ExitCode> {
             only,
             console,
             kernel,
+            render,
         } => bench::bench(&bench::Options {
             sizes,
             only,
             console,
             kernel,
+            render,
         }),
         Task::Kernels => tasks::kernels(),
         Task::Vm {
