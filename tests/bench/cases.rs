@@ -128,19 +128,12 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         out.seconds(mode, size, "uring.unregister", &unreg);
         out.seconds(mode, size, "numapin.uring-pin", &pin);
         out.seconds(mode, size, "numapin.uring-release", &unpin);
-        out.measure(
-            mode.name(),
-            size,
-            "numapin.uring-rings",
-            "count",
-            &[rings as f64],
-        );
-        out.measure(
-            mode.name(),
+        out.count(mode, size, "numapin.uring-rings", rings as f64);
+        out.count(
+            mode,
             size,
             "numapin.uring-fds-per-gib",
-            "count",
-            &[numapin::uring::fds_per_gib(mode.page_size()) as f64],
+            numapin::uring::fds_per_gib(mode.page_size()) as f64,
         );
         // The same registration in rings of a fixed size, each ring set up
         // inside the timing: where the cost per byte stops depending on
@@ -192,18 +185,12 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;
         let raw_entries = avail0 - raw.dma_avail()?;
         raw.unmap(IOVA_BASE, len)?;
-        out.measure(
-            mode.name(),
-            size,
-            "entries.raw",
-            "count",
-            &[raw_entries as f64],
-        );
+        out.count(mode, size, "entries.raw", raw_entries as f64);
 
         // One MAP_DMA per page, as DPDK maps one per memseg.
         let page = mode.dma_page();
         let n = size / page;
-        out.measure(mode.name(), size, "entries.per-page", "count", &[n as f64]);
+        out.count(mode, size, "entries.per-page", n as f64);
         if n > u64::from(avail0) {
             out.info(
                 &format!("{tag}.per-page"),
@@ -332,13 +319,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     }
     out.seconds(mode, size, "floor.map", &floor_map);
     out.seconds(mode, size, "floor.unmap", &floor_unmap);
-    out.measure(
-        mode.name(),
-        size,
-        "entries.numapin",
-        "count",
-        &[entries as f64],
-    );
+    out.count(mode, size, "entries.numapin", entries as f64);
     out.seconds(mode, size, "numapin.pin-only", &pin_only);
     out.seconds(mode, size, "numapin.pin-proved", &pin_proved);
     out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);
@@ -424,13 +405,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "prefault.1-thread", &one);
     out.seconds(mode, size, "prefault.node-threads", &all);
     out.seconds(mode, size, "prefault.raw-split", &split);
-    out.measure(
-        mode.name(),
-        size,
-        "prefault.threads",
-        "count",
-        &[ctx.home_cpus.len() as f64],
-    );
+    out.count(mode, size, "prefault.threads", ctx.home_cpus.len() as f64);
 
     let med = |v: &[Duration]| {
         let mut s: Vec<f64> = v.iter().map(Duration::as_secs_f64).collect();

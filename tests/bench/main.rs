@@ -141,6 +141,11 @@ impl Out {
         self.measure(mode.name(), size, metric, "s", &s);
     }
 
+    /// One count of a page mode's figure.
+    pub fn count(&mut self, mode: Mode, size: u64, metric: &str, n: f64) {
+        self.measure(mode.name(), size, metric, "count", &[n]);
+    }
+
     pub fn info(&mut self, key: &str, value: impl std::fmt::Display) {
         eprintln!("numapin-bench: {key} = {value}");
         self.line(json!({"type": "info", "key": key, "value": value.to_string()}));

@@ -60,6 +60,14 @@ pub struct Figure {
     pub max: f64,
 }
 
+/// The smallest and the largest of `v` (infinities for none).
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 /// The median (the mean of the middle two for an even count).
 pub fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
@@ -162,6 +170,7 @@ impl Results {
             .iter()
             .filter_map(|m| {
                 let median = median(&m.samples)?;
+                let (min, max) = min_max(&m.samples);
                 Some(Figure {
                     mode: m.mode.clone(),
                     size: m.size,
@@ -169,8 +178,8 @@ impl Results {
                     unit: m.unit.clone(),
                     samples: m.samples.clone(),
                     median,
-                    min: m.samples.iter().copied().fold(f64::INFINITY, f64::min),
-                    max: m.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    min,
+                    max,
                 })
             })
             .collect();
@@ -293,8 +302,7 @@ impl Results {
         for who in ["numapin", "control"] {
             all.extend(&self.balance(&format!("{who}.{what}.idle"))?.samples);
         }
-        let max = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let min = all.iter().copied().fold(f64::INFINITY, f64::min);
+        let (min, max) = min_max(&all);
         Some(max - min)
     }
 
@@ -354,24 +362,12 @@ impl Versus {
         if n == 0 || n != base.samples.len() || base.samples.iter().any(|&b| b <= 0.0) {
             return None;
         }
-        let ratios: Vec<f64> = f
-            .samples
-            .iter()
-            .zip(&base.samples)
-            .map(|(a, b)| a / b)
-            .collect();
-        let diffs: Vec<f64> = f
-            .samples
-            .iter()
-            .zip(&base.samples)
-            .map(|(a, b)| a - b)
-            .collect();
+        let rounds = f.samples.iter().zip(&base.samples);
+        let ratios: Vec<f64> = rounds.clone().map(|(a, b)| a / b).collect();
+        let diffs: Vec<f64> = rounds.map(|(a, b)| a - b).collect();
         Some(Versus {
             ratio: median(&ratios)?,
-            spread: (
-                ratios.iter().copied().fold(f64::INFINITY, f64::min),
-                ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            ),
+            spread: min_max(&ratios),
             over: median(&diffs)?,
             rounds: n,
             value: f.median,
