@@ -43,8 +43,8 @@ pub struct Options {
 }
 
 /// What a bench boot leaves beside its `results.jsonl` for `--render`:
-/// `release=`, `origin=`, `vm_secs=` and `full=` (`true` unless the run
-/// was partial), one per line.
+/// `release=`, `origin=`, `vm_secs=`, `full=` (`true` unless the run
+/// was partial) and `vcpus=` (where QEMU's vCPU threads ran), one per line.
 pub const RUN_FILE: &str = "bench-run.txt";
 
 /// The bench kernels, in report order: Debian 12's stock 6.1 and the
@@ -114,11 +114,20 @@ pub struct KernelRun {
     pub results: Results,
     pub targets: Vec<figures::Target>,
     pub vm_secs: f64,
+    /// Where QEMU's vCPU threads ran: `vCPU 0 on host CPU 0, …`, from
+    /// the boot's `vcpu-affinity.txt` (see `qemu::pins_vcpus`).
+    pub vcpus: String,
 }
 
 impl KernelRun {
     /// The run of `release` whose guest wrote `report`, its targets judged.
-    fn new(release: String, origin: String, report: &Report, vm_secs: f64) -> KernelRun {
+    fn new(
+        release: String,
+        origin: String,
+        report: &Report,
+        vm_secs: f64,
+        vcpus: String,
+    ) -> KernelRun {
         let results = Results::from_report(report);
         KernelRun {
             label: short_release(&release),
@@ -127,6 +136,7 @@ impl KernelRun {
             targets: figures::targets(&results),
             results,
             vm_secs,
+            vcpus,
         }
     }
 }
@@ -142,6 +152,7 @@ impl KernelRun {
             targets: figures::targets(&results),
             results,
             vm_secs: 600.0,
+            vcpus: "vCPU 0 on host CPU 0".into(),
         }
     }
 }
@@ -250,20 +261,24 @@ fn run_kernel(opts: &Options, kind: kernel::KernelKind) -> Result<KernelRun> {
         );
     }
     let release = report.kernel.clone().unwrap_or(kernel.release.clone());
+    let vcpus = std::fs::read_to_string(dir.join("vcpu-affinity.txt"))
+        .map_or_else(|_| "not recorded".into(), |t| t.trim().replace('\n', ", "));
     let run = KernelRun::new(
         release,
         kernel.origin.clone(),
         &report,
         outcome.elapsed.as_secs_f64(),
+        vcpus,
     );
     std::fs::write(
         dir.join(RUN_FILE),
         format!(
-            "release={}\norigin={}\nvm_secs={}\nfull={}\n",
+            "release={}\norigin={}\nvm_secs={}\nfull={}\nvcpus={}\n",
             run.release,
             run.origin,
             run.vm_secs,
-            !opts.partial()
+            !opts.partial(),
+            run.vcpus
         ),
     )?;
     Ok(run)
@@ -321,6 +336,7 @@ fn rendered_run(kind: kernel::KernelKind) -> Result<KernelRun> {
         field("origin")?.into(),
         &report,
         vm_secs,
+        field("vcpus").map_or_else(|_| "not recorded".into(), Into::into),
     ))
 }
 

@@ -18,6 +18,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rustix::thread::CpuSet;
 
 use crate::cmd;
 use crate::kernel::Kernel;
@@ -295,6 +296,9 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
         &format!("{EDU},bus=rp1"),
     ]);
     push(&["-net", "none", "-display", "none", "-no-reboot"]);
+    // Thread names (`CPU 0/TCG`) for `/proc/<pid>/task/*/comm`, where the
+    // bench finds the vCPU threads to pin.
+    push(&["-name", &format!("{},debug-threads=on", run.config.name)]);
     push(&["-kernel", &run.kernel.image.to_string_lossy()]);
     push(&["-initrd", &run.initrd.to_string_lossy()]);
     let mut cmdline = run.config.cmdline(run.run);
@@ -315,6 +319,116 @@ pub fn args(run: &Run, results: &Path) -> Vec<String> {
         ]);
     }
     a
+}
+
+/// Whether a run pins QEMU's vCPU threads to host CPUs: the bench does.
+/// Its VM has more vCPUs than this host has cores; left to the host's
+/// scheduler, two busy vCPU threads sometimes share one core while the
+/// other idles (the bench's prefault took one of two speeds by chance).
+pub fn pins_vcpus(run: &str) -> bool {
+    run == "bench"
+}
+
+/// Pins vCPU `n` of a QEMU process to the `n % k`-th of the `k` host CPUs
+/// this process may run on, once QEMU has started its vCPU threads (named
+/// `CPU <n>/TCG` under `-name …,debug-threads=on`), and writes what it did
+/// to `vcpu-affinity.txt` in the run's directory.
+struct VcpuPins {
+    pid: u32,
+    /// How many vCPU threads the VM has (`-smp`).
+    count: usize,
+    file: PathBuf,
+}
+
+/// How long QEMU may take to start its vCPU threads.
+const VCPU_WAIT: Duration = Duration::from_secs(20);
+
+impl VcpuPins {
+    fn new(pid: u32, count: usize, dir: &Path) -> VcpuPins {
+        VcpuPins {
+            pid,
+            count,
+            file: dir.join("vcpu-affinity.txt"),
+        }
+    }
+
+    /// One try; `true` when done (pinned, or given up: said so in the
+    /// file and on stderr).
+    fn step(&mut self, elapsed: Duration) -> bool {
+        let vcpus = vcpu_threads(self.pid);
+        let host = allowed_cpus();
+        if vcpus.len() < self.count && elapsed < VCPU_WAIT {
+            return false;
+        }
+        if vcpus.is_empty() || host.is_empty() {
+            let why = format!(
+                "not pinned: no vCPU threads in /proc/{}/task after {}s, or no host CPUs",
+                self.pid,
+                VCPU_WAIT.as_secs()
+            );
+            eprintln!("warning: {why}");
+            let _ = fs::write(&self.file, why + "\n");
+            return true;
+        }
+        let mut lines = Vec::new();
+        for (n, tid) in vcpus {
+            let cpu = host[n % host.len()];
+            match set_affinity(tid, cpu) {
+                Ok(()) => lines.push(format!("vCPU {n} (thread {tid}) on host CPU {cpu}")),
+                Err(e) => {
+                    eprintln!("warning: pinning vCPU {n} to host CPU {cpu}: {e}");
+                    lines.push(format!("vCPU {n} (thread {tid}) not pinned: {e}"));
+                }
+            }
+        }
+        let _ = fs::write(&self.file, lines.join("\n") + "\n");
+        true
+    }
+}
+
+/// QEMU's vCPU threads: (vCPU index, thread id), by index.
+fn vcpu_threads(pid: u32) -> Vec<(usize, i32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in dir.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Some(n) = comm
+            .trim()
+            .strip_prefix("CPU ")
+            .and_then(|r| r.strip_suffix("/TCG"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            out.push((n, tid));
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The host CPUs this process may run on (`sched_getaffinity(2)`).
+fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = rustix::thread::sched_getaffinity(None) else {
+        return Vec::new();
+    };
+    (0..CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect()
+}
+
+/// `sched_setaffinity(2)` of thread `tid` to one CPU.
+fn set_affinity(tid: i32, cpu: usize) -> io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(tid)
+        .ok_or_else(|| io::Error::other(format!("thread id {tid}")))?;
+    let mut set = CpuSet::new();
+    set.set(cpu);
+    Ok(rustix::thread::sched_setaffinity(Some(pid), &set)?)
 }
 
 /// The edu device; both copies take the same options.
@@ -399,7 +513,16 @@ pub fn boot(run: &Run) -> Result<Outcome> {
     });
 
     let (mut results_len, mut results_at) = (0u64, Duration::ZERO);
+    let mut vcpus = pins_vcpus(run.run).then(|| {
+        let count = run.config.shape.cpus_per_node as usize * 2;
+        VcpuPins::new(child.id(), count, run.dir)
+    });
     let exit = loop {
+        if let Some(p) = vcpus.as_mut()
+            && p.step(start.elapsed())
+        {
+            vcpus = None;
+        }
         if let Some(status) = child.try_wait()? {
             break if status.success() {
                 Exit::Clean

@@ -755,7 +755,7 @@ pub fn markdown(p: &Page) -> String {
          | host CPU | {} ({} cores) |\n\
          | host memory | {:.1} GiB |\n\
          | QEMU | {} |\n\
-         | acceleration | TCG (`-accel tcg -cpu max`), multi-threaded; never KVM |\n\
+         | acceleration | TCG (`-accel tcg -cpu max`), multi-threaded, each vCPU thread pinned to one host CPU (per kernel below); never KVM |\n\
          | machine | q35, `intel-iommu` (interrupt remapping, caching mode), QEMU `edu` DMA device bound to vfio-pci |\n\
          | NUMA | node 0: vCPUs {}, {} MiB; node 1: vCPUs {}, {} MiB |\n\
          | hugepages | `{}` |\n\
@@ -773,8 +773,8 @@ pub fn markdown(p: &Page) -> String {
     for run in p.runs {
         let _ = writeln!(
             out,
-            "| guest kernel {} | {} ({}); VM ran {:.0} s |",
-            run.label, run.release, run.origin, run.vm_secs
+            "| guest kernel {} | {} ({}); VM ran {:.0} s; vCPU threads: {} |",
+            run.label, run.release, run.origin, run.vm_secs, run.vcpus
         );
     }
     out.push('\n');
@@ -815,7 +815,7 @@ pub fn markdown(p: &Page) -> String {
          with the node to check and without one. numapin works on the floor's own \
          container (`Pinner::with_type1_container`, as a VMM hands it its container), so \
          both make the same ioctl; each round times the floor and the four pins, in an \
-         order that rotates from round to round, and their ratio is the median of the \
+         order that rotates from round to round and runs backwards every other round, and their ratio is the median of the \
          rounds' ratios (the VM's speed drifts between rounds, not within one). All at \
          the floor's IOVA, as a VMM passes its guest-physical address: the IOMMU's \
          superpages depend on the IOVA, which is not numapin's cost.\n\
@@ -1033,7 +1033,7 @@ mod tests {
             "| 6.1 | `pin-only.base.256M` | **missed** | 1.25x raw MAP_DMA",
             "| 7.3 | `pin-only.base.256M` | met | 1.05x raw MAP_DMA",
             "| 6.1 | `one-dma-entry.thp.256M` | met |",
-            "| guest kernel 7.3 | 7.3.4+deb13-amd64 (test); VM ran 600 s |",
+            "| guest kernel 7.3 | 7.3.4+deb13-amd64 (test); VM ran 600 s; vCPU threads: vCPU 0 on host CPU 0 |",
             "## Results on 6.1 (6.1.0-56-amd64)",
             "## Results on 7.3 (7.3.4+deb13-amd64)",
             "## How the time grows with region size",
