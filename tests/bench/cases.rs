@@ -39,7 +39,7 @@ fn reps(size: u64) -> Reps {
         _ => Reps {
             fast: 7,
             slow: 4,
-            prefault: 5,
+            prefault: 7,
         },
     }
 }
@@ -238,7 +238,8 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         // caller without CAP_SYS_ADMIN. The floor is in every round, so a
         // round's ratio does not depend on how fast the VM ran in another
         // (the verdicts take the median of the rounds' ratios); the order
-        // in a round rotates, so that none always follows the same one.
+        // in a round rotates, and runs backwards every other round, so that
+        // none always follows the same one.
         // Every pin maps at the floor's IOVA, as a VMM passes its
         // guest-physical address: how the IOMMU can lay out a range
         // depends on the IOVA (superpages need it to agree with the
@@ -246,6 +247,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
         const STEPS: usize = 5;
         for i in 0..=reps.fast {
             for k in 0..STEPS {
+                let k = if i % 2 == 1 { STEPS - 1 - k } else { k };
                 let step = (k + i) % STEPS;
                 if step == 0 {
                     let m = unsafe { raw.map(IOVA_BASE, mem.addr(), len) }?;

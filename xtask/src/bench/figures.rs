@@ -11,8 +11,14 @@ pub const MODES: [&str; 3] = ["base", "thp", "hugetlb-2M"];
 /// The NUMA-balancing figures' `mode`.
 pub const BALANCE: &str = "numa-balancing";
 
-/// Pin-only must stay within this factor of one raw `MAP_DMA`.
+/// Pin-only must stay within this factor of one raw `MAP_DMA`…
 pub const PIN_ONLY_MAX: f64 = 1.10;
+/// …or, where the floor is below a millisecond or two, add at most this
+/// many seconds to it (issue 14, item 6: judged by ratio or a stated
+/// overhead). On a 0.4 ms floor (7.3's THP and hugetlb at 64 MiB) one
+/// round's ratio spreads over 0.4–2x in the TCG VM, and 0.1 ms is what a
+/// VMM pinning 64 MiB could never notice.
+pub const PIN_ONLY_SLACK: f64 = 1e-4;
 /// numapin's io_uring pin must stay within this factor of the raw
 /// `IORING_REGISTER_BUFFERS` of as much base-page memory (issue 14).
 pub const URING_PIN_MAX: f64 = 1.2;
@@ -447,13 +453,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
             out.push(match r.versus(mode, size, "numapin.pin-only", "floor.map") {
                 Ok(v) => target(
                     format!("pin-only.{tag}"),
-                    v.ratio <= PIN_ONLY_MAX,
+                    v.ratio <= PIN_ONLY_MAX || v.over <= PIN_ONLY_SLACK,
                     format!(
-                        "{:.2}x raw MAP_DMA ({}; pin_user {:.3} ms, MAP_DMA {:.3} ms; limit {PIN_ONLY_MAX:.2}x)",
+                        "{:.2}x raw MAP_DMA, {:+.3} ms ({}; pin_user {:.3} ms, MAP_DMA {:.3} ms; limit {PIN_ONLY_MAX:.2}x or {:+.1} ms)",
                         v.ratio,
+                        ms(v.over),
                         v.how(),
                         ms(v.value),
-                        ms(v.base)
+                        ms(v.base),
+                        ms(PIN_ONLY_SLACK)
                     ),
                 ),
                 Err(why) => target(format!("pin-only.{tag}"), false, why),
@@ -1072,26 +1080,39 @@ pub(crate) mod tests {
 
     #[test]
     fn a_small_floor_is_judged_by_the_overhead() {
-        let run = |proved: f64| {
+        let run = |metric: &str, secs: f64, target: &str| {
             let text = [
                 r#"{"type":"plan","suite":"bench","kernel":"6.1","scenarios":["hugetlb-2M.64M"]}"#.to_string(),
                 r#"{"type":"measure","mode":"hugetlb-2M","size":67108864,"metric":"floor.map","unit":"s","samples":[0.0006]}"#.to_string(),
-                format!(r#"{{"type":"measure","mode":"hugetlb-2M","size":67108864,"metric":"numapin.pin-proved","unit":"s","samples":[{proved}]}}"#),
+                format!(r#"{{"type":"measure","mode":"hugetlb-2M","size":67108864,"metric":"{metric}","unit":"s","samples":[{secs}]}}"#),
                 r#"{"type":"done"}"#.to_string(),
             ]
             .join("\n");
             targets(&Results::from_report(&Report::parse(&text)))
                 .into_iter()
-                .find(|t| t.name == "proof.hugetlb-2M.64M")
+                .find(|t| t.name == target)
                 .unwrap()
         };
+        let proof = |secs| run("numapin.pin-proved", secs, "proof.hugetlb-2M.64M");
         // 2.33x, but 0.8 ms over: met; 1.6 ms over: missed.
-        let t = run(0.0014);
+        let t = proof(0.0014);
         assert!(
             t.met && t.detail.starts_with("2.33x raw MAP_DMA, +0.800 ms"),
             "{t:?}"
         );
-        assert!(!run(0.0022).met);
+        assert!(!proof(0.0022).met);
+        // Pin-only: 1.15x but 0.09 ms over: met; 1.33x, 0.2 ms over: missed.
+        let pin = |secs| run("numapin.pin-only", secs, "pin-only.hugetlb-2M.64M");
+        let t = pin(0.00069);
+        assert!(
+            t.met && t.detail.starts_with("1.15x raw MAP_DMA, +0.090 ms"),
+            "{t:?}"
+        );
+        let t = pin(0.0008);
+        assert!(
+            !t.met && t.detail.contains("limit 1.10x or +0.1 ms"),
+            "{t:?}"
+        );
     }
 
     #[test]
@@ -1114,8 +1135,9 @@ pub(crate) mod tests {
         let pin = t.iter().find(|t| t.name == "pin-only.base.64M").unwrap();
         assert!(pin.met, "{pin:?}");
         assert!(
-            pin.detail
-                .starts_with("1.05x raw MAP_DMA (median of 5 rounds' ratios, 1.05–2.10x;"),
+            pin.detail.starts_with(
+                "1.05x raw MAP_DMA, +1.000 ms (median of 5 rounds' ratios, 1.05–2.10x;"
+            ),
             "{}",
             pin.detail
         );
