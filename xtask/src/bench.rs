@@ -262,7 +262,7 @@ fn run_kernel(opts: &Options, kind: kernel::KernelKind) -> Result<KernelRun> {
         );
     }
     let release = report.kernel.clone().unwrap_or(kernel.release.clone());
-    let vcpus = std::fs::read_to_string(dir.join("vcpu-affinity.txt"))
+    let vcpus = std::fs::read_to_string(dir.join(qemu::VCPU_FILE))
         .map_or_else(|_| "not recorded".into(), |t| t.trim().replace('\n', ", "));
     let run = KernelRun::new(
         release,

@@ -340,6 +340,9 @@ struct VcpuPins {
     file: PathBuf,
 }
 
+/// What [`VcpuPins`] did, in the run's directory.
+pub const VCPU_FILE: &str = "vcpu-affinity.txt";
+
 /// How long QEMU may take to start its vCPU threads.
 const VCPU_WAIT: Duration = Duration::from_secs(20);
 
@@ -348,7 +351,7 @@ impl VcpuPins {
         VcpuPins {
             pid,
             count,
-            file: dir.join("vcpu-affinity.txt"),
+            file: dir.join(VCPU_FILE),
         }
     }
 
@@ -462,7 +465,9 @@ pub fn boot(run: &Run) -> Result<Outcome> {
     let output_log = run.dir.join("output.log");
     let results = run.dir.join("results.jsonl");
     let stderr = run.dir.join("qemu.stderr");
-    for f in [&console_log, &output_log, &results] {
+    // A file of an earlier boot must not pass for this one's.
+    let affinity = run.dir.join(VCPU_FILE);
+    for f in [&console_log, &output_log, &results, &affinity] {
         let _ = fs::remove_file(f);
     }
     let quiet = quiet(run.run);
