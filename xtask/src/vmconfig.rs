@@ -28,6 +28,13 @@ pub struct Shape {
     pub prealloc: bool,
 }
 
+impl Shape {
+    /// vCPUs of the whole VM: two nodes of `cpus_per_node`.
+    pub fn vcpus(&self) -> u32 {
+        self.cpus_per_node * 2
+    }
+}
+
 /// The suite's machine: one vCPU and 2 GiB per node, 1 GiB and 2 MiB
 /// hugepages on both (the 1 GiB pages need 512M below 4G and `nokaslr`).
 pub const SUITE_SHAPE: Shape = Shape {
