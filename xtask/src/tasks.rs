@@ -41,15 +41,23 @@ struct Tally {
     unmatched: Vec<&'static str>,
     /// VMs that stalled (silent) and were booted once more, with where.
     stalls: Vec<String>,
+    /// Each failure as `vm scenario: detail` (or `vm (vm): problem`), so the
+    /// closing lines name them even when only the log's tail is kept.
+    failures: Vec<String>,
 }
 
 impl Tally {
     /// The closing line CI reads: `vm: N passed, N failed[, N skipped]`,
-    /// then, on its own line, any VM that stalled and was booted again.
+    /// then each failure on a line of its own, then any VM that stalled
+    /// and was booted again.
     fn summary(&self) -> String {
         let mut line = format!("vm: {} passed, {} failed", self.passed, self.failed);
         if self.skipped > 0 {
             line.push_str(&format!(", {} skipped", self.skipped));
+        }
+        for f in &self.failures {
+            line.push_str("\n  failed: ");
+            line.push_str(f);
         }
         if !self.stalls.is_empty() {
             line.push_str(&format!(
@@ -123,6 +131,12 @@ pub fn test(
                     config.kernel.name()
                 );
                 tally.failed += 1;
+                tally.failures.push(failure_line(
+                    config.name,
+                    "(vm)",
+                    "FAIL",
+                    &format!("kernel {} unavailable", config.kernel.name()),
+                ));
                 continue;
             }
         };
@@ -210,6 +224,24 @@ pub fn test(
     })
 }
 
+/// One failure for the closing summary: `vm scenario LABEL: detail`, the
+/// detail cut to 200 characters (the full text is printed above it).
+fn failure_line(vm: &str, scenario: &str, label: &str, detail: &str) -> String {
+    let mut line = format!("{vm} {scenario} {label}");
+    let detail = detail.trim();
+    if !detail.is_empty() {
+        line.push_str(": ");
+        match detail.char_indices().nth(200) {
+            Some((cut, _)) => {
+                line.push_str(&detail[..cut]);
+                line.push('…');
+            }
+            None => line.push_str(detail),
+        }
+    }
+    line
+}
+
 /// Whether a VM ran nothing because `--only` matched none of its
 /// scenarios: a filtered run, an empty plan, and no problem but that one.
 fn nothing_matched(filtered: bool, no_scenarios: bool, problems: &[String]) -> bool {
@@ -241,6 +273,14 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, filtered: bool, tally:
             line.push_str(&s.detail);
         }
         println!("{line}");
+        if s.outcome != ScenarioOutcome::Pass {
+            tally.failures.push(failure_line(
+                config.name,
+                &s.name,
+                s.outcome.label(),
+                &s.detail,
+            ));
+        }
     }
     tally.passed += report.count(ScenarioOutcome::Pass);
     tally.failed += report.count(ScenarioOutcome::Fail) + report.count(ScenarioOutcome::NoResult);
@@ -280,6 +320,12 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, filtered: bool, tally:
     }
     // The VM itself failed, whatever its scenarios said.
     tally.failed += 1;
+    tally.failures.push(failure_line(
+        config.name,
+        "(vm)",
+        "FAIL",
+        &problems.join("; "),
+    ));
     println!(
         "[{}] (vm)  FAIL  after {}",
         config.name,
@@ -562,6 +608,7 @@ mod tests {
             skipped: 0,
             unmatched: Vec::new(),
             stalls: Vec::new(),
+            failures: Vec::new(),
         };
         assert_eq!(t.summary(), "vm: 2 passed, 0 failed");
         t.skipped = 1;
@@ -572,6 +619,20 @@ mod tests {
             t.summary(),
             "vm: 2 passed, 0 failed, 1 skipped\nvm stalled and booted again: type1-backports (after a.cli.info-topology)"
         );
+        t.failed = 1;
+        t.stalls.clear();
+        t.failures.push(failure_line(
+            "type1-stock",
+            "c.move_pages",
+            "FAIL",
+            " moved none \n",
+        ));
+        assert_eq!(
+            t.summary(),
+            "vm: 2 passed, 1 failed, 1 skipped\n  failed: type1-stock c.move_pages FAIL: moved none"
+        );
+        let long = failure_line("v", "s", "FAIL", &"é".repeat(300));
+        assert_eq!(long.chars().count(), "v s FAIL: ".len() + 200 + 1);
     }
 
     #[test]
