@@ -328,9 +328,17 @@ fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(),
 /// entry is read again. In the bench VM (7.3, TCG) reading every entry of
 /// 2 GiB of THP took 31 ms of the proof's 36 ms over the raw pin; with the
 /// heads, the read per page against a base-page region's in the same run
-/// fell from 0.43 to 0.16 (hugetlb: 0.36 to 0.11). Each `pread` costs
-/// there about what a 512-entry chunk does (a system call under TCG is
-/// dear), so the proof is still well above the pin on this VM. Spreading
+/// fell from 0.43 to 0.16 (hugetlb: 0.36 to 0.11). What is left is
+/// `pagemap_read`'s own work per call (it takes the mmap lock, walks,
+/// allocates and frees a 4 KiB buffer), not the system call: in a 6.1 TCG
+/// guest a 1-entry read of pagemap took about 12 µs and a 512-entry one
+/// 24 µs, against about 1 µs for an 8-byte read of `/dev/zero` (busybox
+/// `dd`, 20,000 reads each, three rounds); for a 120 MiB hugetlb region
+/// the 60 head reads took 1.2–1.7 ms in the quieter of five rounds (another
+/// VM shared the host), and allocating and filling a per-base-page
+/// snapshot like this function's output (8 bytes per 4 KiB, faulted in
+/// fresh) another 0.8–1.0 ms. So the proof is still well above the pin on
+/// this VM. Spreading
 /// the reads over the caller's CPUs does not help there: in one run (6.1,
 /// 2 vCPUs, hugetlb) two reader threads took 3.08 ms for 64 MiB and
 /// 50.8 ms for 2 GiB, one thread 1.70 and 47.9 ms, so the reads stay on
