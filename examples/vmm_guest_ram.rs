@@ -648,7 +648,7 @@ fn resume() -> Result<()> {
     }
     let mut moved = 0;
     for (s, old) in ram.slots().iter().zip(&slots) {
-        let now = numapin::phys::pfns(s.host_addr().raw(), s.len())?;
+        let now = numapin::phys::pfns(s.host_addr().raw(), s.len())?.to_vec();
         moved += now.iter().zip(&old.6).filter(|(a, b)| a != b).count();
         if now.len() != old.6.len() {
             return Err(Error::Invalid("the PFN snapshots differ in length".into()));

@@ -152,11 +152,11 @@ impl BlockMap {
     /// its node)`. `None` if a frame is outside every block. A frame in the
     /// run of blocks of the frame before costs two compares (no division,
     /// no search).
-    fn off_node(&self, pfns: &[u64], stride: usize, page: u64, node: u32) -> Option<OffNode> {
+    fn off_node(&self, pfns: &[u64], page: u64, node: u32) -> Option<OffNode> {
         let mut out = OffNode::default();
         // The run last found: its frames `[lo, hi)` and its node.
         let (mut lo, mut hi, mut n) = (1u64, 0u64, 0u32);
-        for (i, &pfn) in pfns.iter().step_by(stride.max(1)).enumerate() {
+        for (i, &pfn) in pfns.iter().enumerate() {
             if pfn < lo || pfn >= hi {
                 (lo, hi, n) = self.run_of(pfn, page)?;
             }
@@ -205,17 +205,17 @@ pub fn nodes_of_pfns(pfns: &[u64], page: u64) -> Option<Vec<i32>> {
 }
 
 /// Like [`nodes_of_pfns`], counting instead of listing: the frames
-/// `pfns[0], pfns[stride], ..` (of `page` bytes) not on `node`.
-pub(crate) fn off_node(pfns: &[u64], stride: usize, page: u64, node: u32) -> Option<OffNode> {
+/// `pfns` (of `page` bytes; one per page looked at) not on `node`.
+pub(crate) fn off_node(pfns: &[u64], page: u64, node: u32) -> Option<OffNode> {
     let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(map) = &cached
-        && let Some(n) = map.off_node(pfns, stride, page, node)
+        && let Some(n) = map.off_node(pfns, page, node)
     {
         return Some(n);
     }
     let map = Arc::new(BlockMap::read(&sysfs()).ok()?);
     *CACHE.lock().unwrap_or_else(|e| e.into_inner()) = Some(map.clone());
-    map.off_node(pfns, stride, page, node)
+    map.off_node(pfns, page, node)
 }
 
 #[cfg(test)]
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(m.node_of(3 * per_block, page), None);
         assert_eq!(m.node_of(4 * per_block - 1, page), None);
         assert_eq!(m.node_of(4 * per_block, page), Some(1));
-        assert_eq!(m.off_node(&[3 * per_block + 7], 1, page, 1), None);
+        assert_eq!(m.off_node(&[3 * per_block + 7], page, 1), None);
     }
 
     #[test]
@@ -284,10 +284,10 @@ mod tests {
             Some(vec![0, 0, 1, 0, 0])
         );
         assert_eq!(m.nodes_of([1, 9 * per_block], page), None);
-        // Counting: every second frame of five.
+        // Counting: five frames, then every second of them.
         let frames = [1, 4 * per_block, 2, 4 * per_block + 1, 8 * per_block];
         assert_eq!(
-            m.off_node(&frames, 1, page, 0),
+            m.off_node(&frames, page, 0),
             Some(OffNode {
                 pages: 5,
                 off: 2,
@@ -295,14 +295,14 @@ mod tests {
             })
         );
         assert_eq!(
-            m.off_node(&frames, 2, page, 0),
+            m.off_node(&[frames[0], frames[2], frames[4]], page, 0),
             Some(OffNode {
                 pages: 3,
                 off: 0,
                 first: None
             })
         );
-        assert_eq!(m.off_node(&[9 * per_block], 1, page, 0), None);
+        assert_eq!(m.off_node(&[9 * per_block], page, 0), None);
     }
 
     #[test]
@@ -332,13 +332,14 @@ mod tests {
                         want.first.get_or_insert((i, n));
                     }
                 }
-                assert_eq!(m.off_node(&frames, stride, page, node), Some(want));
+                let looked: Vec<u64> = frames.iter().step_by(stride).copied().collect();
+                assert_eq!(m.off_node(&looked, page, node), Some(want));
             }
         }
         // A frame in the hole after the last block ends the count.
         let mut holed = frames.clone();
         holed.push(10 * per_block);
-        assert_eq!(m.off_node(&holed, 1, page, 0), None);
+        assert_eq!(m.off_node(&holed, page, 0), None);
     }
 
     #[test]

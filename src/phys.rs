@@ -29,7 +29,11 @@ use std::os::unix::fs::FileExt;
 
 use crate::addr::{PhysAddr, base_page_size, is_aligned};
 
+mod frames;
 mod scan;
+
+pub use frames::Frames;
+use frames::FramesBuilder;
 
 /// The pagemap of the calling process.
 pub const PAGEMAP_PATH: &str = "/proc/self/pagemap";
@@ -314,7 +318,8 @@ fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(),
 }
 
 /// The PFN of every base page of `[vaddr, vaddr + len)`, in virtual order,
-/// from `/proc/self/pagemap`.
+/// from `/proc/self/pagemap`, as [`Frames`] (runs of consecutive frames:
+/// a huge page is one run, not 512 numbers).
 ///
 /// Where the kernel has `PAGEMAP_SCAN` (6.7+) and the range is at least
 /// [`SCAN_MIN`] long, the scan first names the ranges mapped huge (a
@@ -336,9 +341,9 @@ fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(),
 /// `dd`, 20,000 reads each, three rounds); for a 120 MiB hugetlb region
 /// the 60 head reads took 1.2–1.7 ms in the quieter of five rounds (another
 /// VM shared the host), and allocating and filling a per-base-page
-/// snapshot like this function's output (8 bytes per 4 KiB, faulted in
-/// fresh) another 0.8–1.0 ms. So the proof is still well above the pin on
-/// this VM. Spreading
+/// snapshot (8 bytes per 4 KiB, faulted in fresh, as this function
+/// returned before [`Frames`]) another 0.8–1.0 ms. So the proof is still
+/// well above the pin on this VM. Spreading
 /// the reads over the caller's CPUs does not help there: in one run (6.1,
 /// 2 vCPUs, hugetlb) two reader threads took 3.08 ms for 64 MiB and
 /// 50.8 ms for 2 GiB, one thread 1.70 and 47.9 ms, so the reads stay on
@@ -346,7 +351,7 @@ fn read_raw(file: &File, vaddr: u64, pages: usize, buf: &mut [u8]) -> Result<(),
 ///
 /// # Errors
 /// As [`decode_pfns`], and the I/O errors of [`read_pagemap`].
-pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
+pub fn pfns(vaddr: u64, len: u64) -> Result<Frames, PhysError> {
     let page = base_page_size();
     let pages = (len / page) as usize;
     if pages.checked_mul(ENTRY_LEN).is_none() || vaddr.checked_add(len).is_none() {
@@ -377,7 +382,7 @@ pub fn pfns(vaddr: u64, len: u64) -> Result<Vec<u64>, PhysError> {
     if pages > 0 && out.iter().all(|&p| p == 0) {
         return Err(PhysError::PfnHidden { vaddr, pages });
     }
-    Ok(out)
+    Ok(Frames::from(out))
 }
 
 /// Ranges from this length on ask `PAGEMAP_SCAN` which of their parts are
@@ -422,11 +427,12 @@ fn pfns_by_heads(
     len: u64,
     pmd: u64,
     huge: &[(u64, u64)],
-) -> Result<Result<Vec<u64>, u64>, PhysError> {
+) -> Result<Result<Frames, u64>, PhysError> {
     let page = base_page_size();
-    let per = (pmd / page) as usize;
+    let per = pmd / page;
     let idx = |a: u64| ((a - vaddr) / page) as usize;
-    let mut out = vec![0u64; (len / page) as usize];
+    let mut out = FramesBuilder::default();
+    let mut gap = Vec::new();
     let mut at = vaddr;
     let mut any_frame = false;
     let end = vaddr + len;
@@ -436,38 +442,46 @@ fn pfns_by_heads(
             return Ok(Err(s));
         }
         if s > at {
-            let gap = &mut out[idx(at)..idx(s)];
-            read_into(file, at, gap)?;
-            decode_in_place(vaddr, gap, idx(at))?;
-            any_frame |= gap.iter().any(|&p| p != 0);
+            gap.clear();
+            gap.resize(idx(s) - idx(at), 0);
+            read_into(file, at, &mut gap)?;
+            decode_in_place(vaddr, &mut gap, idx(at))?;
+            for &p in &gap {
+                any_frame |= p != 0;
+                out.push(p, 1);
+            }
         }
         let mut h = s;
         while h < e {
-            let i = idx(h);
-            read_into(file, h, &mut out[i..i + 1])?;
-            decode_in_place(vaddr, &mut out[i..i + 1], i)?;
-            let head = out[i];
+            let mut head = [0u64];
+            read_into(file, h, &mut head)?;
+            decode_in_place(vaddr, &mut head, idx(h))?;
+            let head = head[0];
             if head == 0 {
-                // Hidden frames: nothing to fill in.
-            } else if head % per as u64 != 0 {
+                // Hidden: pagemap shows every frame or none (`show_pfn` is
+                // fixed when the file is opened), and no user page is
+                // frame 0.
+                return Err(PhysError::PfnHidden {
+                    vaddr,
+                    pages: (len / page) as usize,
+                });
+            } else if head % per != 0 {
                 return Ok(Err(h));
             } else {
                 any_frame = true;
-                for (k, p) in out[i..i + per].iter_mut().enumerate() {
-                    *p = head + k as u64;
-                }
+                out.push(head, per);
             }
             h += pmd;
         }
         at = e.max(at);
     }
-    if !any_frame && !out.is_empty() {
+    if !any_frame && len >= page {
         return Err(PhysError::PfnHidden {
             vaddr,
-            pages: out.len(),
+            pages: (len / page) as usize,
         });
     }
-    Ok(Ok(out))
+    Ok(Ok(out.finish()))
 }
 
 /// Like [`pfns`], for a range of pages of `page_size` bytes (hugetlb): one
@@ -487,7 +501,7 @@ fn pfns_by_heads(
 /// # Errors
 /// As [`pfns`]; [`PhysError::NotHuge`] for a page whose head frame is not
 /// aligned as a huge page's.
-pub fn pfns_by_page(vaddr: u64, len: u64, page_size: u64) -> Result<Vec<u64>, PhysError> {
+pub fn pfns_by_page(vaddr: u64, len: u64, page_size: u64) -> Result<Frames, PhysError> {
     let base = base_page_size();
     if page_size <= base {
         return pfns(vaddr, len);
@@ -608,7 +622,7 @@ mod tests {
         // SAFETY: the mapping made above.
         unsafe { libc::munmap(raw, LEN + PMD as usize) };
         if let Some(got) = got {
-            assert_eq!(got, Ok(all));
+            assert_eq!(got, Ok(Frames::from(all)));
         }
     }
 
@@ -779,7 +793,7 @@ mod tests {
         let page = (buf.as_ptr() as u64).next_multiple_of(ps);
         let entries = read_pagemap(page, 3).unwrap();
         match (pfns(page, 3 * ps), decode_pfns(page, &entries, ps)) {
-            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Ok(a), Ok(b)) => assert_eq!(a.to_vec(), b),
             (Err(PhysError::PfnHidden { pages: 3, .. }), Err(PhysError::PfnHidden { .. })) => {}
             other => panic!("{other:?}"),
         }

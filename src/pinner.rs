@@ -596,7 +596,7 @@ impl Pinner {
 
 /// A successful pin: the io_uring pin (if that is the source), the PFN
 /// snapshot (when readable), and whether the range was mapped by file.
-type Pinned = (Option<UringPin>, Option<Vec<u64>>, bool);
+type Pinned = (Option<UringPin>, Option<crate::phys::Frames>, bool);
 
 /// A failed map: the error, and whether the range could not be unmapped
 /// again (then its memory and IOVA must never be reused).

@@ -48,7 +48,7 @@ pub(crate) fn prove(
     before: u64,
     read: &dyn Fn() -> Result<u64>,
     needs_pfns: bool,
-) -> Result<Option<Vec<u64>>> {
+) -> Result<Option<crate::phys::Frames>> {
     if r.proof != Proof::None && source.accounting_visible() {
         let after = read()?;
         let grew = after.saturating_sub(before);
@@ -118,17 +118,17 @@ pub(crate) fn check_placement(
 /// in no known memory block even after re-reading sysfs, or the frames are
 /// hidden.
 pub(crate) fn off_node_by_pfn(
-    pfns: &[u64],
+    pfns: &crate::phys::Frames,
     page_size: PageSize,
     node: NodeId,
 ) -> Option<crate::pfnnode::OffNode> {
     let base = crate::addr::base_page_size();
-    let per = (page_size.bytes() / base).max(1) as usize;
+    let per = (page_size.bytes() / base).max(1);
     // Hidden frames (all 0) never get here: reading them fails.
     if pfns.is_empty() {
         return None;
     }
-    crate::pfnnode::off_node(pfns, per, base, node.0)
+    crate::pfnnode::off_node(&pfns.every(per), base, node.0)
 }
 
 /// Fails with [`Error::Misplaced`] unless every page's `status` (its node,
@@ -203,11 +203,11 @@ fn misplaced_cause(addr: usize, node: NodeId) -> MisplacedCause {
 /// Fails unless every physically contiguous run of `pfns` (the last one
 /// included) is at least `min` bytes long (or, for a region shorter than
 /// `min`, unless it is one run).
-pub(crate) fn check_extents(pfns: &[u64], min: u64) -> Result<()> {
+pub(crate) fn check_extents(pfns: &crate::phys::Frames, min: u64) -> Result<()> {
     validate_min_extent(min)?;
     let base = crate::addr::base_page_size();
-    let extents = crate::phys::merge_extents(pfns.iter().copied(), base);
-    let total = pfns.len() as u64 * base;
+    let extents = pfns.extents(base);
+    let total = pfns.len() * base;
     let smallest = extents.iter().map(|e| e.len).min().unwrap_or(0);
     if smallest < min.min(total) {
         return Err(Error::ExtentTooSmall {
@@ -227,7 +227,7 @@ mod tests {
     fn extents_against_a_minimum() {
         let page = crate::addr::base_page_size();
         // One run of four pages, then a gap, then two.
-        let pfns = [10, 11, 12, 13, 20, 21];
+        let pfns = crate::phys::Frames::from(vec![10, 11, 12, 13, 20, 21]);
         assert!(check_extents(&pfns, 2 * page).is_ok());
         match check_extents(&pfns, 4 * page) {
             Err(Error::ExtentTooSmall {
@@ -240,9 +240,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A region shorter than the minimum passes only as one run.
-        assert!(check_extents(&[5, 6], 64 * page).is_ok());
-        assert!(check_extents(&[5, 7], 64 * page).is_err());
+        assert!(check_extents(&crate::phys::Frames::from(vec![5, 6]), 64 * page).is_ok());
+        assert!(check_extents(&crate::phys::Frames::from(vec![5, 7]), 64 * page).is_err());
         // Descending frames are not contiguous.
-        assert!(check_extents(&[9, 8], 2 * page).is_err());
+        assert!(check_extents(&crate::phys::Frames::from(vec![9, 8]), 2 * page).is_err());
     }
 }

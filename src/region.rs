@@ -12,7 +12,7 @@ use crate::addr::{Iova, NodeId, PageSize, PhysAddr, VirtAddr};
 use crate::backend::{self, IovaMapper, PinSource};
 use crate::error::{Error, Result};
 use crate::numa::NodeMemory;
-use crate::phys::{self, PhysExtent};
+use crate::phys::{self, Frames, PhysExtent};
 use crate::translate::DmaAddr;
 use crate::uring::UringPin;
 use crate::vfio::ContainerKind;
@@ -40,7 +40,7 @@ pub struct PinnedRegion {
     page_size: PageSize,
     memory: Option<NodeMemory>,
     uring: Option<UringPin>,
-    pfns: Option<Vec<u64>>,
+    pfns: Option<Frames>,
     /// Mapped by file and offset (`IOMMU_IOAS_MAP_FILE`), not by address.
     by_file: bool,
     released: bool,
@@ -127,7 +127,7 @@ pub(crate) struct RegionParts {
     pub(crate) page_size: PageSize,
     pub(crate) memory: Option<NodeMemory>,
     pub(crate) uring: Option<UringPin>,
-    pub(crate) pfns: Option<Vec<u64>>,
+    pub(crate) pfns: Option<Frames>,
     pub(crate) by_file: bool,
 }
 
@@ -201,7 +201,7 @@ impl PinnedRegion {
             Some(iova) => iova.checked_add(offset).map(DmaAddr::Iova),
             None => {
                 let base = crate::addr::base_page_size();
-                let pfn = *self.pfns.as_ref()?.get((offset / base) as usize)?;
+                let pfn = self.pfns.as_ref()?.get(offset / base)?;
                 Some(DmaAddr::Phys(PhysAddr(pfn * base + offset % base)))
             }
         }
@@ -285,7 +285,7 @@ impl PinnedRegion {
             extents: self
                 .pfns
                 .as_ref()
-                .map(|p| phys::merge_extents(p.iter().copied(), base))
+                .map(|p| p.extents(base))
                 .unwrap_or_default(),
         }
     }
@@ -294,16 +294,19 @@ impl PinnedRegion {
     /// pin time (`None` when PFNs were hidden).
     pub fn min_extent(&self) -> Option<u64> {
         let base = crate::addr::base_page_size();
-        phys::merge_extents(self.pfns.as_ref()?.iter().copied(), base)
+        self.pfns
+            .as_ref()?
+            .extents(base)
             .iter()
             .map(|e| e.len)
             .min()
     }
 
-    /// The PFNs recorded when the region was pinned (base pages), if the
-    /// process could read them.
-    pub fn pinned_pfns(&self) -> Option<&[u64]> {
-        self.pfns.as_deref()
+    /// The PFN of every base page recorded when the region was pinned, if
+    /// the process could read them (runs of consecutive frames: see
+    /// [`Frames`]; `Frames::to_vec` gives one per page).
+    pub fn pinned_frames(&self) -> Option<&Frames> {
+        self.pfns.as_ref()
     }
 
     /// Re-reads every page's node and PFN and reports what changed since the
@@ -316,7 +319,7 @@ impl PinnedRegion {
             Some(_) => Some(phys::pfns(self.vaddr.raw(), self.len)?),
             None => None,
         };
-        let by_pfn = match (self.node, now.as_deref()) {
+        let by_pfn = match (self.node, now.as_ref()) {
             (Some(n), Some(p)) => crate::prove::off_node_by_pfn(p, self.page_size, n),
             _ => None,
         };
@@ -339,9 +342,7 @@ impl PinnedRegion {
             }
         };
         let pfn_changed = match (&self.pfns, &now) {
-            (Some(before), Some(now)) => {
-                Some(before.iter().zip(now).filter(|(a, b)| a != b).count() as u64)
-            }
+            (Some(before), Some(now)) => Some(before.changed(now)),
             _ => None,
         };
         Ok(Verification {

@@ -176,6 +176,8 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     let mut pin_nonode = Vec::new();
     let mut pin_unpriv = Vec::new();
     let mut entries = 0;
+    // Heap the full proof's PFN snapshot holds for the region's life.
+    let mut snapshot_bytes = 0;
     {
         let raw = RawVfio::open(&ctx.sysfs)?;
         let avail0 = raw.dma_avail()?;
@@ -291,13 +293,16 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
                 let d = t.elapsed();
                 drop(_unprivileged);
                 let r = e(r, "pin_user")?;
-                if variant == 3 && r.pinned_pfns().is_some() {
+                if variant == 3 && r.pinned_frames().is_some() {
                     return Err(
                         "the unprivileged pin saw the frames: CAP_SYS_ADMIN was not dropped".into(),
                     );
                 }
                 if variant == 0 {
                     entries = before - avail(&pinner)?;
+                }
+                if variant == 1 {
+                    snapshot_bytes = r.pinned_frames().map_or(0, |f| f.heap_bytes());
                 }
                 let t = Instant::now();
                 e(r.release(), "release")?;
@@ -322,6 +327,7 @@ pub fn run(ctx: &Ctx, out: &mut Out, mode: Mode, size: u64) -> Result<String, St
     out.seconds(mode, size, "floor.map", &floor_map);
     out.seconds(mode, size, "floor.unmap", &floor_unmap);
     out.count(mode, size, "entries.numapin", entries as f64);
+    out.count(mode, size, "numapin.snapshot-bytes", snapshot_bytes as f64);
     out.seconds(mode, size, "numapin.pin-only", &pin_only);
     out.seconds(mode, size, "numapin.pin-proved", &pin_proved);
     out.seconds(mode, size, "numapin.pin-only.no-node", &pin_nonode);

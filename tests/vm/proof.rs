@@ -112,8 +112,8 @@ fn misplaced_by_pfn(ctx: &Ctx) -> Result<String, String> {
         unsafe { p.pin_user(m.ptr, &request(ctx.away)) },
         "pin_user away",
     )?;
-    let snap = r.pinned_pfns().map(<[u64]>::len);
-    ensure!(snap == Some(LEN / 4096), "snapshot: {snap:?} frames");
+    let snap = r.pinned_frames().map(numapin::phys::Frames::len);
+    ensure!(snap == Some(LEN as u64 / 4096), "snapshot: {snap:?} frames");
     let v = e(r.verify(), "verify")?;
     ensure!(v.is_intact(), "verify of the control: {v:?}");
     e(r.release(), "release")?;
@@ -207,8 +207,11 @@ fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
         unsafe { p.pin_user(mem.as_ptr(), &req(ctx.away)) },
         "pin_user away",
     )?;
-    // The snapshot covers every base page, and matches pagemap's own view.
-    let snap = r.pinned_pfns().ok_or("no snapshot")?.to_vec();
+    // The snapshot covers every base page, and matches pagemap's own view;
+    // it holds at most a run per huge page, not a number per base page.
+    let frames = r.pinned_frames().ok_or("no snapshot")?;
+    let (held, flat) = (frames.heap_bytes(), HLEN as usize / 4096 * 8);
+    let snap = frames.to_vec();
     let full = pfns(mem.addr(), HLEN)?;
     ensure!(
         snap == full,
@@ -216,11 +219,15 @@ fn misplaced_hugetlb(ctx: &Ctx) -> Result<String, String> {
         changed(&snap, &full),
         full.len()
     );
+    ensure!(
+        held <= 4 * 24,
+        "the snapshot of 4 huge pages holds {held} bytes ({flat} as one number per base page)"
+    );
     let v = e(r.verify(), "verify")?;
     ensure!(v.is_intact() && v.pages == 4, "verify: {v:?}");
     e(r.release(), "release")?;
     Ok(format!(
-        "{off_node}/{pages} huge pages off node caught; snapshot of {} base pages exact",
+        "{off_node}/{pages} huge pages off node caught; snapshot of {} base pages exact, {held} bytes held (not {flat})",
         snap.len()
     ))
 }
@@ -325,10 +332,11 @@ fn thp_heads(ctx: &Ctx) -> Result<String, String> {
     // SAFETY: `m` outlives the region.
     let r = e(unsafe { p.pin_user(m.ptr, &req) }, "pin_user")?;
     let snap = r
-        .pinned_pfns()
-        .ok_or("no snapshot (root sees the frames)")?;
+        .pinned_frames()
+        .ok_or("no snapshot (root sees the frames)")?
+        .to_vec();
     ensure!(
-        snap == all.as_slice(),
+        snap == all,
         "the proof's snapshot differs from every entry read at {} of {} pages",
         snap.iter().zip(&all).filter(|(a, b)| a != b).count(),
         all.len()

@@ -173,7 +173,7 @@ pub fn pfns(addr: usize, len: usize) -> Result<Vec<u64>> {
         match pfn {
             Some(p) => out.push(p),
             // Still not there: the usual error, with the page's address.
-            None => return Ok(numapin::phys::pfns(addr as u64, len as u64)?),
+            None => return Ok(numapin::phys::pfns(addr as u64, len as u64)?.to_vec()),
         }
     }
     Ok(out)

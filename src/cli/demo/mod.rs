@@ -330,11 +330,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     // Every frame of numapin's region, on the CPU side.
     observe_all(&mut t)?;
     report.numapin_frames_changed = t[2].off_start();
-    report.numapin_frames_changed_since_pin = pinned.pinned_pfns().map(|at_pin| {
+    report.numapin_frames_changed_since_pin = pinned.pinned_frames().map(|at_pin| {
         at_pin
             .iter()
             .enumerate()
-            .filter(|&(i, &f)| f != t[2].now(i as u64))
+            .filter(|&(i, f)| f != t[2].now(i as u64))
             .count() as u64
     });
     report.numapin_off_node = pages - t[2].on_node(home_id.0)?;

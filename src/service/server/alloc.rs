@@ -148,12 +148,12 @@ impl Conn<'_> {
         drop(early);
         let checked = checks_started.elapsed() - pin_time;
         // The snapshot's extents are built outside the state lock (a large
-        // base-page region has millions of PFNs); the lock only settles the
+        // base-page region can have millions of runs); the lock only settles the
         // accounting and files the entry.
         let snapshot: Option<Vec<Extent>> = pinned.as_ref().ok().and_then(|r| {
             let base = numapin::addr::base_page_size();
-            r.pinned_pfns().map(|p| {
-                numapin::phys::merge_extents(p.iter().copied(), base)
+            r.pinned_frames().map(|p| {
+                p.extents(base)
                     .iter()
                     .map(|e| Extent {
                         addr: e.pa.raw(),

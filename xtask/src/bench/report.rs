@@ -278,10 +278,20 @@ pub fn result_tables(r: &Results) -> String {
     out
 }
 
-/// DMA mappings per region and the most memory a container can pin.
+/// `24 B`, `4.0 KiB`, `4.0 MiB`: a snapshot's heap.
+fn bytes_name(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+    }
+}
+
+/// DMA mappings per region, the heap its PFN snapshot holds, and the most
+/// memory a container can pin.
 fn entries_table(r: &Results) -> String {
     let mut out = String::from(
-        "| mode | size | numapin: mappings per region | raw single `MAP_DMA` | one per page |\n| --- | ---: | ---: | ---: | ---: |\n",
+        "| mode | size | numapin: mappings per region | raw single `MAP_DMA` | one per page | PFN snapshot held |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for mode in MODES {
         for s in r.sizes(mode) {
@@ -289,9 +299,12 @@ fn entries_table(r: &Results) -> String {
                 r.median(mode, s, m)
                     .map_or("–".to_string(), |v| format!("{v}"))
             };
+            let held = r
+                .median(mode, s, "numapin.snapshot-bytes")
+                .map_or("–".to_string(), |b| bytes_name(b as u64));
             let _ = writeln!(
                 out,
-                "| {mode} | {} | {} | {} | {} |",
+                "| {mode} | {} | {} | {} | {} | {held} |",
                 size_name(s),
                 n("entries.numapin"),
                 n("entries.raw"),
@@ -848,7 +861,7 @@ pub fn markdown(p: &Page) -> String {
         let _ = writeln!(out, "## Results on {} ({})\n", run.label, run.release);
         out.push_str(&result_tables(r));
 
-        out.push_str("### DMA mappings\n\n");
+        out.push_str("### DMA mappings and the PFN snapshot\n\n");
         out.push_str(&entries_table(r));
         out.push('\n');
 
@@ -987,6 +1000,13 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("prefault"), "{t}");
+    }
+
+    #[test]
+    fn snapshot_bytes() {
+        assert_eq!(bytes_name(48), "48 B");
+        assert_eq!(bytes_name(24 * 1024), "24.0 KiB");
+        assert_eq!(bytes_name(4 << 20), "4.0 MiB");
     }
 
     #[test]
