@@ -152,11 +152,11 @@ impl BlockMap {
     /// its node)`. `None` if a frame is outside every block. A frame in the
     /// run of blocks of the frame before costs two compares (no division,
     /// no search).
-    fn off_node(&self, pfns: &[u64], page: u64, node: u32) -> Option<OffNode> {
+    fn off_node(&self, pfns: impl Iterator<Item = u64>, page: u64, node: u32) -> Option<OffNode> {
         let mut out = OffNode::default();
         // The run last found: its frames `[lo, hi)` and its node.
         let (mut lo, mut hi, mut n) = (1u64, 0u64, 0u32);
-        for (i, &pfn) in pfns.iter().enumerate() {
+        for (i, pfn) in pfns.enumerate() {
             if pfn < lo || pfn >= hi {
                 (lo, hi, n) = self.run_of(pfn, page)?;
             }
@@ -206,10 +206,14 @@ pub fn nodes_of_pfns(pfns: &[u64], page: u64) -> Option<Vec<i32>> {
 
 /// Like [`nodes_of_pfns`], counting instead of listing: the frames
 /// `pfns` (of `page` bytes; one per page looked at) not on `node`.
-pub(crate) fn off_node(pfns: &[u64], page: u64, node: u32) -> Option<OffNode> {
+pub(crate) fn off_node(
+    pfns: impl Iterator<Item = u64> + Clone,
+    page: u64,
+    node: u32,
+) -> Option<OffNode> {
     let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(map) = &cached
-        && let Some(n) = map.off_node(pfns, page, node)
+        && let Some(n) = map.off_node(pfns.clone(), page, node)
     {
         return Some(n);
     }
@@ -259,7 +263,7 @@ mod tests {
         assert_eq!(m.node_of(3 * per_block, page), None);
         assert_eq!(m.node_of(4 * per_block - 1, page), None);
         assert_eq!(m.node_of(4 * per_block, page), Some(1));
-        assert_eq!(m.off_node(&[3 * per_block + 7], page, 1), None);
+        assert_eq!(m.off_node([3 * per_block + 7].into_iter(), page, 1), None);
     }
 
     #[test]
@@ -287,7 +291,7 @@ mod tests {
         // Counting: five frames, then every second of them.
         let frames = [1, 4 * per_block, 2, 4 * per_block + 1, 8 * per_block];
         assert_eq!(
-            m.off_node(&frames, page, 0),
+            m.off_node(frames.into_iter(), page, 0),
             Some(OffNode {
                 pages: 5,
                 off: 2,
@@ -295,14 +299,14 @@ mod tests {
             })
         );
         assert_eq!(
-            m.off_node(&[frames[0], frames[2], frames[4]], page, 0),
+            m.off_node(frames.into_iter().step_by(2), page, 0),
             Some(OffNode {
                 pages: 3,
                 off: 0,
                 first: None
             })
         );
-        assert_eq!(m.off_node(&[9 * per_block], page, 0), None);
+        assert_eq!(m.off_node([9 * per_block].into_iter(), page, 0), None);
     }
 
     #[test]
@@ -332,14 +336,14 @@ mod tests {
                         want.first.get_or_insert((i, n));
                     }
                 }
-                let looked: Vec<u64> = frames.iter().step_by(stride).copied().collect();
-                assert_eq!(m.off_node(&looked, page, node), Some(want));
+                let looked = frames.iter().step_by(stride).copied();
+                assert_eq!(m.off_node(looked, page, node), Some(want));
             }
         }
         // A frame in the hole after the last block ends the count.
         let mut holed = frames.clone();
         holed.push(10 * per_block);
-        assert_eq!(m.off_node(&holed, page, 0), None);
+        assert_eq!(m.off_node(holed.into_iter(), page, 0), None);
     }
 
     #[test]

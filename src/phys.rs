@@ -32,8 +32,8 @@ use crate::addr::{PhysAddr, base_page_size, is_aligned};
 mod frames;
 mod scan;
 
-pub use frames::Frames;
 use frames::FramesBuilder;
+pub use frames::{Frames, Strided};
 
 /// The pagemap of the calling process.
 pub const PAGEMAP_PATH: &str = "/proc/self/pagemap";

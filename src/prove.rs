@@ -128,7 +128,7 @@ pub(crate) fn off_node_by_pfn(
     if pfns.is_empty() {
         return None;
     }
-    crate::pfnnode::off_node(&pfns.every(per), base, node.0)
+    crate::pfnnode::off_node(pfns.strided(per), base, node.0)
 }
 
 /// Fails with [`Error::Misplaced`] unless every page's `status` (its node,

@@ -11,8 +11,6 @@
 //! plain array, whichever of the two is smaller, so no snapshot is bigger
 //! than the array was.
 
-use std::borrow::Cow;
-
 use super::{PhysExtent, merge_extents};
 use crate::addr::PhysAddr;
 
@@ -75,19 +73,23 @@ impl Eq for Frames {}
 impl From<Vec<u64>> for Frames {
     /// The frames of consecutive base pages, one per page.
     fn from(pages: Vec<u64>) -> Self {
+        // As many runs as `finish` keeps as runs; one more and the array
+        // is smaller (stop there, before the runs grow past it).
+        let most = pages.len() as u64 / RUN_WORDS;
         let mut b = FramesBuilder::default();
         let mut runs = 0u64;
         for &p in &pages {
-            runs += u64::from(b.push(p, 1));
-        }
-        if runs * RUN_WORDS > pages.len() as u64 {
-            Frames {
-                pages: pages.len() as u64,
-                repr: Repr::Pages(pages),
+            if b.push(p, 1) {
+                runs += 1;
+                if runs > most {
+                    return Frames {
+                        pages: pages.len() as u64,
+                        repr: Repr::Pages(pages),
+                    };
+                }
             }
-        } else {
-            b.finish()
         }
+        b.finish()
     }
 }
 
@@ -134,24 +136,14 @@ impl Frames {
     }
 
     /// The frames of pages `0, stride, 2·stride, ..` (for pages of
-    /// `stride` base pages: each one's first frame). Borrowed when every
-    /// page is asked for and the frames are stored one per page.
-    pub fn every(&self, stride: u64) -> Cow<'_, [u64]> {
-        let stride = stride.max(1);
-        match &self.repr {
-            Repr::Pages(v) if stride == 1 => Cow::Borrowed(v),
-            Repr::Pages(v) => Cow::Owned(v.iter().step_by(stride as usize).copied().collect()),
-            Repr::Runs(runs) => {
-                let mut out = Vec::with_capacity(self.pages.div_ceil(stride) as usize);
-                let mut at = 0u64;
-                for r in runs {
-                    while at < r.page + r.pages {
-                        out.push(r.pfn + (at - r.page));
-                        at += stride;
-                    }
-                }
-                Cow::Owned(out)
-            }
+    /// `stride` base pages: each one's first frame), without copying them
+    /// out.
+    pub fn strided(&self, stride: u64) -> Strided<'_> {
+        Strided {
+            frames: self,
+            at: 0,
+            run: 0,
+            stride: stride.max(1),
         }
     }
 
@@ -192,6 +184,40 @@ impl Frames {
             Repr::Runs(r) => r.capacity() * std::mem::size_of::<Run>(),
             Repr::Pages(v) => v.capacity() * std::mem::size_of::<u64>(),
         }
+    }
+}
+
+/// The iterator of [`Frames::strided`].
+#[derive(Debug, Clone)]
+pub struct Strided<'a> {
+    frames: &'a Frames,
+    /// The next page to give.
+    at: u64,
+    /// The run that holds it or one before (runs only).
+    run: usize,
+    stride: u64,
+}
+
+impl Iterator for Strided<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.at >= self.frames.pages {
+            return None;
+        }
+        let pfn = match &self.frames.repr {
+            Repr::Pages(v) => v[self.at as usize],
+            Repr::Runs(runs) => {
+                // `at` is below `pages`, so a run holds it.
+                while runs[self.run].page + runs[self.run].pages <= self.at {
+                    self.run += 1;
+                }
+                let r = runs[self.run];
+                r.pfn + (self.at - r.page)
+            }
+        };
+        self.at = self.at.saturating_add(self.stride);
+        Some(pfn)
     }
 }
 
@@ -269,7 +295,7 @@ mod tests {
         assert_eq!(f.get(1024), Some(8192));
         assert_eq!(f.get(1535), Some(8192 + 511));
         assert_eq!(f.get(1536), None);
-        assert_eq!(f.every(512).as_ref(), &[1024, 1536, 8192]);
+        assert_eq!(f.strided(512).collect::<Vec<_>>(), [1024, 1536, 8192]);
         assert_eq!(f.extents(4096).len(), 2);
         assert_eq!(f.to_vec().len(), 1536);
     }
@@ -280,7 +306,7 @@ mod tests {
         let f = Frames::from(v.clone());
         assert!(matches!(f.repr, Repr::Pages(_)));
         assert_eq!(f.heap_bytes(), 100 * 8);
-        assert!(matches!(f.every(1), Cow::Borrowed(_)));
+        assert_eq!(f.strided(7).count(), 15);
         assert_eq!(f.to_vec(), v);
     }
 
@@ -321,8 +347,8 @@ mod tests {
                 prop_assert_eq!(f.get(i as u64), Some(p));
             }
             let every: Vec<u64> = flat.iter().step_by(stride as usize).copied().collect();
-            prop_assert_eq!(f.every(stride).into_owned(), every.clone());
-            prop_assert_eq!(g.every(stride).into_owned(), every);
+            prop_assert_eq!(f.strided(stride).collect::<Vec<_>>(), every.clone());
+            prop_assert_eq!(g.strided(stride).collect::<Vec<_>>(), every);
             prop_assert_eq!(f.extents(4096), merge_extents(flat.iter().copied(), 4096));
             prop_assert!(f.heap_bytes() <= (flat.len() * 8).max(std::mem::size_of::<Run>()));
         }
