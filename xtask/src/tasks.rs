@@ -35,29 +35,39 @@ pub enum VmMode {
 #[derive(Default)]
 struct Tally {
     passed: usize,
-    failed: usize,
-    skipped: usize,
+    /// Each failure (a scenario that failed or gave no result, a VM that
+    /// failed) as [`failure_line`] words it, so the closing lines name
+    /// them even when only the log's tail is kept.
+    failures: Vec<String>,
+    /// Each skipped scenario, worded the same way.
+    skips: Vec<String>,
     /// VMs in which no scenario matched `--only` (booted, nothing run).
     unmatched: Vec<&'static str>,
     /// VMs that stalled (silent) and were booted once more, with where.
     stalls: Vec<String>,
-    /// Each failure as `vm scenario: detail` (or `vm (vm): problem`), so the
-    /// closing lines name them even when only the log's tail is kept.
-    failures: Vec<String>,
 }
 
 impl Tally {
+    fn failed(&self) -> usize {
+        self.failures.len()
+    }
+
+    fn skipped(&self) -> usize {
+        self.skips.len()
+    }
+
     /// The closing line CI reads: `vm: N passed, N failed[, N skipped]`,
-    /// then each failure on a line of its own, then any VM that stalled
-    /// and was booted again.
+    /// then each failure and each skip on a line of its own, then any VM
+    /// that stalled and was booted again.
     fn summary(&self) -> String {
-        let mut line = format!("vm: {} passed, {} failed", self.passed, self.failed);
-        if self.skipped > 0 {
-            line.push_str(&format!(", {} skipped", self.skipped));
+        let mut line = format!("vm: {} passed, {} failed", self.passed, self.failed());
+        if self.skipped() > 0 {
+            line.push_str(&format!(", {} skipped", self.skipped()));
         }
-        for f in &self.failures {
-            line.push_str("\n  failed: ");
-            line.push_str(f);
+        for (what, list) in [("failed", &self.failures), ("skipped", &self.skips)] {
+            for f in list {
+                line.push_str(&format!("\n  {what}: {f}"));
+            }
         }
         if !self.stalls.is_empty() {
             line.push_str(&format!(
@@ -130,7 +140,6 @@ pub fn test(
                     config.name,
                     config.kernel.name()
                 );
-                tally.failed += 1;
                 tally.failures.push(failure_line(
                     config.name,
                     "(vm)",
@@ -210,13 +219,13 @@ pub fn test(
             "no scenario matches --only {o} in: {}",
             tally.unmatched.join(", ")
         );
-        none_matched = tally.passed + tally.failed + tally.skipped == 0;
+        none_matched = tally.passed + tally.failed() + tally.skipped() == 0;
         if none_matched {
             println!("--only {o} matches no scenario in any VM: nothing was tested");
         }
     }
     println!("{}", tally.summary());
-    let ok = host_ok && tally.failed == 0 && tally.skipped == 0 && !none_matched;
+    let ok = host_ok && tally.failed() == 0 && tally.skipped() == 0 && !none_matched;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
@@ -273,18 +282,13 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, filtered: bool, tally:
             line.push_str(&s.detail);
         }
         println!("{line}");
-        if s.outcome != ScenarioOutcome::Pass {
-            tally.failures.push(failure_line(
-                config.name,
-                &s.name,
-                s.outcome.label(),
-                &s.detail,
-            ));
+        let named = failure_line(config.name, &s.name, s.outcome.label(), &s.detail);
+        match s.outcome {
+            ScenarioOutcome::Pass => tally.passed += 1,
+            ScenarioOutcome::Skip => tally.skips.push(named),
+            ScenarioOutcome::Fail | ScenarioOutcome::NoResult => tally.failures.push(named),
         }
     }
-    tally.passed += report.count(ScenarioOutcome::Pass);
-    tally.failed += report.count(ScenarioOutcome::Fail) + report.count(ScenarioOutcome::NoResult);
-    tally.skipped += report.count(ScenarioOutcome::Skip);
 
     let facts = outcome.guest_facts();
     for fact in &facts {
@@ -319,7 +323,6 @@ fn report_run(config: &VmConfig, outcome: &qemu::Outcome, filtered: bool, tally:
         return;
     }
     // The VM itself failed, whatever its scenarios said.
-    tally.failed += 1;
     tally.failures.push(failure_line(
         config.name,
         "(vm)",
@@ -470,7 +473,7 @@ pub fn vm(name: &str, mode: VmMode, build: bool) -> Result<ExitCode> {
             let mut tally = Tally::default();
             report_run(config, &outcome, false, &mut tally);
             println!("{}", tally.summary());
-            Ok(if tally.failed + tally.skipped == 0 {
+            Ok(if tally.failed() + tally.skipped() == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -604,22 +607,21 @@ mod tests {
     fn summary_line_format() {
         let mut t = Tally {
             passed: 2,
-            failed: 0,
-            skipped: 0,
-            unmatched: Vec::new(),
-            stalls: Vec::new(),
-            failures: Vec::new(),
+            ..Tally::default()
         };
         assert_eq!(t.summary(), "vm: 2 passed, 0 failed");
-        t.skipped = 1;
-        assert_eq!(t.summary(), "vm: 2 passed, 0 failed, 1 skipped");
+        t.skips
+            .push(failure_line("type1-amd", "a.lib.node0-1G", "SKIP", ""));
+        assert_eq!(
+            t.summary(),
+            "vm: 2 passed, 0 failed, 1 skipped\n  skipped: type1-amd a.lib.node0-1G SKIP"
+        );
         t.stalls
             .push("type1-backports (after a.cli.info-topology)".into());
         assert_eq!(
             t.summary(),
-            "vm: 2 passed, 0 failed, 1 skipped\nvm stalled and booted again: type1-backports (after a.cli.info-topology)"
+            "vm: 2 passed, 0 failed, 1 skipped\n  skipped: type1-amd a.lib.node0-1G SKIP\nvm stalled and booted again: type1-backports (after a.cli.info-topology)"
         );
-        t.failed = 1;
         t.stalls.clear();
         t.failures.push(failure_line(
             "type1-stock",
@@ -629,7 +631,7 @@ mod tests {
         ));
         assert_eq!(
             t.summary(),
-            "vm: 2 passed, 1 failed, 1 skipped\n  failed: type1-stock c.move_pages FAIL: moved none"
+            "vm: 2 passed, 1 failed, 1 skipped\n  failed: type1-stock c.move_pages FAIL: moved none\n  skipped: type1-amd a.lib.node0-1G SKIP"
         );
         let long = failure_line("v", "s", "FAIL", &"é".repeat(300));
         assert_eq!(long.chars().count(), "v s FAIL: ".len() + 200 + 1);
