@@ -195,20 +195,11 @@ pub struct PhysExtent {
 /// Addresses beyond 64 bits saturate (real PFNs are far below that: physical
 /// addresses have at most 52 bits).
 pub fn merge_extents(pfns: impl IntoIterator<Item = u64>, page_size: u64) -> Vec<PhysExtent> {
-    // Runs as (first pfn, number of pages).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut runs = FramesBuilder::default();
     for pfn in pfns {
-        match runs.last_mut() {
-            Some((first, n)) if first.checked_add(*n) == Some(pfn) => *n += 1,
-            _ => runs.push((pfn, 1)),
-        }
+        runs.push(pfn, 1);
     }
-    runs.into_iter()
-        .map(|(first, n)| PhysExtent {
-            pa: PhysAddr(first.saturating_mul(page_size)),
-            len: n.saturating_mul(page_size),
-        })
-        .collect()
+    runs.into_extents(page_size)
 }
 
 /// The PFNs of `entries`, which describe consecutive pages from `vaddr`.
@@ -431,6 +422,10 @@ fn pfns_by_heads(
     let page = base_page_size();
     let per = pmd / page;
     let idx = |a: u64| ((a - vaddr) / page) as usize;
+    let hidden = || PhysError::PfnHidden {
+        vaddr,
+        pages: (len / page) as usize,
+    };
     let mut out = FramesBuilder::default();
     let mut gap = Vec::new();
     let mut at = vaddr;
@@ -461,10 +456,7 @@ fn pfns_by_heads(
                 // Hidden: pagemap shows every frame or none (`show_pfn` is
                 // fixed when the file is opened), and no user page is
                 // frame 0.
-                return Err(PhysError::PfnHidden {
-                    vaddr,
-                    pages: (len / page) as usize,
-                });
+                return Err(hidden());
             } else if head % per != 0 {
                 return Ok(Err(h));
             } else {
@@ -476,10 +468,7 @@ fn pfns_by_heads(
         at = e.max(at);
     }
     if !any_frame && len >= page {
-        return Err(PhysError::PfnHidden {
-            vaddr,
-            pages: (len / page) as usize,
-        });
+        return Err(hidden());
     }
     Ok(Ok(out.finish()))
 }

@@ -25,8 +25,24 @@ struct Run {
     pages: u64,
 }
 
+impl Run {
+    /// The physical extent of the run, frames of `page_size` bytes
+    /// (addresses beyond 64 bits saturate).
+    fn extent(&self, page_size: u64) -> PhysExtent {
+        PhysExtent {
+            pa: PhysAddr(self.pfn.saturating_mul(page_size)),
+            len: self.pages.saturating_mul(page_size),
+        }
+    }
+}
+
 /// What a run costs against one `u64` per page.
 const RUN_WORDS: u64 = 3;
+
+/// Whether `runs` runs take more room than `pages` frames one by one.
+fn array_is_smaller(runs: u64, pages: u64) -> bool {
+    runs * RUN_WORDS > pages
+}
 
 #[derive(Debug, Clone)]
 enum Repr {
@@ -73,20 +89,15 @@ impl Eq for Frames {}
 impl From<Vec<u64>> for Frames {
     /// The frames of consecutive base pages, one per page.
     fn from(pages: Vec<u64>) -> Self {
-        // As many runs as `finish` keeps as runs; one more and the array
-        // is smaller (stop there, before the runs grow past it).
-        let most = pages.len() as u64 / RUN_WORDS;
+        // Stop building runs once the array is smaller, before they grow
+        // past it.
         let mut b = FramesBuilder::default();
-        let mut runs = 0u64;
         for &p in &pages {
-            if b.push(p, 1) {
-                runs += 1;
-                if runs > most {
-                    return Frames {
-                        pages: pages.len() as u64,
-                        repr: Repr::Pages(pages),
-                    };
-                }
+            if b.push(p, 1) && array_is_smaller(b.runs.len() as u64, pages.len() as u64) {
+                return Frames {
+                    pages: pages.len() as u64,
+                    repr: Repr::Pages(pages),
+                };
             }
         }
         b.finish()
@@ -154,13 +165,7 @@ impl Frames {
         match &self.repr {
             Repr::Pages(v) => merge_extents(v.iter().copied(), page_size),
             // Runs are maximally merged: one extent each.
-            Repr::Runs(runs) => runs
-                .iter()
-                .map(|r| PhysExtent {
-                    pa: PhysAddr(r.pfn.saturating_mul(page_size)),
-                    len: r.pages.saturating_mul(page_size),
-                })
-                .collect(),
+            Repr::Runs(runs) => runs.iter().map(|r| r.extent(page_size)).collect(),
         }
     }
 
@@ -251,9 +256,14 @@ impl FramesBuilder {
         true
     }
 
+    /// The runs so far as physical extents of frames of `page_size` bytes.
+    pub(crate) fn into_extents(self, page_size: u64) -> Vec<PhysExtent> {
+        self.runs.iter().map(|r| r.extent(page_size)).collect()
+    }
+
     /// The snapshot: runs, or one frame per page where that is smaller.
     pub(crate) fn finish(mut self) -> Frames {
-        if self.runs.len() as u64 * RUN_WORDS > self.pages {
+        if array_is_smaller(self.runs.len() as u64, self.pages) {
             let mut pages = Vec::with_capacity(self.pages as usize);
             for r in &self.runs {
                 pages.extend(r.pfn..r.pfn + r.pages);
